@@ -1,0 +1,3 @@
+"""lungdx: chest radiograph diagnosis with convolutional neural networks."""
+
+__version__ = "0.1.0"
