@@ -1,0 +1,74 @@
+"""Self-describing checkpoints, loaded without executing pickled code.
+
+A checkpoint holds the weights and everything needed to predict with them: model name and
+arguments, preprocessing, task and class names, operating threshold (chosen on validation),
+a fingerprint of the training data, validation metrics and library versions. Everything is
+plain Python data or tensors, so ``torch.load(..., weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lungdx.models import create_model
+
+FORMAT = "lungdx-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded; the message names the file and the problem."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that made a result."""
+    import numpy
+
+    from lungdx import __version__
+
+    return {"lungdx": __version__, "torch": str(torch.__version__), "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, model_name: str, model_kwargs: dict[str, Any],
+                    preprocess: dict[str, Any], task: str, class_names: list[str], threshold: float | None,
+                    **info: Any) -> None:
+    """Write the weights and their description to ``path`` (atomically).
+
+    Args:
+        info: more plain-data fields, e.g. ``threshold_method``, ``data_fingerprint``,
+            ``val_metrics``, ``epoch``.
+    """
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    payload = {"format": FORMAT, "model": {"name": model_name, "kwargs": dict(model_kwargs)},
+               "state_dict": state, "preprocess": dict(preprocess), "task": task,
+               "class_names": list(class_names), "threshold": threshold, "versions": versions(), **info}
+    path = Path(path)
+    partial = path.with_suffix(path.suffix + ".partial")
+    torch.save(payload, partial)
+    partial.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` and check that it is a lungdx checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a lungdx checkpoint (expected format {FORMAT})")
+    return payload
+
+
+def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
+    """Build the model a checkpoint describes and load its weights (evaluation mode, CPU)."""
+    model = create_model(payload["model"]["name"], **payload["model"]["kwargs"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()

@@ -1,0 +1,262 @@
+"""Run configuration: frozen dataclasses with defaults, YAML files that override, dotted one-offs.
+
+Defaults live here; ``configs/*.yaml`` only override them; ``--set train.lr=3e-4`` changes one field
+for one run. The resolved configuration is saved in every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and what to learn from them.
+
+    Attributes:
+        path: a manifest CSV, a JSRT folder (``labels.csv`` layout or official ``CLNDAT_EN.txt``),
+            an NIH ChestX-ray14 folder, a folder with one sub-folder per class, or a DICOM folder.
+        format: ``auto`` (guess from the path) or one of ``manifest``, ``jsrt``, ``nih``,
+            ``folders``, ``dicom``.
+        task: ``nodule_vs_normal``, ``malignant_vs_benign``, ``malignant_vs_rest``, a binary
+            manifest column (``nodule``), or ``COLUMN=VALUE`` (``label=pneumonia``).
+        split: fractions of patients for train, validation and test.
+        split_seed: seed of the patient-level split.
+        split_file: reuse the split of an earlier run (its ``split.csv``) instead of drawing one.
+        cache_dir: where preprocessed images are cached; None means ``~/.cache/lungdx``.
+    """
+
+    path: str = ""
+    format: str = "auto"
+    task: str = "malignant_vs_rest"
+    split: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    split_seed: int = 0
+    split_file: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """One preprocessing for training, evaluation and prediction (see ``lungdx.preprocess``).
+
+    Attributes:
+        size: output height and width in pixels.
+        aspect: ``pad`` (fit the longer side, pad the shorter with zeros, no distortion),
+            ``stretch`` (resize both sides, distorts non-square images) or ``crop`` (centre crop
+            to a square, loses the edges of the longer side).
+        window_percentiles: intensity levelling: values below the low / above the high percentile
+            are clipped and the rest stretched to [0, 1]. ``(0, 100)`` is plain min-max.
+        equalization: ``none``, ``hist`` (global histogram equalisation) or ``clahe``.
+        clahe_clip: CLAHE clip limit (OpenCV units).
+        clahe_tiles: CLAHE tile grid (tiles per side).
+        denoise: ``none``, ``median`` (3x3), ``gaussian`` (sigma 1 px) or ``nlmeans``.
+        normalization: ``per_image`` (zero mean, unit variance per image), ``fixed``
+            (``(x - mean) / std``) or ``none``.
+        mean: mean for ``fixed`` normalisation.
+        std: standard deviation for ``fixed`` normalisation.
+    """
+
+    size: int = 256
+    aspect: str = "pad"
+    window_percentiles: tuple[float, float] = (0.5, 99.5)
+    equalization: str = "none"
+    clahe_clip: float = 2.0
+    clahe_tiles: int = 8
+    denoise: str = "none"
+    normalization: str = "per_image"
+    mean: float = 0.5
+    std: float = 0.25
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Chest-safe augmentation, applied to training batches only.
+
+    No horizontal flip by default: laterality matters on a chest radiograph (the heart is on
+    the patient's left). Ranges are symmetric: rotation in [-rotation_deg, rotation_deg], etc.
+    """
+
+    enabled: bool = True
+    rotation_deg: float = 7.0
+    scale: float = 0.08
+    translate: float = 0.05
+    brightness: float = 0.08
+    contrast: float = 0.15
+    gamma: float = 0.15
+    noise_std: float = 0.015
+    hflip: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which registered model to build, and its keyword arguments."""
+
+    name: str = "paper_cnn"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, stopping and hardware settings.
+
+    Attributes:
+        pos_weight: positive-class weight of the BCE loss; ``None`` (unweighted), a number, or
+            ``"auto"`` (negatives / positives in the training split).
+        patience: epochs without a validation-loss improvement of more than ``min_delta``
+            before stopping.
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto`` (bf16 autocast on CPUs with bf16 support and on CUDA GPUs with
+            bf16, fp16 AMP on older GPUs), ``fp32``, ``bf16`` or ``fp16``.
+        channels_last: memory format for convolutions; ``auto`` turns it on (measured faster
+            on CPU and GPU for these models).
+        threshold_method: how the operating threshold is chosen on validation: ``youden``,
+            ``sensitivity`` or ``specificity`` (with ``threshold_target``).
+    """
+
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    pos_weight: float | str | None = None
+    patience: int = 10
+    min_delta: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: str = "auto"
+    threshold_method: str = "youden"
+    threshold_target: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Confidence intervals of the evaluation."""
+
+    n_bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; saved as ``config.yaml`` in the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def to_dict(config) -> dict[str, Any]:
+    """A plain, YAML- and JSON-friendly dict of a config dataclass (tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def from_dict(cls, values: dict[str, Any], where: str = ""):
+    """Build dataclass ``cls`` from ``values``; unknown keys raise ConfigError naming the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{where}{key}' (known here: {known})")
+        default = getattr(cls(), key) if key in fields else None
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = from_dict(type(default), value, f"{where}{key}.")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+            kwargs[key] = _as_float(value, f"{where}{key}")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _as_float(value, key: str) -> float:
+    # YAML 1.1 reads '3e-4' (no dot) as a string; accept it for float fields.
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"config key '{key}' needs a number, got {value!r}") from None
+
+
+def _parse_value(raw: str):
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _NUMBER.match(value):
+        return float(value)
+    return value
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.key=value`` overrides; values are parsed as YAML (``3e-4``, ``[1, 2]``)."""
+    values = to_dict(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = values
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                raise ConfigError(f"override '{item}': '{key}' is not a config section")
+            node = node[key]
+        if keys[-1] not in node and not (len(keys) >= 2 and keys[-2] == "kwargs"):
+            raise ConfigError(f"override '{item}': unknown key '{dotted}'")
+        node[keys[-1]] = _parse_value(raw)
+    return from_dict(RunConfig, values)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then the dotted ``overrides``."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read config: {err}") from err
+        merged = _merge(to_dict(config), values, str(path))
+        config = from_dict(RunConfig, merged)
+    return apply_overrides(config, overrides or [])
+
+
+def _merge(base: dict, override: dict, where: str) -> dict:
+    if not isinstance(override, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(merged.get(key), dict) and isinstance(value, dict) and key != "kwargs":
+            merged[key] = _merge(merged[key], value, f"{where}:{key}")
+        else:
+            merged[key] = value
+    return merged
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

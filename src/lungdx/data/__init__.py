@@ -1,0 +1,1 @@
+"""Data: manifests, dataset adapters, patient-level splits, caching and synthetic phantoms."""

@@ -1,0 +1,60 @@
+"""Chest-safe augmentation of levelled batches (values in [0, 1]), on the training device.
+
+Small rotations, scaling and translations (one affine warp per image), brightness, contrast and
+gamma, and Gaussian noise. No horizontal flip unless asked for: on a chest radiograph the heart is
+on the patient's left, and a flipped image is a different (rare, situs inversus) anatomy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lungdx.config import AugmentConfig
+
+
+def _uniform(shape, spread: float, generator: torch.Generator, device) -> torch.Tensor:
+    return (torch.rand(shape, generator=generator) * 2 - 1).mul_(spread).to(device)
+
+
+def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Randomly transform a batch of shape (N, 1, H, W) in [0, 1]; returns a new tensor in [0, 1].
+
+    Args:
+        images: levelled images.
+        config: ranges of each transform.
+        generator: a CPU ``torch.Generator`` so that runs are reproducible on any device.
+    """
+    if not config.enabled:
+        return images
+    count, device = images.shape[0], images.device
+    images = _affine(images, config, generator)
+    if config.hflip:
+        flip = torch.rand(count, generator=generator).to(device) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    gamma = torch.exp(_uniform(count, config.gamma, generator, device))[:, None, None, None]
+    images = images.clamp(0, 1).pow(gamma)
+    contrast = (1 + _uniform(count, config.contrast, generator, device))[:, None, None, None]
+    brightness = _uniform(count, config.brightness, generator, device)[:, None, None, None]
+    mean = images.mean(dim=(-2, -1), keepdim=True)
+    images = (images - mean) * contrast + mean + brightness
+    if config.noise_std > 0:
+        noise = torch.randn(images.shape, generator=generator).to(device) * config.noise_std
+        images = images + noise
+    return images.clamp(0, 1)
+
+
+def _affine(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    count, device = images.shape[0], images.device
+    if config.rotation_deg == 0 and config.scale == 0 and config.translate == 0:
+        return images
+    angle = _uniform(count, math.radians(config.rotation_deg), generator, "cpu")
+    scale = 1 + _uniform(count, config.scale, generator, "cpu")
+    shift = _uniform((count, 2), 2 * config.translate, generator, "cpu")  # grid units span 2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(device, images.dtype), list(images.shape), align_corners=False)
+    # Border padding keeps the film edge rather than inventing black corners the model could learn.
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

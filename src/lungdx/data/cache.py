@@ -1,0 +1,147 @@
+"""Decode and level every image once into a memory-mapped array; epochs never decode again.
+
+The cache folder is keyed by a hash of the files (path, size, modification time) and of the
+levelling settings, so a changed file or setting gives a new cache. A file that cannot be read is
+recorded with its reason and marked invalid; it never stops the build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lungdx.config import PreprocessConfig
+from lungdx.io import ImageReadError, read_image
+from lungdx.preprocess import level
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+# Only the levelling stage is cached; normalisation runs per batch.
+_LEVEL_FIELDS = ("size", "aspect", "window_percentiles", "equalization", "clahe_clip", "clahe_tiles", "denoise")
+
+
+@dataclass
+class ImageCache:
+    """Levelled images in [0, 1], one row per input path.
+
+    Attributes:
+        images: (N, size, size) float16 array, memory-mapped from disk.
+        valid: (N,) bool, False where the file could not be read.
+        errors: path -> reason for every invalid row.
+        folder: where the cache lives.
+    """
+
+    images: np.ndarray
+    valid: np.ndarray
+    errors: dict[str, str]
+    folder: Path
+
+    def batch(self, indices: Sequence[int]) -> np.ndarray:
+        """(len(indices), size, size) float32 images."""
+        order = np.asarray(indices)
+        return np.asarray(self.images[order], dtype=np.float32)
+
+
+def default_cache_dir() -> Path:
+    """``~/.cache/lungdx`` (XDG_CACHE_HOME respected by the caller passing it explicitly)."""
+    return Path.home() / ".cache" / "lungdx"
+
+
+def cache_key(paths: Sequence[str], config: PreprocessConfig) -> str:
+    """Hash of the file list (path, size, mtime) and the levelling settings."""
+    digest = hashlib.blake2b(digest_size=16)
+    settings = {name: getattr(config, name) for name in _LEVEL_FIELDS}
+    digest.update(json.dumps({"version": CACHE_VERSION, **settings}, sort_keys=True, default=list).encode())
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()
+
+
+def build_cache(paths: Sequence[str], config: PreprocessConfig, cache_dir: str | Path | None = None, *,
+                workers: int | None = None, progress: Callable[[int], None] | None = None) -> ImageCache:
+    """Load the cache for ``paths`` or build it (in parallel threads) when missing.
+
+    Args:
+        paths: image files, in the order of the manifest rows.
+        config: preprocessing settings (only the levelling stage is cached).
+        cache_dir: root folder of caches; None uses ``default_cache_dir()``.
+        workers: decoding threads; None uses the CPU count.
+        progress: called with the number of images finished since the last call.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = root / cache_key(paths, config)
+    if (folder / "index.json").is_file():
+        logger.info("using cached images in %s", folder)
+        return open_cache(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    try:
+        _fill(staging, paths, config, workers or os.cpu_count() or 1, progress)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return open_cache(folder)
+
+
+def _fill(folder: Path, paths: Sequence[str], config: PreprocessConfig, workers: int, progress) -> None:
+    size = config.size
+    images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.float16, shape=(len(paths), size, size))
+    valid = np.zeros(len(paths), dtype=bool)
+    errors: dict[str, str] = {}
+
+    def load(index: int) -> tuple[int, str | None]:
+        try:
+            images[index] = level(read_image(paths[index]).pixels, config)
+            return index, None
+        except (ImageReadError, ValueError, OSError) as err:
+            return index, str(err)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for index, error in pool.map(load, range(len(paths))):
+            if error is None:
+                valid[index] = True
+            else:
+                errors[paths[index]] = error
+                logger.warning("left out: %s", error)
+            if progress is not None:
+                progress(1)
+    images.flush()
+    del images
+    index_data = {"version": CACHE_VERSION, "paths": list(paths), "valid": valid.tolist(), "errors": errors,
+                  "preprocess": {name: getattr(config, name) for name in _LEVEL_FIELDS}}
+    (folder / "index.json").write_text(json.dumps(index_data, default=list))
+
+
+def open_cache(folder: str | Path) -> ImageCache:
+    """Open a finished cache folder read-only."""
+    folder = Path(folder)
+    index_data = json.loads((folder / "index.json").read_text())
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    return ImageCache(images=images, valid=np.asarray(index_data["valid"], dtype=bool),
+                      errors=dict(index_data["errors"]), folder=folder)
+
+
+def describe_config(config: PreprocessConfig) -> dict:
+    """The preprocessing settings as a plain dict (for checkpoints and reports)."""
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(config).items()}

@@ -1,0 +1,326 @@
+"""Datasets as manifests: one row per image with ``path``, ``case_id``, ``patient_id`` and labels.
+
+Adapters turn each on-disk layout into that table:
+
+- ``manifest``: a CSV with an image column (``image``, ``path`` or ``file``, relative to the CSV),
+  ``patient_id`` (recommended) and any label columns.
+- ``jsrt``: a folder with ``labels.csv`` (the layout of ``shared/data/jsrt`` and of lungdx's
+  synthetic phantoms) or with the official ``CLNDAT_EN.txt`` / ``CNNDAT_EN.TXT`` and ``.IMG`` files.
+- ``nih``: an NIH ChestX-ray14 folder: ``Data_Entry_2017*.csv`` (one 0/1 column is derived per
+  finding) or a ``labels.csv`` that already has them, images under ``images/``.
+- ``folders``: one sub-folder per class (``normal/``, ``nodule/``).
+- ``dicom``: a folder of DICOM files; patient from PatientID (0010,0020), class from the
+  sub-folder name, or from a ``labels.csv`` with ``file`` and ``label`` columns.
+
+A task (``apply_task``) then picks the rows and the 0/1 ``target``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".img"}
+NEGATIVE_CLASS_NAMES = {"normal", "negative", "non_nodule", "no_finding", "0", "0_normal", "healthy"}
+NAMED_TASKS = ("nodule_vs_normal", "malignant_vs_benign", "malignant_vs_rest")
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be read; the message names the file or folder and the problem."""
+
+
+def load_dataset(path: str | Path, format: str = "auto") -> pd.DataFrame:
+    """Read any supported layout into a manifest with ``path``, ``case_id`` and ``patient_id``."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder")
+    format = detect_format(path) if format == "auto" else format
+    readers = {"manifest": read_manifest, "jsrt": read_jsrt, "nih": read_nih,
+               "folders": read_class_folders, "dicom": read_dicom_folder}
+    if format not in readers:
+        raise DatasetError(f"{path}: unknown dataset format '{format}' (use one of {', '.join(readers)})")
+    frame = readers[format](path)
+    if frame.empty:
+        raise DatasetError(f"{path}: the dataset has no images")
+    frame["case_id"] = frame["case_id"].astype(str)
+    frame["patient_id"] = frame["patient_id"].astype(str)
+    duplicated = frame["path"].duplicated()
+    if duplicated.any():
+        raise DatasetError(f"{path}: {int(duplicated.sum())} images are listed twice, e.g. {frame['path'][duplicated].iloc[0]}")
+    return frame.reset_index(drop=True)
+
+
+def detect_format(path: Path) -> str:
+    """Guess the layout of ``path`` from the files in it."""
+    if path.is_file():
+        return "manifest"
+    names = {child.name.lower() for child in path.iterdir()}
+    if "clndat_en.txt" in names or _has_jsrt_labels(path / "labels.csv"):
+        return "jsrt"
+    if any(name.startswith("data_entry_2017") for name in names) or _has_nih_labels(path / "labels.csv"):
+        return "nih"
+    if "labels.csv" in names:
+        return "manifest"
+    if any(p.suffix.lower() in {".dcm", ".dicom"} for p in path.rglob("*") if p.is_file()):
+        return "dicom"
+    return "folders"
+
+
+def _csv_columns(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    return set(pd.read_csv(path, nrows=0).columns)
+
+
+def _has_jsrt_labels(path: Path) -> bool:
+    return {"image", "case_id", "label", "has_nodule", "malignant"} <= _csv_columns(path)
+
+
+def _has_nih_labels(path: Path) -> bool:
+    return {"image", "finding_labels", "patient_id"} <= _csv_columns(path)
+
+
+def read_manifest(csv_path: Path) -> pd.DataFrame:
+    """A CSV with an image column (relative to the CSV's folder), labels and ``patient_id``."""
+    csv_path = csv_path / "labels.csv" if csv_path.is_dir() else csv_path
+    frame = _read_csv(csv_path)
+    image_column = next((c for c in ("image", "path", "file", "filename") if c in frame.columns), None)
+    if image_column is None:
+        raise DatasetError(f"{csv_path}: no image column (expected one of image, path, file, filename)")
+    frame["path"] = [str((csv_path.parent / str(p)).resolve()) for p in frame[image_column]]
+    if "case_id" not in frame.columns:
+        frame["case_id"] = [Path(p).stem for p in frame["path"]]
+    if "patient_id" not in frame.columns:
+        logger.warning("%s: no patient_id column; every image is treated as its own patient", csv_path)
+        frame["patient_id"] = frame["case_id"]
+    return frame
+
+
+def _read_csv(csv_path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(csv_path)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{csv_path}: cannot read CSV: {err}") from err
+
+
+def read_jsrt(folder: Path) -> pd.DataFrame:
+    """JSRT in the ``labels.csv`` layout, or the official text files beside ``.IMG`` images."""
+    if (folder / "labels.csv").is_file():
+        return read_manifest(folder / "labels.csv")
+    return read_jsrt_official(folder)
+
+
+def read_jsrt_official(folder: Path) -> pd.DataFrame:
+    """The official JSRT layout: ``CLNDAT_EN.txt`` (154 nodule cases), ``CNNDAT_EN.TXT`` (93).
+
+    The files use classic-Mac CR line endings and tabs, with stray tabs splitting the location
+    and diagnosis text, so the fixed leading fields are taken by position and the rest joined.
+    Every JSRT image is a different patient.
+    """
+    nodule_file = _find_case_insensitive(folder, "CLNDAT_EN.txt")
+    normal_file = _find_case_insensitive(folder, "CNNDAT_EN.TXT")
+    images = {p.name.upper(): p for p in folder.rglob("*") if p.suffix.upper() == ".IMG"}
+    rows = [_jsrt_nodule_row(line, nodule_file) for line in _text_lines(nodule_file)]
+    rows += [_jsrt_normal_row(line, normal_file) for line in _text_lines(normal_file)]
+    missing = [row["case_id"] for row in rows if row["case_id"] + ".IMG" not in images]
+    if missing:
+        raise DatasetError(f"{folder}: {len(missing)} .IMG files listed in the JSRT label files are missing, e.g. {missing[0]}.IMG")
+    for row in rows:
+        row["path"] = str(images[row["case_id"] + ".IMG"].resolve())
+        row["patient_id"] = row["case_id"]
+    return pd.DataFrame(rows)
+
+
+def _find_case_insensitive(folder: Path, name: str) -> Path:
+    for child in folder.rglob("*"):
+        if child.name.lower() == name.lower():
+            return child
+    raise DatasetError(f"{folder}: {name} not found")
+
+
+def _text_lines(path: Path) -> list[str]:
+    text = path.read_bytes().decode("latin-1").replace("\r\n", "\n").replace("\r", "\n")
+    return [line for line in text.split("\n") if line.strip().upper().startswith("JPC")]
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")  # JSRT marks an unknown age with '?'
+
+
+def _jsrt_nodule_row(line: str, source: Path) -> dict:
+    fields = line.split()
+    if len(fields) < 8:
+        raise DatasetError(f"{source}: cannot parse line {line!r}")
+    name, subtlety, size_mm, age, sex, x, y, diagnosis_class = fields[:8]
+    malignant = {"malignant": 1, "benign": 0}.get(diagnosis_class.lower())
+    if malignant is None:
+        raise DatasetError(f"{source}: unknown class {diagnosis_class!r} in line {line!r}")
+    return {"case_id": Path(name).stem.upper(), "label": diagnosis_class.lower(), "has_nodule": 1,
+            "malignant": malignant, "subtlety": int(subtlety), "size_mm": float(size_mm),
+            "age": _number(age), "sex": sex.lower(), "nodule_x_2048": float(x), "nodule_y_2048": float(y),
+            "remarks": " ".join(line.split("\t")[8:]).strip()}
+
+
+def _jsrt_normal_row(line: str, source: Path) -> dict:
+    fields = line.split()
+    if len(fields) < 3:
+        raise DatasetError(f"{source}: cannot parse line {line!r}")
+    return {"case_id": Path(fields[0]).stem.upper(), "label": "non_nodule", "has_nodule": 0,
+            "malignant": np.nan, "age": _number(fields[1]), "sex": fields[2].lower()}
+
+
+NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
+                "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",
+                "Pneumonia", "Pneumothorax")
+
+
+def read_nih(folder: Path) -> pd.DataFrame:
+    """NIH ChestX-ray14: ``Data_Entry_2017*.csv`` or a ``labels.csv`` with 0/1 finding columns."""
+    entries = sorted(folder.glob("Data_Entry_2017*.csv"))
+    if not entries:
+        frame = read_manifest(folder / "labels.csv")
+    else:
+        frame = _read_csv(entries[0])
+        missing = {"Image Index", "Finding Labels", "Patient ID"} - set(frame.columns)
+        if missing:
+            raise DatasetError(f"{entries[0]}: missing columns {sorted(missing)}")
+        findings = frame["Finding Labels"].fillna("").str.split("|")
+        for finding in NIH_FINDINGS:
+            frame[finding.lower()] = findings.map(lambda labels, f=finding: int(f in labels))
+        frame["no_finding"] = findings.map(lambda labels: int("No Finding" in labels))
+        frame["path"] = [str((folder / "images" / name).resolve()) for name in frame["Image Index"]]
+        frame["case_id"] = frame["Image Index"].map(lambda n: Path(n).stem)
+        frame["patient_id"] = frame["Patient ID"]
+    if "nodule_or_mass" not in frame.columns and {"nodule", "mass"} <= set(frame.columns):
+        frame["nodule_or_mass"] = (frame["nodule"] + frame["mass"] > 0).astype(int)
+    if "abnormal" not in frame.columns and "no_finding" in frame.columns:
+        frame["abnormal"] = 1 - frame["no_finding"]
+    return frame
+
+
+def read_class_folders(folder: Path) -> pd.DataFrame:
+    """One sub-folder per class; every image is its own patient unless a manifest says otherwise."""
+    rows = []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for image in sorted(class_dir.rglob("*")):
+            if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES:
+                rows.append({"path": str(image.resolve()), "case_id": image.stem, "label": class_dir.name})
+    if not rows:
+        raise DatasetError(f"{folder}: no class sub-folders with images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    frame = pd.DataFrame(rows)
+    logger.warning("%s: class folders carry no patient IDs; every image is treated as its own patient", folder)
+    frame["patient_id"] = frame["case_id"]
+    return frame
+
+
+def read_dicom_folder(folder: Path) -> pd.DataFrame:
+    """DICOM files under ``folder``: patient from PatientID (0010,0020), class from folder or CSV."""
+    import pydicom
+
+    rows = []
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in {".dcm", ".dicom"}):
+        try:
+            header = pydicom.dcmread(file, stop_before_pixels=True)
+        except Exception as err:  # pydicom raises many types for bad files
+            logger.warning("%s: skipped, not a readable DICOM file (%s)", file, err)
+            continue
+        rows.append({"path": str(file.resolve()), "case_id": str(header.get("SOPInstanceUID", file.stem)),
+                     "patient_id": str(header.get("PatientID", "") or file.stem),
+                     "label": file.parent.name if file.parent != folder else np.nan})
+    if not rows:
+        raise DatasetError(f"{folder}: no readable DICOM files")
+    frame = pd.DataFrame(rows)
+    labels_csv = folder / "labels.csv"
+    if labels_csv.is_file():
+        labels = _read_csv(labels_csv)
+        key = next((c for c in ("file", "image", "path") if c in labels.columns), None)
+        if key is None:
+            raise DatasetError(f"{labels_csv}: needs a file column (file, image or path)")
+        labels["path"] = [str((folder / str(p)).resolve()) for p in labels.pop(key)]
+        frame = frame.drop(columns="label").merge(labels, on="path", how="left")
+    return frame
+
+
+def apply_task(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Rows that take part in ``task`` and their 0/1 ``target`` column.
+
+    Tasks: ``nodule_vs_normal`` (all images), ``malignant_vs_benign`` (nodule cases only),
+    ``malignant_vs_rest`` (all images; non-nodule counts as negative), a binary column name, or
+    ``COLUMN=VALUE`` (target is 1 where the column equals VALUE).
+    """
+    frame = frame.copy()
+    if task == "nodule_vs_normal":
+        target = _column(frame, "has_nodule", task)
+    elif task == "malignant_vs_benign":
+        frame = frame[_column(frame, "has_nodule", task) == 1].copy()
+        target = _column(frame, "malignant", task)
+    elif task == "malignant_vs_rest":
+        target = _column(frame, "malignant", task).fillna(0)
+    elif "=" in task:
+        column, value = task.split("=", 1)
+        values = _column(frame, column, task)
+        target = (values.astype(str) == value).astype(float).where(values.notna())
+    else:
+        target = _binary_column(frame, task)
+    frame["target"] = target
+    dropped = int(frame["target"].isna().sum())
+    if dropped:
+        logger.info("task %s: %d images without a label are left out", task, dropped)
+    frame = frame[frame["target"].notna()].copy()
+    frame["target"] = frame["target"].astype(int)
+    classes = sorted(frame["target"].unique())
+    if classes != [0, 1]:
+        raise DatasetError(f"task '{task}' needs both classes 0 and 1 in the data; found {classes}")
+    return frame.reset_index(drop=True)
+
+
+def _column(frame: pd.DataFrame, column: str, task: str) -> pd.Series:
+    if column not in frame.columns:
+        raise DatasetError(f"task '{task}' needs a '{column}' column; the dataset has: {', '.join(map(str, frame.columns))}")
+    return pd.to_numeric(frame[column], errors="coerce") if column in {"has_nodule", "malignant"} else frame[column]
+
+
+def _binary_column(frame: pd.DataFrame, task: str) -> pd.Series:
+    if task not in frame.columns:
+        raise DatasetError(f"unknown task '{task}': not one of {', '.join(NAMED_TASKS)}, not a column of the dataset, "
+                           f"and not COLUMN=VALUE (columns: {', '.join(map(str, frame.columns))})")
+    values = frame[task]
+    mapping = {"1": 1.0, "0": 0.0, "true": 1.0, "false": 0.0, "1.0": 1.0, "0.0": 0.0, "yes": 1.0, "no": 0.0}
+    as_text = values.dropna().astype(str).str.strip().str.lower()
+    if not set(as_text.unique()) <= set(mapping):
+        distinct = sorted(set(as_text.unique()))[:6]
+        raise DatasetError(f"column '{task}' is not binary (values {distinct}); use '{task}=VALUE' to pick the positive class")
+    return values.map(lambda v: mapping[str(v).strip().lower()] if pd.notna(v) else np.nan)
+
+
+def positive_class_name(task: str) -> tuple[str, str]:
+    """(negative, positive) class names of a task, for reports."""
+    names = {"nodule_vs_normal": ("normal", "nodule"), "malignant_vs_benign": ("benign", "malignant"),
+             "malignant_vs_rest": ("not malignant", "malignant")}
+    if task in names:
+        return names[task]
+    if "=" in task:
+        column, value = task.split("=", 1)
+        return (f"not {value}", value)
+    return (f"no {task}", task)
+
+
+def describe_classes(frame: pd.DataFrame) -> str:
+    """'n images (p positive, q negative) from k patients', for logs and reports."""
+    positives = int(frame["target"].sum())
+    return (f"{len(frame)} images ({positives} positive, {len(frame) - positives} negative) "
+            f"from {frame['patient_id'].nunique()} patients")
+
+
+def safe_case_key(text: str) -> str:
+    """A file-name-safe version of an identifier."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)

@@ -1,0 +1,290 @@
+"""DICOM radiographs read with pydicom into [0, 1] float32, MONOCHROME2 polarity.
+
+``read_dicom`` chains pure steps, each one the DICOM grayscale pipeline of PS3.4 N.2.1 and each
+citing the tags that decide it:
+
+1. ``decode_pixels``: stored values from Pixel Data (7FE0,0010). Only a single frame
+   (Number of Frames (0028,0008) absent or 1) of a single sample (Samples per Pixel (0028,0002)
+   = 1), MONOCHROME1 or MONOCHROME2 (0028,0004), is accepted. A multi-frame object is refused
+   rather than cut to its first frame: a CR/DX radiograph is one frame, so several frames mean
+   something else (fluoroscopy, tomosynthesis) that the models were not trained on.
+2. ``apply_modality``: Modality LUT Sequence (0028,3000) or Rescale Slope/Intercept
+   (0028,1053)/(0028,1052), through ``pydicom.pixels.apply_modality_lut``.
+3. ``apply_window``: VOI LUT Sequence (0028,3010) when present, else Window Center/Width
+   (0028,1050)/(0028,1051) (first of several, VOI LUT Function (0028,1056) honoured), through
+   pydicom. It returns the output range that the VOI transform maps onto. Without a VOI
+   transform, or with an invalid one, the range is the minimum and maximum of the
+   modality values (min-max): raw CR/DX detector data rarely spans its Bits Stored (0028,0101)
+   range, so that range would give faint, low-contrast images.
+4. ``scale_to_unit``: map that range onto [0, 1], clipped, float32.
+5. ``to_monochrome2``: MONOCHROME1 (0028,0004) means the minimum is displayed white after the
+   VOI transform (PS3.3 C.7.6.3.1.2), so it is inverted there with ``invert_polarity``
+   (x -> 1 - x). Presentation LUT Shape (2050,0020) is not applied on top: in DX it only
+   restates the photometric interpretation (INVERSE for MONOCHROME1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+from pydicom.uid import (
+    UID,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from lungdx.io.errors import ImageReadError, require_file
+from lungdx.io.raster import Radiograph
+
+logger = logging.getLogger(__name__)
+
+_GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+_RADIOGRAPHY_MODALITIES = {"CR", "DX"}
+_RADIOGRAPHY_SOP_CLASSES = {
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+}
+_CHEST_BODY_PARTS = {"CHEST", "THORAX"}
+_FRONTAL_VIEWS = {"PA", "AP"}
+# Which pydicom plugin package decodes which family of transfer syntaxes (PS3.5 A.4).
+_DECODER_HINTS = {
+    "1.2.840.10008.1.2.4.5": "pylibjpeg-libjpeg or python-gdcm",  # JPEG lossy and lossless
+    "1.2.840.10008.1.2.4.8": "pylibjpeg-libjpeg, pyjpegls or python-gdcm",  # JPEG-LS
+    "1.2.840.10008.1.2.4.7": "pylibjpeg-libjpeg or python-gdcm",  # JPEG lossless
+    "1.2.840.10008.1.2.4.9": "pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.20": "pylibjpeg-openjpeg",  # HTJ2K
+}
+
+
+def read_dicom(path: str | os.PathLike) -> Radiograph:
+    """Read a single-frame grayscale DICOM radiograph as a Radiograph in MONOCHROME2 polarity.
+
+    Raises:
+        ImageReadError: Not DICOM, no pixel data, not single-frame grayscale, or pixels that
+            cannot be decoded (the reason names the transfer syntax and the plugin to install).
+    """
+    file = require_file(path)
+    ds = read_dataset(file)
+    stored = decode_pixels(ds, file)
+    values = apply_modality(stored, ds)
+    windowed, (low, high), voi = apply_window(values, ds)
+    pixels = to_monochrome2(scale_to_unit(windowed, low, high), ds)
+    logger.debug("read %s: %s %s, VOI %s", file, ds.get("Modality"), pixels.shape, voi)
+    return Radiograph(pixels=pixels, meta=dicom_meta(ds, file, voi))
+
+
+def read_dataset(file: Path) -> Dataset:
+    """Parse a DICOM file, tolerating a missing preamble (PS3.10 7.1) when it parses as DICOM."""
+    try:
+        return pydicom.dcmread(file)
+    except InvalidDicomError:
+        pass  # no 'DICM' prefix: retried below, as some old files omit the preamble
+    except Exception as exc:  # pydicom raises many types for corrupt files
+        raise ImageReadError(file, f"not a readable DICOM file: {exc}") from exc
+    try:
+        ds = pydicom.dcmread(file, force=True)
+    except Exception as exc:
+        raise ImageReadError(file, f"not a DICOM file: {exc}") from exc
+    if "PixelData" not in ds or "Rows" not in ds:
+        raise ImageReadError(file, "not a DICOM file (no 'DICM' prefix and no image found)")
+    _set_transfer_syntax_from_encoding(ds)
+    return ds
+
+
+def _set_transfer_syntax_from_encoding(ds: Dataset) -> None:
+    """Give a file without meta header the Transfer Syntax UID (0002,0010) it was parsed with."""
+    if ds.file_meta.get("TransferSyntaxUID") is not None:
+        return
+    implicit, little = ds.original_encoding
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def decode_pixels(ds: Dataset, file: Path) -> np.ndarray:
+    """Return the stored values of Pixel Data (7FE0,0010) after checking the frame layout."""
+    _check_layout(ds, file)
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # missing plugin, corrupt codestream, wrong lengths
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        raise ImageReadError(file, _decode_failure_reason(syntax, exc)) from exc
+
+
+def _check_layout(ds: Dataset, file: Path) -> None:
+    """Refuse what is not one frame (0028,0008) of one grayscale sample (0028,0002)/(0028,0004)."""
+    if "PixelData" not in ds:
+        floats = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+        suffix = " (float pixel data is not supported)" if floats else ""
+        raise ImageReadError(file, f"no pixel data (7FE0,0010){suffix}")
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if samples != 1:
+        raise ImageReadError(file, f"Samples per Pixel (0028,0002) is {samples}: not grayscale")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric not in _GRAYSCALE:
+        raise ImageReadError(
+            file, f"Photometric Interpretation (0028,0004) {photometric!r} is not MONOCHROME1/2"
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise ImageReadError(
+            file, f"multi-frame image ({frames} frames, (0028,0008)): a radiograph has one"
+        )
+
+
+def _decode_failure_reason(syntax: UID | None, exc: Exception) -> str:
+    """Say which transfer syntax failed, why, and which package decodes it."""
+    if syntax is None:
+        return f"cannot decode pixel data without a Transfer Syntax UID (0002,0010): {exc}"
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    hint = next((pkg for prefix, pkg in _DECODER_HINTS.items() if syntax.startswith(prefix)), None)
+    install = f": install {hint}" if hint else ""
+    return f"cannot decode transfer syntax {syntax.name} ({syntax}){install} ({detail})"
+
+
+def apply_modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Apply the Modality LUT (0028,3000) or Rescale Slope/Intercept (0028,1053)/(0028,1052)."""
+    return apply_modality_lut(stored, ds)
+
+
+def apply_window(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float, float], str]:
+    """Apply the VOI transform and return (values, (value shown black, value shown white), method).
+
+    The VOI LUT Sequence (0028,3010) wins over Window Center/Width (0028,1050)/(0028,1051), as in
+    ``pydicom.pixels.apply_voi_lut``. Without a usable VOI transform, ``method`` is "minmax" and
+    the range is the data's own minimum and maximum.
+    """
+    if ds.get("VOILUTSequence"):
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])  # PS3.3 C.11.2.1.1: bits per entry
+        return apply_voi(values, ds, index=0), (0.0, float(2**bits - 1)), "voi_lut"
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            windowed = apply_windowing(values, ds, index=0)
+            # The extremes of the window's output are what pydicom maps -inf and +inf onto.
+            low, high = apply_windowing(np.array([-np.inf, np.inf]), ds, index=0)
+        except (ValueError, TypeError, IndexError) as exc:
+            logger.warning("ignoring unusable window (0028,1050)/(0028,1051): %s", exc)
+        else:
+            if low != high:
+                return windowed, (float(low), float(high)), "window"
+    return values, (float(np.min(values)), float(np.max(values))), "minmax"
+
+
+def scale_to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map ``low`` to 0 and ``high`` to 1, clip to [0, 1], as float32 (zeros when low == high)."""
+    if high == low:
+        logger.warning("constant image: every pixel maps to 0")
+        return np.zeros(values.shape, dtype=np.float32)
+    unit = (np.asarray(values, dtype=np.float64) - low) / (high - low)
+    return np.clip(unit, 0.0, 1.0).astype(np.float32)
+
+
+def invert_polarity(pixels: np.ndarray) -> np.ndarray:
+    """Swap black and white of [0, 1] pixels: x -> 1 - x (float32).
+
+    An involution: exact for values on the float32 grid of multiples of 2**-24 (every 8- to
+    16-bit level divided by its maximum is within one rounding of it), and within one float32
+    rounding otherwise.
+    """
+    return (np.float32(1.0) - np.asarray(pixels, dtype=np.float32)).astype(np.float32)
+
+
+def to_monochrome2(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Invert MONOCHROME1 (0028,0004) pixels, whose minimum is shown white, to MONOCHROME2."""
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        return invert_polarity(pixels)
+    return pixels
+
+
+def dicom_meta(ds: Dataset, file: Path, voi: str) -> dict:
+    """Collect the JSON-serialisable header facts that later stages and audits need."""
+    return {
+        "source": str(file),
+        "format": "dicom",
+        "bits": int(ds.get("BitsStored", ds.get("BitsAllocated", 0))),  # (0028,0101)
+        "original_shape": [int(ds.Rows), int(ds.Columns)],  # (0028,0010), (0028,0011)
+        "modality": _text(ds, "Modality"),  # (0008,0060)
+        "sop_class_uid": _text(ds, "SOPClassUID"),  # (0008,0016)
+        "photometric_interpretation": _text(ds, "PhotometricInterpretation"),  # (0028,0004)
+        "body_part": _text(ds, "BodyPartExamined"),  # (0018,0015)
+        "view_position": _text(ds, "ViewPosition"),  # (0018,5101)
+        "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),  # (0002,0010)
+        "pixel_spacing_mm": spacing_mm(ds.get("PixelSpacing")),  # (0028,0030)
+        "imager_pixel_spacing_mm": spacing_mm(ds.get("ImagerPixelSpacing")),  # (0018,1164)
+        "sop_instance_uid": _text(ds, "SOPInstanceUID"),  # (0008,0018)
+        "study_instance_uid": _text(ds, "StudyInstanceUID"),  # (0020,000D)
+        "manufacturer": _text(ds, "Manufacturer"),  # (0008,0070)
+        "voi": voi,
+    }
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    """Return an element's value as a plain stripped string, None when absent or empty."""
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def spacing_mm(value) -> list[float] | None:
+    """Return a [row, column] spacing in mm, or None when missing or degenerate.
+
+    PS3.3 10.7.1.3 defines the spacing as positive; files with ``[0, 0]`` exist (the NEMA WG04
+    RG1 samples) and must never reach a division.
+    """
+    if value is None:
+        return None
+    try:
+        spacing = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        return None
+    return spacing
+
+
+def is_chest_radiograph(meta: dict) -> tuple[bool, str]:
+    """Say whether header fields allow a frontal chest radiograph, and why not when they do not.
+
+    Requires Modality (0008,0060) CR or DX, or a CR/DX SOP Class (0008,0016); Body Part Examined
+    (0018,0015) CHEST or THORAX, or missing; View Position (0018,5101) PA or AP, or missing.
+    Images that are not DICOM carry no such fields and pass.
+
+    Args:
+        meta: ``Radiograph.meta`` (or the same dict read back from JSON).
+    """
+    if meta.get("format") != "dicom":
+        return True, f"{meta.get('format', 'unknown')} image: no DICOM header fields to check"
+    modality = (meta.get("modality") or "").upper()
+    sop_class = meta.get("sop_class_uid")
+    if modality not in _RADIOGRAPHY_MODALITIES and sop_class not in _RADIOGRAPHY_SOP_CLASSES:
+        sop_name = UID(sop_class).name if sop_class else "missing"
+        return False, (
+            f"modality {modality or 'missing'} (0008,0060) is not CR or DX and SOP class "
+            f"{sop_name} (0008,0016) is not a radiography class"
+        )
+    body_part = (meta.get("body_part") or "").upper()
+    if body_part and body_part not in _CHEST_BODY_PARTS:
+        return False, f"body part {body_part} (0018,0015) is not CHEST or THORAX"
+    view = (meta.get("view_position") or "").upper()
+    if view and view not in _FRONTAL_VIEWS:
+        return False, f"view position {view} (0018,5101) is not PA or AP"
+    return True, (
+        f"{modality or 'CR/DX SOP class'} radiograph, body part {body_part or 'missing'}, "
+        f"view {view or 'missing'}"
+    )

@@ -1,0 +1,174 @@
+"""PNG, JPEG and TIFF radiographs read with Pillow into [0, 1] float32.
+
+Scaling follows the true bit depth of the file:
+
+* 1-bit, 8-bit gray, palette and 8-bit colour images are divided by 255.
+* 16-bit gray images (Pillow modes ``I;16``, ``I;16B``, and ``I`` when its values fit in
+  0..65535) are divided by 65535. The PNG specification (section 12.3, sample depth scaling)
+  requires an encoder to scale samples of lower precision up to the full 16-bit range and to
+  record the original precision in the ``sBIT`` chunk. When a 16-bit PNG has an ``sBIT`` value
+  ``s < 16`` the original samples are recovered exactly with ``value >> (16 - s)`` and divided by
+  ``2**s - 1``; ``meta["bits"]`` is then ``s``. Files that break the specification by storing,
+  say, 12-bit values unscaled in a 16-bit PNG without ``sBIT`` read dark (at most 4095/65535);
+  a debug message says so, and per-image intensity levelling downstream removes the effect.
+* Colour images whose channels are identical become that channel exactly; other colour images
+  are reduced to luma with Pillow's ``convert("L")`` (ITU-R 601-2), with a debug message.
+
+JPEG EXIF orientation is applied, so pixels come out as a viewer shows them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from lungdx.io.errors import ImageReadError, require_file
+
+logger = logging.getLogger(__name__)
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "TIFF": "tiff"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+_COLOUR_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+@dataclass(frozen=True, eq=False)
+class Radiograph:
+    """One grayscale radiograph with its provenance.
+
+    ``eq=False`` because comparing two arrays with ``==`` has no single truth value; compare
+    ``pixels`` with ``np.array_equal`` instead.
+
+    Attributes:
+        pixels: float32 array of shape (H, W), values in [0, 1], MONOCHROME2 polarity
+            (bone bright, air dark).
+        meta: JSON-serialisable facts about the source: at least ``source`` (path),
+            ``format`` ("png", "jpeg", "tiff", "dicom" or "jsrt_raw"), ``bits`` (original bit
+            depth) and ``original_shape`` ([H, W]).
+    """
+
+    pixels: np.ndarray
+    meta: dict
+
+    def __post_init__(self):
+        if not isinstance(self.pixels, np.ndarray) or self.pixels.ndim != 2:
+            raise ValueError("Radiograph.pixels must be a 2-D numpy array")
+        if self.pixels.dtype != np.float32:
+            raise ValueError(f"Radiograph.pixels must be float32, got {self.pixels.dtype}")
+
+
+def read_raster(path: str | os.PathLike) -> Radiograph:
+    """Read a PNG, JPEG or TIFF radiograph (8- or 16-bit, gray or colour) as a Radiograph.
+
+    Raises:
+        ImageReadError: The file is missing, not an image Pillow can decode, truncated,
+            multi-frame, or in an unsupported pixel mode.
+    """
+    file = require_file(path)
+    image, file_format = _load_image(file)
+    levels, max_level, bits = _gray_levels(image, file)
+    if file_format == "png" and bits == 16:
+        levels, max_level, bits = _apply_significant_bits(levels, _png_significant_bits(file))
+    # Levels up to 16 bits are exact in float32, so float32 division is correctly rounded.
+    pixels = levels.astype(np.float32) / np.float32(max_level)
+    meta = {
+        "source": str(file),
+        "format": file_format,
+        "bits": bits,
+        "original_shape": [int(pixels.shape[0]), int(pixels.shape[1])],
+        "mode": image.mode,
+    }
+    logger.debug("read %s: %s %s-bit %s", file, file_format, bits, pixels.shape)
+    return Radiograph(pixels=pixels, meta=meta)
+
+
+def _load_image(file: Path) -> tuple[Image.Image, str]:
+    """Open, fully decode and orient one image; map every decoder failure to ImageReadError."""
+    try:
+        with Image.open(file) as opened:
+            file_format = _FORMATS.get(opened.format or "")
+            if file_format is None:
+                raise ImageReadError(file, f"unsupported image format {opened.format}")
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1 and opened.format != "MPO":
+                raise ImageReadError(file, f"multi-frame image ({frames} frames) not supported")
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except ImageReadError:
+        raise
+    except Image.UnidentifiedImageError as exc:
+        raise ImageReadError(file, "not a PNG/JPEG/TIFF image (Pillow cannot identify it)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(file, f"cannot decode image: {exc}") from exc
+    return image, file_format
+
+
+def _gray_levels(image: Image.Image, file: Path) -> tuple[np.ndarray, int, int]:
+    """Return (integer gray levels, the level that means white, bit depth) for a Pillow image."""
+    mode = image.mode
+    if mode == "1":
+        return np.asarray(image.convert("L")), 255, 1
+    if mode == "L":
+        return np.asarray(image), 255, 8
+    if mode in ("LA", "La"):
+        return np.asarray(image.getchannel("L")), 255, 8
+    if mode in _SIXTEEN_BIT_MODES:
+        return np.asarray(image).astype(np.uint16), 65535, 16
+    if mode == "I":
+        return _int32_as_16bit(np.asarray(image), file), 65535, 16
+    if mode in _COLOUR_MODES:
+        return _colour_to_gray(image, file), 255, 8
+    raise ImageReadError(file, f"unsupported pixel mode {mode!r}")
+
+
+def _int32_as_16bit(levels: np.ndarray, file: Path) -> np.ndarray:
+    """Accept Pillow's 32-bit integer mode only when the values are really 16-bit."""
+    if levels.size and (levels.min() < 0 or levels.max() > 65535):
+        raise ImageReadError(file, "32-bit integer pixels outside 0..65535 are not supported")
+    return levels.astype(np.uint16)
+
+
+def _colour_to_gray(image: Image.Image, file: Path) -> np.ndarray:
+    """Take the one channel of a gray image stored as colour, else reduce colour to luma."""
+    rgb_image = image.convert("RGB")
+    rgb = np.asarray(rgb_image)
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+        return np.ascontiguousarray(rgb[..., 0])
+    logger.debug("%s: colour image (mode %s) reduced to luma", file, image.mode)
+    return np.asarray(rgb_image.convert("L"))
+
+
+def _png_significant_bits(file: Path) -> int | None:
+    """Return the gray significant bits from the PNG sBIT chunk, or None when it is absent."""
+    with open(file, "rb") as stream:
+        if stream.read(8) != _PNG_SIGNATURE:
+            return None
+        while True:
+            header = stream.read(8)
+            if len(header) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"sBIT":
+                data = stream.read(length)
+                return data[0] if data else None
+            if kind in (b"IDAT", b"IEND"):  # sBIT must precede the image data
+                return None
+            stream.seek(length + 4, os.SEEK_CUR)  # chunk data and CRC
+
+
+def _apply_significant_bits(levels: np.ndarray, bits: int | None) -> tuple[np.ndarray, int, int]:
+    """Undo PNG sample depth scaling (PNG spec 12.3) when sBIT records fewer than 16 bits."""
+    if bits is None or bits == 16:
+        if levels.size and levels.max() < 4096:
+            logger.debug("16-bit PNG uses only 12 low bits and has no sBIT; scaled by 65535")
+        return levels, 65535, 16
+    if not 1 <= bits < 16:
+        logger.warning("ignoring invalid PNG sBIT value %d for a 16-bit image", bits)
+        return levels, 65535, 16
+    return levels >> (16 - bits), 2**bits - 1, bits

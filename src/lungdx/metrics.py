@@ -1,0 +1,483 @@
+"""Binary classification metrics, operating thresholds and bootstrap confidence intervals.
+
+Pure ``(y_true, y_score)`` functions on numpy arrays: no torch, no plotting. ``y_true`` holds 0/1
+labels (1 = disease), ``y_score`` any real score where higher means more likely positive (a
+probability, or a logit). A case is called positive when ``y_score >= threshold``.
+
+Point estimates come from scikit-learn. The bootstrap is the one exception: it computes confusion
+counts and the AUC for all resamples at once with matrix arithmetic, because calling scikit-learn
+thousands of times is slow; the tests check that both give the same numbers.
+
+Undefined is reported as undefined: a ratio whose denominator is zero (precision with no positive
+calls, sensitivity with no positive cases, the AUC with one class) is ``nan``, never a silent 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import sparse
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "precision", "recall", "f1", "roc_auc")
+"""Metric names in the order of the paper's Table 1."""
+
+MetricFn = Callable[[np.ndarray, np.ndarray, float], float]
+
+# Largest number of float64 cells one bootstrap chunk may hold (32 MiB) so memory stays bounded
+# for large test sets; 1000 resamples of a few hundred patients fit in one chunk.
+_CHUNK_CELLS = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------
+# Input checking
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(y_true: ArrayLike, y_score: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(y_true as int64 0/1, y_score as float64)`` or raise ``ValueError``."""
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_true.ndim != 1 or y_score.ndim != 1:
+        raise ValueError(
+            f"y_true and y_score must be 1-D; got shapes {y_true.shape} and {y_score.shape}"
+        )
+    if len(y_true) != len(y_score):
+        raise ValueError(f"y_true has {len(y_true)} entries but y_score has {len(y_score)}")
+    if len(y_true) == 0:
+        raise ValueError("y_true and y_score are empty")
+    if not np.isin(y_true, (0, 1)).all():
+        raise ValueError(f"y_true must hold only 0 and 1; got values {np.unique(y_true)[:10]}")
+    if not np.isfinite(y_score).all():
+        raise ValueError("y_score holds NaN or infinite values")
+    return y_true.astype(np.int64), y_score
+
+
+def _check_threshold(threshold: float) -> float:
+    threshold = float(threshold)
+    if np.isnan(threshold):
+        raise ValueError("threshold is NaN")
+    return threshold
+
+
+def _check_two_classes(y_true: np.ndarray, what: str) -> None:
+    n_pos = int(y_true.sum())
+    if n_pos == 0 or n_pos == len(y_true):
+        only = "positive" if n_pos else "negative"
+        raise ValueError(
+            f"{what} needs both classes in y_true, but all {len(y_true)} cases are {only}"
+        )
+
+
+def _labels(y_score: np.ndarray, threshold: float) -> np.ndarray:
+    return (y_score >= threshold).astype(np.int64)
+
+
+def _top_threshold(y_score: np.ndarray) -> float:
+    """A finite threshold above every score: ``max(y_score) + 1`` (no case called positive).
+
+    scikit-learn's ``roc_curve`` puts ``inf`` first (it used ``max + 1`` before 1.3); ``inf`` is
+    not valid JSON and cannot be stored as an operating point, so it is replaced by this value.
+    """
+    top = float(np.max(y_score))
+    return max(top + 1.0, float(np.nextafter(top, np.inf)))
+
+
+# --------------------------------------------------------------------------------------------
+# Point estimates (scikit-learn)
+# --------------------------------------------------------------------------------------------
+
+
+def accuracy(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float:
+    """Fraction of cases whose label ``y_score >= threshold`` equals ``y_true``."""
+    y_true, y_score = _check_inputs(y_true, y_score)
+    return float(accuracy_score(y_true, _labels(y_score, _check_threshold(threshold))))
+
+
+def sensitivity(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float:
+    """True-positive rate TP / (TP + FN); ``nan`` when there are no positive cases."""
+    y_true, y_score = _check_inputs(y_true, y_score)
+    label = _labels(y_score, _check_threshold(threshold))
+    return float(recall_score(y_true, label, labels=[0, 1], zero_division=np.nan))
+
+
+def specificity(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float:
+    """True-negative rate TN / (TN + FP); ``nan`` when there are no negative cases."""
+    y_true, y_score = _check_inputs(y_true, y_score)
+    label = _labels(y_score, _check_threshold(threshold))
+    # Specificity is the recall of the negative class.
+    return float(recall_score(y_true, label, labels=[0, 1], pos_label=0, zero_division=np.nan))
+
+
+def precision(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float:
+    """Positive predictive value TP / (TP + FP).
+
+    Returns ``nan`` when no case is called positive: the ratio is undefined there, and reporting
+    0 (scikit-learn's default) would understate a classifier that simply abstained.
+    """
+    y_true, y_score = _check_inputs(y_true, y_score)
+    label = _labels(y_score, _check_threshold(threshold))
+    return float(precision_score(y_true, label, labels=[0, 1], zero_division=np.nan))
+
+
+def recall(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float:
+    """Recall, identical to :func:`sensitivity` (kept under both names for Table 1)."""
+    return sensitivity(y_true, y_score, threshold)
+
+
+def f1(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> float:
+    """F1 score 2TP / (2TP + FP + FN); ``nan`` when there are neither positive cases nor calls."""
+    y_true, y_score = _check_inputs(y_true, y_score)
+    label = _labels(y_score, _check_threshold(threshold))
+    return float(f1_score(y_true, label, labels=[0, 1], zero_division=np.nan))
+
+
+def roc_auc(y_true: ArrayLike, y_score: ArrayLike, threshold: float | None = None) -> float:
+    """Area under the ROC curve; ``nan`` when ``y_true`` holds one class.
+
+    ``threshold`` is accepted and ignored so every metric shares one signature.
+    """
+    y_true, y_score = _check_inputs(y_true, y_score)
+    if y_true.min() == y_true.max():
+        return float("nan")
+    return float(roc_auc_score(y_true, y_score))
+
+
+_METRIC_FNS: dict[str, MetricFn] = {
+    "accuracy": accuracy,
+    "sensitivity": sensitivity,
+    "specificity": specificity,
+    "precision": precision,
+    "recall": recall,
+    "f1": f1,
+    "roc_auc": roc_auc,
+}
+
+
+def binary_metrics(y_true: ArrayLike, y_score: ArrayLike, threshold: float) -> dict[str, float]:
+    """Every metric in :data:`METRIC_NAMES` at ``threshold``, plus the confusion counts.
+
+    Returns:
+        The metrics in Table 1 order, then ``n``, ``n_pos``, ``n_neg``, ``tp``, ``fp``, ``tn``,
+        ``fn`` (ints) and ``threshold``.
+    """
+    y_true, y_score = _check_inputs(y_true, y_score)
+    threshold = _check_threshold(threshold)
+    label = _labels(y_score, threshold)
+    tn, fp, fn, tp = (int(c) for c in confusion_matrix(y_true, label, labels=[0, 1]).ravel())
+    values: dict[str, Any] = {
+        name: _METRIC_FNS[name](y_true, y_score, threshold) for name in METRIC_NAMES
+    }
+    n_pos = int(y_true.sum())
+    values.update(n=len(y_true), n_pos=n_pos, n_neg=len(y_true) - n_pos)
+    values.update(tp=tp, fp=fp, tn=tn, fn=fn, threshold=threshold)
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# ROC curve and operating thresholds
+# --------------------------------------------------------------------------------------------
+
+
+def _finite_roc(y_true: np.ndarray, y_score: np.ndarray):
+    fpr, tpr, thresholds = roc_curve(y_true, y_score)
+    thresholds = np.array(thresholds, dtype=np.float64)
+    thresholds[~np.isfinite(thresholds)] = _top_threshold(y_score)
+    return fpr, tpr, thresholds
+
+
+def roc_points(y_true: ArrayLike, y_score: ArrayLike) -> dict[str, Any]:
+    """The ROC curve as JSON-serialisable lists, for plotting or storing with a run.
+
+    The first threshold, ``inf`` in scikit-learn, is replaced by ``max(y_score) + 1``: a finite
+    value above every score, at which no case is called positive (the point fpr = tpr = 0).
+
+    Returns:
+        ``{"fpr": [...], "tpr": [...], "thresholds": [...], "auc": float}``, thresholds
+        decreasing.
+
+    Raises:
+        ValueError: when ``y_true`` holds one class (the curve is undefined).
+    """
+    y_true, y_score = _check_inputs(y_true, y_score)
+    _check_two_classes(y_true, "roc_points")
+    fpr, tpr, thresholds = _finite_roc(y_true, y_score)
+    return {
+        "fpr": [float(v) for v in fpr],
+        "tpr": [float(v) for v in tpr],
+        "thresholds": [float(v) for v in thresholds],
+        "auc": float(roc_auc_score(y_true, y_score)),
+    }
+
+
+def choose_threshold(
+    y_true: ArrayLike, y_score: ArrayLike, method: str = "youden", target: float | None = None
+) -> float:
+    """Choose an operating threshold on validation data, to be frozen for the test set.
+
+    Candidates are the thresholds of scikit-learn's ``roc_curve``, i.e. observed score values,
+    so the validation metrics at the returned threshold are exactly those on the ROC curve.
+
+    Args:
+        y_true: Validation labels (both classes needed).
+        y_score: Validation scores.
+        method: ``"youden"`` maximises sensitivity + specificity - 1; among equal maxima the
+            highest threshold wins (fewest positive calls for the same J).
+            ``"sensitivity"`` returns the highest threshold whose sensitivity >= ``target``;
+            ``"specificity"`` the lowest threshold whose specificity >= ``target``.
+        target: Required rate in [0, 1] for ``"sensitivity"`` / ``"specificity"``.
+
+    Returns:
+        A finite threshold. Where only "call nothing positive" meets a specificity target, this
+        is ``max(y_score) + 1``.
+
+    Raises:
+        ValueError: one-class ``y_true``, unknown ``method``, or a missing or invalid ``target``.
+    """
+    y_true, y_score = _check_inputs(y_true, y_score)
+    _check_two_classes(y_true, "choose_threshold")
+    fpr, tpr, thresholds = _finite_roc(y_true, y_score)  # thresholds decreasing
+    if method == "youden":
+        if target is not None:
+            raise ValueError("method='youden' takes no target")
+        j = (tpr - fpr)[1:]  # index 0 (call nothing, J = 0) never beats the last point (J = 0)
+        best = np.flatnonzero(j >= j.max() - 1e-12)[0]
+        return float(thresholds[1:][best])
+    if method not in ("sensitivity", "specificity"):
+        raise ValueError(f"unknown method {method!r}; use 'youden', 'sensitivity' or 'specificity'")
+    if target is None or not 0.0 <= float(target) <= 1.0:
+        raise ValueError(f"method={method!r} needs a target in [0, 1]; got {target!r}")
+    if method == "sensitivity":
+        # tpr reaches 1 at the lowest score, so a qualifying threshold always exists.
+        return float(thresholds[np.flatnonzero(tpr >= target)[0]])
+    # Specificity is 1 at the first (call-nothing) threshold, so one always qualifies.
+    return float(thresholds[np.flatnonzero(1.0 - fpr >= target)[-1]])
+
+
+# --------------------------------------------------------------------------------------------
+# Vectorised bootstrap
+# --------------------------------------------------------------------------------------------
+
+
+def _rates_from_counts(tp, fp, tn, fn) -> dict[str, np.ndarray]:
+    """Threshold metrics from (arrays of) confusion counts; ``nan`` where undefined."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sens = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
+        return {
+            "accuracy": (tp + tn) / (tp + fp + tn + fn),
+            "sensitivity": sens,
+            "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan),
+            "precision": np.where(tp + fp > 0, tp / (tp + fp), np.nan),
+            "recall": sens,
+            "f1": np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan),
+        }
+
+
+def _auc_from_bins(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUC from per-score-value counts, ties counted one half.
+
+    ``pos[..., k]`` and ``neg[..., k]`` are the (weighted) numbers of positive and negative cases
+    at the k-th distinct score, scores ascending. AUC = P(score_pos > score_neg) + P(tie) / 2,
+    which equals the rank-sum formula with tied scores given their average rank.
+    """
+    neg_below = np.cumsum(neg, axis=-1) - neg
+    wins = np.sum(pos * (neg_below + 0.5 * neg), axis=-1)
+    pairs = pos.sum(axis=-1) * neg.sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pairs > 0, wins / pairs, np.nan)
+
+
+def _rank_auc(y_true: ArrayLike, y_score: ArrayLike, weights: ArrayLike | None = None) -> float:
+    """AUC by the Mann-Whitney formula, each case counted ``weights[i]`` times (default 1)."""
+    y_true, y_score = _check_inputs(y_true, y_score)
+    w = np.ones(len(y_true)) if weights is None else np.asarray(weights, dtype=np.float64)
+    _, score_bin = np.unique(y_score, return_inverse=True)
+    n_bins = int(score_bin.max()) + 1
+    pos = np.bincount(score_bin, weights=w * y_true, minlength=n_bins)
+    neg = np.bincount(score_bin, weights=w * (1 - y_true), minlength=n_bins)
+    return float(_auc_from_bins(pos, neg))
+
+
+def _group_index(groups: ArrayLike | None, n: int) -> np.ndarray:
+    """Map each row to a group number 0..G-1; each row is its own group when ``groups`` is None."""
+    if groups is None:
+        return np.arange(n)
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},) like y_true; got {groups.shape}")
+    return np.unique(groups, return_inverse=True)[1].ravel()
+
+
+def _draw_groups(rng: np.random.Generator, n_groups: int, n_resamples: int, n_rows: int):
+    """Yield ``(chunk, n_groups)`` matrices of group indices drawn with replacement.
+
+    The chunk size depends only on the data size (at most ``n_rows`` distinct scores and groups),
+    so the vectorised and the callable paths see the same resamples for the same seed.
+    """
+    chunk = max(1, min(n_resamples, _CHUNK_CELLS // max(n_rows, 1)))
+    for start in range(0, n_resamples, chunk):
+        yield rng.integers(0, n_groups, size=(min(chunk, n_resamples - start), n_groups))
+
+
+def _multiplicities(draws: np.ndarray, n_groups: int) -> np.ndarray:
+    """How many times each group was drawn, per resample: ``(n_draws, n_groups)`` float64."""
+    rows = draws.shape[0]
+    flat = (draws + n_groups * np.arange(rows)[:, None]).ravel()
+    return np.bincount(flat, minlength=rows * n_groups).reshape(rows, n_groups).astype(np.float64)
+
+
+def _group_matrix(group: np.ndarray, score_bin: np.ndarray, values: np.ndarray, n_groups: int):
+    """Sparse ``(n_score_bins, n_groups)`` matrix of ``values`` summed per (score bin, group)."""
+    shape = (int(score_bin.max()) + 1, n_groups)
+    return sparse.csr_matrix((values.astype(np.float64), (score_bin, group)), shape=shape)
+
+
+def _bootstrap_all(y_true, y_score, threshold, group, n_resamples, seed) -> dict[str, np.ndarray]:
+    """All :data:`METRIC_NAMES` on ``n_resamples`` group-level resamples, vectorised."""
+    n_groups = int(group.max()) + 1
+    label = _labels(y_score, threshold)
+    cells = [y_true * label, (1 - y_true) * label, (1 - y_true) * (1 - label), y_true * (1 - label)]
+    per_group = np.stack([np.bincount(group, weights=c, minlength=n_groups) for c in cells], 1)
+    _, score_bin = np.unique(y_score, return_inverse=True)
+    score_bin = score_bin.ravel()
+    pos_bins = _group_matrix(group, score_bin, y_true, n_groups)
+    neg_bins = _group_matrix(group, score_bin, 1 - y_true, n_groups)
+    counts, aucs = [], []
+    for draws in _draw_groups(np.random.default_rng(seed), n_groups, n_resamples, len(y_true)):
+        weight = _multiplicities(draws, n_groups)  # (chunk, n_groups)
+        counts.append(weight @ per_group)
+        aucs.append(_auc_from_bins((pos_bins @ weight.T).T, (neg_bins @ weight.T).T))
+    tp, fp, tn, fn = np.concatenate(counts).T
+    return {**_rates_from_counts(tp, fp, tn, fn), "roc_auc": np.concatenate(aucs)}
+
+
+def _bootstrap_callable(y_true, y_score, threshold, group, metric, n_resamples, seed):
+    """``metric`` on each resample, drawing groups exactly as :func:`_bootstrap_all` does."""
+    n_groups = int(group.max()) + 1
+    order = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[order], np.arange(n_groups + 1))
+    rows_of = [order[starts[g] : starts[g + 1]] for g in range(n_groups)]
+    values = []
+    for draws in _draw_groups(np.random.default_rng(seed), n_groups, n_resamples, len(y_true)):
+        for drawn in draws:
+            rows = np.concatenate([rows_of[g] for g in drawn])
+            values.append(float(metric(y_true[rows], y_score[rows], threshold)))
+    return np.asarray(values)
+
+
+def _percentile_ci(values: np.ndarray, confidence: float, name: str) -> tuple[float, float]:
+    """Percentile interval of the defined (non-nan) resample values.
+
+    Resamples where the metric is undefined (e.g. one class for the AUC) are skipped; when more
+    than half are, the interval is not trustworthy and ``(nan, nan)`` is returned.
+    """
+    defined = values[~np.isnan(values)]
+    skipped = len(values) - len(defined)
+    if skipped:
+        logger.debug("%s: %d of %d resamples undefined, skipped", name, skipped, len(values))
+    if skipped > len(values) / 2:
+        logger.warning(
+            "%s: %d of %d bootstrap resamples undefined; CI reported as nan",
+            name, skipped, len(values),
+        )
+        return float("nan"), float("nan")
+    alpha = 1.0 - confidence
+    low, high = np.quantile(defined, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def _check_bootstrap_args(n_resamples: int, confidence: float) -> None:
+    if int(n_resamples) < 1:
+        raise ValueError(f"n_resamples must be >= 1; got {n_resamples}")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1); got {confidence}")
+
+
+def bootstrap_ci(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    metric: str | MetricFn,
+    *,
+    groups: ArrayLike | None = None,
+    threshold: float = 0.5,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of one metric.
+
+    Args:
+        y_true: 0/1 labels.
+        y_score: Scores.
+        metric: A name in :data:`METRIC_NAMES` (computed vectorised, fast) or a callable
+            ``(y_true, y_score, threshold) -> float`` (called once per resample).
+        groups: One id per row, e.g. patient ids. Groups are resampled with replacement and
+            every row of a drawn group is taken (patient-level bootstrap), so correlated images
+            of one patient do not count as independent evidence. ``None``: rows are resampled.
+        threshold: Operating threshold for threshold metrics (ignored by ``roc_auc``).
+        n_resamples: Number of bootstrap resamples.
+        confidence: Coverage of the interval, e.g. 0.95.
+        seed: Seed of the resampling; the same seed draws the same resamples for every metric.
+
+    Returns:
+        ``(low, high)``. Resamples where the metric is undefined (``nan``, e.g. a single class
+        for ``roc_auc``) are skipped; if more than half are skipped, ``(nan, nan)``.
+    """
+    y_true, y_score = _check_inputs(y_true, y_score)
+    threshold = _check_threshold(threshold)
+    _check_bootstrap_args(n_resamples, confidence)
+    group = _group_index(groups, len(y_true))
+    if callable(metric):
+        values = _bootstrap_callable(y_true, y_score, threshold, group, metric, n_resamples, seed)
+        return _percentile_ci(values, confidence, getattr(metric, "__name__", "metric"))
+    if metric not in METRIC_NAMES:
+        raise ValueError(f"unknown metric {metric!r}; use one of {METRIC_NAMES} or a callable")
+    values = _bootstrap_all(y_true, y_score, threshold, group, n_resamples, seed)[metric]
+    return _percentile_ci(values, confidence, metric)
+
+
+def metrics_with_ci(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    threshold: float,
+    *,
+    groups: ArrayLike | None = None,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Every metric with its bootstrap confidence interval, all from one set of resamples.
+
+    Arguments are as for :func:`bootstrap_ci`.
+
+    Returns:
+        ``{name: {"value", "ci_low", "ci_high"}}`` for each name in :data:`METRIC_NAMES`, plus
+        ``"counts": {n, n_pos, n_neg, tp, fp, tn, fn, n_groups}``.
+    """
+    y_true, y_score = _check_inputs(y_true, y_score)
+    threshold = _check_threshold(threshold)
+    _check_bootstrap_args(n_resamples, confidence)
+    group = _group_index(groups, len(y_true))
+    point = binary_metrics(y_true, y_score, threshold)
+    resampled = _bootstrap_all(y_true, y_score, threshold, group, n_resamples, seed)
+    result: dict[str, dict] = {}
+    for name in METRIC_NAMES:
+        low, high = _percentile_ci(resampled[name], confidence, name)
+        result[name] = {"value": point[name], "ci_low": low, "ci_high": high}
+    result["counts"] = {k: point[k] for k in ("n", "n_pos", "n_neg", "tp", "fp", "tn", "fn")}
+    result["counts"]["n_groups"] = int(group.max()) + 1
+    return result

@@ -1,0 +1,132 @@
+"""One ``Predictor`` for the command line, the evaluation and the service.
+
+It owns the only path from pixels to probabilities: ``preprocess.level`` (also what the cache
+stores), ``preprocess.normalize``, the model, a sigmoid, and the operating threshold frozen in the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lungdx import runtime
+from lungdx.checkpoint import load_checkpoint, model_from_checkpoint
+from lungdx.config import PreprocessConfig, from_dict
+from lungdx.io import ImageReadError, read_image
+from lungdx.preprocess import level, normalize
+
+logger = logging.getLogger(__name__)
+
+
+def model_input(levelled: torch.Tensor, config: PreprocessConfig, device: torch.device,
+                channels_last: bool) -> torch.Tensor:
+    """Levelled images (N, H, W) or (N, 1, H, W) in [0, 1] -> the normalised model input."""
+    if levelled.ndim == 3:
+        levelled = levelled[:, None]
+    images = normalize(levelled.to(device, torch.float32), config)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+@torch.inference_mode()
+def compute_logits(model: nn.Module, levelled: np.ndarray | Sequence[np.ndarray], config: PreprocessConfig, *,
+                   device: torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = True,
+                   batch_size: int = 64) -> np.ndarray:
+    """Logits (N,) for levelled images (N, H, W) in [0, 1], in evaluation mode, batch by batch."""
+    model.eval()
+    logits = []
+    for start in range(0, len(levelled), batch_size):
+        chunk = torch.from_numpy(np.asarray(levelled[start : start + batch_size], dtype=np.float32))
+        with runtime.autocast(device, amp_dtype):
+            logits.append(model(model_input(chunk, config, device, channels_last)).float().cpu())
+    return torch.cat(logits).reshape(-1).numpy() if logits else np.zeros(0, dtype=np.float32)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits, numerically stable."""
+    return (1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))).astype(np.float64)
+
+
+@dataclass
+class Prediction:
+    """The result for one image: probability, label at the threshold, or the reason it failed."""
+
+    source: str
+    probability: float | None = None
+    label: int | None = None
+    class_name: str | None = None
+    threshold: float | None = None
+    error: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+class Predictor:
+    """A trained model with its preprocessing and operating threshold.
+
+    Args:
+        checkpoint: a loaded checkpoint (``lungdx.checkpoint.load_checkpoint``).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see ``lungdx.runtime``).
+    """
+
+    def __init__(self, checkpoint: dict, device: str = "auto", precision: str = "auto", channels_last: bool = True):
+        self.checkpoint = checkpoint
+        self.device = runtime.resolve_device(device)
+        self.amp_dtype = runtime.autocast_dtype(self.device, precision)
+        self.channels_last = channels_last
+        self.preprocess_config = from_dict(PreprocessConfig, checkpoint["preprocess"])
+        self.threshold = checkpoint.get("threshold")
+        self.class_names = list(checkpoint["class_names"])
+        model = model_from_checkpoint(checkpoint).to(self.device)
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kwargs) -> "Predictor":
+        """Load from a checkpoint file or a run folder (its ``model.pt``)."""
+        path = Path(path)
+        return cls(load_checkpoint(path / "model.pt" if path.is_dir() else path), **kwargs)
+
+    def probabilities(self, levelled: np.ndarray | Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
+        """Probabilities for levelled images (N, H, W) in [0, 1] (the cache's stage)."""
+        logits = compute_logits(self.model, levelled, self.preprocess_config, device=self.device,
+                                amp_dtype=self.amp_dtype, channels_last=self.channels_last, batch_size=batch_size)
+        return sigmoid(logits)
+
+    def level(self, pixels: np.ndarray) -> np.ndarray:
+        """The checkpoint's levelling of one (H, W) image in [0, 1]."""
+        return level(pixels, self.preprocess_config)
+
+    def predict_pixels(self, pixels: np.ndarray, source: str = "<array>", meta: dict | None = None) -> Prediction:
+        """Predict one (H, W) image in [0, 1] (MONOCHROME2 polarity)."""
+        probability = float(self.probabilities(self.level(pixels)[None])[0])
+        return self._prediction(source, probability, meta or {})
+
+    def predict_files(self, paths: Iterable[str | Path], batch_size: int = 16) -> list[Prediction]:
+        """Predict image files; a file that cannot be read gets a Prediction with ``error`` set."""
+        results, pending = [], []
+        for path in paths:
+            try:
+                image = read_image(path)
+                pending.append((len(results), self.level(image.pixels)))
+                results.append(Prediction(source=str(path), meta=image.meta))
+            except (ImageReadError, ValueError) as err:
+                logger.warning("cannot predict: %s", err)
+                results.append(Prediction(source=str(path), error=str(err)))
+        if pending:
+            probabilities = self.probabilities(np.stack([levelled for _, levelled in pending]), batch_size)
+            for (index, _), probability in zip(pending, probabilities, strict=True):
+                results[index] = self._prediction(results[index].source, float(probability), results[index].meta)
+        return results
+
+    def _prediction(self, source: str, probability: float, meta: dict) -> Prediction:
+        if self.threshold is None:
+            return Prediction(source=source, probability=probability, meta=meta)
+        label = int(probability >= self.threshold)
+        return Prediction(source=source, probability=probability, label=label, class_name=self.class_names[label],
+                          threshold=self.threshold, meta=meta)

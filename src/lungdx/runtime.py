@@ -1,0 +1,79 @@
+"""Hardware choices: device, mixed precision, memory format, allocator.
+
+Measured on the project's 2-core CPUs (see ``bench/train_throughput.py`` and
+``shared/perf-notes.md``): channels_last helps convolutions on CPU and GPU; bf16 autocast helps
+only on CPUs with native bf16 instructions (AVX512-BF16 or AMX), and slows down CPUs without
+them, so ``auto`` turns it on only there; glibc's default allocator returns memory to the system
+after every large tensor and spends a third of a training step page-faulting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as given (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but CUDA is not available on this machine")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has AVX512-BF16 or AMX, where bf16 autocast is measured faster."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision in ("bf16", "fp16"):
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision != "auto":
+        raise ValueError(f"unknown precision '{precision}' (use auto, fp32, bf16 or fp16)")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for ``dtype`` (a no-op context for fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def use_channels_last(setting: str | bool = "auto") -> bool:
+    """``auto`` and true-ish values turn channels_last on; ``off``/false turn it off."""
+    if isinstance(setting, bool):
+        return setting
+    return str(setting).lower() not in ("off", "false", "no", "0")
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process (glibc ``mallopt``); returns False where unsupported.
+
+    Sets M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to 2^31-1 and M_TOP_PAD to 1 GiB, so that large
+    activation buffers are reused rather than unmapped and page-faulted back in every step.
+    Call once at program start (the CLI does); it changes process-wide behaviour.
+    """
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = all(libc.mallopt(option, value) == 1 for option, value in (
+            (m_mmap_threshold, 2**31 - 1), (m_trim_threshold, 2**31 - 1), (m_top_pad, 2**30)))
+    except (OSError, AttributeError):
+        return False
+    logger.debug("glibc allocator tuned: %s", ok)
+    return ok

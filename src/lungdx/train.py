@@ -1,0 +1,358 @@
+"""Training: ``prepare_data``, ``train_one_epoch``, ``evaluate_epoch``, ``EarlyStopping`` and ``fit``.
+
+A run folder holds the resolved config, the split manifest, the images left out (with reasons),
+the per-epoch history, ``last.pt`` (to resume) and ``model.pt`` (the best epoch by validation loss,
+with its operating threshold chosen on validation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lungdx import metrics, runtime
+from lungdx.checkpoint import save_checkpoint, versions
+from lungdx.config import RunConfig, load_config, save_config, to_dict
+from lungdx.data.augment import augment
+from lungdx.data.cache import ImageCache, build_cache, describe_config
+from lungdx.data.manifest import apply_task, describe_classes, load_dataset, positive_class_name
+from lungdx.data.split import check_leakage, split_patients
+from lungdx.models import create_model
+from lungdx.predict import compute_logits, model_input, sigmoid
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "lungdx-train-state/1"
+SPLIT_COLUMNS = ["case_id", "patient_id", "path", "target", "split"]
+
+
+@dataclass
+class PreparedData:
+    """The task's rows (with ``split``, ``target`` and ``cache_index``) and the image cache."""
+
+    frame: pd.DataFrame
+    cache: ImageCache
+    excluded: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def rows(self, split: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == split]
+
+
+def prepare_data(config: RunConfig, *, progress: bool = False) -> PreparedData:
+    """Read the dataset, build or open its cache, pick the task's rows and split by patient."""
+    frame = load_dataset(config.data.path, config.data.format)
+    with tqdm(total=len(frame), desc="decode + preprocess", unit="img", disable=not progress, leave=False) as bar:
+        cache = build_cache(frame["path"].tolist(), config.preprocess, config.data.cache_dir, progress=bar.update)
+    frame["cache_index"] = np.arange(len(frame))
+    frame = apply_task(frame, config.data.task)
+    readable = cache.valid[frame["cache_index"].to_numpy()]
+    excluded = frame.loc[~readable, ["case_id", "path"]].assign(reason=lambda f: f["path"].map(cache.errors))
+    if len(excluded):
+        logger.warning("%d unreadable images left out (see excluded.csv)", len(excluded))
+    frame = frame[readable].reset_index(drop=True)
+    if config.data.split_file:
+        frame = _apply_split_file(frame, Path(config.data.split_file))
+    else:
+        frame = split_patients(frame, config.data.split, config.data.split_seed)
+    logger.info("task %s: %s", config.data.task, describe_classes(frame))
+    return PreparedData(frame=frame, cache=cache, excluded=excluded)
+
+
+def _apply_split_file(frame: pd.DataFrame, split_file: Path) -> pd.DataFrame:
+    saved = pd.read_csv(split_file, dtype={"case_id": str, "patient_id": str})
+    assignment = dict(zip(saved["path"], saved["split"], strict=True))
+    frame = frame.assign(split=frame["path"].map(assignment))
+    missing = int(frame["split"].isna().sum())
+    if missing:
+        logger.warning("%s: %d images of the dataset are not in the split file and are left out", split_file, missing)
+        frame = frame[frame["split"].notna()].reset_index(drop=True)
+    check_leakage(frame)
+    return frame
+
+
+def data_fingerprint(frame: pd.DataFrame) -> str:
+    """Hash of (file name, byte size, target, split) of every row: same data, same fingerprint."""
+    digest = hashlib.blake2b(digest_size=12)
+    for row in frame.sort_values("path").itertuples():
+        size = Path(row.path).stat().st_size if Path(row.path).exists() else -1
+        digest.update(f"{Path(row.path).name}\0{size}\0{row.target}\0{row.split}\n".encode())
+    return digest.hexdigest()
+
+
+class EarlyStopping:
+    """Stop when the validation loss has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    def __init__(self, patience: int = 10, min_delta: float = 0.0):
+        self.patience, self.min_delta = patience, min_delta
+        self.best_loss, self.best_epoch, self.bad_epochs = float("inf"), -1, 0
+
+    def step(self, loss: float, epoch: int) -> bool:
+        """Record an epoch; True when it is the best so far."""
+        if loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.bad_epochs = loss, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss, self.best_epoch, self.bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]
+
+
+@dataclass
+class Hardware:
+    """Where and how tensors are computed."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "Hardware":
+        device = runtime.resolve_device(config.train.device)
+        return cls(device, runtime.autocast_dtype(device, config.train.precision),
+                   runtime.use_channels_last(config.train.channels_last))
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, data: PreparedData,
+                    config: RunConfig, hardware: Hardware, generator: torch.Generator,
+                    scaler: torch.amp.GradScaler | None = None, progress: bool = False) -> dict[str, float]:
+    """One pass over the training split in random order, with augmentation; returns loss/accuracy/AUC."""
+    model.train()
+    rows = data.rows("train")
+    order = torch.randperm(len(rows), generator=generator).numpy()
+    indices, targets = rows["cache_index"].to_numpy()[order], rows["target"].to_numpy()[order]
+    batch_size = config.train.batch_size
+    all_logits, total_loss = [], 0.0
+    for start in tqdm(range(0, len(order), batch_size), desc="train", leave=False, disable=not progress):
+        # Sorted reads are sequential in the memory-mapped cache; the order inside a batch is irrelevant.
+        chunk = slice(start, start + batch_size)
+        in_order = np.argsort(indices[chunk])
+        batch_index, batch_target = indices[chunk][in_order], targets[chunk][in_order]
+        levelled = torch.from_numpy(data.cache.batch(batch_index))[:, None].to(hardware.device)
+        images = model_input(augment(levelled, config.augment, generator), config.preprocess,
+                             hardware.device, hardware.channels_last)
+        target = torch.as_tensor(batch_target, dtype=torch.float32, device=hardware.device)[:, None]
+        with runtime.autocast(hardware.device, hardware.amp_dtype):
+            logits = model(images)
+        loss = loss_fn(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total_loss += float(loss.detach()) * len(batch_index)
+        all_logits.append((batch_target, logits.detach().float().cpu().reshape(-1).numpy()))
+    y_true = np.concatenate([t for t, _ in all_logits])
+    y_score = sigmoid(np.concatenate([s for _, s in all_logits]))
+    return _epoch_metrics(total_loss / len(order), y_true, y_score)
+
+
+def evaluate_epoch(model: nn.Module, loss_fn: nn.Module, data: PreparedData, split: str, config: RunConfig,
+                   hardware: Hardware) -> tuple[dict[str, float], np.ndarray]:
+    """Loss, accuracy at 0.5 and AUC on one split, and the probabilities (row order of the split)."""
+    rows = data.rows(split)
+    logits = compute_logits(model, data.cache.batch(rows["cache_index"].to_numpy()), config.preprocess,
+                            device=hardware.device, amp_dtype=hardware.amp_dtype,
+                            channels_last=hardware.channels_last, batch_size=config.train.batch_size)
+    y_true = rows["target"].to_numpy()
+    loss = float(loss_fn(torch.from_numpy(logits.copy())[:, None], torch.as_tensor(y_true, dtype=torch.float32)[:, None]))
+    probabilities = sigmoid(logits)
+    return _epoch_metrics(loss, y_true, probabilities), probabilities
+
+
+def _epoch_metrics(loss: float, y_true: np.ndarray, y_score: np.ndarray) -> dict[str, float]:
+    return {"loss": loss, "accuracy": metrics.accuracy(y_true, y_score, 0.5), "auc": metrics.roc_auc(y_true, y_score)}
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` made: the run folder, the best epoch, the threshold and the history."""
+
+    run_dir: Path
+    best_epoch: int
+    threshold: float
+    history: list[dict]
+    stopped_early: bool
+
+
+def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = False) -> FitResult:
+    """Train ``config.model`` on ``config.data`` and write the run folder.
+
+    Args:
+        config: the run's configuration (saved as ``config.yaml``).
+        run_dir: output folder; must be new or empty unless ``resume``.
+        resume: continue from ``run_dir/last.pt`` (the saved config is used and must match).
+        progress: show progress bars on stderr.
+    """
+    run_dir = Path(run_dir)
+    config = _prepare_run_dir(config, run_dir, resume)
+    data = prepare_data(_with_saved_split(config, run_dir, resume), progress=progress)
+    _write_data_files(data, run_dir)
+    hardware = Hardware.from_config(config)
+    torch.manual_seed(config.train.seed)
+    model = create_model(config.model.name, **model_kwargs(config)).to(hardware.device)
+    if hardware.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=_pos_weight(config, data))
+    scaler = torch.amp.GradScaler("cuda") if hardware.amp_dtype == torch.float16 else None
+    generator = torch.Generator().manual_seed(config.train.seed + 1)
+    stopper = EarlyStopping(config.train.patience, config.train.min_delta)
+    history: list[dict] = []
+    if resume:
+        history = _load_state(run_dir / "last.pt", model, optimizer, stopper, generator)
+    fingerprint = data_fingerprint(data.frame)
+    logger.info("training %s on %s, %s, autocast %s, channels_last %s", config.model.name, hardware.device,
+                describe_classes(data.rows("train")), hardware.amp_dtype, hardware.channels_last)
+    epochs = tqdm(range(len(history) + 1, config.train.epochs + 1), desc="epochs", disable=not progress,
+                  initial=len(history), total=config.train.epochs)
+    for epoch in epochs:
+        if stopper.should_stop:
+            break
+        started = time.perf_counter()
+        train_row = train_one_epoch(model, optimizer, loss_fn, data, config, hardware, generator, scaler, progress)
+        val_row, _ = evaluate_epoch(model, loss_fn, data, "val", config, hardware)
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_row.items()},
+               **{f"val_{k}": v for k, v in val_row.items()}, "seconds": round(seconds, 2),
+               "train_images_per_s": round(len(data.rows("train")) / seconds, 1)}
+        history.append(row)
+        if stopper.step(val_row["loss"], epoch):
+            _save_model(run_dir / "best.pt", model, config, data, fingerprint, epoch=epoch, threshold=None)
+        _save_state(run_dir / "last.pt", model, optimizer, stopper, generator, history)
+        _write_history(history, run_dir)
+        epochs.set_postfix(train_loss=f"{train_row['loss']:.3f}", val_loss=f"{val_row['loss']:.3f}",
+                           val_auc=f"{val_row['auc']:.3f}")
+    return _finish(run_dir, config, data, hardware, loss_fn, fingerprint, stopper, history)
+
+
+def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
+    if resume:
+        if not (run_dir / "last.pt").is_file():
+            raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.pt); start a new run instead")
+        saved = load_config(run_dir / "config.yaml")
+        if to_dict(saved) != to_dict(config):
+            logger.warning("%s: resuming with the run's saved config.yaml (the given config differs)", run_dir)
+        return saved
+    if run_dir.exists() and any(p.name != "train.log" for p in run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it, or a new --out)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2))
+    return config
+
+
+def _with_saved_split(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
+    if resume and (run_dir / "split.csv").is_file():
+        from dataclasses import replace
+
+        return replace(config, data=replace(config.data, split_file=str(run_dir / "split.csv")))
+    return config
+
+
+def _write_data_files(data: PreparedData, run_dir: Path) -> None:
+    data.frame[SPLIT_COLUMNS].to_csv(run_dir / "split.csv", index=False)
+    if len(data.excluded):
+        data.excluded.to_csv(run_dir / "excluded.csv", index=False)
+
+
+def model_kwargs(config: RunConfig) -> dict:
+    """The model's keyword arguments; ``input_size`` follows the preprocessing size unless set."""
+    return {"input_size": config.preprocess.size, **config.model.kwargs}
+
+
+def _pos_weight(config: RunConfig, data: PreparedData) -> torch.Tensor | None:
+    setting = config.train.pos_weight
+    if setting is None:
+        return None
+    if setting == "auto":
+        targets = data.rows("train")["target"]
+        setting = (len(targets) - targets.sum()) / max(targets.sum(), 1)
+    return torch.tensor([float(setting)])
+
+
+def _save_model(path: Path, model: nn.Module, config: RunConfig, data: PreparedData, fingerprint: str, *,
+                epoch: int, threshold: float | None, **info) -> None:
+    save_checkpoint(path, model, model_name=config.model.name, model_kwargs=model_kwargs(config),
+                    preprocess=describe_config(config.preprocess), task=config.data.task,
+                    class_names=list(positive_class_name(config.data.task)), threshold=threshold,
+                    data_fingerprint=fingerprint, epoch=epoch, **info)
+
+
+def _save_state(path: Path, model, optimizer, stopper: EarlyStopping, generator: torch.Generator, history) -> None:
+    state = {"format": STATE_FORMAT, "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "early_stopping": stopper.state_dict(),
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history}
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
+def _load_state(path: Path, model, optimizer, stopper: EarlyStopping, generator: torch.Generator) -> list[dict]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: not a lungdx training state")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    stopper.load_state_dict(state["early_stopping"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    logger.info("resuming %s after epoch %d", path.parent, len(state["history"]))
+    return list(state["history"])
+
+
+def _write_history(history: list[dict], run_dir: Path) -> None:
+    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+
+
+def _finish(run_dir: Path, config: RunConfig, data: PreparedData, hardware: Hardware, loss_fn, fingerprint: str,
+            stopper: EarlyStopping, history: list[dict]) -> FitResult:
+    """Reload the best epoch, choose the threshold on validation, write ``model.pt`` and the summary."""
+    from lungdx.checkpoint import load_checkpoint, model_from_checkpoint
+
+    best = load_checkpoint(run_dir / "best.pt")
+    model = model_from_checkpoint(best).to(hardware.device)
+    if hardware.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    val_row, probabilities = evaluate_epoch(model, loss_fn, data, "val", config, hardware)
+    y_val = data.rows("val")["target"].to_numpy()
+    threshold = metrics.choose_threshold(y_val, probabilities, config.train.threshold_method,
+                                         config.train.threshold_target)
+    val_metrics = metrics.binary_metrics(y_val, probabilities, threshold)
+    _save_model(run_dir / "model.pt", model, config, data, fingerprint, epoch=best["epoch"], threshold=threshold,
+                threshold_method=config.train.threshold_method, val_metrics=_plain_floats(val_metrics),
+                val_loss=val_row["loss"])
+    (run_dir / "best.pt").unlink()
+    summary = {"best_epoch": best["epoch"], "epochs_run": len(history), "stopped_early": stopper.should_stop,
+               "threshold": threshold, "threshold_method": config.train.threshold_method,
+               "val_metrics_at_threshold": _plain_floats(val_metrics), "data_fingerprint": fingerprint,
+               "device": str(hardware.device), "autocast": str(hardware.amp_dtype),
+               "images": {split: describe_classes(data.rows(split)) for split in ("train", "val", "test")},
+               "excluded_images": len(data.excluded)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return FitResult(run_dir, best["epoch"], threshold, history, stopper.should_stop)
+
+
+def _plain_floats(values: dict) -> dict:
+    return {key: float(value) if isinstance(value, (int, float, np.floating, np.integer)) else value
+            for key, value in values.items()}

@@ -1,0 +1,42 @@
+import pytest
+
+from lungdx.config import ConfigError, RunConfig, apply_overrides, load_config, save_config, to_dict
+
+
+def test_defaults_follow_the_paper():
+    config = RunConfig()
+    assert (config.train.lr, config.train.batch_size, config.train.epochs) == (1e-3, 64, 50)
+    assert config.preprocess.size == 256
+    assert config.model.name == "paper_cnn"
+    assert config.augment.hflip is False
+
+
+def test_overrides_parse_yaml_values():
+    config = apply_overrides(RunConfig(), ["train.lr=3e-4", "data.split=[0.6, 0.2, 0.2]", "model.kwargs.hidden=64"])
+    assert config.train.lr == pytest.approx(3e-4)
+    assert config.data.split == (0.6, 0.2, 0.2)
+    assert config.model.kwargs == {"hidden": 64}
+
+
+@pytest.mark.parametrize("override", ["train.learning_rate=1", "nosection.x=1", "train.lr"])
+def test_bad_overrides_name_the_key(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1] if "=" in override else "form"):
+        apply_overrides(RunConfig(), [override])
+
+
+def test_yaml_round_trip(tmp_path):
+    config = apply_overrides(RunConfig(), ["preprocess.size=128", "data.task=nodule_vs_normal"])
+    save_config(config, tmp_path / "config.yaml")
+    assert to_dict(load_config(tmp_path / "config.yaml")) == to_dict(config)
+
+
+def test_yaml_file_only_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  epochs: 3\n")
+    config = load_config(tmp_path / "c.yaml", ["train.seed=7"])
+    assert (config.train.epochs, config.train.seed, config.train.lr) == (3, 7, 1e-3)
+
+
+def test_unknown_yaml_key(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match="train.epoch"):
+        load_config(tmp_path / "c.yaml")

@@ -1,0 +1,109 @@
+"""Dataset adapters and tasks, on the real JSRT and NIH folders (skipped without ../shared/data)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lungdx.data.manifest import DatasetError, apply_task, detect_format, load_dataset
+from lungdx.io import write_jsrt_raw
+
+
+def test_jsrt_labels_give_the_published_counts(jsrt_dir):
+    frame = load_dataset(jsrt_dir)
+    assert detect_format(jsrt_dir) == "jsrt"
+    assert len(frame) == 247
+    assert frame["label"].value_counts().to_dict() == {"malignant": 100, "non_nodule": 93, "benign": 54}
+    assert frame["patient_id"].nunique() == 247  # every JSRT image is a different patient
+    assert all(pd.io.common.file_exists(p) for p in frame["path"])
+
+
+@pytest.mark.parametrize("task, n, n_pos", [("nodule_vs_normal", 247, 154), ("malignant_vs_benign", 154, 100),
+                                            ("malignant_vs_rest", 247, 100)])
+def test_jsrt_tasks(jsrt_dir, task, n, n_pos):
+    frame = apply_task(load_dataset(jsrt_dir), task)
+    assert (len(frame), int(frame["target"].sum())) == (n, n_pos)
+
+
+def test_official_jsrt_layout_matches_labels_csv(jsrt_dir, tmp_path):
+    """The official CLNDAT_EN.txt / CNNDAT_EN.TXT parser agrees with labels.csv (with fake .IMG files)."""
+    for name in (jsrt_dir / "raw_labels").iterdir():
+        (tmp_path / name.name).write_bytes(name.read_bytes())
+    reference = load_dataset(jsrt_dir).set_index("case_id")
+    blank = np.zeros((4, 4), dtype=np.float32)
+    for case_id in reference.index:
+        write_jsrt_raw(tmp_path / f"{case_id}.IMG", blank)
+    official = load_dataset(tmp_path).set_index("case_id")
+    assert detect_format(tmp_path) == "jsrt"
+    assert len(official) == 247
+    joined = official.merge(reference, left_index=True, right_index=True, suffixes=("", "_ref"))
+    assert (joined["label"] == joined["label_ref"]).all()
+    nodules = joined[joined["has_nodule"] == 1]
+    np.testing.assert_array_equal(nodules["size_mm"], nodules["size_mm_ref"])
+    np.testing.assert_array_equal(nodules["nodule_x_2048"], nodules["nodule_x_2048_ref"])
+    assert official["age"].isna().sum() == 2  # JPCLN106 and JPCLN117 are '?'
+
+
+def test_official_jsrt_missing_image_is_named(jsrt_dir, tmp_path):
+    for name in (jsrt_dir / "raw_labels").iterdir():
+        (tmp_path / name.name).write_bytes(name.read_bytes())
+    with pytest.raises(DatasetError, match=r"JPC.*\.IMG"):
+        load_dataset(tmp_path)
+
+
+def test_nih_subset(shared_data):
+    folder = shared_data / "nih_cxr14_64px_subset"
+    if not folder.is_dir():
+        pytest.skip("nih_cxr14_64px_subset not in ../shared/data")
+    frame = load_dataset(folder)
+    assert detect_format(folder) == "nih" and len(frame) == 1000
+    assert frame["patient_id"].nunique() == 264
+    nodule = apply_task(frame, "nodule")
+    assert int(nodule["target"].sum()) == 39
+    assert int(apply_task(frame, "nodule_or_mass")["target"].sum()) == 70
+
+
+def test_nih_data_entry_layout(tmp_path):
+    (tmp_path / "images").mkdir()
+    pd.DataFrame({"Image Index": ["00000001_000.png", "00000001_001.png", "00000002_000.png"],
+                  "Finding Labels": ["Nodule|Effusion", "No Finding", "Mass"],
+                  "Patient ID": [1, 1, 2]}).to_csv(tmp_path / "Data_Entry_2017_v2020.csv", index=False)
+    frame = load_dataset(tmp_path)
+    assert frame["nodule"].tolist() == [1, 0, 0]
+    assert frame["nodule_or_mass"].tolist() == [1, 0, 1]
+    assert frame["patient_id"].tolist() == ["1", "1", "2"]
+
+
+def test_generic_manifest_and_value_task(tmp_path):
+    pd.DataFrame({"image": ["a.png", "b.png", "c.png", "d.png"], "label": ["normal", "pneumonia", "normal", "pneumonia"],
+                  "patient_id": ["p1", "p1", "p2", "p3"]}).to_csv(tmp_path / "m.csv", index=False)
+    frame = apply_task(load_dataset(tmp_path / "m.csv"), "label=pneumonia")
+    assert frame["target"].tolist() == [0, 1, 0, 1]
+    assert frame["path"].iloc[0] == str((tmp_path / "a.png").resolve())
+    with pytest.raises(DatasetError, match="not binary"):
+        apply_task(load_dataset(tmp_path / "m.csv"), "label")
+    with pytest.raises(DatasetError, match="unknown task 'nodule'"):
+        apply_task(load_dataset(tmp_path / "m.csv"), "nodule")
+
+
+def test_class_folders(tmp_path):
+    for name in ("normal", "nodule"):
+        (tmp_path / name).mkdir()
+        for index in range(2):
+            (tmp_path / name / f"{name}{index}.png").write_bytes(b"")
+    frame = apply_task(load_dataset(tmp_path), "label=nodule")
+    assert detect_format(tmp_path) == "folders"
+    assert sorted(frame["target"]) == [0, 0, 1, 1]
+
+
+def test_dicom_folder(shared_data, tmp_path):
+    folder = shared_data / "dicom_samples"
+    if not folder.is_dir():
+        pytest.skip("dicom_samples not in ../shared/data")
+    frame = load_dataset(folder, "dicom")
+    assert len(frame) == 5 and frame["patient_id"].notna().all()
+    assert frame["case_id"].str.match(r"^[0-9.]+$").all()  # SOP Instance UIDs
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(DatasetError, match="no such file"):
+        load_dataset(tmp_path / "nothing")
