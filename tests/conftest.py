@@ -22,3 +22,23 @@ def jsrt_dir(shared_data: Path) -> Path:
     if not (folder / "labels.csv").is_file():
         pytest.skip("../shared/data/jsrt not found: JSRT tests need the JSRT folder (not redistributable)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """A small synthetic phantom dataset (JSRT labels.csv layout), made once per test session."""
+    from lungdx.data.phantoms import write_phantom_dataset
+
+    folder = tmp_path_factory.mktemp("phantoms")
+    write_phantom_dataset(folder, 72, size=128, seed=0)
+    return folder
+
+
+def tiny_config(data_dir, cache_dir, *overrides):
+    """A fast configuration for tests: 64 px, a narrow paper_cnn, two epochs."""
+    from lungdx.config import apply_overrides, load_config
+
+    base = [f"data.path={data_dir}", f"data.cache_dir={cache_dir}", "data.task=malignant_vs_rest",
+            "preprocess.size=64", "model.kwargs={widths: [8, 8, 16, 16, 16], hidden: 16}",
+            "train.epochs=2", "train.batch_size=16", "train.patience=5"]
+    return apply_overrides(load_config(), base + list(overrides))

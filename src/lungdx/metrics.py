@@ -15,7 +15,7 @@ calls, sensitivity with no positive cases, the AUC with one class) is ``nan``, n
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
