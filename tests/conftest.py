@@ -15,13 +15,29 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def _shared_folder(shared_data: Path, name: str, marker: str, why: str) -> Path:
+    folder = shared_data / name
+    if not (folder / marker).is_file():
+        pytest.skip(f"../shared/data/{name} not found: {why}")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def jsrt_dir(shared_data: Path) -> Path:
     """The JSRT folder (labels.csv layout); skips when absent."""
-    folder = shared_data / "jsrt"
-    if not (folder / "labels.csv").is_file():
-        pytest.skip("../shared/data/jsrt not found: JSRT tests need the JSRT folder (not redistributable)")
-    return folder
+    return _shared_folder(shared_data, "jsrt", "labels.csv", "JSRT tests need the JSRT folder (not redistributable)")
+
+
+@pytest.fixture(scope="session")
+def dicom_dir(shared_data: Path) -> Path:
+    """The real DICOM samples; skips when absent."""
+    return _shared_folder(shared_data, "dicom_samples", "files.csv", "DICOM tests need the sample folder")
+
+
+@pytest.fixture(scope="session")
+def nih_dir(shared_data: Path) -> Path:
+    """The NIH ChestX-ray14 64 px subset; skips when absent."""
+    return _shared_folder(shared_data, "nih_cxr14_64px_subset", "labels.csv", "NIH tests need the subset folder")
 
 
 @pytest.fixture(scope="session")

@@ -44,14 +44,6 @@ OT_ABDOMEN = "dicomlibrary_ot_abdomen.dcm"
 
 
 @pytest.fixture(scope="session")
-def dicom_dir(shared_data: Path) -> Path:
-    folder = shared_data / "dicom_samples"
-    if not (folder / "files.csv").is_file():
-        pytest.skip("../shared/data/dicom_samples not found: DICOM tests need the sample folder")
-    return folder
-
-
-@pytest.fixture(scope="session")
 def dicom_rows(dicom_dir: Path) -> dict:
     with open(dicom_dir / "files.csv", newline="") as stream:
         return {row["file"]: row for row in csv.DictReader(stream)}

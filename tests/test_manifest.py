@@ -50,10 +50,8 @@ def test_official_jsrt_missing_image_is_named(jsrt_dir, tmp_path):
         load_dataset(tmp_path)
 
 
-def test_nih_subset(shared_data):
-    folder = shared_data / "nih_cxr14_64px_subset"
-    if not folder.is_dir():
-        pytest.skip("nih_cxr14_64px_subset not in ../shared/data")
+def test_nih_subset(nih_dir):
+    folder = nih_dir
     frame = load_dataset(folder)
     assert detect_format(folder) == "nih" and len(frame) == 1000
     assert frame["patient_id"].nunique() == 264
@@ -95,11 +93,8 @@ def test_class_folders(tmp_path):
     assert sorted(frame["target"]) == [0, 0, 1, 1]
 
 
-def test_dicom_folder(shared_data, tmp_path):
-    folder = shared_data / "dicom_samples"
-    if not folder.is_dir():
-        pytest.skip("dicom_samples not in ../shared/data")
-    frame = load_dataset(folder, "dicom")
+def test_dicom_folder(dicom_dir):
+    frame = load_dataset(dicom_dir, "dicom")
     assert len(frame) == 5 and frame["patient_id"].notna().all()
     assert frame["case_id"].str.match(r"^[0-9.]+$").all()  # SOP Instance UIDs
 

@@ -152,19 +152,24 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
         with runtime.autocast(hardware.device, hardware.amp_dtype):
             logits = model(images)
         loss = loss_fn(logits.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         total_loss += float(loss.detach()) * len(batch_index)
         all_logits.append((batch_target, logits.detach().float().cpu().reshape(-1).numpy()))
     y_true = np.concatenate([t for t, _ in all_logits])
     y_score = sigmoid(np.concatenate([s for _, s in all_logits]))
     return _epoch_metrics(total_loss / len(order), y_true, y_score)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Backward pass and update; with a GradScaler (fp16 AMP) the loss is scaled against underflow."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def evaluate_epoch(model: nn.Module, loss_fn: nn.Module, data: PreparedData, split: str, config: RunConfig,
@@ -175,7 +180,9 @@ def evaluate_epoch(model: nn.Module, loss_fn: nn.Module, data: PreparedData, spl
                             device=hardware.device, amp_dtype=hardware.amp_dtype,
                             channels_last=hardware.channels_last, batch_size=config.train.batch_size)
     y_true = rows["target"].to_numpy()
-    loss = float(loss_fn(torch.from_numpy(logits.copy())[:, None], torch.as_tensor(y_true, dtype=torch.float32)[:, None]))
+    # pandas hands out read-only arrays (copy-on-write); torch wants writable ones.
+    target = torch.tensor(np.array(y_true, dtype=np.float32))[:, None]
+    loss = float(loss_fn(torch.from_numpy(logits.copy())[:, None], target))
     probabilities = sigmoid(logits)
     return _epoch_metrics(loss, y_true, probabilities), probabilities
 

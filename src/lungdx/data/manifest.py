@@ -18,7 +18,6 @@ A task (``apply_task``) then picks the rows and the 0/1 ``target``.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -319,8 +318,3 @@ def describe_classes(frame: pd.DataFrame) -> str:
     positives = int(frame["target"].sum())
     return (f"{len(frame)} images ({positives} positive, {len(frame) - positives} negative) "
             f"from {frame['patient_id'].nunique()} patients")
-
-
-def safe_case_key(text: str) -> str:
-    """A file-name-safe version of an identifier."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)

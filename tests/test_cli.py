@@ -1,0 +1,51 @@
+import json
+
+import pytest
+
+from lungdx.cli import main
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("demo", "train", "evaluate", "predict"):
+        assert command in text
+    assert "examples:" in text
+
+
+def test_models_lists_paper_cnn(capsys):
+    assert main(["models"]) == 0
+    assert "paper_cnn" in capsys.readouterr().out
+
+
+def test_demo_then_predict(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--images", "48", "-q", "--set", "preprocess.size=64",
+                 "--set", "train.epochs=1", "--set", "data.cache_dir=" + str(tmp_path / "cache"),
+                 "--set", "model.kwargs={widths: [8, 8, 16, 16, 16], hidden: 16}"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC" in printed and str(out / "run" / "evaluation" / "table1.md") in printed
+    assert (out / "run" / "evaluation" / "roc.png").is_file()
+    image = sorted((out / "data" / "images").iterdir())[0]
+    bad = tmp_path / "broken.png"
+    bad.write_text("not an image")
+    assert main(["predict", str(out / "run"), str(image), str(bad), "--json"]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert 0 <= lines[0]["probability"] <= 1 and lines[0]["class_name"] in ("not malignant", "malignant")
+    assert lines[1]["error"] and "broken.png" in lines[1]["error"]
+    # A second demo into the same folder refuses to overwrite without --force.
+    assert main(["demo", "--out", str(out), "--images", "48", "-q"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_train_without_data_explains(capsys, tmp_path):
+    with pytest.raises(SystemExit, match="no data given"):
+        main(["train", "--out", str(tmp_path / "x")])
+
+
+def test_bad_override_is_a_clear_error(capsys, tmp_path):
+    assert main(["train", "--data", ".", "--set", "train.learning_rate=1", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown key 'train.learning_rate'" in capsys.readouterr().err

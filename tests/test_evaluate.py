@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import tiny_config
+from lungdx import metrics
+from lungdx.config import EvalConfig
+from lungdx.evaluate import evaluate_run
+from lungdx.predict import Predictor
+from lungdx.train import fit
+
+
+@pytest.fixture(scope="module")
+def evaluated(phantom_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval")
+    result = fit(tiny_config(phantom_dir, folder / "cache"), folder / "run")
+    results = evaluate_run(result.run_dir, EvalConfig(n_bootstrap=200))
+    return result.run_dir, results
+
+
+def test_outputs_written(evaluated):
+    run, results = evaluated
+    out = run / "evaluation"
+    for name in ("table1.md", "table1.json", "predictions.csv", "roc.png"):
+        assert (out / name).is_file(), name
+    table = (out / "table1.md").read_text()
+    assert "| Metric | Train | Validation | Test |" in table and "SYNTHETIC" in table
+    assert json.loads((out / "table1.json").read_text())["splits"]["test"]["roc_auc"]["value"] == pytest.approx(
+        results["splits"]["test"]["roc_auc"]["value"])
+
+
+def test_metrics_match_predictions_at_the_frozen_threshold(evaluated):
+    run, results = evaluated
+    predictions = pd.read_csv(run / "evaluation" / "predictions.csv")
+    threshold = Predictor.from_path(run).threshold
+    assert results["threshold"] == threshold
+    split = pd.read_csv(run / "split.csv")
+    assert len(predictions) == len(split)
+    for name in ("train", "val", "test"):
+        rows = predictions[predictions["split"] == name]
+        expected = metrics.binary_metrics(rows["target"], rows["probability"], threshold)
+        got = results["splits"][name]
+        for metric in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+            value = got[metric]["value"]
+            assert value == pytest.approx(expected[metric], nan_ok=True)
+        assert got["counts"]["n"] == len(rows)
+        assert (rows["label"] == (rows["probability"] >= threshold)).all()
+
+
+def test_cis_bracket_the_estimate(evaluated):
+    _, results = evaluated
+    auc = results["splits"]["train"]["roc_auc"]
+    assert auc["ci_low"] <= auc["value"] <= auc["ci_high"]
+
+
+def test_predictor_matches_evaluation_probabilities(evaluated, phantom_dir):
+    """The same Predictor from image files gives the probabilities the evaluation saved."""
+    run, _ = evaluated
+    predictions = pd.read_csv(run / "evaluation" / "predictions.csv").set_index("case_id")
+    labels = pd.read_csv(phantom_dir / "labels.csv").set_index("case_id")
+    cases = predictions.index[:4]
+    files = [phantom_dir / labels.loc[case, "image"] for case in cases]
+    predicted = Predictor.from_path(run).predict_files(files + [phantom_dir / "README.md"])
+    # The cache stores float16 levelled images; files are levelled in float32: tiny differences only.
+    np.testing.assert_allclose([p.probability for p in predicted[:4]], predictions.loc[cases, "probability"], atol=2e-3)
+    assert predicted[-1].error is not None and "README.md" in predicted[-1].error
