@@ -85,8 +85,12 @@ def _has_nih_labels(path: Path) -> bool:
     return {"image", "finding_labels", "patient_id"} <= _csv_columns(path)
 
 
-def read_manifest(csv_path: Path) -> pd.DataFrame:
-    """A CSV with an image column (relative to the CSV's folder), labels and ``patient_id``."""
+def read_manifest(csv_path: Path, one_image_per_patient: bool = False) -> pd.DataFrame:
+    """A CSV with an image column (relative to the CSV's folder), labels and ``patient_id``.
+
+    Without a ``patient_id`` column every image is its own patient: said in a warning, unless the
+    dataset is known to be so (``one_image_per_patient``, as in JSRT).
+    """
     csv_path = csv_path / "labels.csv" if csv_path.is_dir() else csv_path
     frame = _read_csv(csv_path)
     image_column = next((c for c in ("image", "path", "file", "filename") if c in frame.columns), None)
@@ -96,7 +100,8 @@ def read_manifest(csv_path: Path) -> pd.DataFrame:
     if "case_id" not in frame.columns:
         frame["case_id"] = [Path(p).stem for p in frame["path"]]
     if "patient_id" not in frame.columns:
-        logger.warning("%s: no patient_id column; every image is treated as its own patient", csv_path)
+        if not one_image_per_patient:
+            logger.warning("%s: no patient_id column; every image is treated as its own patient", csv_path)
         frame["patient_id"] = frame["case_id"]
     return frame
 
@@ -111,7 +116,7 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
 def read_jsrt(folder: Path) -> pd.DataFrame:
     """JSRT in the ``labels.csv`` layout, or the official text files beside ``.IMG`` images."""
     if (folder / "labels.csv").is_file():
-        return read_manifest(folder / "labels.csv")
+        return read_manifest(folder / "labels.csv", one_image_per_patient=True)  # JSRT: one image per patient
     return read_jsrt_official(folder)
 
 
