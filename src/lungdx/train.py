@@ -181,8 +181,8 @@ def evaluate_epoch(model: nn.Module, loss_fn: nn.Module, data: PreparedData, spl
                             channels_last=hardware.channels_last, batch_size=config.train.batch_size)
     y_true = rows["target"].to_numpy()
     # pandas hands out read-only arrays (copy-on-write); torch wants writable ones.
-    target = torch.tensor(np.array(y_true, dtype=np.float32))[:, None]
-    loss = float(loss_fn(torch.from_numpy(logits.copy())[:, None], target))
+    target = torch.tensor(np.array(y_true, dtype=np.float32), device=hardware.device)[:, None]
+    loss = float(loss_fn(torch.from_numpy(logits.copy()).to(hardware.device)[:, None], target))
     probabilities = sigmoid(logits)
     return _epoch_metrics(loss, y_true, probabilities), probabilities
 
@@ -221,7 +221,7 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
     if hardware.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=_pos_weight(config, data))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=_pos_weight(config, data)).to(hardware.device)
     scaler = torch.amp.GradScaler("cuda") if hardware.amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(config.train.seed + 1)
     stopper = EarlyStopping(config.train.patience, config.train.min_delta)
