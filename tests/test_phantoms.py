@@ -151,8 +151,11 @@ def test_nodule_adds_density_and_nothing_else():
 
 
 def test_nodule_stands_out_from_its_surroundings_and_lung_texture_does_not():
-    contrasts = [_ring_contrast(p.image, p.lung_mask, p.info["nodule_x"], p.info["nodule_y"], p.info["nodule_radius_px"])
-                 for kind in ("benign", "malignant") for p in _phantoms(kind, 40, 256)]
+    contrasts = []
+    for phantom in _phantoms("benign", 40, 256) + _phantoms("malignant", 40, 256):
+        info = phantom.info
+        contrasts.append(_ring_contrast(phantom.image, phantom.lung_mask, info["nodule_x"], info["nodule_y"],
+                                        info["nodule_radius_px"]))
     background = []
     rng = np.random.default_rng(9)
     for phantom in _phantoms("non_nodule", 40, 256):

@@ -11,10 +11,11 @@ variation and quantum-like noise. At most one nodule lies inside a lung field:
 - ``malignant``: 10-35 mm, lobulated or spiculated.
 - ``non_nodule``: no nodule.
 
-Sizes overlap between the classes and contrast varies (subtle nodules included), so the task is
-learnable but not trivial. Everything is drawn in *patient coordinates* (the unit square, 1 unit =
-360 mm, like JSRT's 2048 x 0.175 mm) and sampled through a *view* (small rotation, zoom, shift,
-exposure); a second image of the same patient re-renders the same anatomy through another view.
+Sizes overlap between the classes and contrast varies (it grows with the diameter, as the
+projected thickness does; subtle nodules included), so the task is learnable but not trivial.
+Everything is drawn in *patient coordinates* (the unit square, 1 unit = 360 mm, like JSRT's
+2048 x 0.175 mm) and sampled through a *view* (small rotation, zoom, shift, exposure); a second
+image of the same patient re-renders the same anatomy through another view.
 
 Nothing learnt or measured on phantoms says anything about real radiographs.
 """
@@ -22,6 +23,7 @@ Nothing learnt or measured on phantoms says anything about real radiographs.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -45,7 +47,7 @@ LABEL_COLUMNS = (
     "diagnosis", "source_split", "lung_mask", "patient_id", "synthetic",
 )
 """The JSRT ``labels.csv`` layout plus ``patient_id`` and ``synthetic``."""
-_SUBTLETY_EDGES = (0.036, 0.056, 0.088, 0.122)
+_SUBTLETY_EDGES = (0.082, 0.128, 0.216, 0.35)
 """Conspicuity thresholds between subtlety 1|2|3|4|5 (see ``_subtlety``)."""
 
 
@@ -66,7 +68,12 @@ class Lung:
 
 @dataclass(frozen=True)
 class Nodule:
-    """A nodule in patient coordinates; ``lobes``: (order, amplitude, phase); ``spicules``: (angle, length, width)."""
+    """A nodule in patient coordinates.
+
+    ``contrast`` is the peak added density (attenuation units); ``lobes`` holds (order,
+    relative amplitude, phase) of the margin's harmonics; ``spicules`` (angle, length in radii,
+    relative width); ``side`` is the patient's side (``r``/``l``) and ``zone`` upper/middle/lower.
+    """
 
     u: float
     v: float
@@ -84,7 +91,15 @@ class Nodule:
 
 @dataclass(frozen=True)
 class Anatomy:
-    """Everything that stays the same between two images of one patient."""
+    """Everything that stays the same between two images of one patient.
+
+    Lengths are in patient units (1 = 360 mm), ``u`` to the image's right, ``v`` down. Tuples:
+    ``heart`` (u, v, long radius, short radius, tilt in rad); ``knob`` (u, v, radius) of the
+    aortic knob; ``ribs`` (lateral offset of the arch's top, curvature, first rib v, spacing,
+    band fraction of a period, anterior-rib weight); ``clavicle`` (v at the sternal end, slope,
+    curvature); ``bubble`` (u, v, radii) of the stomach gas. ``air``, ``bone`` and ``breast``
+    weight those tissues; ``vessels`` and ``texture`` are the random fields of the lung markings.
+    """
 
     kind: str
     age: int
@@ -169,8 +184,7 @@ def sample_anatomy(rng: np.random.Generator, kind: str) -> Anatomy:
     anatomy = _sample_body(rng, kind)
     if kind == "non_nodule":
         return anatomy
-    nodule = _sample_nodule(rng, anatomy, malignant=kind == "malignant")
-    return Anatomy(**{**anatomy.__dict__, "nodule": nodule})
+    return dataclasses.replace(anatomy, nodule=_sample_nodule(rng, anatomy, malignant=kind == "malignant"))
 
 
 def sample_view(rng: np.random.Generator) -> View:
@@ -293,10 +307,10 @@ def _sample_body(rng: np.random.Generator, kind: str) -> Anatomy:
                float(rng.uniform(0.115, 0.135)), float(rng.uniform(0.25, 0.45))),
         knob=(knob_u + float(rng.uniform(-0.005, 0.012)), knob_v, float(rng.uniform(0.028, 0.04))),
         ribs=(float(rng.uniform(0.08, 0.14)), float(rng.uniform(2.4, 3.4)), float(rng.uniform(0.05, 0.08)),
-              float(rng.uniform(0.066, 0.078)), float(rng.uniform(0.34, 0.42)), float(rng.uniform(0.5, 0.8))),
+              float(rng.uniform(0.066, 0.078)), float(rng.uniform(0.34, 0.42)), float(rng.uniform(0.3, 0.6))),
         clavicle=(float(rng.uniform(0.19, 0.24)), float(rng.uniform(0.45, 0.65)), float(rng.uniform(0.5, 0.9))),
         spine_hw=float(rng.uniform(0.03, 0.04)), air=float(rng.uniform(0.52, 0.66)),
-        bone=float(rng.uniform(0.045, 0.08)), breast=float(rng.uniform(0.05, 0.12)) if sex == "female" else 0.0,
+        bone=float(rng.uniform(0.035, 0.065)), breast=float(rng.uniform(0.05, 0.12)) if sex == "female" else 0.0,
         bubble=bubble, vessels=rng.normal(0.0, 1.0, (2, 10, 160)).astype(np.float32),
         texture=rng.normal(0.0, 1.0, (64, 64)).astype(np.float32),
     )
@@ -304,7 +318,7 @@ def _sample_body(rng: np.random.Generator, kind: str) -> Anatomy:
 
 def _sample_nodule(rng: np.random.Generator, anatomy: Anatomy, malignant: bool) -> Nodule:
     if malignant:
-        size_mm = float(np.clip(rng.lognormal(np.log(19.0), 0.35), 10.0, 35.0))
+        size_mm = float(np.clip(rng.lognormal(np.log(21.0), 0.3), 10.0, 35.0))
         margin = "spiculated" if rng.random() < 0.5 else "lobulated"
         calcified = False
     else:
@@ -319,10 +333,15 @@ def _sample_nodule(rng: np.random.Generator, anatomy: Anatomy, malignant: bool) 
                          for _ in range(int(rng.integers(6, 15))))
     u, v, side, zone = _nodule_position(rng, anatomy, size_mm / 2.0 / FIELD_OF_VIEW_MM)
     return Nodule(
-        u=u, v=v, size_mm=round(size_mm, 1), contrast=float(rng.uniform(0.02, 0.13)), calcified=calcified,
-        core_ratio=float(rng.uniform(0.35, 0.6)), core_contrast=float(rng.uniform(0.08, 0.18)) if calcified else 0.0,
+        u=u, v=v, size_mm=round(size_mm, 1), contrast=_contrast(rng, size_mm), calcified=calcified,
+        core_ratio=float(rng.uniform(0.35, 0.6)), core_contrast=float(rng.uniform(0.15, 0.35)) if calcified else 0.0,
         margin=margin, lobes=lobes, spicules=spicules, side=side, zone=zone,
     )
+
+
+def _contrast(rng: np.random.Generator, size_mm: float) -> float:
+    """Peak density: a random tissue density times the thickness, which grows with the diameter."""
+    return float(rng.uniform(0.08, 0.36) * (size_mm / 20.0) ** 0.75)
 
 
 def _nodule_position(rng: np.random.Generator, anatomy: Anatomy, radius: float) -> tuple[float, float, str, str]:
