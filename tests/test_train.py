@@ -85,6 +85,8 @@ def test_existing_run_folder_is_not_overwritten(finished_run):
     config, result = finished_run
     with pytest.raises(FileExistsError, match="--resume"):
         fit(config, result.run_dir)
+    with pytest.raises(FileExistsError, match="has finished"):
+        fit(config, result.run_dir, resume=True)
 
 
 def test_corrupt_image_is_left_out_not_fatal(phantom_dir, tmp_path):

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lungdx import metrics, runtime
-from lungdx.checkpoint import save_checkpoint, versions
+from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, versions
 from lungdx.config import RunConfig, load_config, save_config, to_dict
 from lungdx.data.augment import augment
 from lungdx.data.cache import ImageCache, build_cache, describe_config
@@ -255,6 +255,8 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
 
 def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
     if resume:
+        if (run_dir / "model.pt").is_file():
+            raise FileExistsError(f"{run_dir}: this run has finished (model.pt exists); nothing to resume")
         if not (run_dir / "last.pt").is_file():
             raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.pt); start a new run instead")
         saved = load_config(run_dir / "config.yaml")
@@ -271,8 +273,6 @@ def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfi
 
 def _with_saved_split(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
     if resume and (run_dir / "split.csv").is_file():
-        from dataclasses import replace
-
         return replace(config, data=replace(config.data, split_file=str(run_dir / "split.csv")))
     return config
 
@@ -335,8 +335,8 @@ def _write_history(history: list[dict], run_dir: Path) -> None:
 def _finish(run_dir: Path, config: RunConfig, data: PreparedData, hardware: Hardware, loss_fn, fingerprint: str,
             stopper: EarlyStopping, history: list[dict]) -> FitResult:
     """Reload the best epoch, choose the threshold on validation, write ``model.pt`` and the summary."""
-    from lungdx.checkpoint import load_checkpoint, model_from_checkpoint
-
+    if not (run_dir / "best.pt").is_file():
+        raise RuntimeError(f"{run_dir}: no epoch gave a finite validation loss (see history.csv); no model to keep")
     best = load_checkpoint(run_dir / "best.pt")
     model = model_from_checkpoint(best).to(hardware.device)
     if hardware.channels_last:

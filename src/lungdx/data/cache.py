@@ -55,7 +55,7 @@ class ImageCache:
 
 
 def default_cache_dir() -> Path:
-    """``~/.cache/lungdx`` (XDG_CACHE_HOME respected by the caller passing it explicitly)."""
+    """``~/.cache/lungdx``, used when the config names no ``data.cache_dir``."""
     return Path.home() / ".cache" / "lungdx"
 
 
