@@ -39,6 +39,9 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision == "fp32":
         return None
     if precision in ("bf16", "fp16"):
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            logger.warning("%s autocast on a CPU without native bf16 (AVX512-BF16/AMX) is measured 5-8x "
+                           "slower than fp32 here (bench/README.md); consider precision=auto", precision)
         return torch.bfloat16 if precision == "bf16" else torch.float16
     if precision != "auto":
         raise ValueError(f"unknown precision '{precision}' (use auto, fp32, bf16 or fp16)")
