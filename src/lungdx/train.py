@@ -238,11 +238,11 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
             break
         started = time.perf_counter()
         train_row = train_one_epoch(model, optimizer, loss_fn, data, config, hardware, generator, scaler, progress)
+        train_seconds = time.perf_counter() - started
         val_row, _ = evaluate_epoch(model, loss_fn, data, "val", config, hardware)
-        seconds = time.perf_counter() - started
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_row.items()},
-               **{f"val_{k}": v for k, v in val_row.items()}, "seconds": round(seconds, 2),
-               "train_images_per_s": round(len(data.rows("train")) / seconds, 1)}
+               **{f"val_{k}": v for k, v in val_row.items()}, "seconds": round(time.perf_counter() - started, 2),
+               "train_images_per_s": round(len(data.rows("train")) / train_seconds, 1)}
         history.append(row)
         if stopper.step(val_row["loss"], epoch):
             _save_model(run_dir / "best.pt", model, config, data, fingerprint, epoch=epoch, threshold=None)
