@@ -66,3 +66,11 @@ def test_predictor_matches_evaluation_probabilities(evaluated, phantom_dir):
     # The cache stores float16 levelled images; files are levelled in float32: tiny differences only.
     np.testing.assert_allclose([p.probability for p in predicted[:4]], predictions.loc[cases, "probability"], atol=2e-3)
     assert predicted[-1].error is not None and "README.md" in predicted[-1].error
+
+
+def test_predictor_warns_on_dicom_that_is_not_a_chest_radiograph(evaluated, dicom_dir):
+    run, _ = evaluated
+    chest, tibia = Predictor.from_path(run).predict_files(
+        [dicom_dir / "nema_wg04_RG1_J2KI_cr_chest_pa.dcm", dicom_dir / "nema_wg04_RG3_J2KR_cr_tibia.dcm"])
+    assert chest.warnings == [] and chest.error is None
+    assert tibia.probability is not None and "EXTREMITY" in tibia.warnings[0]

@@ -186,8 +186,9 @@ def _cmd_predict(args) -> int:
         elif prediction.error:
             print(f"{prediction.source}\tERROR\t{prediction.error}")
         else:
+            warning = "".join(f"\tWARNING: {text}" for text in prediction.warnings)
             print(f"{prediction.source}\tp={prediction.probability:.4f}\t{prediction.class_name}"
-                  f"\t(threshold {prediction.threshold:.4f})")
+                  f"\t(threshold {prediction.threshold:.4f}){warning}")
     return 1 if any(p.error for p in predictions) else 0
 
 

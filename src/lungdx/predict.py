@@ -19,7 +19,7 @@ from torch import nn
 from lungdx import runtime
 from lungdx.checkpoint import load_checkpoint, model_from_checkpoint
 from lungdx.config import PreprocessConfig, from_dict
-from lungdx.io import ImageReadError, read_image
+from lungdx.io import ImageReadError, is_chest_radiograph, read_image
 from lungdx.preprocess import level, normalize
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class Prediction:
     class_name: str | None = None
     threshold: float | None = None
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
 
@@ -125,8 +126,10 @@ class Predictor:
         return results
 
     def _prediction(self, source: str, probability: float, meta: dict) -> Prediction:
+        chest, reason = is_chest_radiograph(meta) if meta else (True, "")
+        warnings = [] if chest else [f"not a frontal chest radiograph: {reason}"]
         if self.threshold is None:
-            return Prediction(source=source, probability=probability, meta=meta)
+            return Prediction(source=source, probability=probability, meta=meta, warnings=warnings)
         label = int(probability >= self.threshold)
         return Prediction(source=source, probability=probability, label=label, class_name=self.class_names[label],
-                          threshold=self.threshold, meta=meta)
+                          threshold=self.threshold, meta=meta, warnings=warnings)
