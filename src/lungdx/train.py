@@ -361,5 +361,5 @@ def _finish(run_dir: Path, config: RunConfig, data: PreparedData, hardware: Hard
 
 
 def _plain_floats(values: dict) -> dict:
-    return {key: float(value) if isinstance(value, (int, float, np.floating, np.integer)) else value
-            for key, value in values.items()}
+    return {key: int(value) if isinstance(value, (int, np.integer)) else
+            float(value) if isinstance(value, (float, np.floating)) else value for key, value in values.items()}
