@@ -19,7 +19,7 @@ def plot_roc(roc: dict[str, dict], path: str | Path, title: str = "ROC") -> None
         name, colour = SPLIT_STYLE.get(split, (split, None))
         auc = points.get("auc")
         label = f"{name} (AUC {auc:.3f})" if auc is not None and auc == auc else f"{name} (AUC n/a)"
-        axes.plot(points["fpr"], points["tpr"], color=colour, label=label, linewidth=1.8, drawstyle="steps-post")
+        axes.plot(points["fpr"], points["tpr"], color=colour, label=label, linewidth=1.8)
     axes.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="Chance")
     axes.set(xlabel="1 - specificity (false positive rate)", ylabel="Sensitivity (true positive rate)",
              xlim=(0, 1), ylim=(0, 1.01), title=title)
