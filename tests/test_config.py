@@ -1,6 +1,13 @@
 import pytest
 
-from lungdx.config import ConfigError, RunConfig, apply_overrides, load_config, save_config, to_dict
+from lungdx.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_config,
+    save_config,
+    to_dict,
+)
 
 
 def test_defaults_follow_the_paper():

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import tiny_config
+
 from lungdx import metrics
 from lungdx.config import EvalConfig
 from lungdx.evaluate import evaluate_run

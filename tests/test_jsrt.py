@@ -3,8 +3,8 @@
 import numpy as np
 import pandas as pd
 import torch
-
 from conftest import tiny_config
+
 from lungdx.checkpoint import load_checkpoint, model_from_checkpoint
 from lungdx.data.split import check_leakage
 from lungdx.predict import Predictor

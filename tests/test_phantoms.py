@@ -13,7 +13,12 @@ import pytest
 from PIL import Image
 
 from lungdx.data import phantoms
-from lungdx.data.phantoms import LABEL_COLUMNS, generate_phantom, make_phantom, write_phantom_dataset
+from lungdx.data.phantoms import (
+    LABEL_COLUMNS,
+    generate_phantom,
+    make_phantom,
+    write_phantom_dataset,
+)
 
 KINDS = ("non_nodule", "benign", "malignant")
 JSRT_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsrt" / "labels.csv"

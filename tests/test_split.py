@@ -5,7 +5,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lungdx.data.manifest import apply_task, load_dataset
-from lungdx.data.split import LeakageError, check_leakage, kfold_patients, split_patients
+from lungdx.data.split import (
+    LeakageError,
+    check_leakage,
+    kfold_patients,
+    split_patients,
+)
 
 
 def _frame(n_patients=60, images_per_patient=(1, 3), seed=0):

@@ -1,14 +1,12 @@
 import json
-import math
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-
 from conftest import tiny_config
+
 from lungdx import train as train_module
-from lungdx.checkpoint import load_checkpoint, model_from_checkpoint
+from lungdx.checkpoint import load_checkpoint
 from lungdx.data.split import check_leakage
 from lungdx.predict import Predictor
 from lungdx.train import EarlyStopping, fit

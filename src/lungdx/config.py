@@ -14,7 +14,6 @@ from typing import Any
 
 import yaml
 
-
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 

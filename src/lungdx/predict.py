@@ -88,7 +88,7 @@ class Predictor:
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
 
     @classmethod
-    def from_path(cls, path: str | Path, **kwargs) -> "Predictor":
+    def from_path(cls, path: str | Path, **kwargs) -> Predictor:
         """Load from a checkpoint file or a run folder (its ``model.pt``)."""
         path = Path(path)
         return cls(load_checkpoint(path / "model.pt" if path.is_dir() else path), **kwargs)

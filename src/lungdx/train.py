@@ -21,11 +21,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lungdx import metrics, runtime
-from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, versions
+from lungdx.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    versions,
+)
 from lungdx.config import RunConfig, load_config, save_config, to_dict
 from lungdx.data.augment import augment
 from lungdx.data.cache import ImageCache, build_cache, describe_config
-from lungdx.data.manifest import apply_task, describe_classes, load_dataset, positive_class_name
+from lungdx.data.manifest import (
+    apply_task,
+    describe_classes,
+    load_dataset,
+    positive_class_name,
+)
 from lungdx.data.split import check_leakage, split_patients
 from lungdx.models import create_model
 from lungdx.predict import compute_logits, model_input, sigmoid
@@ -124,7 +134,7 @@ class Hardware:
     channels_last: bool
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> "Hardware":
+    def from_config(cls, config: RunConfig) -> Hardware:
         device = runtime.resolve_device(config.train.device)
         return cls(device, runtime.autocast_dtype(device, config.train.precision),
                    runtime.use_channels_last(config.train.channels_last))

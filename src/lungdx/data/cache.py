@@ -126,7 +126,6 @@ def _fill(folder: Path, paths: Sequence[str], config: PreprocessConfig, workers:
             if progress is not None:
                 progress(1)
     images.flush()
-    del images
     index_data = {"version": CACHE_VERSION, "paths": list(paths), "valid": valid.tolist(), "errors": errors,
                   "preprocess": {name: getattr(config, name) for name in _LEVEL_FIELDS}}
     (folder / "index.json").write_text(json.dumps(index_data, default=list))

@@ -256,7 +256,7 @@ def write_phantom_dataset(
     plan = _patient_plan(counts, np.random.default_rng([seed, 1]))
     seeds = np.random.SeedSequence([seed, 2]).spawn(len(plan))
     rows = []
-    for number, ((kind, n_views), seed_seq) in enumerate(zip(plan, seeds), start=1):
+    for number, ((kind, n_views), seed_seq) in enumerate(zip(plan, seeds, strict=True), start=1):
         rows += _write_patient(out_dir, kind, n_views, f"SYN{number:05d}", seed_seq, len(rows), size, bits)
         if progress is not None:
             for index in range(len(rows) - n_views, len(rows)):
