@@ -47,3 +47,11 @@ def test_unknown_yaml_key(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  epoch: 3\n")
     with pytest.raises(ConfigError, match="train.epoch"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        config = load_config(path)
+        assert config.model.name == "paper_cnn", path
