@@ -21,21 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lungdx import metrics, runtime
-from lungdx.checkpoint import (
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-    versions,
-)
+from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, versions
 from lungdx.config import RunConfig, load_config, save_config, to_dict
 from lungdx.data.augment import augment
-from lungdx.data.cache import ImageCache, build_cache, describe_config
-from lungdx.data.manifest import (
-    apply_task,
-    describe_classes,
-    load_dataset,
-    positive_class_name,
-)
+from lungdx.data.cache import ImageCache, build_cache
+from lungdx.data.manifest import apply_task, class_names, describe_classes, load_dataset
 from lungdx.data.split import check_leakage, split_patients
 from lungdx.models import create_model
 from lungdx.predict import compute_logits, model_input, sigmoid
@@ -311,8 +301,8 @@ def _pos_weight(config: RunConfig, data: PreparedData) -> torch.Tensor | None:
 def _save_model(path: Path, model: nn.Module, config: RunConfig, data: PreparedData, fingerprint: str, *,
                 epoch: int, threshold: float | None, **info) -> None:
     save_checkpoint(path, model, model_name=config.model.name, model_kwargs=model_kwargs(config),
-                    preprocess=describe_config(config.preprocess), task=config.data.task,
-                    class_names=list(positive_class_name(config.data.task)), threshold=threshold,
+                    preprocess=to_dict(config.preprocess), task=config.data.task,
+                    class_names=list(class_names(config.data.task)), threshold=threshold,
                     data_fingerprint=fingerprint, epoch=epoch, **info)
 
 

@@ -7,7 +7,6 @@ recorded with its reason and marked invalid; it never stops the build.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -138,9 +137,3 @@ def open_cache(folder: str | Path) -> ImageCache:
     images = np.load(folder / "images.npy", mmap_mode="r")
     return ImageCache(images=images, valid=np.asarray(index_data["valid"], dtype=bool),
                       errors=dict(index_data["errors"]), folder=folder)
-
-
-def describe_config(config: PreprocessConfig) -> dict:
-    """The preprocessing settings as a plain dict (for checkpoints and reports)."""
-    return {key: list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(config).items()}

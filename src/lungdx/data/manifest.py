@@ -306,8 +306,8 @@ def _binary_column(frame: pd.DataFrame, task: str) -> pd.Series:
     return values.map(lambda v: mapping[str(v).strip().lower()] if pd.notna(v) else np.nan)
 
 
-def positive_class_name(task: str) -> tuple[str, str]:
-    """(negative, positive) class names of a task, for reports."""
+def class_names(task: str) -> tuple[str, str]:
+    """(negative, positive) class names of a task, for reports and predictions."""
     names = {"nodule_vs_normal": ("normal", "nodule"), "malignant_vs_benign": ("benign", "malignant"),
              "malignant_vs_rest": ("not malignant", "malignant")}
     if task in names:
