@@ -38,7 +38,7 @@ def test_demo_then_predict(tmp_path, capsys):
     assert lines[1]["error"] and "broken.png" in lines[1]["error"]
     # A second demo into the same folder refuses to overwrite without --force.
     assert main(["demo", "--out", str(out), "--images", "48", "-q"]) == 2
-    assert "--resume" in capsys.readouterr().err
+    assert "--force" in capsys.readouterr().err
 
 
 def test_train_without_data_explains(capsys, tmp_path):

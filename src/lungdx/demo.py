@@ -53,7 +53,10 @@ def run_demo(out_dir: str | Path, *, n_images: int = 600, seed: int = 0, overrid
     only with ``overwrite``.
     """
     out_dir = Path(out_dir)
-    if overwrite and (out_dir / "run").exists():
+    if (out_dir / "run").exists():
+        if not overwrite:
+            raise FileExistsError(f"{out_dir / 'run'}: an earlier demo run is there (use --force to replace it, "
+                                  "or --out for a new folder)")
         shutil.rmtree(out_dir / "run")
     data_dir = out_dir / "data"
     if not (data_dir / "labels.csv").is_file():
