@@ -202,10 +202,9 @@ def worker_lungdx(spec: dict) -> dict:
     from lungdx.data.augment import augment
     from lungdx.data.cache import build_cache
     from lungdx.predict import compute_logits, model_input
+    from lungdx.train import optimizer_step
 
-    device = torch.device("cpu")
-    amp_dtype = runtime.autocast_dtype(device, spec["precision"])
-    channels_last = runtime.use_channels_last(spec["channels_last"])
+    hardware = runtime.Hardware.resolve("cpu", spec["precision"], spec["channels_last"])
     preprocess, augmentation = PreprocessConfig(size=spec["size"]), AugmentConfig()
     paths, labels = list_images(Path(spec["root"]))
     started = time.perf_counter()
@@ -215,8 +214,7 @@ def worker_lungdx(spec: dict) -> dict:
         raise RuntimeError(f"unreadable images: {cache.errors}")
 
     model, optimizer, loss_fn = _train_tools(torch, spec["size"])
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = hardware.prepare(model)
     model.train()
     generator = torch.Generator().manual_seed(1)
     targets = np.asarray(labels, dtype=np.float32)
@@ -227,13 +225,11 @@ def worker_lungdx(spec: dict) -> dict:
             started = time.perf_counter()
             batch_index = np.sort(order[start:start + batch_size])
             levelled = torch.from_numpy(cache.batch(batch_index))[:, None]
-            images = model_input(augment(levelled, augmentation, generator), preprocess, device, channels_last)
-            with runtime.autocast(device, amp_dtype):
+            images = model_input(augment(levelled, augmentation, generator), preprocess, hardware)
+            with hardware.autocast():
                 logits = model(images)
             loss = loss_fn(logits.float(), torch.from_numpy(targets[batch_index])[:, None])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(loss, optimizer, None)
             step_seconds.append(time.perf_counter() - started)
             if len(step_seconds) == spec["warmup"] + spec["steps"]:
                 break
@@ -241,13 +237,12 @@ def worker_lungdx(spec: dict) -> dict:
     levelled = cache.batch(np.arange(batch_size))
 
     def run_batch():
-        compute_logits(model, levelled, preprocess, device=device, amp_dtype=amp_dtype,
-                       channels_last=channels_last, batch_size=batch_size)
+        compute_logits(model, levelled, preprocess, hardware, batch_size)
 
     return {"train_img_s": _median_rate(step_seconds[spec["warmup"]:], batch_size),
             "infer_img_s": _time_inference(model, run_batch, spec),
             "cache_s": cache_seconds, "images": len(paths), "step_s": step_seconds,
-            "autocast": str(amp_dtype), "channels_last": channels_last, "allocator_tuned": allocator_tuned,
+            "autocast": str(hardware.amp_dtype), "channels_last": hardware.channels_last, "allocator_tuned": allocator_tuned,
             "native_bf16": runtime.cpu_has_native_bf16()}
 
 
@@ -309,29 +304,27 @@ def _layout_steps(torch, spec: dict, channels_last: bool, bf16: bool):
     from lungdx import runtime
     from lungdx.config import PreprocessConfig
     from lungdx.predict import model_input
+    from lungdx.train import optimizer_step
 
-    device, preprocess, batch_size = torch.device("cpu"), PreprocessConfig(size=spec["size"]), spec["batch_size"]
-    amp_dtype = torch.bfloat16 if bf16 else None
+    preprocess, batch_size = PreprocessConfig(size=spec["size"]), spec["batch_size"]
+    # Set explicitly (not resolved from "auto"): the lever table times every combination.
+    hardware = runtime.Hardware(torch.device("cpu"), torch.bfloat16 if bf16 else None, channels_last)
     model, optimizer, loss_fn = _train_tools(torch, spec["size"])
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = hardware.prepare(model)
     levelled = torch.rand(batch_size, 1, spec["size"], spec["size"])
     target = (torch.arange(batch_size) % 2).float()[:, None]
 
     def train_step():
         model.train()
-        images = model_input(levelled, preprocess, device, channels_last)
-        with runtime.autocast(device, amp_dtype):
+        images = model_input(levelled, preprocess, hardware)
+        with hardware.autocast():
             logits = model(images)
-        loss = loss_fn(logits.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(loss_fn(logits.float(), target), optimizer, None)
 
     def forward(count: int):
         model.eval()
-        with torch.inference_mode(), runtime.autocast(device, amp_dtype):
-            model(model_input(levelled[:count], preprocess, device, channels_last))
+        with torch.inference_mode(), hardware.autocast():
+            model(model_input(levelled[:count], preprocess, hardware))
 
     return train_step, lambda: forward(batch_size), lambda: forward(1)
 

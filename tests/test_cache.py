@@ -43,3 +43,10 @@ def test_unreadable_file_is_marked_with_its_reason(phantom_dir, tmp_path):
     cache = build_cache(_paths(phantom_dir)[:2] + [str(broken)], PreprocessConfig(size=32), tmp_path / "cache")
     assert cache.valid.tolist() == [True, True, False]
     assert "broken.png" in cache.errors[str(broken)]
+
+
+def test_view_reads_the_same_rows_lazily(phantom_dir, tmp_path):
+    cache = build_cache(_paths(phantom_dir), PreprocessConfig(size=32), tmp_path)
+    view = cache.view([4, 1, 3])
+    assert len(view) == 3
+    np.testing.assert_array_equal(view[1:3], cache.batch([1, 3]))

@@ -8,7 +8,6 @@ few minutes on a 2-core CPU.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ from lungdx.config import RunConfig, apply_overrides, load_config
 from lungdx.data.phantoms import write_phantom_dataset
 from lungdx.evaluate import evaluate_run
 from lungdx.train import fit
-
-logger = logging.getLogger(__name__)
 
 # 128 px and 15 epochs keep the demo within minutes on 2 cores; the paper's 256 px works too.
 DEMO_OVERRIDES = ["preprocess.size=128", "train.epochs=15", "train.patience=5", "data.task=malignant_vs_rest",

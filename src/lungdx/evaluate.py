@@ -12,7 +12,6 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from lungdx import metrics
@@ -49,7 +48,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig | None = None, *, devic
     data = prepare_data(run_config, progress=progress)
     predictor = Predictor.from_path(run_dir, device=device)
     frame = data.frame.copy()
-    frame["probability"] = predictor.probabilities(data.cache.batch(frame["cache_index"].to_numpy()))
+    frame["probability"] = predictor.probabilities(data.cache.view(frame["cache_index"].to_numpy()))
     threshold = predictor.threshold
     results = {"run": str(run_dir), "task": run_config.data.task, "model": run_config.model.name,
                "threshold": threshold, "threshold_method": predictor.checkpoint.get("threshold_method"),
@@ -76,7 +75,7 @@ def write_outputs(results: dict, frame: pd.DataFrame, out_dir: Path) -> None:
     from lungdx.plots import plot_roc
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "table1.json").write_text(json.dumps(_finite(results), indent=2))
+    (out_dir / "table1.json").write_text(json.dumps(metrics.json_safe(results), indent=2))
     (out_dir / "table1.md").write_text(table_markdown(results))
     columns = ["case_id", "patient_id", "split", "target", "probability"]
     predictions = frame[columns].assign(label=(frame["probability"] >= results["threshold"]).astype(int))
@@ -113,16 +112,3 @@ def _cell(entry: dict) -> str:
     if low is None or math.isnan(low):
         return f"{value:.3f}"
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
-
-
-def _finite(value):
-    """NaN -> None, numpy scalars -> Python, so the JSON is strict."""
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    if isinstance(value, (np.floating, float)):
-        return None if math.isnan(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value

@@ -481,3 +481,16 @@ def metrics_with_ci(
     result["counts"] = {k: point[k] for k in ("n", "n_pos", "n_neg", "tp", "fp", "tn", "fn")}
     result["counts"]["n_groups"] = int(group.max()) + 1
     return result
+
+
+def json_safe(value: Any) -> Any:
+    """Results as strict-JSON data: NaN becomes None, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

@@ -25,26 +25,24 @@ from lungdx.preprocess import level, normalize
 logger = logging.getLogger(__name__)
 
 
-def model_input(levelled: torch.Tensor, config: PreprocessConfig, device: torch.device,
-                channels_last: bool) -> torch.Tensor:
+def model_input(levelled: torch.Tensor, config: PreprocessConfig, hardware: runtime.Hardware) -> torch.Tensor:
     """Levelled images (N, H, W) or (N, 1, H, W) in [0, 1] -> the normalised model input."""
     if levelled.ndim == 3:
         levelled = levelled[:, None]
-    images = normalize(levelled.to(device, torch.float32), config)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    images = normalize(levelled.to(hardware.device, torch.float32), config)
+    return images.contiguous(memory_format=torch.channels_last) if hardware.channels_last else images
 
 
 @torch.inference_mode()
-def compute_logits(model: nn.Module, levelled: np.ndarray | Sequence[np.ndarray], config: PreprocessConfig, *,
-                   device: torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = True,
-                   batch_size: int = 64) -> np.ndarray:
+def compute_logits(model: nn.Module, levelled: np.ndarray | Sequence[np.ndarray], config: PreprocessConfig,
+                   hardware: runtime.Hardware, batch_size: int = 64) -> np.ndarray:
     """Logits (N,) for levelled images (N, H, W) in [0, 1], in evaluation mode, batch by batch."""
     model.eval()
     logits = []
     for start in range(0, len(levelled), batch_size):
         chunk = torch.from_numpy(np.asarray(levelled[start : start + batch_size], dtype=np.float32))
-        with runtime.autocast(device, amp_dtype):
-            logits.append(model(model_input(chunk, config, device, channels_last)).float().cpu())
+        with hardware.autocast():
+            logits.append(model(model_input(chunk, config, hardware)).float().cpu())
     return torch.cat(logits).reshape(-1).numpy() if logits else np.zeros(0, dtype=np.float32)
 
 
@@ -78,14 +76,11 @@ class Predictor:
 
     def __init__(self, checkpoint: dict, device: str = "auto", precision: str = "auto", channels_last: bool = True):
         self.checkpoint = checkpoint
-        self.device = runtime.resolve_device(device)
-        self.amp_dtype = runtime.autocast_dtype(self.device, precision)
-        self.channels_last = channels_last
+        self.hardware = runtime.Hardware.resolve(device, precision, channels_last)
         self.preprocess_config = from_dict(PreprocessConfig, checkpoint["preprocess"])
         self.threshold = checkpoint.get("threshold")
         self.class_names = list(checkpoint["class_names"])
-        model = model_from_checkpoint(checkpoint).to(self.device)
-        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.model = self.hardware.prepare(model_from_checkpoint(checkpoint))
 
     @classmethod
     def from_path(cls, path: str | Path, **kwargs) -> Predictor:
@@ -94,9 +89,12 @@ class Predictor:
         return cls(load_checkpoint(path / "model.pt" if path.is_dir() else path), **kwargs)
 
     def probabilities(self, levelled: np.ndarray | Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
-        """Probabilities for levelled images (N, H, W) in [0, 1] (the cache's stage)."""
-        logits = compute_logits(self.model, levelled, self.preprocess_config, device=self.device,
-                                amp_dtype=self.amp_dtype, channels_last=self.channels_last, batch_size=batch_size)
+        """Probabilities for levelled images (N, H, W) in [0, 1] (the cache's stage).
+
+        ``levelled`` may be any sliceable sequence, such as ``ImageCache.view``: only one batch is
+        read into memory at a time.
+        """
+        logits = compute_logits(self.model, levelled, self.preprocess_config, self.hardware, batch_size)
         return sigmoid(logits)
 
     def level(self, pixels: np.ndarray) -> np.ndarray:

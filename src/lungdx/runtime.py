@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +82,27 @@ def tune_allocator() -> bool:
         return False
     logger.debug("glibc allocator tuned: %s", ok)
     return ok
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Where and how tensors are computed: device, autocast dtype (None for fp32), memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    @classmethod
+    def resolve(cls, device: str = "auto", precision: str = "auto", channels_last: str | bool = "auto") -> Hardware:
+        """Turn the user-facing settings (``auto``, ``cpu``, ``bf16``...) into concrete choices."""
+        resolved = resolve_device(device)
+        return cls(resolved, autocast_dtype(resolved, precision), use_channels_last(channels_last))
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device and memory format."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def autocast(self):
+        """The autocast context for this hardware (a no-op for fp32)."""
+        return autocast(self.device, self.amp_dtype)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lungdx import metrics, runtime
+from lungdx import metrics
 from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, versions
 from lungdx.config import RunConfig, load_config, save_config, to_dict
 from lungdx.data.augment import augment
@@ -29,6 +29,7 @@ from lungdx.data.manifest import apply_task, class_names, describe_classes, load
 from lungdx.data.split import check_leakage, split_patients
 from lungdx.models import create_model
 from lungdx.predict import compute_logits, model_input, sigmoid
+from lungdx.runtime import Hardware
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,12 @@ def prepare_data(config: RunConfig, *, progress: bool = False) -> PreparedData:
 
 
 def _apply_split_file(frame: pd.DataFrame, split_file: Path) -> pd.DataFrame:
-    saved = pd.read_csv(split_file, dtype={"case_id": str, "patient_id": str})
+    try:
+        saved = pd.read_csv(split_file, dtype={"case_id": str, "patient_id": str})
+    except (OSError, pd.errors.ParserError) as err:
+        raise ValueError(f"{split_file}: cannot read the split file: {err}") from err
+    if not {"path", "split"} <= set(saved.columns):
+        raise ValueError(f"{split_file}: a split file needs 'path' and 'split' columns (as in a run's split.csv)")
     assignment = dict(zip(saved["path"], saved["split"], strict=True))
     frame = frame.assign(split=frame["path"].map(assignment))
     missing = int(frame["split"].isna().sum())
@@ -115,21 +121,6 @@ class EarlyStopping:
         self.best_loss, self.best_epoch, self.bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]
 
 
-@dataclass
-class Hardware:
-    """Where and how tensors are computed."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-
-    @classmethod
-    def from_config(cls, config: RunConfig) -> Hardware:
-        device = runtime.resolve_device(config.train.device)
-        return cls(device, runtime.autocast_dtype(device, config.train.precision),
-                   runtime.use_channels_last(config.train.channels_last))
-
-
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, data: PreparedData,
                     config: RunConfig, hardware: Hardware, generator: torch.Generator,
                     scaler: torch.amp.GradScaler | None = None, progress: bool = False) -> dict[str, float]:
@@ -146,10 +137,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
         in_order = np.argsort(indices[chunk])
         batch_index, batch_target = indices[chunk][in_order], targets[chunk][in_order]
         levelled = torch.from_numpy(data.cache.batch(batch_index))[:, None].to(hardware.device)
-        images = model_input(augment(levelled, config.augment, generator), config.preprocess,
-                             hardware.device, hardware.channels_last)
+        images = model_input(augment(levelled, config.augment, generator), config.preprocess, hardware)
         target = torch.as_tensor(batch_target, dtype=torch.float32, device=hardware.device)[:, None]
-        with runtime.autocast(hardware.device, hardware.amp_dtype):
+        with hardware.autocast():
             logits = model(images)
         loss = loss_fn(logits.float(), target)
         optimizer_step(loss, optimizer, scaler)
@@ -176,9 +166,8 @@ def evaluate_epoch(model: nn.Module, loss_fn: nn.Module, data: PreparedData, spl
                    hardware: Hardware) -> tuple[dict[str, float], np.ndarray]:
     """Loss, accuracy at 0.5 and AUC on one split, and the probabilities (row order of the split)."""
     rows = data.rows(split)
-    logits = compute_logits(model, data.cache.batch(rows["cache_index"].to_numpy()), config.preprocess,
-                            device=hardware.device, amp_dtype=hardware.amp_dtype,
-                            channels_last=hardware.channels_last, batch_size=config.train.batch_size)
+    logits = compute_logits(model, data.cache.view(rows["cache_index"].to_numpy()), config.preprocess, hardware,
+                            config.train.batch_size)
     y_true = rows["target"].to_numpy()
     # pandas hands out read-only arrays (copy-on-write); torch wants writable ones.
     target = torch.tensor(np.array(y_true, dtype=np.float32), device=hardware.device)[:, None]
@@ -215,11 +204,9 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
     config = _prepare_run_dir(config, run_dir, resume)
     data = prepare_data(_with_saved_split(config, run_dir, resume), progress=progress)
     _write_data_files(data, run_dir)
-    hardware = Hardware.from_config(config)
+    hardware = Hardware.resolve(config.train.device, config.train.precision, config.train.channels_last)
     torch.manual_seed(config.train.seed)
-    model = create_model(config.model.name, **model_kwargs(config)).to(hardware.device)
-    if hardware.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = hardware.prepare(create_model(config.model.name, **model_kwargs(config)))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=_pos_weight(config, data)).to(hardware.device)
     scaler = torch.amp.GradScaler("cuda") if hardware.amp_dtype == torch.float16 else None
@@ -338,28 +325,21 @@ def _finish(run_dir: Path, config: RunConfig, data: PreparedData, hardware: Hard
     if not (run_dir / "best.pt").is_file():
         raise RuntimeError(f"{run_dir}: no epoch gave a finite validation loss (see history.csv); no model to keep")
     best = load_checkpoint(run_dir / "best.pt")
-    model = model_from_checkpoint(best).to(hardware.device)
-    if hardware.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = hardware.prepare(model_from_checkpoint(best))
     val_row, probabilities = evaluate_epoch(model, loss_fn, data, "val", config, hardware)
     y_val = data.rows("val")["target"].to_numpy()
     threshold = metrics.choose_threshold(y_val, probabilities, config.train.threshold_method,
                                          config.train.threshold_target)
     val_metrics = metrics.binary_metrics(y_val, probabilities, threshold)
     _save_model(run_dir / "model.pt", model, config, data, fingerprint, epoch=best["epoch"], threshold=threshold,
-                threshold_method=config.train.threshold_method, val_metrics=_plain_floats(val_metrics),
+                threshold_method=config.train.threshold_method, val_metrics=metrics.json_safe(val_metrics),
                 val_loss=val_row["loss"])
     (run_dir / "best.pt").unlink()
     summary = {"best_epoch": best["epoch"], "epochs_run": len(history), "stopped_early": stopper.should_stop,
                "threshold": threshold, "threshold_method": config.train.threshold_method,
-               "val_metrics_at_threshold": _plain_floats(val_metrics), "data_fingerprint": fingerprint,
+               "val_metrics_at_threshold": metrics.json_safe(val_metrics), "data_fingerprint": fingerprint,
                "device": str(hardware.device), "autocast": str(hardware.amp_dtype),
                "images": {split: describe_classes(data.rows(split)) for split in ("train", "val", "test")},
                "excluded_images": len(data.excluded)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return FitResult(run_dir, best["epoch"], threshold, history, stopper.should_stop)
-
-
-def _plain_floats(values: dict) -> dict:
-    return {key: int(value) if isinstance(value, (int, np.integer)) else
-            float(value) if isinstance(value, (float, np.floating)) else value for key, value in values.items()}

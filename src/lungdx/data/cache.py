@@ -52,6 +52,24 @@ class ImageCache:
         order = np.asarray(indices)
         return np.asarray(self.images[order], dtype=np.float32)
 
+    def view(self, indices: Sequence[int]) -> CacheView:
+        """The images at ``indices``, read from disk only when sliced (for batch-by-batch inference)."""
+        return CacheView(self, np.asarray(indices))
+
+
+@dataclass
+class CacheView:
+    """A lazy sequence of cached images: ``view[a:b]`` reads just those rows as float32."""
+
+    cache: ImageCache
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.cache.batch(self.indices[rows])
+
 
 def default_cache_dir() -> Path:
     """``~/.cache/lungdx``, used when the config names no ``data.cache_dir``."""
