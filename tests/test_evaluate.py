@@ -74,3 +74,15 @@ def test_predictor_warns_on_dicom_that_is_not_a_chest_radiograph(evaluated, dico
         [dicom_dir / "nema_wg04_RG1_J2KI_cr_chest_pa.dcm", dicom_dir / "nema_wg04_RG3_J2KR_cr_tibia.dcm"])
     assert chest.warnings == [] and chest.error is None
     assert tibia.probability is not None and "EXTREMITY" in tibia.warnings[0]
+
+
+def test_predict_pixels_matches_predict_files(evaluated, phantom_dir):
+    from lungdx.io import read_image
+
+    run, _ = evaluated
+    predictor = Predictor.from_path(run)
+    image = sorted((phantom_dir / "images").iterdir())[0]
+    from_file = predictor.predict_files([image])[0]
+    from_pixels = predictor.predict_pixels(read_image(image).pixels, source=str(image))
+    assert from_pixels.probability == pytest.approx(from_file.probability, abs=1e-6)
+    assert from_pixels.label == from_file.label and from_pixels.threshold == predictor.threshold
