@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -191,7 +192,8 @@ class FitResult:
     stopped_early: bool
 
 
-def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = False) -> FitResult:
+def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = False,
+        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``config.model`` on ``config.data`` and write the run folder.
 
     Args:
@@ -199,6 +201,8 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
         run_dir: output folder; must be new or empty unless ``resume``.
         resume: continue from ``run_dir/last.pt`` (the saved config is used and must match).
         progress: show progress bars on stderr.
+        on_epoch: called with each epoch's history row once it is saved; an exception it raises
+            (a tuner pruning the trial, say) stops training and propagates, ``last.pt`` kept.
     """
     run_dir = Path(run_dir)
     config = _prepare_run_dir(config, run_dir, resume)
@@ -237,6 +241,8 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
         _write_history(history, run_dir)
         epochs.set_postfix(train_loss=f"{train_row['loss']:.3f}", val_loss=f"{val_row['loss']:.3f}",
                            val_auc=f"{val_row['auc']:.3f}")
+        if on_epoch is not None:
+            on_epoch(row)
     return _finish(run_dir, config, data, hardware, loss_fn, fingerprint, stopper, history)
 
 
