@@ -47,6 +47,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_name: str, mode
     payload = {"format": FORMAT, "model": {"name": model_name, "kwargs": dict(model_kwargs)},
                "state_dict": state, "preprocess": dict(preprocess), "task": task,
                "class_names": list(class_names), "threshold": threshold, "versions": versions(), **info}
+    write_checkpoint(path, payload)
+
+
+def write_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a loaded (possibly updated) checkpoint back, atomically: a crash never leaves half a file."""
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: refusing to write a payload that is not a lungdx checkpoint")
     path = Path(path)
     partial = path.with_suffix(path.suffix + ".partial")
     torch.save(payload, partial)

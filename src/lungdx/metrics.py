@@ -483,6 +483,41 @@ def metrics_with_ci(
     return result
 
 
+def labelled_metrics_with_ci(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    labels: ArrayLike,
+    *,
+    groups: ArrayLike | None = None,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """As :func:`metrics_with_ci`, for labels that do not come from one threshold on ``y_score``.
+
+    Used where each case carries its own threshold (pooled cross-validation folds): thresholded
+    metrics come from ``labels``, the AUC from ``y_score``; both from the same resamples.
+    """
+    y_true, y_score = _check_inputs(y_true, y_score)
+    labels = np.asarray(labels, dtype=np.float64)
+    result = metrics_with_ci(y_true, labels, 0.5, groups=groups, n_resamples=n_resamples, confidence=confidence,
+                             seed=seed)
+    low, high = bootstrap_ci(y_true, y_score, "roc_auc", groups=groups, n_resamples=n_resamples,
+                             confidence=confidence, seed=seed)
+    result["roc_auc"] = {"value": roc_auc(y_true, y_score), "ci_low": low, "ci_high": high}
+    return result
+
+
+def format_ci(entry: dict) -> str:
+    """``value [low, high]`` to three decimals, ``value`` where there is no CI, ``n/a`` where undefined."""
+    value, low, high = entry.get("value"), entry.get("ci_low"), entry.get("ci_high")
+    if value is None or value != value:
+        return "n/a"
+    if low is None or low != low:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def json_safe(value: Any) -> Any:
     """Results as strict-JSON data: NaN becomes None, numpy scalars become Python numbers."""
     if isinstance(value, dict):
@@ -494,3 +529,210 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# Operating points chosen on validation, applied to test
+# --------------------------------------------------------------------------------------------
+
+OPERATING_POINTS = (("youden", None), ("sensitivity", 0.90), ("sensitivity", 0.95), ("specificity", 0.90))
+"""The operating points every evaluation reports: Youden's J and fixed sensitivity / specificity."""
+
+
+def operating_point_name(method: str, target: float | None) -> str:
+    """``youden``, ``sensitivity>=0.90``, ``specificity>=0.90``."""
+    return method if target is None else f"{method}>={target:.2f}"
+
+
+def operating_points(
+    y_val: ArrayLike, p_val: ArrayLike, y_test: ArrayLike, p_test: ArrayLike, points=OPERATING_POINTS
+) -> list[dict[str, Any]]:
+    """For each operating point: the threshold chosen on validation and the rates it gives on both splits.
+
+    The threshold is frozen before the test scores are looked at; the test sensitivity at a
+    "sensitivity >= 0.90" point is whatever the frozen threshold gives, often below 0.90.
+    """
+    rows = []
+    for method, target in points:
+        threshold = choose_threshold(y_val, p_val, method, target)
+        val, test = binary_metrics(y_val, p_val, threshold), binary_metrics(y_test, p_test, threshold)
+        rows.append({"point": operating_point_name(method, target), "method": method, "target": target,
+                     "threshold": threshold,
+                     **{f"val_{k}": val[k] for k in ("sensitivity", "specificity")},
+                     **{f"test_{k}": test[k] for k in ("sensitivity", "specificity", "precision", "accuracy")}})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Precision-recall and calibration
+# --------------------------------------------------------------------------------------------
+
+
+def pr_points(y_true: ArrayLike, y_score: ArrayLike) -> dict[str, Any]:
+    """Precision-recall curve and average precision (scikit-learn), JSON-serialisable."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    y_true, y_score = _check_inputs(y_true, y_score)
+    _check_two_classes(y_true, "pr_points")
+    precision_values, recall_values, _ = precision_recall_curve(y_true, y_score)
+    return {"precision": [float(v) for v in precision_values], "recall": [float(v) for v in recall_values],
+            "average_precision": float(average_precision_score(y_true, y_score)),
+            "prevalence": float(y_true.mean())}
+
+
+def _check_probabilities(y_prob: np.ndarray) -> None:
+    if y_prob.size and (y_prob.min() < 0.0 or y_prob.max() > 1.0):
+        raise ValueError("calibration needs probabilities in [0, 1], not logits or other scores")
+
+
+def brier_score(y_true: ArrayLike, y_prob: ArrayLike) -> float:
+    """Mean squared difference between probability and outcome (0 is perfect)."""
+    y_true, y_prob = _check_inputs(y_true, y_prob)
+    _check_probabilities(y_prob)
+    return float(np.mean((y_prob - y_true) ** 2)) if len(y_true) else float("nan")
+
+
+def reliability_curve(y_true: ArrayLike, y_prob: ArrayLike, n_bins: int = 10) -> dict[str, list]:
+    """Equal-width probability bins: mean predicted probability, observed frequency and count per bin.
+
+    Empty bins are left out. The basis of the reliability diagram and of the ECE.
+    """
+    y_true, y_prob = _check_inputs(y_true, y_prob)
+    _check_probabilities(y_prob)
+    # Bin b holds (b/n, (b+1)/n]; probability 0 goes to the first bin.
+    bins = np.clip(np.ceil(y_prob * n_bins).astype(int) - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    mean_prob = np.bincount(bins, weights=y_prob, minlength=n_bins)
+    observed = np.bincount(bins, weights=y_true.astype(float), minlength=n_bins)
+    used = counts > 0
+    return {"bin_low": [b / n_bins for b in np.flatnonzero(used)],
+            "bin_high": [(b + 1) / n_bins for b in np.flatnonzero(used)],
+            "mean_probability": (mean_prob[used] / counts[used]).tolist(),
+            "observed_frequency": (observed[used] / counts[used]).tolist(),
+            "count": counts[used].tolist()}
+
+
+def expected_calibration_error(y_true: ArrayLike, y_prob: ArrayLike, n_bins: int = 10) -> float:
+    """ECE: count-weighted mean |observed frequency - mean probability| over equal-width bins."""
+    curve = reliability_curve(y_true, y_prob, n_bins)
+    counts = np.asarray(curve["count"], dtype=float)
+    if not counts.sum():
+        return float("nan")
+    gaps = np.abs(np.asarray(curve["observed_frequency"]) - np.asarray(curve["mean_probability"]))
+    return float(np.sum(counts * gaps) / counts.sum())
+
+
+def fit_temperature(y_true: ArrayLike, logits: ArrayLike) -> float:
+    """Temperature T minimising the binary cross-entropy of ``sigmoid(logits / T)`` (Guo et al. 2017).
+
+    Fit on validation data only. T > 1 softens over-confident probabilities; the ranking (and so
+    the AUC) is unchanged.
+    """
+    from scipy.optimize import minimize_scalar
+
+    y_true, logits = _check_inputs(y_true, logits)
+    _check_two_classes(y_true, "fit_temperature")
+
+    def loss(log_t: float) -> float:
+        scaled = logits / np.exp(log_t)
+        # log(1 + exp(-|z|)) + max(z, 0) - y z: the numerically stable BCE with logits.
+        return float(np.mean(np.logaddexp(0.0, scaled) - y_true * scaled))
+
+    found = minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(found.x))
+
+
+# --------------------------------------------------------------------------------------------
+# Paired comparison of two models on the same cases
+# --------------------------------------------------------------------------------------------
+
+
+def _midrank_structural_components(pos: np.ndarray, neg: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUC and DeLong's placement values V10 (per positive) and V01 (per negative); ties count 1/2."""
+    from scipy.stats import rankdata
+
+    m, n = len(pos), len(neg)
+    combined = rankdata(np.concatenate([pos, neg]))
+    rank_pos, rank_neg = rankdata(pos), rankdata(neg)
+    v10 = (combined[:m] - rank_pos) / n        # share of negatives below each positive
+    v01 = 1.0 - (combined[m:] - rank_neg) / m  # share of positives above each negative
+    return float(v10.mean()), v10, v01
+
+
+def delong_test(y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike, confidence: float = 0.95) -> dict[str, float]:
+    """DeLong, DeLong and Clarke-Pearson (1988) test of two correlated ROC AUCs on the same cases.
+
+    Returns:
+        ``auc_a``, ``auc_b``, ``difference`` (b - a), its standard error, ``z``, the two-sided
+        ``p_value`` and a normal-approximation CI of the difference.
+    """
+    from scipy.stats import norm
+
+    y_true, score_a = _check_inputs(y_true, score_a)
+    _, score_b = _check_inputs(y_true, score_b)
+    _check_two_classes(y_true, "delong_test")
+    positive = y_true == 1
+    aucs, v10s, v01s = [], [], []
+    for score in (score_a, score_b):
+        auc, v10, v01 = _midrank_structural_components(score[positive], score[~positive])
+        aucs.append(auc)
+        v10s.append(v10)
+        v01s.append(v01)
+    s10, s01 = np.cov(np.vstack(v10s)), np.cov(np.vstack(v01s))
+    covariance = s10 / positive.sum() + s01 / (~positive).sum()
+    variance = covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1]
+    difference = aucs[1] - aucs[0]
+    se = float(np.sqrt(max(variance, 0.0)))
+    z = difference / se if se > 0 else (0.0 if difference == 0 else float("inf") * np.sign(difference))
+    half = norm.ppf(0.5 + confidence / 2) * se
+    return {"auc_a": aucs[0], "auc_b": aucs[1], "difference": difference, "se": se, "z": float(z),
+            "p_value": float(2 * norm.sf(abs(z))) if se > 0 else (1.0 if difference == 0 else 0.0),
+            "ci_low": float(difference - half), "ci_high": float(difference + half)}
+
+
+def paired_bootstrap_auc_difference(
+    y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike, *, groups: ArrayLike | None = None,
+    n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
+) -> dict[str, float]:
+    """Percentile CI of AUC(b) - AUC(a) from the same patient-level resamples for both models.
+
+    The p-value is the two-sided share of resampled differences on the other side of 0.
+    """
+    y_true, score_a = _check_inputs(y_true, score_a)
+    _, score_b = _check_inputs(y_true, score_b)
+    _check_bootstrap_args(n_resamples, confidence)
+    group = _group_index(groups, len(y_true))
+    # The vectorised AUCs of both models come from the same seed, hence the same resamples.
+    auc_a = _bootstrap_all(y_true, score_a, 0.5, group, n_resamples, seed)["roc_auc"]
+    auc_b = _bootstrap_all(y_true, score_b, 0.5, group, n_resamples, seed)["roc_auc"]
+    differences = auc_b - auc_a
+    differences = differences[np.isfinite(differences)]
+    low, high = _percentile_ci(differences, confidence, "auc difference")
+    share_below = float(np.mean(differences <= 0)) if len(differences) else float("nan")
+    share_above = float(np.mean(differences >= 0)) if len(differences) else float("nan")
+    return {"difference": roc_auc(y_true, score_b) - roc_auc(y_true, score_a), "ci_low": low, "ci_high": high,
+            "p_value": min(1.0, 2 * min(share_below, share_above)), "n_resamples": int(len(differences))}
+
+
+def mcnemar_test(y_true: ArrayLike, label_a: ArrayLike, label_b: ArrayLike) -> dict[str, float]:
+    """McNemar's test on the correctness of two models' labels for the same cases.
+
+    Exact (binomial) when there are fewer than 25 discordant cases, else chi-squared with
+    continuity correction.
+    """
+    from scipy.stats import binomtest, chi2
+
+    y_true = np.asarray(y_true).astype(int)
+    correct_a = np.asarray(label_a).astype(int) == y_true
+    correct_b = np.asarray(label_b).astype(int) == y_true
+    only_a, only_b = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
+    discordant = only_a + only_b
+    if discordant == 0:
+        return {"only_a_correct": 0, "only_b_correct": 0, "statistic": 0.0, "p_value": 1.0, "method": "none discordant"}
+    if discordant < 25:
+        p_value = binomtest(only_a, discordant, 0.5).pvalue
+        return {"only_a_correct": only_a, "only_b_correct": only_b, "statistic": float(min(only_a, only_b)),
+                "p_value": float(p_value), "method": "exact binomial"}
+    statistic = (abs(only_a - only_b) - 1) ** 2 / discordant
+    return {"only_a_correct": only_a, "only_b_correct": only_b, "statistic": float(statistic),
+            "p_value": float(chi2.sf(statistic, 1)), "method": "chi-squared, continuity corrected"}

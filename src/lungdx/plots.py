@@ -9,11 +9,7 @@ SPLIT_STYLE = {"train": ("Train", "tab:blue"), "val": ("Validation", "tab:orange
 
 def plot_roc(roc: dict[str, dict], path: str | Path, title: str = "ROC") -> None:
     """One ROC figure with a curve per split; ``roc[split]`` as from ``metrics.roc_points``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(5, 5), dpi=120)
     for split, points in roc.items():
         name, colour = SPLIT_STYLE.get(split, (split, None))
@@ -25,6 +21,97 @@ def plot_roc(roc: dict[str, dict], path: str | Path, title: str = "ROC") -> None
              xlim=(0, 1), ylim=(0, 1.01), title=title)
     axes.set_aspect("equal")
     axes.legend(loc="lower right", fontsize=8)
+    _save(figure, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path) -> None:
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
+    figure.clf()
+    _pyplot().close(figure)
+
+
+def plot_pr(pr: dict[str, dict], path: str | Path, title: str = "Precision-recall") -> None:
+    """Precision-recall curves per split; ``pr[split]`` as from ``metrics.pr_points``."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 5), dpi=120)
+    for split, points in pr.items():
+        name, colour = SPLIT_STYLE.get(split, (split, None))
+        axes.step(points["recall"], points["precision"], where="post", color=colour, linewidth=1.8,
+                  label=f"{name} (AP {points['average_precision']:.3f}, prevalence {points['prevalence']:.2f})")
+    axes.set(xlabel="Recall (sensitivity)", ylabel="Precision (PPV)", xlim=(0, 1), ylim=(0, 1.01), title=title)
+    axes.legend(loc="lower left", fontsize=8)
+    _save(figure, path)
+
+
+def plot_reliability(curves: dict[str, dict], path: str | Path, title: str = "Reliability") -> None:
+    """Reliability diagram per split; ``curves[split]`` as from ``metrics.reliability_curve``."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 5), dpi=120)
+    axes.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="Perfect calibration")
+    for split, curve in curves.items():
+        name, colour = SPLIT_STYLE.get(split, (split, None))
+        axes.plot(curve["mean_probability"], curve["observed_frequency"], marker="o", color=colour, label=name,
+                  linewidth=1.5, markersize=4)
+    axes.set(xlabel="Mean predicted probability", ylabel="Observed frequency of positives", xlim=(0, 1),
+             ylim=(0, 1.01), title=title)
+    axes.set_aspect("equal")
+    axes.legend(loc="upper left", fontsize=8)
+    _save(figure, path)
+
+
+def plot_confusion(counts: dict, class_names: list[str], path: str | Path, title: str = "Confusion matrix") -> None:
+    """2x2 confusion matrix from counts ``tp, fp, tn, fn`` (rows: truth, columns: decision)."""
+    plt = _pyplot()
+    matrix = [[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]]
+    figure, axes = plt.subplots(figsize=(4.2, 3.8), dpi=120)
+    axes.imshow(matrix, cmap="Blues")
+    for row in range(2):
+        for column in range(2):
+            axes.text(column, row, str(matrix[row][column]), ha="center", va="center", fontsize=14,
+                      color="white" if matrix[row][column] > max(map(max, matrix)) / 2 else "black")
+    axes.set_xticks([0, 1], [f"called {name}" for name in class_names], fontsize=8)
+    axes.set_yticks([0, 1], [f"truly {name}" for name in class_names], fontsize=8)
+    axes.set_title(title, fontsize=9)
+    _save(figure, path)
+
+
+def plot_score_histograms(probability, target, threshold: float, path: str | Path, title: str = "Scores") -> None:
+    """Histograms of the probability per true class, with the operating threshold."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    bins = [i / 20 for i in range(21)]
+    axes.hist(probability[target == 0], bins=bins, alpha=0.6, color="tab:blue", label=f"negative (n={int((target == 0).sum())})")
+    axes.hist(probability[target == 1], bins=bins, alpha=0.6, color="tab:red", label=f"positive (n={int((target == 1).sum())})")
+    axes.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.3f}")
+    axes.set(xlabel="Predicted probability", ylabel="Images", xlim=(0, 1), title=title)
+    axes.legend(fontsize=8)
+    _save(figure, path)
+
+
+def plot_training_curves(history, path: str | Path, title: str = "Training") -> None:
+    """Loss and AUC per epoch for train and validation, from a run's ``history.csv`` (a DataFrame)."""
+    plt = _pyplot()
+    figure, (loss_axes, auc_axes) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    for split, name in (("train", "Train"), ("val", "Validation")):
+        colour = SPLIT_STYLE[split][1]
+        loss_axes.plot(history["epoch"], history[f"{split}_loss"], color=colour, label=name)
+        auc_axes.plot(history["epoch"], history[f"{split}_auc"], color=colour, label=name)
+    best = history["epoch"][history["val_loss"].idxmin()]
+    for axes in (loss_axes, auc_axes):
+        axes.axvline(best, color="0.5", linestyle=":", linewidth=1, label=f"best epoch {best}")
+        axes.set_xlabel("Epoch")
+        axes.legend(fontsize=8)
+    loss_axes.set(ylabel="BCE loss", title="Loss")
+    auc_axes.set(ylabel="ROC AUC", ylim=(0, 1), title="AUC")
+    figure.suptitle(title, fontsize=10)
+    _save(figure, path)

@@ -79,6 +79,8 @@ class Predictor:
         self.hardware = runtime.Hardware.resolve(device, precision, channels_last)
         self.preprocess_config = from_dict(PreprocessConfig, checkpoint["preprocess"])
         self.threshold = checkpoint.get("threshold")
+        # Temperature scaling (``lungdx calibrate``): probabilities are sigmoid(logit / T).
+        self.temperature = float(checkpoint.get("temperature") or 1.0)
         self.class_names = list(checkpoint["class_names"])
         self.model = self.hardware.prepare(model_from_checkpoint(checkpoint))
 
@@ -94,8 +96,11 @@ class Predictor:
         ``levelled`` may be any sliceable sequence, such as ``ImageCache.view``: only one batch is
         read into memory at a time.
         """
-        logits = compute_logits(self.model, levelled, self.preprocess_config, self.hardware, batch_size)
-        return sigmoid(logits)
+        return sigmoid(self.logits(levelled, batch_size) / self.temperature)
+
+    def logits(self, levelled: np.ndarray | Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
+        """The model's raw logits (before temperature scaling) for levelled images."""
+        return compute_logits(self.model, levelled, self.preprocess_config, self.hardware, batch_size)
 
     def level(self, pixels: np.ndarray) -> np.ndarray:
         """The checkpoint's levelling of one (H, W) image in [0, 1]."""

@@ -42,6 +42,18 @@ def split_patients(frame: pd.DataFrame, fractions=(0.70, 0.15, 0.15), seed: int 
     return frame
 
 
+def split_train_val(frame: pd.DataFrame, val_fraction: float, seed: int = 0) -> pd.DataFrame:
+    """Split ``frame`` (training patients only) into ``train`` and ``val`` at patient level, stratified."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    patients = _patient_table(frame)
+    train, val = train_test_split(patients, test_size=val_fraction, random_state=seed, stratify=patients["target"])
+    assignment = {**dict.fromkeys(train["patient_id"], "train"), **dict.fromkeys(val["patient_id"], "val")}
+    frame = frame.copy()
+    frame["split"] = frame["patient_id"].map(assignment)
+    return frame
+
+
 def kfold_patients(frame: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:
     """Add a ``fold`` column (0 .. n_folds-1): stratified k-fold with patients as groups."""
     folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)

@@ -1,0 +1,249 @@
+"""Patient-level (repeated) stratified k-fold cross-validation around ``fit``.
+
+Each fold holds out one fold of patients as its test set. The validation split that decides early
+stopping and the operating threshold is drawn from the training folds only, so no fold's test
+patients influence its model. Every fold is an ordinary run folder (config, split, history,
+``model.pt``, ``evaluation/``), so an interrupted CV resumes where it stopped.
+
+Reported as the literature does: test metrics per fold, their mean and standard deviation, and the
+pooled out-of-fold ROC and AUC with a patient-level bootstrap CI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from lungdx import metrics
+from lungdx.config import RunConfig, to_dict
+from lungdx.data.split import check_leakage, kfold_patients, split_train_val
+from lungdx.evaluate import PAPER_CLAIMS, evaluate_run, format_number
+from lungdx.train import fit, prepare_data
+
+logger = logging.getLogger(__name__)
+
+FOLD_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")
+
+
+@dataclass(frozen=True)
+class CVPlan:
+    """How the CV is cut: number of folds and repeats, and the seed of the fold assignment."""
+
+    folds: int = 10
+    repeats: int = 1
+    seed: int = 0
+
+
+def plan_folds(frame: pd.DataFrame, plan: CVPlan) -> pd.DataFrame:
+    """One row per (image, repeat) with its ``fold``; each repeat re-draws the folds with a new seed."""
+    if plan.folds < 2 or plan.repeats < 1:
+        raise ValueError(f"cross-validation needs folds >= 2 and repeats >= 1, got {plan.folds} and {plan.repeats}")
+    n_patients = frame["patient_id"].nunique()
+    if plan.folds > n_patients:
+        raise ValueError(f"{plan.folds} folds but only {n_patients} patients")
+    columns = ["case_id", "patient_id", "path", "target"]
+    repeats = [kfold_patients(frame[columns], plan.folds, plan.seed + repeat).assign(repeat=repeat)
+               for repeat in range(plan.repeats)]
+    return pd.concat(repeats, ignore_index=True)
+
+
+def fold_split(plan_rows: pd.DataFrame, fold: int, val_fraction: float, seed: int) -> pd.DataFrame:
+    """train / val / test for one fold of one repeat: the fold is test; val comes from the other folds."""
+    test = plan_rows[plan_rows["fold"] == fold].assign(split="test")
+    rest = split_train_val(plan_rows[plan_rows["fold"] != fold], val_fraction, seed)
+    split = pd.concat([rest, test], ignore_index=True)
+    check_leakage(split)
+    return split[["case_id", "patient_id", "path", "target", "split"]]
+
+
+def fold_name(repeat: int, fold: int) -> str:
+    return f"r{repeat}-f{fold:02d}"
+
+
+def cross_validate(config: RunConfig, out_dir: str | Path, plan: CVPlan = CVPlan(), *, device: str = "auto",
+                   progress: bool = False) -> dict:
+    """Train and evaluate one run per fold (resuming finished or interrupted folds), then summarise.
+
+    Args:
+        config: the run configuration every fold uses (its ``data.split`` fractions set the
+            share of the training folds used for validation).
+        out_dir: the CV folder: ``plan.yaml``, ``folds.csv``, ``splits/``, ``runs/<fold>/`` and
+            the summary (``cv.json``, ``cv.md``, ``oof_predictions.csv``, ``roc_pooled.png``).
+        plan: folds, repeats and seed.
+
+    Returns:
+        The summary (also written to ``cv.json``).
+    """
+    out_dir = Path(out_dir)
+    _check_plan_file(out_dir, config, plan)
+    data = prepare_data(config, progress=progress)
+    plan_rows = plan_folds(data.frame, plan)
+    plan_rows.to_csv(out_dir / "folds.csv", index=False)
+    train_fraction, val_fraction, _ = config.data.split
+    val_share = val_fraction / (train_fraction + val_fraction)
+    (out_dir / "splits").mkdir(exist_ok=True)
+    for repeat in range(plan.repeats):
+        rows = plan_rows[plan_rows["repeat"] == repeat]
+        for fold in range(plan.folds):
+            name = fold_name(repeat, fold)
+            split_path = out_dir / "splits" / f"{name}.csv"
+            seed = config.data.split_seed + 1000 * repeat + fold
+            fold_split(rows, fold, val_share, seed).to_csv(split_path, index=False)
+            fold_config = replace(config, data=replace(config.data, split_file=str(split_path)))
+            logger.info("fold %s (%d of %d)", name, repeat * plan.folds + fold + 1, plan.folds * plan.repeats)
+            _run_fold(fold_config, out_dir / "runs" / name, device, progress)
+    return summarise(out_dir, plan, config)
+
+
+def _check_plan_file(out_dir: Path, config: RunConfig, plan: CVPlan) -> None:
+    settings = {"folds": plan.folds, "repeats": plan.repeats, "seed": plan.seed, "config": to_dict(config)}
+    path = out_dir / "plan.yaml"
+    if path.is_file():
+        saved = yaml.safe_load(path.read_text())
+        if saved != yaml.safe_load(yaml.safe_dump(settings)):
+            raise FileExistsError(f"{out_dir}: holds a cross-validation with other settings (plan.yaml); "
+                                  "use a new --out, or the same settings to resume it")
+        logger.info("%s: resuming the cross-validation", out_dir)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
+def _run_fold(config: RunConfig, run_dir: Path, device: str, progress: bool) -> None:
+    if (run_dir / "evaluation" / "table1.json").is_file():
+        return
+    if not (run_dir / "model.pt").is_file():
+        resume = (run_dir / "last.pt").is_file()
+        if run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)  # stopped before its first epoch ended: nothing worth keeping
+        fit(config, run_dir, resume=resume, progress=progress)
+    evaluate_run(run_dir, config.eval, device=device)
+
+
+def summarise(out_dir: str | Path, plan: CVPlan, config: RunConfig) -> dict:
+    """Per-fold test metrics, mean +/- SD across folds, pooled out-of-fold metrics; writes the files."""
+    out_dir = Path(out_dir)
+    fold_rows, predictions, synthetic = [], [], []
+    for repeat in range(plan.repeats):
+        for fold in range(plan.folds):
+            run_dir = out_dir / "runs" / fold_name(repeat, fold)
+            table = json.loads((run_dir / "evaluation" / "table1.json").read_text())
+            summary = json.loads((run_dir / "summary.json").read_text())
+            test = table["splits"]["test"]
+            synthetic.append(bool(table.get("synthetic")))
+            fold_rows.append({"repeat": repeat, "fold": fold, "threshold": table["threshold"],
+                              "best_epoch": summary["best_epoch"], "n_test": test["counts"]["n"],
+                              "n_test_pos": test["counts"]["n_pos"],
+                              **{name: _none_to_nan(test[name]["value"]) for name in FOLD_METRICS}})
+            fold_predictions = pd.read_csv(run_dir / "evaluation" / "predictions.csv", dtype={"case_id": str,
+                                                                                            "patient_id": str})
+            predictions.append(fold_predictions.assign(repeat=repeat, fold=fold, threshold=table["threshold"]))
+    folds = pd.DataFrame(fold_rows)
+    all_predictions = pd.concat(predictions, ignore_index=True)
+    oof = all_predictions[all_predictions["split"] == "test"].reset_index(drop=True)
+    results = {"task": config.data.task, "model": config.model.name, "image_size": config.preprocess.size,
+               "folds": plan.folds, "repeats": plan.repeats, "seed": plan.seed,
+               "n_bootstrap": config.eval.n_bootstrap, "confidence": config.eval.confidence,
+               "per_fold": folds.to_dict(orient="records"), "mean_sd": _mean_sd(folds),
+               "pooled": [_pooled(oof[oof["repeat"] == r], config) for r in range(plan.repeats)],
+               "operating_points": _pooled_operating_points(all_predictions, plan),
+               "synthetic": all(synthetic)}
+    _write_summary(out_dir, results, oof)
+    return results
+
+
+def _none_to_nan(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _mean_sd(folds: pd.DataFrame) -> dict[str, dict]:
+    return {name: {"mean": float(np.nanmean(folds[name])) if folds[name].notna().any() else float("nan"),
+                   "sd": float(np.nanstd(folds[name], ddof=1)) if folds[name].notna().sum() > 1 else float("nan"),
+                   "n_folds": int(folds[name].notna().sum())} for name in FOLD_METRICS}
+
+
+def _pooled(oof: pd.DataFrame, config: RunConfig) -> dict:
+    """Out-of-fold predictions of one repeat: every case predicted once, by the model that never saw it."""
+    y_true, probability = oof["target"].to_numpy(), oof["probability"].to_numpy()
+    groups = oof["patient_id"].to_numpy()
+    labels = (probability >= oof["threshold"].to_numpy()).astype(float)  # each case at its own fold's threshold
+    pooled = metrics.labelled_metrics_with_ci(y_true, probability, labels, groups=groups,
+                                              n_resamples=config.eval.n_bootstrap, confidence=config.eval.confidence,
+                                              seed=config.eval.seed)
+    return {**pooled, "roc": metrics.roc_points(y_true, probability)}
+
+
+def _pooled_operating_points(predictions: pd.DataFrame, plan: CVPlan) -> list[dict]:
+    """Each operating point chosen on every fold's validation split, applied to its test fold, pooled."""
+    pooled: dict[str, list] = {}
+    for (_, _), rows in predictions.groupby(["repeat", "fold"]):
+        val, test = rows[rows["split"] == "val"], rows[rows["split"] == "test"]
+        for point in metrics.operating_points(val["target"], val["probability"], test["target"], test["probability"]):
+            labels = (test["probability"].to_numpy() >= point["threshold"]).astype(int)
+            pooled.setdefault(point["point"], []).append((test["target"].to_numpy(), labels))
+    rows = []
+    for point, parts in pooled.items():
+        y_true = np.concatenate([y for y, _ in parts])
+        labels = np.concatenate([label for _, label in parts])
+        point_metrics = metrics.binary_metrics(y_true, labels.astype(float), 0.5)
+        rows.append({"point": point, "sensitivity": point_metrics["sensitivity"],
+                     "specificity": point_metrics["specificity"], "precision": point_metrics["precision"],
+                     "n": int(len(y_true)) // plan.repeats})
+    return rows
+
+
+def _write_summary(out_dir: Path, results: dict, oof: pd.DataFrame) -> None:
+    from lungdx.plots import plot_roc
+
+    (out_dir / "cv.json").write_text(json.dumps(metrics.json_safe(results), indent=2))
+    (out_dir / "cv.md").write_text(cv_markdown(results))
+    oof.to_csv(out_dir / "oof_predictions.csv", index=False)
+    curves = {f"Pooled out-of-fold, repeat {r + 1}": pooled["roc"] for r, pooled in enumerate(results["pooled"])}
+    plot_roc(curves, out_dir / "roc_pooled.png",
+             title=f"{results['model']} - {results['task']}: {results['folds']}-fold CV")
+
+
+def cv_markdown(results: dict) -> str:
+    """Per-fold table, mean +/- SD, pooled out-of-fold metrics with CIs and operating points."""
+    level = round(100 * results["confidence"])
+    titles = {"accuracy": "Accuracy", "sensitivity": "Sensitivity", "specificity": "Specificity",
+              "precision": "Precision", "f1": "F1", "roc_auc": "ROC AUC"}
+    synthetic = " (SYNTHETIC phantoms: says nothing about real radiographs)" if results.get("synthetic") else ""
+    lines = [f"# {results['folds']}-fold patient-level cross-validation: {results['model']} on {results['task']}{synthetic}",
+             "",
+             f"{results['repeats']} repeat(s), {results['image_size']} px. Each fold's threshold is chosen on a validation "
+             "split drawn from its training folds (Youden's J) and frozen for its test fold.", "",
+             "## Test metrics per fold", "",
+             "| Repeat | Fold | Test images (pos) | Threshold | Best epoch | " + " | ".join(titles.values()) + " |",
+             "|" + "---|" * (5 + len(titles))]
+    for row in results["per_fold"]:
+        cells = " | ".join(format_number(row[name]) for name in titles)
+        lines.append(f"| {row['repeat'] + 1} | {row['fold'] + 1} | {row['n_test']} ({row['n_test_pos']}) | "
+                     f"{row['threshold']:.4f} | {row['best_epoch']} | {cells} |")
+    mean_sd = results["mean_sd"]
+    lines.append("| **mean +/- SD** | | | | | " + " | ".join(
+        f"**{format_number(mean_sd[n]['mean'])} +/- {format_number(mean_sd[n]['sd'])}**" for n in titles) + " |")
+    lines += ["", f"## Pooled out-of-fold ({level}% CI, patient-level bootstrap, {results['n_bootstrap']} resamples)", "",
+              "| Repeat | " + " | ".join(titles.values()) + " | Images (pos / neg) |", "|" + "---|" * (len(titles) + 2)]
+    for repeat, pooled in enumerate(results["pooled"]):
+        cells = " | ".join(metrics.format_ci(pooled[name]) for name in titles)
+        counts = pooled["counts"]
+        lines.append(f"| {repeat + 1} | {cells} | {counts['n']} ({counts['n_pos']} / {counts['n_neg']}) |")
+    lines += ["", "Pooled thresholded metrics label each case at its own fold's threshold. The pooled AUC ranks "
+              "probabilities from different fold models together, which slightly understates a single model's AUC "
+              "when the folds' models are calibrated differently.", "",
+              "## Operating points (chosen on each fold's validation split, applied to its test fold, pooled)", "",
+              "| Operating point | Sensitivity | Specificity | Precision |", "|---|---|---|---|"]
+    for row in results["operating_points"]:
+        lines.append(f"| {row['point']} | {format_number(row['sensitivity'])} | {format_number(row['specificity'])} | "
+                     f"{format_number(row['precision'])} |")
+    lines += ["", f"Paper's claims (data not public, not a like-for-like comparison): accuracy "
+              f"{PAPER_CLAIMS['accuracy']:.3f}, ROC AUC {PAPER_CLAIMS['roc_auc']:.3f}.", ""]
+    return "\n".join(lines)
