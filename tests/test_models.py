@@ -1,15 +1,27 @@
+import copy
+import functools
+
 import pytest
 import torch
 
 from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from lungdx.models import create_model, list_models, register_model
+from lungdx.models import create_model, list_models, load_weights, register_model
+from lungdx.models.weights import head_prefixes, is_head, split_parameters
+from lungdx.runtime import Hardware
 
 SIZE = 64
+BACKBONES = ["densenet121", "efficientnet_b0", "efficientnet_lite0", "resnet18", "resnet50", "vgg16_bn"]
 
 
-def _build(name):
+@functools.cache
+def _built(name, in_channels=1):
     torch.manual_seed(0)
-    return create_model(name, input_size=SIZE)
+    return create_model(name, input_size=SIZE, in_channels=in_channels)
+
+
+def _build(name, in_channels=1):
+    # VGG-16 and DenseNet-121 take seconds to initialise: build once, hand out copies.
+    return copy.deepcopy(_built(name, in_channels))
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -28,9 +40,77 @@ def test_gradcam_layer_is_declared_and_exists(name):
     assert model.gradcam_layer in dict(model.named_modules())
 
 
+def test_the_issue_backbones_are_registered():
+    assert set(BACKBONES) < set(list_models())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_head_is_the_last_layer_and_ends_in_one_logit(name):
+    model = _build(name)
+    backbone, head = split_parameters(model)
+    assert backbone and head and len(backbone) + len(head) == len(list(model.parameters()))
+    linears = [m for n, m in model.named_modules() if is_head(n, head_prefixes(model)) and isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 and linears[0].out_features == 1
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_wrong_channel_count_raises_a_clear_error(name):
+    with pytest.raises(ValueError, match=rf"{name} expects input of shape \(N, 1, "):
+        _build(name)(torch.randn(2, 3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_rgb_weights_folded_into_the_gray_stem_keep_the_response_to_gray_images(name, tmp_path):
+    """A gray image (R = G = B) through the RGB model gives the logit of the folded one-channel model."""
+    rgb = _build(name, in_channels=3).eval()
+    generator = torch.Generator().manual_seed(1)
+    for module in rgb.modules():  # non-trivial statistics, so that evaluation mode matters
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+    torch.save(rgb.state_dict(), tmp_path / "rgb.pt")
+    gray = _build(name).eval()
+    loaded = load_weights(gray, tmp_path / "rgb.pt", keep_head=True)
+    assert len(loaded.folded) == 1 and not loaded.fresh
+    images = torch.rand(2, 1, SIZE, SIZE, generator=generator)
+    with torch.no_grad():
+        expected = rgb(images.expand(-1, 3, -1, -1))
+        torch.testing.assert_close(gray(images), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_channels_last_and_fp32_switches_give_the_same_logits(name):
+    model = _build(name).eval()
+    images = torch.randn(2, 1, SIZE, SIZE)
+    plain = Hardware.resolve("cpu", "fp32", "off")
+    fast = Hardware.resolve("cpu", "fp32", "auto")
+    assert not plain.channels_last and plain.amp_dtype is None and fast.channels_last
+    with torch.no_grad():
+        expected = plain.prepare(model)(images)
+        actual = fast.prepare(copy.deepcopy(model))(images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_bf16_autocast_runs_the_backbones(name):
+    """bf16 autocast (chosen on CPUs with native bf16 and on GPUs) gives finite logits near fp32's."""
+    model = _build(name).eval()
+    images = torch.randn(2, 1, SIZE, SIZE)
+    hardware = Hardware(torch.device("cpu"), torch.bfloat16, True)
+    with torch.no_grad():
+        expected = model(images)
+        with hardware.autocast():
+            actual = hardware.prepare(model)(images.contiguous(memory_format=torch.channels_last))
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), expected, rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_checkpoint_round_trip_gives_identical_outputs(name, tmp_path):
     model = _build(name).eval()
+    for module in model.modules():  # trained-looking statistics: a reload that dropped buffers would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
     images = torch.randn(2, 1, SIZE, SIZE)
     save_checkpoint(tmp_path / "m.pt", model, model_name=name, model_kwargs={"input_size": SIZE},
                     preprocess={"size": SIZE}, task="malignant_vs_rest", class_names=["no", "yes"], threshold=0.3)

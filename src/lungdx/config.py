@@ -101,10 +101,19 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which registered model to build, and its keyword arguments."""
+    """Which registered model to build, its keyword arguments and its starting weights.
+
+    Attributes:
+        weights: ``None`` (random initialisation), ``imagenet``, a state_dict file, or a lungdx run
+            folder or checkpoint (see ``lungdx.models.weights``). An RGB stem is folded to one channel.
+        keep_head: also load the head from ``weights`` when its shape matches (same task, new data);
+            by default the head starts fresh.
+    """
 
     name: str = "paper_cnn"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    keep_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,14 @@ class TrainConfig:
             on CPU and GPU for these models).
         threshold_method: how the operating threshold is chosen on validation: ``youden``,
             ``sensitivity`` or ``specificity`` (with ``threshold_target``).
+        optimizer: ``adam`` (L2 penalty of ``weight_decay`` in the gradient) or ``adamw``
+            (decoupled weight decay). Biases and normalisation weights are never decayed.
+        scheduler: learning-rate schedule per epoch: ``none``, ``cosine`` (to zero at ``epochs``)
+            or ``plateau`` (times ``plateau_factor`` after ``plateau_patience`` epochs without a
+            lower validation loss).
+        freeze_epochs: epochs at the start that train the head only, with the backbone frozen
+            (no gradients; batch norm and dropout in evaluation mode).
+        backbone_lr_factor: the backbone's learning rate is ``lr`` times this (the head's is ``lr``).
     """
 
     epochs: int = 50
@@ -138,6 +155,12 @@ class TrainConfig:
     channels_last: str = "auto"
     threshold_method: str = "youden"
     threshold_target: float | None = None
+    optimizer: str = "adam"
+    scheduler: str = "none"
+    plateau_patience: int = 3
+    plateau_factor: float = 0.1
+    freeze_epochs: int = 0
+    backbone_lr_factor: float = 1.0
 
 
 @dataclass(frozen=True)

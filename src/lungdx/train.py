@@ -29,6 +29,7 @@ from lungdx.data.cache import ImageCache, build_cache
 from lungdx.data.manifest import apply_task, class_names, describe_classes, load_dataset
 from lungdx.data.split import check_leakage, split_patients
 from lungdx.models import create_model
+from lungdx.models.weights import head_prefixes, is_head, load_weights, split_parameters
 from lungdx.predict import compute_logits, model_input, sigmoid
 from lungdx.runtime import Hardware
 
@@ -210,15 +211,20 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
     _write_data_files(data, run_dir)
     hardware = Hardware.resolve(config.train.device, config.train.precision, config.train.channels_last)
     torch.manual_seed(config.train.seed)
-    model = hardware.prepare(create_model(config.model.name, **model_kwargs(config)))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    model = create_model(config.model.name, **model_kwargs(config))
+    if config.model.weights and not resume:  # a resumed run has its weights in last.pt
+        load_weights(model, config.model.weights, keep_head=config.model.keep_head)
+    model = hardware.prepare(model)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    freezer = BackboneFreezer(model, config.train.freeze_epochs)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=_pos_weight(config, data)).to(hardware.device)
     scaler = torch.amp.GradScaler("cuda") if hardware.amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(config.train.seed + 1)
     stopper = EarlyStopping(config.train.patience, config.train.min_delta)
     history: list[dict] = []
     if resume:
-        history = _load_state(run_dir / "last.pt", model, optimizer, stopper, generator)
+        history = _load_state(run_dir / "last.pt", model, optimizer, stopper, generator, scheduler)
     fingerprint = data_fingerprint(data.frame)
     logger.info("training %s on %s, %s, autocast %s, channels_last %s", config.model.name, hardware.device,
                 describe_classes(data.rows("train")), hardware.amp_dtype, hardware.channels_last)
@@ -227,23 +233,99 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
     for epoch in epochs:
         if stopper.should_stop:
             break
+        frozen = freezer.set_epoch(epoch)
+        lr = max(group["lr"] for group in optimizer.param_groups)
         started = time.perf_counter()
         train_row = train_one_epoch(model, optimizer, loss_fn, data, config, hardware, generator, scaler, progress)
         train_seconds = time.perf_counter() - started
         val_row, _ = evaluate_epoch(model, loss_fn, data, "val", config, hardware)
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_row.items()},
                **{f"val_{k}": v for k, v in val_row.items()}, "seconds": round(time.perf_counter() - started, 2),
-               "train_images_per_s": round(len(data.rows("train")) / train_seconds, 1)}
+               "train_images_per_s": round(len(data.rows("train")) / train_seconds, 1), "lr": lr, "frozen": frozen}
         history.append(row)
+        step_scheduler(scheduler, val_row["loss"])
         if stopper.step(val_row["loss"], epoch):
             _save_model(run_dir / "best.pt", model, config, data, fingerprint, epoch=epoch, threshold=None)
-        _save_state(run_dir / "last.pt", model, optimizer, stopper, generator, history)
+        _save_state(run_dir / "last.pt", model, optimizer, stopper, generator, history, scheduler)
         _write_history(history, run_dir)
         epochs.set_postfix(train_loss=f"{train_row['loss']:.3f}", val_loss=f"{val_row['loss']:.3f}",
                            val_auc=f"{val_row['auc']:.3f}")
         if on_epoch is not None:
             on_epoch(row)
     return _finish(run_dir, config, data, hardware, loss_fn, fingerprint, stopper, history)
+
+
+def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW: the head at ``lr``, the backbone at ``lr * backbone_lr_factor``.
+
+    Biases and normalisation weights (1-D tensors) get no weight decay. Groups with the same
+    settings are merged, so the defaults give one group over ``model.parameters()`` in order.
+    """
+    train = config.train
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if train.optimizer not in optimizers:
+        raise ValueError(f"unknown train.optimizer '{train.optimizer}' (use adam or adamw)")
+    backbone, head = split_parameters(model)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for named, lr in ((backbone, train.lr * train.backbone_lr_factor), (head, train.lr)):
+        for _, param in named:
+            groups.setdefault((lr, train.weight_decay if param.ndim > 1 else 0.0), []).append(param)
+    return optimizers[train.optimizer]([{"params": params, "lr": lr, "weight_decay": decay}
+                                        for (lr, decay), params in groups.items()], lr=train.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig):
+    """The per-epoch learning-rate schedule of ``train.scheduler``; None for ``none``."""
+    train = config.train
+    if train.scheduler == "none":
+        return None
+    if train.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(train.epochs, 1))
+    if train.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=train.plateau_factor,
+                                                          patience=train.plateau_patience)
+    raise ValueError(f"unknown train.scheduler '{train.scheduler}' (use none, cosine or plateau)")
+
+
+def step_scheduler(scheduler, val_loss: float) -> None:
+    """Advance the schedule by one epoch (the plateau schedule watches the validation loss)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    elif scheduler is not None:
+        scheduler.step()
+
+
+class BackboneFreezer:
+    """Freezes everything but the head for the first ``epochs`` epochs, then releases it.
+
+    While frozen, backbone parameters get no gradients, and a forward pre-hook puts the backbone's
+    layers back in evaluation mode after ``train_one_epoch``'s ``model.train()``: batch-norm
+    statistics and dropout stay fixed too, so the head learns on the features it will see later.
+    """
+
+    def __init__(self, model: nn.Module, epochs: int):
+        prefixes = head_prefixes(model)
+        self.model, self.epochs, self._hook = model, epochs, None
+        self.backbone_parameters = [param for _, param in split_parameters(model)[0]]
+        self.layers = [module for name, module in model.named_modules()
+                       if name and not is_head(name, prefixes) and next(module.children(), None) is None]
+
+    def set_epoch(self, epoch: int) -> bool:
+        """Freeze or release for ``epoch`` (1-based); True while frozen."""
+        frozen = epoch <= self.epochs
+        for param in self.backbone_parameters:
+            param.requires_grad_(not frozen)
+        if frozen and self._hook is None:
+            self._hook = self.model.register_forward_pre_hook(self._backbone_in_eval_mode)
+        elif not frozen and self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        return frozen
+
+    def _backbone_in_eval_mode(self, model: nn.Module, args) -> None:
+        if model.training:
+            for layer in self.layers:
+                layer.eval()
 
 
 def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
@@ -299,24 +381,34 @@ def _save_model(path: Path, model: nn.Module, config: RunConfig, data: PreparedD
                     data_fingerprint=fingerprint, epoch=epoch, **info)
 
 
-def _save_state(path: Path, model, optimizer, stopper: EarlyStopping, generator: torch.Generator, history) -> None:
+def _save_state(path: Path, model, optimizer, stopper: EarlyStopping, generator: torch.Generator, history,
+                scheduler=None) -> None:
     state = {"format": STATE_FORMAT, "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
              "optimizer": optimizer.state_dict(), "early_stopping": stopper.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history}
+    if torch.cuda.is_available():
+        # Dropout on a GPU draws from the CUDA generators: without them a resumed run drops other units.
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     partial = path.with_suffix(".partial")
     torch.save(state, partial)
     partial.replace(path)
 
 
-def _load_state(path: Path, model, optimizer, stopper: EarlyStopping, generator: torch.Generator) -> list[dict]:
+def _load_state(path: Path, model, optimizer, stopper: EarlyStopping, generator: torch.Generator,
+                scheduler=None) -> list[dict]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path}: not a lungdx training state")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
     stopper.load_state_dict(state["early_stopping"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     logger.info("resuming %s after epoch %d", path.parent, len(state["history"]))
     return list(state["history"])
 
