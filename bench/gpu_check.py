@@ -24,14 +24,15 @@ import numpy as np
 import torch
 
 
-def throughput(precision: str, channels_last: bool, *, size: int, batch: int, steps: int, train: bool) -> float:
-    """Images per second of paper_cnn on CUDA for one setting (median of 3 timed blocks)."""
+def throughput(precision: str, channels_last: bool, *, size: int, batch: int, steps: int, train: bool,
+               model_name: str = "paper_cnn") -> float:
+    """Images per second of one registered model on CUDA for one setting (median of 3 timed blocks)."""
     from lungdx.models import create_model
     from lungdx.train import optimizer_step
 
     torch.manual_seed(0)
     device = torch.device("cuda")
-    model = create_model("paper_cnn", input_size=size).to(device)
+    model = create_model(model_name, input_size=size).to(device)
     images = torch.randn(batch, 1, size, size, device=device)
     target = torch.randint(0, 2, (batch, 1), device=device).float()
     if channels_last:
@@ -100,6 +101,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--models", default="paper_cnn", help="comma-separated registered models to time")
+    parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: this check needs an NVIDIA GPU", file=sys.stderr)
@@ -109,21 +112,27 @@ def main() -> int:
               "bf16_supported": torch.cuda.is_bf16_supported()}
     print(json.dumps(report))
     rows = []
-    for train in (True, False):
-        for precision in ("fp32", "bf16", "fp16"):
-            for channels_last in (False, True):
-                rate = throughput(precision, channels_last, size=args.size, batch=args.batch_size,
-                                  steps=args.steps, train=train)
-                rows.append({"mode": "train" if train else "inference", "precision": precision,
-                             "channels_last": channels_last, "images_per_s": round(rate, 1)})
-                print(json.dumps(rows[-1]), flush=True)
+    for model_name in args.models.split(","):
+        for train in (True, False):
+            for precision in ("fp32", "bf16", "fp16"):
+                for channels_last in (False, True):
+                    rate = throughput(precision, channels_last, size=args.size, batch=args.batch_size,
+                                      steps=args.steps, train=train, model_name=model_name)
+                    rows.append({"model": model_name, "mode": "train" if train else "inference", "precision": precision,
+                                 "channels_last": channels_last, "images_per_s": round(rate, 1)})
+                    print(json.dumps(rows[-1]), flush=True)
     for row in rows:
-        base = next(r for r in rows if r["mode"] == row["mode"] and r["precision"] == "fp32" and not r["channels_last"])
+        base = next(r for r in rows if r["model"] == row["model"] and r["mode"] == row["mode"]
+                    and r["precision"] == "fp32" and not r["channels_last"])
         row["ratio_vs_fp32"] = round(row["images_per_s"] / base["images_per_s"], 2)
     report["throughput"] = rows
-    print("| mode | precision | channels_last | images/s | x fp32 |\n|---|---|---|---|---|")
+    print("| model | mode | precision | channels_last | images/s | x fp32 |\n|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['mode']} | {row['precision']} | {row['channels_last']} | {row['images_per_s']} | {row['ratio_vs_fp32']} |")
+        print(f"| {row['model']} | {row['mode']} | {row['precision']} | {row['channels_last']} | {row['images_per_s']} | "
+              f"{row['ratio_vs_fp32']} |")
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    if args.skip_end_to_end:
+        return 0
     report["end_to_end"] = end_to_end(args.out, args.images, args.epochs)
     print(json.dumps({k: v for k, v in report["end_to_end"].items() if k != "history"}, indent=1, default=str))
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))

@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,7 +57,7 @@ def test_repeats_draw_different_folds_and_bad_plans_are_refused():
 def cv_run(phantom_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cv")
     config = tiny_config(phantom_dir, folder / "cache", "train.epochs=1", "eval.n_bootstrap=100")
-    results = cross_validate(config, folder / "cv", CVPlan(folds=3, repeats=1, seed=0))
+    results = cross_validate(config, folder / "cv", CVPlan(folds=3, repeats=1, seed=0), by=("subtlety",))
     return config, folder / "cv", results
 
 
@@ -71,6 +72,8 @@ def test_cv_writes_per_fold_runs_and_a_summary(cv_run):
     assert "mean +/- SD" in text and "Pooled out-of-fold" in text and "SYNTHETIC" in text
     summary = json.loads((out / "cv.json").read_text())
     assert summary["mean_sd"]["roc_auc"]["n_folds"] == 3
+    assert "By subtlety" in text
+    assert sum(row["counts"]["n"] for row in summary["subgroups"]) == summary["pooled"][0]["counts"]["n"]
 
 
 def test_out_of_fold_predictions_cover_every_case_once(cv_run, phantom_dir):
@@ -94,3 +97,9 @@ def test_cv_resumes_without_refitting_and_refuses_other_settings(cv_run):
     assert (out / "runs" / "r0-f02" / "evaluation" / "table1.json").is_file()
     with pytest.raises(FileExistsError, match="other settings"):
         cross_validate(config, out, CVPlan(folds=4, repeats=1, seed=0))
+    # A plan written by an older lungdx lacks fields added since (at their defaults): still resumable.
+    saved = yaml.safe_load((out / "plan.yaml").read_text())
+    del saved["config"]["train"]["scheduler"]
+    (out / "plan.yaml").write_text(yaml.safe_dump(saved))
+    cross_validate(config, out, CVPlan(folds=3, repeats=1, seed=0))
+    assert model.stat().st_mtime_ns == before

@@ -49,6 +49,16 @@ def test_report_files_and_every_figure_embedded(report, runs):
     assert {row["column"] for row in payload["evaluation"]["subgroups"]} == {"sex", "size_mm"}
 
 
+def test_report_gallery_embeds_the_review_cases(runs, tmp_path):
+    files = write_report(runs[0], out_dir=tmp_path / "report", gallery=True)
+    items = json.loads(files.json.read_text())["gallery"]
+    assert items and {item["category"] for item in items} <= {"true_positive", "false_positive", "false_negative",
+                                                              "true_negative"}
+    page = files.html.read_text()
+    assert "Review gallery (test split)" in page
+    assert page.count('src="data:image/png;base64,') == len(FIGURES) + len(items)
+
+
 def _browser():
     playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip install playwright)")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

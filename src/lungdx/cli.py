@@ -16,6 +16,10 @@ examples:
   lungdx train --data ../shared/data/jsrt --task malignant_vs_rest --out runs/jsrt-mal
   lungdx train --data labels.csv --task nodule --set preprocess.size=128 --set train.epochs=20 --out runs/x
   lungdx evaluate runs/jsrt-mal                 # Table 1 (train / validation / test) + ROC figure
+  lungdx evaluate runs/jsrt-mal --by subtlety --by size_mm:0,10,20,30,60 --by sex
+  lungdx cv --data ../shared/data/jsrt --task malignant_vs_rest --folds 10 --out runs/jsrt-cv
+  lungdx report runs/jsrt-mal                   # one offline HTML file + JSON + model card
+  lungdx compare runs/A runs/B                  # same test set: is B really better than A?
   lungdx predict runs/jsrt-mal image.png image.dcm
 """
 
@@ -36,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_train(commands)
     _add_evaluate(commands)
+    _add_cv(commands)
+    _add_report(commands)
+    _add_tune(commands)
     _add_predict(commands)
+    _add_explain(commands)
     models = commands.add_parser("models", help="list the registered models")
     models.set_defaults(handler=_cmd_models)
     return parser
@@ -76,6 +84,10 @@ def _add_train(commands) -> None:
     train.add_argument("--data", help="dataset path (overrides data.path)")
     train.add_argument("--task", help="what to predict (overrides data.task)")
     train.add_argument("--model", help="registered model name (overrides model.name); see `lungdx models`")
+    train.add_argument("--weights", metavar="imagenet|PATH|RUN",
+                       help="start from pretrained weights (overrides model.weights): imagenet, a state_dict file, "
+                            "or a lungdx run folder / model.pt; the head starts fresh. Pair with "
+                            "--set train.freeze_epochs=N --set train.backbone_lr_factor=0.1")
     train.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="one-off override, e.g. --set train.lr=3e-4 (repeatable)")
@@ -92,7 +104,192 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("run", help="run folder made by `lungdx train`")
     evaluate.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: the run's eval.n_bootstrap, 1000)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    evaluate.add_argument("--by", action="append", default=[], metavar="COLUMN[:EDGES]",
+                          help="test metrics per stratum of a dataset column, e.g. --by sex --by size_mm:0,10,20,30,60 "
+                               "(repeatable; numeric columns need bin edges)")
     evaluate.set_defaults(handler=_cmd_evaluate)
+
+
+def _add_run_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="dataset path (overrides data.path)")
+    parser.add_argument("--task", help="what to predict (overrides data.task)")
+    parser.add_argument("--model", help="registered model name (overrides model.name); see `lungdx models`")
+    parser.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one-off override, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def _run_config(args):
+    from lungdx.config import apply_overrides, load_config
+
+    overrides = list(args.set)
+    for flag, key in ((args.data, "data.path"), (args.task, "data.task"), (args.model, "model.name")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    return apply_overrides(load_config(args.config), overrides)
+
+
+def _add_cv(commands) -> None:
+    cv = commands.add_parser("cv", help="patient-level (repeated) k-fold cross-validation",
+                             description="Train one run per fold: each fold of patients is the test set once; the "
+                                         "validation split for early stopping and the threshold comes from the other "
+                                         "folds. Reports per-fold Table 1, mean +/- SD across folds and the pooled "
+                                         "out-of-fold ROC AUC with a patient-level bootstrap CI. Rerun the same "
+                                         "command to resume an interrupted CV.")
+    _add_run_config(cv)
+    cv.add_argument("--folds", type=int, default=10, help="number of folds (default: %(default)s)")
+    cv.add_argument("--repeats", type=int, default=1, help="repeats with re-drawn folds (default: %(default)s)")
+    cv.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default: %(default)s)")
+    cv.add_argument("--device", default="auto", help="device for evaluation: auto, cpu or cuda (default: %(default)s)")
+    cv.add_argument("--by", action="append", default=[], metavar="COLUMN[:EDGES]",
+                    help="pooled out-of-fold metrics per stratum, e.g. --by subtlety --by size_mm:0,10,20,30,60")
+    cv.add_argument("--out", required=True, help="CV folder to create or resume")
+    cv.set_defaults(handler=_cmd_cv)
+
+
+def _cmd_cv(args) -> int:
+    from lungdx.cv import CVPlan, cross_validate
+
+    config = _run_config(args)
+    if not config.data.path:
+        raise SystemExit("lungdx cv: no data given (use --data PATH or data.path in --config)")
+    _log_to_file(Path(args.out) / "cv.log")
+    cross_validate(config, args.out, CVPlan(args.folds, args.repeats, args.seed), device=args.device,
+                   progress=not args.quiet, by=tuple(args.by))
+    out = Path(args.out)
+    print((out / "cv.md").read_text())
+    print(f"Written: {out / 'cv.md'}, {out / 'cv.json'}, {out / 'oof_predictions.csv'}, {out / 'roc_pooled.png'}")
+    return 0
+
+
+def _add_tune(commands) -> None:
+    tune = commands.add_parser("tune", help="hyperparameter search (grid, random, Bayesian) with Optuna",
+                               description="Search config fields (by default the paper's grid: learning rate x batch "
+                                           "size x dropout). Each trial trains in OUT/trials/NNNN and is scored on "
+                                           "validation (or k-fold on train + validation); the test split is never "
+                                           "used. Rerunning the same command continues the study; the same command "
+                                           "with one --storage URL on several machines shares it (docs/tuning.md).",
+                               epilog="search space YAML: one dotted config key per line, e.g.\n"
+                                      "  train.lr: {low: 1.0e-5, high: 1.0e-2, log: true}\n"
+                                      "  train.batch_size: [32, 64, 128]\n"
+                                      "  model.kwargs.dropout: {low: 0.2, high: 0.7, step: 0.1}\n"
+                                      "see configs/search/.",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_config(tune)
+    tune.add_argument("--method", choices=("grid", "random", "bayes"), default="grid",
+                      help="Optuna GridSampler, RandomSampler or TPESampler (default: %(default)s)")
+    tune.add_argument("--trials", type=int, help="trials the study should hold in all, every worker's together "
+                                                 "(default: the grid's size; 20 for random and bayes)")
+    tune.add_argument("--space", help="search space YAML (default: the paper's grid)")
+    tune.add_argument("--objective", choices=("val_loss", "val_auc"), default="val_loss",
+                      help="validation loss (minimised) or AUC (maximised) (default: %(default)s)")
+    tune.add_argument("--cv", type=int, default=0, metavar="K",
+                      help="score each trial by K-fold cross-validation on train + validation (default: off)")
+    tune.add_argument("--no-prune", action="store_true", help="never stop a trial early for being behind the median")
+    tune.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/study.db); PostgreSQL or MySQL "
+                                        "to share the study between machines")
+    tune.add_argument("--study-name", help="study to create or continue (default: derived from the search)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the sampler (default: %(default)s)")
+    tune.add_argument("--worker-trials", type=int, help="most trials this process runs (default: until the study is done)")
+    tune.add_argument("--out", required=True, help="output folder (trials table, best.yaml, plots, trial runs)")
+    tune.set_defaults(handler=_cmd_tune)
+
+
+def _cmd_tune(args) -> int:
+    config = _run_config(args)
+    if not config.data.path:
+        raise SystemExit("lungdx tune: no data given (use --data PATH or data.path in --config)")
+    try:
+        import optuna
+
+        from lungdx.tune import TuneSettings, load_space, tune
+    except ImportError as err:
+        raise SystemExit(f"lungdx tune: {err}") from None
+    _log_to_file(Path(args.out) / "tune.log")
+    # Optuna's messages go through logging (stderr, tune.log) at lungdx's level.
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(logging.getLogger().level)
+    logging.getLogger("optuna").handlers = list(logging.getLogger("lungdx").handlers)
+    settings = TuneSettings(method=args.method, n_trials=args.trials, objective=args.objective, cv_folds=args.cv,
+                            prune=not args.no_prune, storage=args.storage, study_name=args.study_name,
+                            seed=args.seed, worker_trials=args.worker_trials)
+    try:
+        result = tune(config, args.out, settings, space=load_space(args.space) if args.space else None,
+                      progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same command to continue the study (results so far in {args.out})", file=sys.stderr)
+        return 130
+    counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
+    print(f"Study {result.study_name} ({result.storage}): {counts or 'no trials'}.")
+    print(result.files["trials_md"].read_text())
+    if result.best_number is None:
+        print("No trial completed: no best.yaml.")
+        return 1
+    print(f"Written: {', '.join(str(path) for path in result.files.values())}")
+    print(f"Next (retrain, then test once): lungdx train --config {result.files['best_yaml']} --out RUN --evaluate")
+    return 0
+
+
+def _add_report(commands) -> None:
+    report = commands.add_parser("report", help="one offline HTML report + JSON + model card for a run",
+                                 description="Evaluate the run and write report/report.html (every figure embedded, no "
+                                             "network needed), report/report.json (the same numbers) and "
+                                             "report/model_card.md.")
+    report.add_argument("run", help="finished run folder")
+    report.add_argument("--by", action="append", default=[], metavar="COLUMN[:EDGES]",
+                        help="subgroup table per stratum, as for `lungdx evaluate --by`")
+    report.add_argument("--out", help="output folder (default: RUN/report)")
+    report.add_argument("--no-gallery", action="store_true", help="leave out the review gallery (heatmaps)")
+    report.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    report.set_defaults(handler=_cmd_report)
+    compare = commands.add_parser("compare", help="paired comparison of two runs on the same test cases",
+                                  description="DeLong's test and a patient-level paired bootstrap of the AUC "
+                                              "difference, and McNemar's test of the decisions, on the test cases "
+                                              "both runs share. Refuses when the test sets differ.")
+    compare.add_argument("run_a", help="run folder A (the reference)")
+    compare.add_argument("run_b", help="run folder B (the challenger)")
+    compare.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples (default: %(default)s)")
+    compare.add_argument("--out", help="also write comparison.md and comparison.json here")
+    compare.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    compare.set_defaults(handler=_cmd_compare)
+    calibrate = commands.add_parser("calibrate", help="fit temperature scaling on validation; store it in model.pt",
+                                    description="Fit one temperature T on the run's validation logits so that "
+                                                "probabilities are calibrated; the ranking (AUC) and every decision "
+                                                "stay as they were (the threshold is mapped too).")
+    calibrate.add_argument("run", help="finished run folder")
+    calibrate.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    calibrate.set_defaults(handler=_cmd_calibrate)
+
+
+def _cmd_report(args) -> int:
+    from lungdx.report import write_report
+
+    files = write_report(args.run, out_dir=args.out, by=tuple(args.by), device=args.device, gallery=not args.no_gallery,
+                         progress=not args.quiet)
+    print(f"Written: {files.html} (open it in any browser, offline), {files.json}, {files.model_card}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from lungdx.compare import compare_runs, comparison_markdown, write_comparison
+
+    result = compare_runs(args.run_a, args.run_b, n_resamples=args.bootstrap, device=args.device)
+    print(comparison_markdown(result))
+    if args.out:
+        write_comparison(result, args.out)
+        print(f"Written: {Path(args.out) / 'comparison.md'}, {Path(args.out) / 'comparison.json'}")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from lungdx.calibrate import calibrate_run
+
+    report = calibrate_run(args.run, device=args.device, progress=not args.quiet)
+    print(f"{args.run}: temperature {report['temperature']:.3f}; validation ECE {report['val_ece_before']:.3f} -> "
+          f"{report['val_ece_after']:.3f}, Brier {report['val_brier_before']:.3f} -> {report['val_brier_after']:.3f}. "
+          "Written into model.pt; run `lungdx evaluate` again for the test figures.")
+    return 0
 
 
 def _add_predict(commands) -> None:
@@ -102,6 +299,70 @@ def _add_predict(commands) -> None:
     predict.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     predict.set_defaults(handler=_cmd_predict)
+
+
+def _add_explain(commands) -> None:
+    explain = commands.add_parser(
+        "explain", help="heatmap overlay for one image, or the pointing game on a run's nodule cases",
+        description="Explain a run's prediction on one image: an overlay PNG in the image's own geometry (colour\n"
+                    "bar, probability and threshold written on it) and the raw heatmap as .npy beside it. Or, with\n"
+                    "--localization, measure whether the heatmaps point at the ground-truth nodules of the run's\n"
+                    "dataset: pointing game and energy share, per subtlety, beside a random-heatmap baseline.",
+        epilog="examples:\n  lungdx explain runs/jsrt-mal image.png --method gradcam --out overlay.png\n"
+               "  lungdx explain runs/jsrt-nod --localization --split test",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    explain.add_argument("run", help="run folder (or model.pt for a single image)")
+    explain.add_argument("image", nargs="?", help="image file (PNG, JPEG, TIFF, DICOM, JSRT .IMG)")
+    explain.add_argument("--method", default="gradcam", choices=("gradcam", "gradcampp", "occlusion"),
+                         help="explanation method (default: %(default)s)")
+    explain.add_argument("--out", help="overlay PNG (default: IMAGE-STEM_METHOD.png here); with --localization, "
+                                       "a folder (default: RUN/explain/localization-METHOD-SPLIT)")
+    explain.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    explain.add_argument("--localization", action="store_true", help="pointing game on the run's nodule cases")
+    explain.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                         help="cases for --localization (default: %(default)s; train and all include training cases)")
+    explain.add_argument("--tolerance", type=float, action="append", metavar="FRACTION",
+                         help="added to each nodule radius, as a fraction of the model input side (repeatable; "
+                              "default: 0 and 1/16, i.e. 0 and 16 px at 256 px)")
+    explain.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    explain.add_argument("--patch", type=int, help="occlusion patch side in model-input pixels (default: an eighth of it)")
+    explain.add_argument("--stride", type=int, help="occlusion stride in pixels (default: half the patch)")
+    explain.set_defaults(handler=_cmd_explain)
+
+
+def _cmd_explain(args) -> int:
+    from lungdx.explain import DEFAULT_TOLERANCE, explain_file, localize_run, write_explanation, write_localization
+    from lungdx.io import ImageReadError
+    from lungdx.predict import Predictor
+
+    if args.localization == bool(args.image):
+        print("lungdx explain: error: give either an IMAGE or --localization", file=sys.stderr)
+        return 2
+    options = {key: value for key, value in (("patch", args.patch), ("stride", args.stride)) if value is not None}
+    if options and args.method != "occlusion":
+        print("lungdx explain: error: --patch and --stride apply to --method occlusion only", file=sys.stderr)
+        return 2
+    if args.localization:
+        tolerances = args.tolerance or [0.0, DEFAULT_TOLERANCE]
+        result = localize_run(args.run, method=args.method, split=args.split, tolerances=tolerances,
+                              n_bootstrap=args.bootstrap, device=args.device, options=options)
+        out = Path(args.out) if args.out else Path(args.run) / "explain" / f"localization-{args.method}-{args.split}"
+        paths = write_localization(result, out)
+        print(result.markdown())
+        print("Written: " + ", ".join(str(path) for path in paths.values()))
+        return 0
+    try:
+        explanation = explain_file(Predictor.from_path(args.run, device=args.device), args.image, args.method, **options)
+    except ImageReadError as err:
+        print(f"lungdx explain: error: {err}", file=sys.stderr)
+        return 2
+    png, npy = write_explanation(explanation, args.out or f"{Path(args.image).stem}_{args.method}.png")
+    threshold = "no threshold" if explanation.threshold is None else f"threshold {explanation.threshold:.4f}"
+    print(f"{args.image}\tp={explanation.probability:.4f}\t{explanation.class_name}\t({threshold})"
+          + "".join(f"\tWARNING: {text}" for text in explanation.warnings))
+    print(f"Written: {png} (overlay), {npy} (heatmap, {explanation.heatmap_original.shape[0]} x "
+          f"{explanation.heatmap_original.shape[1]}, the image's rows x columns)")
+    return 0
 
 
 def _version() -> str:
@@ -139,7 +400,8 @@ def _cmd_train(args) -> int:
     from lungdx.train import fit
 
     overrides = list(args.set)
-    for flag, key in ((args.data, "data.path"), (args.task, "data.task"), (args.model, "model.name")):
+    for flag, key in ((args.data, "data.path"), (args.task, "data.task"), (args.model, "model.name"),
+                      (args.weights, "model.weights")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
     config = apply_overrides(load_config(args.config), overrides)
@@ -164,7 +426,7 @@ def _cmd_evaluate(args) -> int:
     config = load_config(Path(args.run) / "config.yaml").eval
     if args.bootstrap is not None:
         config = replace(config, n_bootstrap=args.bootstrap)
-    evaluate_run(args.run, config, device=args.device, progress=not args.quiet)
+    evaluate_run(args.run, config, device=args.device, progress=not args.quiet, by=tuple(getattr(args, "by", ())))
     out = Path(args.run) / "evaluation"
     print((out / "table1.md").read_text())
     print(f"Written: {out / 'table1.md'}, {out / 'table1.json'}, {out / 'predictions.csv'}, {out / 'roc.png'}")

@@ -22,9 +22,10 @@ import pandas as pd
 import yaml
 
 from lungdx import metrics
-from lungdx.config import RunConfig, to_dict
+from lungdx.config import ConfigError, RunConfig, from_dict, to_dict
 from lungdx.data.split import check_leakage, kfold_patients, split_train_val
 from lungdx.evaluate import PAPER_CLAIMS, evaluate_run, format_number
+from lungdx.subgroups import Stratifier, parse_by, subgroup_markdown, subgroup_metrics
 from lungdx.train import fit, prepare_data
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def fold_name(repeat: int, fold: int) -> str:
 
 
 def cross_validate(config: RunConfig, out_dir: str | Path, plan: CVPlan = CVPlan(), *, device: str = "auto",
-                   progress: bool = False) -> dict:
+                   progress: bool = False, by: tuple[str, ...] = ()) -> dict:
     """Train and evaluate one run per fold (resuming finished or interrupted folds), then summarise.
 
     Args:
@@ -77,11 +78,14 @@ def cross_validate(config: RunConfig, out_dir: str | Path, plan: CVPlan = CVPlan
         out_dir: the CV folder: ``plan.yaml``, ``folds.csv``, ``splits/``, ``runs/<fold>/`` and
             the summary (``cv.json``, ``cv.md``, ``oof_predictions.csv``, ``roc_pooled.png``).
         plan: folds, repeats and seed.
+        by: subgroup specifications (``subtlety``, ``size_mm:0,10,20,30,60``) for pooled out-of-fold
+            metrics per stratum.
 
     Returns:
         The summary (also written to ``cv.json``).
     """
     out_dir = Path(out_dir)
+    stratifiers = [parse_by(spec) for spec in by]  # a typo fails here, not after hours of training
     _check_plan_file(out_dir, config, plan)
     data = prepare_data(config, progress=progress)
     plan_rows = plan_folds(data.frame, plan)
@@ -99,21 +103,31 @@ def cross_validate(config: RunConfig, out_dir: str | Path, plan: CVPlan = CVPlan
             fold_config = replace(config, data=replace(config.data, split_file=str(split_path)))
             logger.info("fold %s (%d of %d)", name, repeat * plan.folds + fold + 1, plan.folds * plan.repeats)
             _run_fold(fold_config, out_dir / "runs" / name, device, progress)
-    return summarise(out_dir, plan, config)
+    return summarise(out_dir, plan, config, stratifiers=stratifiers, dataset=data.frame)
 
 
 def _check_plan_file(out_dir: Path, config: RunConfig, plan: CVPlan) -> None:
     settings = {"folds": plan.folds, "repeats": plan.repeats, "seed": plan.seed, "config": to_dict(config)}
     path = out_dir / "plan.yaml"
     if path.is_file():
-        saved = yaml.safe_load(path.read_text())
-        if saved != yaml.safe_load(yaml.safe_dump(settings)):
+        if not _same_plan(yaml.safe_load(path.read_text()), settings):
             raise FileExistsError(f"{out_dir}: holds a cross-validation with other settings (plan.yaml); "
                                   "use a new --out, or the same settings to resume it")
         logger.info("%s: resuming the cross-validation", out_dir)
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
+def _same_plan(saved: dict, settings: dict) -> bool:
+    # The saved config is read through today's defaults, so a config field added by a newer lungdx
+    # (at its default) does not stop an older CV from resuming.
+    try:
+        saved_config = to_dict(from_dict(RunConfig, saved.get("config", {})))
+    except ConfigError:
+        return False
+    same_plan = all(saved.get(key) == settings[key] for key in ("folds", "repeats", "seed"))
+    return same_plan and saved_config == yaml.safe_load(yaml.safe_dump(settings["config"]))
 
 
 def _run_fold(config: RunConfig, run_dir: Path, device: str, progress: bool) -> None:
@@ -127,8 +141,12 @@ def _run_fold(config: RunConfig, run_dir: Path, device: str, progress: bool) -> 
     evaluate_run(run_dir, config.eval, device=device)
 
 
-def summarise(out_dir: str | Path, plan: CVPlan, config: RunConfig) -> dict:
-    """Per-fold test metrics, mean +/- SD across folds, pooled out-of-fold metrics; writes the files."""
+def summarise(out_dir: str | Path, plan: CVPlan, config: RunConfig, *, stratifiers: list[Stratifier] | None = None,
+              dataset: pd.DataFrame | None = None) -> dict:
+    """Per-fold test metrics, mean +/- SD across folds, pooled out-of-fold metrics; writes the files.
+
+    ``dataset`` (the task's rows with their manifest columns) is needed for ``stratifiers``.
+    """
     out_dir = Path(out_dir)
     fold_rows, predictions, synthetic = [], [], []
     for repeat in range(plan.repeats):
@@ -155,6 +173,8 @@ def summarise(out_dir: str | Path, plan: CVPlan, config: RunConfig) -> dict:
                "pooled": [_pooled(oof[oof["repeat"] == r], config) for r in range(plan.repeats)],
                "operating_points": _pooled_operating_points(all_predictions, plan),
                "synthetic": all(synthetic)}
+    if stratifiers:
+        results["subgroups"] = _oof_subgroups(oof, dataset, stratifiers, config)
     _write_summary(out_dir, results, oof)
     return results
 
@@ -178,6 +198,16 @@ def _pooled(oof: pd.DataFrame, config: RunConfig) -> dict:
                                               n_resamples=config.eval.n_bootstrap, confidence=config.eval.confidence,
                                               seed=config.eval.seed)
     return {**pooled, "roc": metrics.roc_points(y_true, probability)}
+
+
+def _oof_subgroups(oof: pd.DataFrame, dataset: pd.DataFrame, stratifiers: list[Stratifier], config: RunConfig) -> list:
+    """Pooled out-of-fold metrics per stratum (first repeat), each case at its own fold's threshold."""
+    first = oof[oof["repeat"] == 0]
+    columns = [s.column for s in stratifiers if s.column in dataset.columns]
+    frame = first.merge(dataset[["case_id", *columns]].drop_duplicates("case_id"), on="case_id", how="left")
+    frame["label"] = (frame["probability"] >= frame["threshold"]).astype(int)
+    return subgroup_metrics(frame, stratifiers, n_resamples=config.eval.n_bootstrap, confidence=config.eval.confidence,
+                            seed=config.eval.seed)
 
 
 def _pooled_operating_points(predictions: pd.DataFrame, plan: CVPlan) -> list[dict]:
@@ -244,6 +274,9 @@ def cv_markdown(results: dict) -> str:
     for row in results["operating_points"]:
         lines.append(f"| {row['point']} | {format_number(row['sensitivity'])} | {format_number(row['specificity'])} | "
                      f"{format_number(row['precision'])} |")
+    if results.get("subgroups"):
+        lines += ["", "## Pooled out-of-fold metrics by subgroup (first repeat)", "",
+                  subgroup_markdown(results["subgroups"], results["confidence"])]
     lines += ["", f"Paper's claims (data not public, not a like-for-like comparison): accuracy "
               f"{PAPER_CLAIMS['accuracy']:.3f}, ROC AUC {PAPER_CLAIMS['roc_auc']:.3f}.", ""]
     return "\n".join(lines)

@@ -196,7 +196,7 @@ def _gallery_html(items: list[dict]) -> str:
         return f"<h2>Review gallery</h2><p>Left out: {html.escape(items[0]['error'])}</p>"
     cards = []
     for item in items:
-        caption = f"{item['category']}: {item['case_id']}, p = {item['probability']:.3f}"
+        caption = f"{item['category'].replace('_', ' ')}: {item['case_id']}, p = {item['probability']:.3f}"
         cards.append(f'<figure><img alt="{html.escape(caption)}" src="{_data_uri(Path(item["path"]))}">'
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     return ("<h2>Review gallery (test split)</h2><p>The most confident true positives, false positives, false negatives "
