@@ -21,6 +21,10 @@ examples:
   lungdx report runs/jsrt-mal                   # one offline HTML file + JSON + model card
   lungdx compare runs/A runs/B                  # same test set: is B really better than A?
   lungdx predict runs/jsrt-mal image.png image.dcm
+  lungdx train --data ../shared/data/jsrt --model densenet121 --weights runs/nih-densenet --out runs/jsrt-dn
+  lungdx tune --data ../shared/data/jsrt --method bayes --trials 40 --out runs/tune1   # rerun to resume
+  lungdx explain runs/jsrt-mal image.png --method gradcam --out overlay.png
+  lungdx explain runs/jsrt-nod --localization   # pointing game: do the heatmaps find the nodules?
 """
 
 logger = logging.getLogger("lungdx")

@@ -24,6 +24,7 @@ class PaperCNN(nn.Module):
     """
 
     gradcam_layer = "features.block5.relu"
+    head_prefix = "classifier"  # both fully connected layers train while the convolutions are frozen
 
     def __init__(
         self,
