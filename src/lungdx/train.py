@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -125,9 +125,15 @@ class EarlyStopping:
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, data: PreparedData,
                     config: RunConfig, hardware: Hardware, generator: torch.Generator,
-                    scaler: torch.amp.GradScaler | None = None, progress: bool = False) -> dict[str, float]:
-    """One pass over the training split in random order, with augmentation; returns loss/accuracy/AUC."""
+                    scaler: torch.amp.GradScaler | None = None, progress: bool = False,
+                    eval_layers: Sequence[nn.Module] = ()) -> dict[str, float]:
+    """One pass over the training split in random order, with augmentation; returns loss/accuracy/AUC.
+
+    ``eval_layers`` stay in evaluation mode (a frozen backbone's batch norm and dropout).
+    """
     model.train()
+    for layer in eval_layers:
+        layer.eval()
     rows = data.rows("train")
     order = torch.randperm(len(rows), generator=generator).numpy()
     indices, targets = rows["cache_index"].to_numpy()[order], rows["target"].to_numpy()[order]
@@ -236,7 +242,8 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
         frozen = freezer.set_epoch(epoch)
         lr = max(group["lr"] for group in optimizer.param_groups)
         started = time.perf_counter()
-        train_row = train_one_epoch(model, optimizer, loss_fn, data, config, hardware, generator, scaler, progress)
+        train_row = train_one_epoch(model, optimizer, loss_fn, data, config, hardware, generator, scaler, progress,
+                                    eval_layers=freezer.eval_layers)
         train_seconds = time.perf_counter() - started
         val_row, _ = evaluate_epoch(model, loss_fn, data, "val", config, hardware)
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_row.items()},
@@ -298,34 +305,28 @@ def step_scheduler(scheduler, val_loss: float) -> None:
 class BackboneFreezer:
     """Freezes everything but the head for the first ``epochs`` epochs, then releases it.
 
-    While frozen, backbone parameters get no gradients, and a forward pre-hook puts the backbone's
-    layers back in evaluation mode after ``train_one_epoch``'s ``model.train()``: batch-norm
-    statistics and dropout stay fixed too, so the head learns on the features it will see later.
+    While frozen, backbone parameters get no gradients and ``eval_layers`` lists the backbone's
+    layers, which ``train_one_epoch`` keeps in evaluation mode: batch-norm statistics and dropout
+    stay fixed too, so the head learns on the features it will see later.
     """
 
     def __init__(self, model: nn.Module, epochs: int):
         prefixes = head_prefixes(model)
-        self.model, self.epochs, self._hook = model, epochs, None
+        self.epochs, self.frozen = epochs, False
         self.backbone_parameters = [param for _, param in split_parameters(model)[0]]
         self.layers = [module for name, module in model.named_modules()
                        if name and not is_head(name, prefixes) and next(module.children(), None) is None]
 
     def set_epoch(self, epoch: int) -> bool:
         """Freeze or release for ``epoch`` (1-based); True while frozen."""
-        frozen = epoch <= self.epochs
+        self.frozen = epoch <= self.epochs
         for param in self.backbone_parameters:
-            param.requires_grad_(not frozen)
-        if frozen and self._hook is None:
-            self._hook = self.model.register_forward_pre_hook(self._backbone_in_eval_mode)
-        elif not frozen and self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        return frozen
+            param.requires_grad_(not self.frozen)
+        return self.frozen
 
-    def _backbone_in_eval_mode(self, model: nn.Module, args) -> None:
-        if model.training:
-            for layer in self.layers:
-                layer.eval()
+    @property
+    def eval_layers(self) -> list[nn.Module]:
+        return self.layers if self.frozen else []
 
 
 def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
