@@ -85,16 +85,7 @@ def _add_train(commands) -> None:
                                        "tasks: nodule_vs_normal, malignant_vs_benign, malignant_vs_rest, a binary "
                                        "column name, or COLUMN=VALUE.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--data", help="dataset path (overrides data.path)")
-    train.add_argument("--task", help="what to predict (overrides data.task)")
-    train.add_argument("--model", help="registered model name (overrides model.name); see `lungdx models`")
-    train.add_argument("--weights", metavar="imagenet|PATH|RUN",
-                       help="start from pretrained weights (overrides model.weights): imagenet, a state_dict file, "
-                            "or a lungdx run folder / model.pt; the head starts fresh. Pair with "
-                            "--set train.freeze_epochs=N --set train.backbone_lr_factor=0.1")
-    train.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="one-off override, e.g. --set train.lr=3e-4 (repeatable)")
+    _add_run_config(train)
     train.add_argument("--out", required=True, help="run folder to create")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     train.add_argument("--evaluate", action="store_true", help="run `lungdx evaluate` on the run when training ends")
@@ -118,6 +109,10 @@ def _add_run_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dataset path (overrides data.path)")
     parser.add_argument("--task", help="what to predict (overrides data.task)")
     parser.add_argument("--model", help="registered model name (overrides model.name); see `lungdx models`")
+    parser.add_argument("--weights", metavar="imagenet|PATH|RUN",
+                        help="start from pretrained weights (overrides model.weights): imagenet, a state_dict file, "
+                             "or a lungdx run folder / model.pt; the head starts fresh. Pair with "
+                             "--set train.freeze_epochs=N --set train.backbone_lr_factor=0.1")
     parser.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="one-off override, e.g. --set train.lr=3e-4 (repeatable)")
@@ -127,7 +122,8 @@ def _run_config(args):
     from lungdx.config import apply_overrides, load_config
 
     overrides = list(args.set)
-    for flag, key in ((args.data, "data.path"), (args.task, "data.task"), (args.model, "model.name")):
+    for flag, key in ((args.data, "data.path"), (args.task, "data.task"), (args.model, "model.name"),
+                      (args.weights, "model.weights")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
     return apply_overrides(load_config(args.config), overrides)
@@ -400,15 +396,9 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from lungdx.config import apply_overrides, load_config
     from lungdx.train import fit
 
-    overrides = list(args.set)
-    for flag, key in ((args.data, "data.path"), (args.task, "data.task"), (args.model, "model.name"),
-                      (args.weights, "model.weights")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    config = apply_overrides(load_config(args.config), overrides)
+    config = _run_config(args)
     if not config.data.path and not args.resume:
         raise SystemExit("lungdx train: no data given (use --data PATH or data.path in --config)")
     _log_to_file(Path(args.out) / "train.log")

@@ -41,6 +41,7 @@ from torch import nn
 
 from lungdx.config import PreprocessConfig, load_config
 from lungdx.io import is_chest_radiograph, read_image
+from lungdx.metrics import bootstrap_means
 from lungdx.predict import Predictor, model_input
 
 logger = logging.getLogger(__name__)
@@ -540,36 +541,6 @@ def summarize_localization(cases: pd.DataFrame, *, by: str | None = "subtlety", 
                 row.update({measure: mean, f"{measure}_low": low, f"{measure}_high": high})
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def bootstrap_means(values: np.ndarray, groups: np.ndarray, n_resamples: int = 1000, confidence: float = 0.95,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Column means of ``values`` (N, K) and their percentile-bootstrap CIs, resampling ``groups``.
-
-    NaN entries are left out of each column's mean; a column that is all NaN gives NaN.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    _, group_index = np.unique(groups, return_inverse=True)
-    n_groups = group_index.max() + 1
-    present = ~np.isnan(values)
-    sums = np.zeros((n_groups, values.shape[1]))
-    counts = np.zeros_like(sums)
-    np.add.at(sums, group_index, np.where(present, values, 0.0))
-    np.add.at(counts, group_index, present)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums.sum(axis=0) / counts.sum(axis=0)
-        rng = np.random.default_rng(seed)
-        draws = rng.integers(0, n_groups, size=(n_resamples, n_groups))
-        multiplicity = np.zeros((n_resamples, n_groups))
-        np.add.at(multiplicity, (np.arange(n_resamples)[:, None], draws), 1.0)
-        resampled = (multiplicity @ sums) / (multiplicity @ counts)
-    alpha = (1 - confidence) / 2
-    lows, highs = np.full(len(means), np.nan), np.full(len(means), np.nan)
-    for column in range(values.shape[1]):
-        finite = resampled[:, column][np.isfinite(resampled[:, column])]
-        if len(finite):
-            lows[column], highs[column] = np.quantile(finite, [alpha, 1 - alpha])
-    return means, lows, highs
 
 
 @dataclass

@@ -508,6 +508,38 @@ def labelled_metrics_with_ci(
     return result
 
 
+def bootstrap_means(values: ArrayLike, groups: ArrayLike, n_resamples: int = 1000, confidence: float = 0.95,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column means of ``values`` (N, K) and their percentile-bootstrap CIs, resampling ``groups``.
+
+    The same group-level resampling as :func:`bootstrap_ci`, for per-case measures that are not
+    classification metrics (a heatmap's hit or energy share). NaN entries are left out of each
+    column's mean; a column that is all NaN gives NaN.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    group = _group_index(groups, len(values))
+    n_groups = int(group.max()) + 1
+    present = ~np.isnan(values)
+    sums = np.zeros((n_groups, values.shape[1]))
+    counts = np.zeros_like(sums)
+    np.add.at(sums, group, np.where(present, values, 0.0))
+    np.add.at(counts, group, present)
+    resampled = []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums.sum(axis=0) / counts.sum(axis=0)
+        for draws in _draw_groups(np.random.default_rng(seed), n_groups, n_resamples, len(values)):
+            weight = _multiplicities(draws, n_groups)
+            resampled.append((weight @ sums) / (weight @ counts))
+    resampled = np.concatenate(resampled)
+    alpha = (1 - confidence) / 2
+    lows, highs = np.full(len(means), np.nan), np.full(len(means), np.nan)
+    for column in range(values.shape[1]):
+        finite = resampled[:, column][np.isfinite(resampled[:, column])]
+        if len(finite):
+            lows[column], highs[column] = np.quantile(finite, [alpha, 1 - alpha])
+    return means, lows, highs
+
+
 def format_ci(entry: dict) -> str:
     """``value [low, high]`` to three decimals, ``value`` where there is no CI, ``n/a`` where undefined."""
     value, low, high = entry.get("value"), entry.get("ci_low"), entry.get("ci_high")

@@ -97,53 +97,49 @@ def _replace(root: nn.Module, dotted: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+def _torchvision(name: str, input_size: int, in_channels: int, **layout) -> Backbone:
+    """torchvision's architecture ``name`` (random initialisation) wrapped with its stem, head and Grad-CAM layer."""
+    from torchvision import models
+
+    return Backbone(name, getattr(models, name)(), input_size=input_size, in_channels=in_channels, **layout)
+
+
 @register_model
 def vgg16_bn(input_size: int = 256, in_channels: int = 1) -> Backbone:
     """VGG-16 with batch normalisation (torchvision); Grad-CAM on the last conv block's ReLU."""
-    from torchvision import models
-
-    return Backbone("vgg16_bn", models.vgg16_bn(), stem="features.0", head="classifier.6",
-                    gradcam_layer="features.42", imagenet_weights="VGG16_BN_Weights.IMAGENET1K_V1",
-                    input_size=input_size, in_channels=in_channels)
+    return _torchvision("vgg16_bn", input_size, in_channels,
+                        stem="features.0", head="classifier.6", gradcam_layer="features.42",
+                        imagenet_weights="VGG16_BN_Weights.IMAGENET1K_V1")
 
 
 @register_model
 def resnet18(input_size: int = 256, in_channels: int = 1) -> Backbone:
     """ResNet-18 (torchvision); Grad-CAM on ``layer4``."""
-    from torchvision import models
-
-    return Backbone("resnet18", models.resnet18(), stem="conv1", head="fc", gradcam_layer="layer4",
-                    imagenet_weights="ResNet18_Weights.IMAGENET1K_V1", input_size=input_size, in_channels=in_channels)
+    return _torchvision("resnet18", input_size, in_channels,
+                        stem="conv1", head="fc", gradcam_layer="layer4", imagenet_weights="ResNet18_Weights.IMAGENET1K_V1")
 
 
 @register_model
 def resnet50(input_size: int = 256, in_channels: int = 1) -> Backbone:
     """ResNet-50 (torchvision); Grad-CAM on ``layer4``."""
-    from torchvision import models
-
-    return Backbone("resnet50", models.resnet50(), stem="conv1", head="fc", gradcam_layer="layer4",
-                    imagenet_weights="ResNet50_Weights.IMAGENET1K_V2", input_size=input_size, in_channels=in_channels)
+    return _torchvision("resnet50", input_size, in_channels,
+                        stem="conv1", head="fc", gradcam_layer="layer4", imagenet_weights="ResNet50_Weights.IMAGENET1K_V2")
 
 
 @register_model
 def densenet121(input_size: int = 256, in_channels: int = 1) -> Backbone:
     """DenseNet-121 (torchvision); Grad-CAM on ``features`` (the last dense block after ``norm5``)."""
-    from torchvision import models
-
-    return Backbone("densenet121", models.densenet121(), stem="features.conv0", head="classifier",
-                    gradcam_layer="features", imagenet_weights="DenseNet121_Weights.IMAGENET1K_V1",
-                    input_size=input_size, in_channels=in_channels)
+    return _torchvision("densenet121", input_size, in_channels,
+                        stem="features.conv0", head="classifier", gradcam_layer="features",
+                        imagenet_weights="DenseNet121_Weights.IMAGENET1K_V1")
 
 
 @register_model
 def efficientnet_b0(input_size: int = 256, in_channels: int = 1) -> Backbone:
     """EfficientNet-B0 (torchvision); Grad-CAM on the last 1x1 convolution block (``features.8``)."""
-    from torchvision import models
-
-    return Backbone("efficientnet_b0", models.efficientnet_b0(), stem="features.0.0",
-                    head="classifier.1", head_prefix="classifier", gradcam_layer="features.8",
-                    imagenet_weights="EfficientNet_B0_Weights.IMAGENET1K_V1", input_size=input_size,
-                    in_channels=in_channels)
+    return _torchvision("efficientnet_b0", input_size, in_channels,
+                        stem="features.0.0", head="classifier.1", head_prefix="classifier", gradcam_layer="features.8",
+                        imagenet_weights="EfficientNet_B0_Weights.IMAGENET1K_V1")
 
 
 # EfficientNet-Lite0 (Tan & Le 2019; the Lite variants of the TensorFlow TPU repository): the B0 layout
