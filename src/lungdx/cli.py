@@ -118,7 +118,8 @@ def _add_run_config(parser: argparse.ArgumentParser) -> None:
                         help="one-off override, e.g. --set train.lr=3e-4 (repeatable)")
 
 
-def _run_config(args):
+def _run_config(args, *, require_data: bool = True):
+    """The config of `--config`, `--set` and the shortcut flags; exits when no dataset is given."""
     from lungdx.config import apply_overrides, load_config
 
     overrides = list(args.set)
@@ -126,7 +127,10 @@ def _run_config(args):
                       (args.weights, "model.weights")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
-    return apply_overrides(load_config(args.config), overrides)
+    config = apply_overrides(load_config(args.config), overrides)
+    if require_data and not config.data.path:
+        raise SystemExit(f"lungdx {args.command}: no data given (use --data PATH or data.path in --config)")
+    return config
 
 
 def _add_cv(commands) -> None:
@@ -151,8 +155,6 @@ def _cmd_cv(args) -> int:
     from lungdx.cv import CVPlan, cross_validate
 
     config = _run_config(args)
-    if not config.data.path:
-        raise SystemExit("lungdx cv: no data given (use --data PATH or data.path in --config)")
     _log_to_file(Path(args.out) / "cv.log")
     cross_validate(config, args.out, CVPlan(args.folds, args.repeats, args.seed), device=args.device,
                    progress=not args.quiet, by=tuple(args.by))
@@ -197,8 +199,6 @@ def _add_tune(commands) -> None:
 
 def _cmd_tune(args) -> int:
     config = _run_config(args)
-    if not config.data.path:
-        raise SystemExit("lungdx tune: no data given (use --data PATH or data.path in --config)")
     try:
         import optuna
 
@@ -398,9 +398,7 @@ def _cmd_demo(args) -> int:
 def _cmd_train(args) -> int:
     from lungdx.train import fit
 
-    config = _run_config(args)
-    if not config.data.path and not args.resume:
-        raise SystemExit("lungdx train: no data given (use --data PATH or data.path in --config)")
+    config = _run_config(args, require_data=not args.resume)
     _log_to_file(Path(args.out) / "train.log")
     result = fit(config, args.out, resume=args.resume, progress=not args.quiet)
     print(f"Run written to {result.run_dir}: best epoch {result.best_epoch} of {len(result.history)}, "
