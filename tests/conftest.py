@@ -58,3 +58,15 @@ def tiny_config(data_dir, cache_dir, *overrides):
             "preprocess.size=64", "model.kwargs={widths: [8, 8, 16, 16, 16], hidden: 16}",
             "train.epochs=2", "train.batch_size=16", "train.patience=5"]
     return apply_overrides(load_config(), base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def trained_run(phantom_dir, tmp_path_factory) -> Path:
+    """A tiny model trained on the phantoms (64 px, two epochs): a run folder with ``model.pt``.
+
+    Shared by the service, PACS and monitoring tests, which need a real checkpoint, not a good one.
+    """
+    from lungdx.train import fit
+
+    folder = tmp_path_factory.mktemp("trained")
+    return fit(tiny_config(phantom_dir, folder / "cache"), folder / "run").run_dir

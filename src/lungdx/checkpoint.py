@@ -79,3 +79,31 @@ def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
     model = create_model(payload["model"]["name"], **payload["model"]["kwargs"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()
+
+
+def model_version(payload: dict[str, Any]) -> str:
+    """A short, stable fingerprint of a checkpoint's model: architecture, weights, preprocessing, threshold.
+
+    Two checkpoints that would give different answers get different versions; the same
+    checkpoint loaded twice gets the same one. Used wherever a result names its model
+    (service responses, DICOM SR, FHIR, the prediction log).
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    described = {key: payload.get(key) for key in ("model", "preprocess", "task", "class_names", "threshold", "temperature")}
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    for name in sorted(payload["state_dict"]):
+        tensor = payload["state_dict"][name]
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def model_identity(payload: dict[str, Any]) -> dict[str, str]:
+    """Name and version of the model behind a result, as IHE AI Results and FHIR ask for them."""
+    from lungdx import __version__
+
+    return {"name": f"lungdx {payload['model']['name']}", "model": payload["model"]["name"],
+            "version": model_version(payload), "software_version": __version__, "task": payload.get("task", "")}
