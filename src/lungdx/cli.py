@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(commands)
     _add_predict(commands)
     _add_explain(commands)
+    _add_monitor(commands)
+    _add_serve(commands)
     models = commands.add_parser("models", help="list the registered models")
     models.set_defaults(handler=_cmd_models)
     return parser
@@ -362,6 +364,127 @@ def _cmd_explain(args) -> int:
           + "".join(f"\tWARNING: {text}" for text in explanation.warnings))
     print(f"Written: {png} (overlay), {npy} (heatmap, {explanation.heatmap_original.shape[0]} x "
           f"{explanation.heatmap_original.shape[1]}, the image's rows x columns)")
+    return 0
+
+
+def _add_serve(commands) -> None:
+    serve = commands.add_parser(
+        "serve", help="the inference service and the radiologist's web page (FastAPI + uvicorn)",
+        description="Serve one trained model over HTTP: the web page at /, POST /v1/predictions, GET /v1/model, "
+                    "/healthz, /readyz, /metrics and the OpenAPI docs at /docs. Needs the serve extra: "
+                    "pip install -e '.[serve]'.",
+        epilog="examples:\n  lungdx serve runs/jsrt-mal --port 8000\n"
+               "  lungdx serve runs/jsrt-mal --host 0.0.0.0 --api-key-file key.txt --db sqlite:///monitor.db\n"
+               "  curl -F file=@image.dcm -H 'X-API-Key: ...' 'http://127.0.0.1:8000/v1/predictions?heatmap=true'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("run", type=Path, help="run folder (or model.pt) to serve")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key-file", type=Path, help="file holding the API key (at least 16 characters); "
+                       "else $LUNGDX_API_KEY; without either, no key is asked for")
+    serve.add_argument("--db", default="sqlite:///monitor.db",
+                       help="SQLAlchemy URL of the prediction and feedback log (default: %(default)s); 'none' turns it off")
+    serve.add_argument("--max-upload-mb", type=float, default=64.0, help="largest request body (default: %(default)s)")
+    serve.add_argument("--max-megapixels", type=float, default=50.0, help="largest image, read from its header (default: %(default)s)")
+    serve.add_argument("--max-batch", type=int, default=16, help="micro-batch size; 1 turns batching off (default: %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with (default: %(default)s)")
+    serve.add_argument("--heatmap-method", choices=["gradcam", "occlusion"], default="gradcam")
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    serve.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from lungdx.service.app import create_app
+        from lungdx.service.settings import ServiceSettings
+    except ImportError as err:
+        raise RuntimeError(f"the service needs the serve extra (pip install -e '.[serve]'): {err}") from err
+    if args.api_key_file is not None:
+        if not args.api_key_file.is_file():
+            raise FileNotFoundError(f"{args.api_key_file}: no such API key file")
+        api_key = args.api_key_file.read_text().strip()
+    else:
+        api_key = os.environ.get("LUNGDX_API_KEY") or None
+    settings = ServiceSettings(
+        run=args.run, api_key=api_key, db_url=None if args.db.lower() == "none" else args.db, device=args.device,
+        precision=args.precision, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=int(args.max_megapixels * 1_000_000), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        heatmap_method=args.heatmap_method)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s without an API key: anyone who reaches this port can use the model", args.host)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
+def _add_monitor(commands) -> None:
+    monitor = commands.add_parser(
+        "monitor", help="monitoring log of the service: report, export confirmed cases, challenge a new model",
+        description="Read the prediction and feedback log that `lungdx serve --db URL` writes (any SQLAlchemy URL).\n"
+                    "The log holds no images; export and challenge use the image archive the service keeps with\n"
+                    "--archive DIR (header-free 16-bit PNGs named by prediction id; see docs/monitoring.md).",
+        epilog="examples:\n  lungdx monitor report --db sqlite:///monitor.db --since 30d --out monitor.html\n"
+               "  lungdx monitor export --db sqlite:///monitor.db --out feedback_manifest.csv\n"
+               "  lungdx monitor challenge runs/new --db sqlite:///monitor.db --current runs/jsrt-mal",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = monitor.add_subparsers(dest="monitor_command", required=True, metavar="ACTION")
+    report = actions.add_parser("report", help="offline HTML report: volume, alerts, drift, rolling performance")
+    report.add_argument("--since", default="30d", help="period: 30d, 12h, 90m, 2w or all (default: %(default)s)")
+    report.add_argument("--out", default="monitor_report.html", help="HTML file (default: %(default)s)")
+    export = actions.add_parser(
+        "export", help="confirmed cases as a manifest CSV to retrain on",
+        description="Write every confirmed case as a manifest (image, case_id, patient_id, label, target and the task's "
+                    "label columns), readable by `lungdx train --data FILE.csv`. Images come from the service's archive; "
+                    "cases without an archived image are left out unless --include-missing, which writes them with an "
+                    "empty image and their pseudonymous case_key (HMAC of the SOP Instance UID) for the site to resolve "
+                    "with its own UID-to-file mapping. patient_id is the case key: one image per patient.")
+    export.add_argument("--out", default="feedback_manifest.csv", help="CSV file (default: %(default)s)")
+    export.add_argument("--include-missing", action="store_true", help="also list confirmed cases without an archived image")
+    challenge = actions.add_parser(
+        "challenge", help="candidate model against the current one on the confirmed cases (paired tests)",
+        description="Score the confirmed cases' archived images with the candidate and compare it with the current "
+                    "model: DeLong and paired bootstrap of the AUC difference, McNemar of the decisions. Without "
+                    "--current, the logged predictions of the model the service runs are used.")
+    challenge.add_argument("candidate", help="run folder (or model.pt) of the new model")
+    challenge.add_argument("--current", help="run folder of the current model (re-scores the same images)")
+    challenge.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples (default: %(default)s)")
+    challenge.add_argument("--out", help="also write comparison.md and comparison.json here")
+    challenge.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    for action in (report, export, challenge):
+        action.add_argument("--db", required=True, help="SQLAlchemy URL of the log, e.g. sqlite:///monitor.db")
+        action.add_argument("--model", help="model version to describe (default: the one registered last)")
+    for action in (export, challenge):
+        action.add_argument("--archive", help="image archive folder (default: the one the service recorded)")
+    monitor.set_defaults(handler=_cmd_monitor)
+
+
+def _cmd_monitor(args) -> int:
+    from lungdx.monitoring import Monitor, challenge, export_feedback, render_report
+
+    with Monitor.open(args.db, model_version=args.model) as monitor:
+        if args.monitor_command == "report":
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(render_report(monitor, since=args.since), encoding="utf-8")
+            print(f"Written: {args.out} (open it in any browser, offline)")
+        elif args.monitor_command == "export":
+            counts = export_feedback(monitor, args.out, archive_dir=args.archive, include_missing=args.include_missing)
+            left = "listed with an empty image" if args.include_missing else "left out (--include-missing lists them)"
+            print(f"Written: {counts['path']}: {counts['rows']} confirmed cases; {counts['without_image']} without an "
+                  f"archived image {left}")
+        else:
+            from lungdx.compare import comparison_markdown, write_comparison
+
+            result = challenge(monitor, args.candidate, current=args.current, archive_dir=args.archive,
+                               n_resamples=args.bootstrap, device=args.device)
+            print(comparison_markdown(result))
+            print(f"Cases: {result['cases']}; {result['confirmed_without_image']} confirmed cases had no archived image.")
+            if args.out:
+                write_comparison(result, args.out)
+                print(f"Written: {Path(args.out) / 'comparison.md'}, {Path(args.out) / 'comparison.json'}")
     return 0
 
 

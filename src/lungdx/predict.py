@@ -109,7 +109,7 @@ class Predictor:
     def predict_pixels(self, pixels: np.ndarray, source: str = "<array>", meta: dict | None = None) -> Prediction:
         """Predict one (H, W) image in [0, 1] (MONOCHROME2 polarity)."""
         probability = float(self.probabilities(self.level(pixels)[None])[0])
-        return self._prediction(source, probability, meta or {})
+        return self.decide(source, probability, meta or {})
 
     def predict_files(self, paths: Iterable[str | Path], batch_size: int = 16) -> list[Prediction]:
         """Predict image files; a file that cannot be read gets a Prediction with ``error`` set."""
@@ -125,10 +125,11 @@ class Predictor:
         if pending:
             probabilities = self.probabilities(np.stack([levelled for _, levelled in pending]), batch_size)
             for (index, _), probability in zip(pending, probabilities, strict=True):
-                results[index] = self._prediction(results[index].source, float(probability), results[index].meta)
+                results[index] = self.decide(results[index].source, float(probability), results[index].meta)
         return results
 
-    def _prediction(self, source: str, probability: float, meta: dict) -> Prediction:
+    def decide(self, source: str, probability: float, meta: dict) -> Prediction:
+        """The Prediction for a probability: label at the frozen threshold, and header warnings."""
         chest, reason = is_chest_radiograph(meta) if meta else (True, "")
         warnings = [] if chest else [f"not a frontal chest radiograph: {reason}"]
         if self.threshold is None:

@@ -31,6 +31,7 @@ from lungdx.data.split import check_leakage, split_patients
 from lungdx.models import create_model
 from lungdx.models.weights import head_prefixes, is_head, load_weights, split_parameters
 from lungdx.predict import compute_logits, model_input, sigmoid
+from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
 
 logger = logging.getLogger(__name__)
@@ -432,7 +433,9 @@ def _finish(run_dir: Path, config: RunConfig, data: PreparedData, hardware: Hard
     val_metrics = metrics.binary_metrics(y_val, probabilities, threshold)
     _save_model(run_dir / "model.pt", model, config, data, fingerprint, epoch=best["epoch"], threshold=threshold,
                 threshold_method=config.train.threshold_method, val_metrics=metrics.json_safe(val_metrics),
-                val_loss=val_row["loss"])
+                val_loss=val_row["loss"],
+                val_reference=build_reference(probabilities, data.rows("val")["path"].tolist(),
+                                              source=f"validation split at training time ({run_dir.name})"))
     (run_dir / "best.pt").unlink()
     summary = {"best_epoch": best["epoch"], "epochs_run": len(history), "stopped_early": stopper.should_stop,
                "threshold": threshold, "threshold_method": config.train.threshold_method,

@@ -1,0 +1,121 @@
+"""DIMSE with pynetdicom: a C-STORE SCP (and C-ECHO) that persists what it receives, and a C-STORE SCU.
+
+The SCP only writes each received instance into the inbox folder (atomically, named by a digest
+of its SOP Instance UID) and answers Success: analysis happens in a worker, so a slow model never
+holds an association open and nothing received is lost if the node stops.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
+
+from lungdx.integrations import uid_digest
+from lungdx.integrations.outbox import DeliveryError, write_atomic
+
+logger = logging.getLogger(__name__)
+
+ACCEPTED_SOP_CLASSES = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    # Chest radiographs converted from other formats often arrive as Secondary Capture with
+    # Modality DX (the NIH ChestX-ray14 DICOMs); the worker checks the header and skips the rest.
+    SecondaryCaptureImageStorage,
+)
+_SUCCESS, _OUT_OF_RESOURCES = 0x0000, 0xA700
+
+
+class StoreListener:
+    """A DICOM node: C-STORE SCP for radiographs into ``inbox``, and C-ECHO, on ``host:port`` as ``aet``."""
+
+    def __init__(self, inbox: str | Path, aet: str = "LUNGDX", host: str = "0.0.0.0", port: int = 11112,
+                 on_received=None):
+        self.inbox = Path(inbox)
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.aet, self.host, self.port = aet, host, port
+        self.on_received = on_received
+        self._server = None
+
+    def start(self) -> None:
+        """Listen in background threads (returns at once)."""
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.aet)
+        for sop_class in ACCEPTED_SOP_CLASSES:
+            ae.add_supported_context(sop_class, AllTransferSyntaxes)
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_C_ECHO, lambda event: _SUCCESS)]
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        logger.info("DICOM node %s listening on %s:%d", self.aet, self.host, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _handle_store(self, event) -> int:
+        sop_uid = event.request.AffectedSOPInstanceUID
+        digest = uid_digest(sop_uid)
+        try:
+            write_atomic(self.inbox / f"{digest}.dcm", event.encoded_dataset())
+        except OSError as err:
+            logger.error("cannot persist received instance %s: %s", digest, err.strerror or err)
+            return _OUT_OF_RESOURCES
+        logger.info("received instance %s from %s", digest, event.assoc.requestor.ae_title)
+        if self.on_received is not None:
+            self.on_received()
+        return _SUCCESS
+
+
+def send_cstore(files: Sequence[Path], host: str, port: int, called_aet: str, calling_aet: str = "LUNGDX",
+                timeout_s: float = 30.0) -> None:
+    """C-STORE PS3.10 files to a peer; raises DeliveryError when it is down or refuses any of them."""
+    import pydicom
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(file) for file in files]
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    for sop_class, syntax in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(host, port, ae_title=called_aet)
+    if not assoc.is_established:
+        raise DeliveryError(f"no association with {called_aet} at {host}:{port}")
+    try:
+        for dataset in datasets:
+            status = assoc.send_c_store(dataset)
+            code = getattr(status, "Status", None)
+            # Success (0000) or a Warning (B000, B007, B006) stores the instance (PS3.4 B.2.3).
+            if code is None or not (code == _SUCCESS or 0xB000 <= code <= 0xBFFF):
+                raise DeliveryError(f"{called_aet} refused instance {uid_digest(dataset.SOPInstanceUID)}: "
+                                    f"status {'none' if code is None else hex(code)}")
+    finally:
+        assoc.release()
+
+
+def echo(host: str, port: int, called_aet: str, calling_aet: str = "ECHOSCU") -> bool:
+    """C-ECHO a peer: True when it answers Success."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called_aet)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return getattr(status, "Status", None) == _SUCCESS
+    finally:
+        assoc.release()

@@ -1,0 +1,95 @@
+"""FHIR out: a ``DiagnosticReport`` with its ``Observation`` (probability, label, model, study), as JSON.
+
+Validated with fhir.resources. fhir.resources 8 ships FHIR R5 (default), R4B (4.3.0) and STU3
+models, no R4 (4.0.1); R4B is used: ``DiagnosticReport``, ``Observation`` and ``Bundle`` did not
+change between R4 and R4B (R4B only touched medication-definition, evidence and subscription
+resources), so a resource valid here is valid R4 and every element written exists in R4.
+
+The two resources travel in a ``transaction`` Bundle, the usual way to POST related resources to
+a FHIR base URL: the report refers to the observation by its ``urn:uuid`` full URL.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+import httpx
+
+from lungdx.integrations.outbox import DeliveryError
+
+_LOINC_RADIOLOGY = {"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}
+_DICOM_UID = "urn:dicom:uid"
+_UCUM = "http://unitsofmeasure.org"
+
+
+def make_bundle(probability: float, label: int | None, class_name: str | None, threshold: float | None,
+                identity: dict, study_uid: str, patient_id: str | None = None) -> dict:
+    """A transaction Bundle (dict) holding the Observation and the DiagnosticReport, validated as FHIR.
+
+    Args:
+        identity: ``checkpoint.model_identity`` of the model.
+        study_uid: the Study Instance UID (0020,000D): the ImagingStudy is referred to by identifier.
+        patient_id: Patient ID (0010,0020) for ``subject``, when the EHR is to link the result.
+    """
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    observation_url, report_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+    study = {"type": "ImagingStudy", "identifier": {"system": _DICOM_UID, "value": f"urn:oid:{study_uid}"}}
+    subject = {"subject": {"identifier": {"value": patient_id}}} if patient_id else {}
+    device = f"{identity['name']} version {identity['version']} (lungdx {identity['software_version']})"
+    observation = {
+        "resourceType": "Observation", "status": "preliminary", **subject, "issued": now,
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                  "code": "imaging"}]}],
+        "code": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "111047",
+                             "display": "Probability of cancer"}], "text": "Lung nodule malignancy probability"},
+        "valueQuantity": {"value": float(probability), "unit": "1", "system": _UCUM, "code": "1"},
+        "method": {"text": device},
+        "device": {"display": device, "identifier": {"system": "urn:lungdx:model-version",
+                                                     "value": identity["version"]}},
+        "derivedFrom": [study],
+        "note": [{"text": "Computed by an AI model; not a diagnosis."}],
+    }
+    if label is not None:
+        observation["interpretation"] = [{"text": f"{class_name} (threshold {threshold:.4f})"}]
+        observation["component"] = [{"code": {"text": "operating threshold"},
+                                     "valueQuantity": {"value": float(threshold), "unit": "1", "system": _UCUM,
+                                                       "code": "1"}}]
+    report = {
+        "resourceType": "DiagnosticReport", "status": "preliminary", **subject, "issued": now,
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
+        "code": {"coding": [_LOINC_RADIOLOGY], "text": "lungdx chest radiograph lung nodule analysis"},
+        "result": [{"reference": observation_url}], "imagingStudy": [study],
+        "conclusion": (f"Lung nodule malignancy probability {probability:.3f}"
+                       + (f": {class_name}" if class_name else "") + f" ({device})."),
+    }
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": observation_url, "resource": observation, "request": {"method": "POST", "url": "Observation"}},
+        {"fullUrl": report_url, "resource": report, "request": {"method": "POST", "url": "DiagnosticReport"}}]}
+    validate(bundle)
+    return bundle
+
+
+def validate(bundle: dict) -> None:
+    """Validate a Bundle and each resource in it with fhir.resources' R4B models (raises ValueError)."""
+    from fhir.resources.R4B.bundle import Bundle
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+    from fhir.resources.R4B.observation import Observation
+
+    models = {"Observation": Observation, "DiagnosticReport": DiagnosticReport}
+    Bundle.model_validate(bundle)  # pydantic's ValidationError is a ValueError
+    for entry in bundle.get("entry", []):
+        models[entry["resource"]["resourceType"]].model_validate(entry["resource"])
+
+
+def post_bundle(path, base_url: str, timeout_s: float = 30.0) -> None:
+    """POST a Bundle JSON file to a FHIR server's base URL; raises DeliveryError on failure."""
+    body = json.loads(open(path, encoding="utf-8").read())
+    try:
+        response = httpx.post(base_url.rstrip("/"), json=body, timeout=timeout_s,
+                              headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+    except httpx.HTTPError as err:
+        raise DeliveryError(f"FHIR server {base_url} unreachable: {type(err).__name__}") from err
+    if response.status_code >= 400:
+        raise DeliveryError(f"FHIR server {base_url} refused the bundle: HTTP {response.status_code}")

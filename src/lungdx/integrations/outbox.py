@@ -1,0 +1,127 @@
+"""A folder-backed outbox: results wait on disk until delivered, retried with exponential backoff.
+
+Each item is a folder ``pending/<id>/`` holding ``payload<suffix>`` and ``state.json`` (kind,
+attempts, next attempt time, last error). Items appear atomically (written under ``tmp/`` and
+renamed), so a crash or a restart never leaves half an item, and whatever is pending when the
+listener stops is delivered after it starts again. Delivered items move to ``sent/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class DeliveryError(RuntimeError):
+    """A destination is down or refused a payload; the item stays in the outbox."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: ``base_s * 2**(attempts - 1)``, at most ``max_s``, between attempts."""
+
+    base_s: float = 2.0
+    max_s: float = 300.0
+
+    def delay_s(self, attempts: int) -> float:
+        return min(self.max_s, self.base_s * 2 ** max(0, attempts - 1))
+
+
+@dataclass(frozen=True)
+class Item:
+    """One pending payload."""
+
+    folder: Path
+    kind: str
+    payload: Path
+    attempts: int
+    next_attempt: float
+    label: str
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    with open(partial, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    partial.replace(path)
+    return path
+
+
+class Outbox:
+    """Pending deliveries under ``folder`` (``pending/``, ``sent/``, ``tmp/``)."""
+
+    def __init__(self, folder: str | Path, retry: RetryPolicy | None = None):
+        self.folder = Path(folder)
+        self.retry = retry or RetryPolicy()
+        for name in ("pending", "sent", "tmp"):
+            (self.folder / name).mkdir(parents=True, exist_ok=True)
+
+    def put(self, kind: str, payload: bytes, suffix: str, label: str) -> Item:
+        """Queue ``payload`` for the destination ``kind`` (``dicom`` or ``fhir``); ``label`` names it in logs."""
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        staging = self.folder / "tmp" / name
+        write_atomic(staging / f"payload{suffix}", payload)
+        state = {"kind": kind, "attempts": 0, "next_attempt": 0.0, "label": label, "last_error": None}
+        write_atomic(staging / "state.json", json.dumps(state).encode())
+        staging.replace(self.folder / "pending" / name)
+        return self._item(self.folder / "pending" / name)
+
+    def pending(self) -> list[Item]:
+        """Every pending item, oldest first."""
+        folders = sorted(p for p in (self.folder / "pending").iterdir() if (p / "state.json").is_file())
+        return [self._item(folder) for folder in folders]
+
+    def due(self, now: float | None = None) -> list[Item]:
+        """Pending items whose next attempt time has come."""
+        now = time.time() if now is None else now
+        return [item for item in self.pending() if item.next_attempt <= now]
+
+    def delivered(self, item: Item) -> None:
+        shutil.move(str(item.folder), str(self.folder / "sent" / item.folder.name))
+
+    def failed(self, item: Item, error: str) -> float:
+        """Record a failed attempt and schedule the next; returns the delay in seconds."""
+        attempts = item.attempts + 1
+        delay_s = self.retry.delay_s(attempts)
+        state = {"kind": item.kind, "attempts": attempts, "next_attempt": time.time() + delay_s,
+                 "label": item.label, "last_error": error}
+        write_atomic(item.folder / "state.json", json.dumps(state).encode())
+        return delay_s
+
+    def deliver(self, senders: Mapping[str, Callable[[Path], None]], now: float | None = None) -> int:
+        """Try every due item with the sender of its kind; returns how many were delivered."""
+        count = 0
+        for item in self.due(now):
+            sender = senders.get(item.kind)
+            if sender is None:
+                continue  # no destination of this kind configured (yet): the item waits
+            try:
+                sender(item.payload)
+            except DeliveryError as err:
+                delay_s = self.failed(item, str(err))
+                logger.warning("delivery of %s failed (attempt %d), retrying in %.0f s: %s",
+                               item.label, item.attempts + 1, delay_s, err)
+            else:
+                self.delivered(item)
+                logger.info("delivered %s", item.label)
+                count += 1
+        return count
+
+    def _item(self, folder: Path) -> Item:
+        state = json.loads((folder / "state.json").read_text())
+        payload = next(p for p in folder.iterdir() if p.name.startswith("payload"))
+        return Item(folder=folder, kind=state["kind"], payload=payload, attempts=int(state["attempts"]),
+                    next_attempt=float(state["next_attempt"]), label=state["label"])

@@ -1,0 +1,221 @@
+"""From a received instance to delivered results: analyse, make SR + Secondary Capture + FHIR, queue, deliver.
+
+``analyse_file`` is the one path from a DICOM file to results; the DICOM node (``Node``) and the
+DICOMweb pull (``pacs_run``) both use it, and it predicts through the one ``Predictor`` exactly as
+``lungdx predict`` does (``read_image``, the checkpoint's levelling, its threshold).
+
+State folder layout (``Node`` and ``pacs_run``): ``inbox/`` received instances not yet analysed,
+``outbox/`` results not yet delivered (see ``outbox.Outbox``), ``fhir/`` every FHIR Bundle
+written, ``events.jsonl`` one line per instance (digest of the SOP Instance UID, status, reason:
+never patient data).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from lungdx.checkpoint import model_identity
+from lungdx.integrations import uid_digest
+from lungdx.integrations.outbox import Outbox, RetryPolicy, write_atomic
+from lungdx.io import ImageReadError, is_chest_radiograph, read_image
+from lungdx.predict import Prediction, Predictor
+
+logger = logging.getLogger(__name__)
+
+
+class Skipped(ValueError):
+    """An instance that is not analysed (not a frontal chest radiograph, unreadable pixels)."""
+
+
+@dataclass
+class Results:
+    """What one analysed instance gives: the prediction and the three result objects."""
+
+    prediction: Prediction
+    sr: Dataset
+    secondary_capture: Dataset
+    fhir_bundle: dict
+
+
+def analyse_file(predictor: Predictor, path: str | Path, method: str = "gradcam") -> Results:
+    """Predict and explain one DICOM file and make its SR, Secondary Capture and FHIR Bundle.
+
+    Raises:
+        Skipped: not a frontal chest radiograph, or pixels that cannot be read (the reason says which).
+    """
+    from lungdx.explain import explain_levelled, to_original_grid
+    from lungdx.integrations.fhir import make_bundle
+    from lungdx.integrations.results import make_secondary_capture, make_sr, overlay_rgb
+
+    try:
+        image = read_image(path)
+    except ImageReadError as err:
+        raise Skipped(err.reason) from err
+    chest, reason = is_chest_radiograph(image.meta)
+    if image.meta.get("format") != "dicom" or not chest:
+        raise Skipped(f"not a frontal chest radiograph: {reason}")
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    levelled = predictor.level(image.pixels)
+    prediction = predictor.predict_pixels(image.pixels, source=str(path), meta=image.meta)
+    heatmap = explain_levelled(predictor, levelled[None], method)[0]
+    identity = model_identity(predictor.checkpoint)
+    caption = f"{identity['name']} {identity['version']}: p = {prediction.probability:.3f}" + (
+        f" -> {prediction.class_name}" if prediction.class_name else "")
+    overlay = overlay_rgb(image.pixels, to_original_grid(heatmap, image.pixels.shape, predictor.preprocess_config),
+                          caption)
+    return Results(
+        prediction=prediction,
+        sr=make_sr(source, prediction.probability, prediction.label, identity),
+        secondary_capture=make_secondary_capture(source, overlay, identity),
+        fhir_bundle=make_bundle(prediction.probability, prediction.label, prediction.class_name,
+                                prediction.threshold, identity, str(source.StudyInstanceUID),
+                                str(source.get("PatientID", "")) or None))
+
+
+def to_bytes(dataset: Dataset) -> bytes:
+    """A dataset as PS3.10 file bytes."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class Processor:
+    """Analyses files and queues their results in a state folder; delivery is separate (``deliver``)."""
+
+    def __init__(self, predictor: Predictor, state_dir: str | Path, *, send_dicom: Callable[[Path], None] | None,
+                 send_fhir: Callable[[Path], None] | None = None, retry: RetryPolicy | None = None,
+                 method: str = "gradcam"):
+        self.predictor, self.method = predictor, method
+        self.state_dir = Path(state_dir)
+        self.inbox = self.state_dir / "inbox"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(self.state_dir / "outbox", retry)
+        self.senders = {kind: sender for kind, sender in (("dicom", send_dicom), ("fhir", send_fhir)) if sender}
+        self._events = threading.Lock()
+
+    def process(self, path: Path) -> Results | None:
+        """Analyse one file and queue its results; never raises for a bad instance (it is logged)."""
+        digest = _digest_of(path)
+        try:
+            results = analyse_file(self.predictor, path, self.method)
+        except Skipped as err:
+            logger.warning("skipped instance %s: %s", digest, err)
+            self._event(digest, "skipped", str(err))
+            return None
+        except Exception as err:  # one bad instance must never stop the node
+            logger.exception("analysis of instance %s failed: %s", digest, type(err).__name__)
+            self._event(digest, "failed", f"{type(err).__name__}: {err}")
+            return None
+        fhir_json = json.dumps(results.fhir_bundle, indent=2).encode()
+        write_atomic(self.state_dir / "fhir" / f"{uid_digest(results.sr.SOPInstanceUID)}.json", fhir_json)
+        for kind, dataset in (("SR", results.sr), ("SC", results.secondary_capture)):
+            self.outbox.put("dicom", to_bytes(dataset), ".dcm", f"{kind} {uid_digest(dataset.SOPInstanceUID)}")
+        if "fhir" in self.senders:
+            self.outbox.put("fhir", fhir_json, ".json", f"FHIR bundle for {digest}")
+        logger.info("analysed instance %s: probability %.4f", digest, results.prediction.probability)
+        self._event(digest, "analysed", f"probability {results.prediction.probability:.6f}")
+        return results
+
+    def process_inbox(self) -> int:
+        """Analyse every file in the inbox (oldest first), removing each once its results are queued."""
+        files = sorted(self.inbox.glob("*.dcm"), key=lambda p: p.stat().st_mtime)
+        for path in files:
+            self.process(path)
+            path.unlink(missing_ok=True)
+        return len(files)
+
+    def deliver(self) -> int:
+        """Try to deliver every due result; the rest stays in the outbox."""
+        return self.outbox.deliver(self.senders)
+
+    def _event(self, digest: str, status: str, reason: str) -> None:
+        line = json.dumps({"time": time.time(), "instance": digest, "status": status, "reason": reason})
+        with self._events, open(self.state_dir / "events.jsonl", "a", encoding="utf-8") as stream:
+            stream.write(line + "\n")
+
+
+def _digest_of(path: Path) -> str:
+    try:
+        return uid_digest(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                          .get("SOPInstanceUID"))
+    except Exception:  # unreadable header: name it by its file, which is a digest in the inbox already
+        return path.stem
+
+
+class Node:
+    """The DICOM node: a C-STORE SCP into the inbox, one analysis worker, one delivery worker.
+
+    Whatever is in the inbox or outbox when it starts (left by an earlier run) is processed first.
+    """
+
+    def __init__(self, processor: Processor, *, aet: str = "LUNGDX", host: str = "0.0.0.0", port: int = 11112,
+                 poll_s: float = 1.0):
+        from lungdx.integrations.dimse import StoreListener
+
+        self.processor, self.poll_s = processor, poll_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.listener = StoreListener(processor.inbox, aet=aet, host=host, port=port, on_received=self._wake.set)
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.listener.start()
+        for target, name in ((self._analyse_loop, "lungdx-analysis"), (self._deliver_loop, "lungdx-delivery")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self.listener.stop()
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        self._threads.clear()
+
+    def _analyse_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            self.processor.process_inbox()
+            self._wake.wait(self.poll_s)
+
+    def _deliver_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.processor.deliver()
+            except Exception:  # a sender bug must not end delivery for good
+                logger.exception("delivery loop error")
+            self._stop.wait(self.poll_s)
+
+
+def pacs_run(processor: Processor, client, study_uid: str) -> list[Results]:
+    """Pull a study's instances by DICOMweb (QIDO-RS, WADO-RS), analyse them and queue their results.
+
+    Instances of other SOP classes (earlier SRs and Secondary Captures from lungdx included) are
+    skipped by the header check. Returns the results of the analysed instances.
+    """
+    from lungdx.integrations.dicomweb import SERIES_UID, SOP_UID, value
+    from lungdx.integrations.results import MANUFACTURER
+
+    results = []
+    for instance in client.search_instances(study_uid, includefield="00080070"):
+        if value(instance, "00080070") == MANUFACTURER:  # our own results: never analyse them again
+            continue
+        data = client.retrieve_instance(study_uid, value(instance, SERIES_UID), value(instance, SOP_UID))
+        path = write_atomic(processor.inbox / f"{uid_digest(value(instance, SOP_UID))}.dcm", data)
+        result = processor.process(path)
+        path.unlink(missing_ok=True)
+        if result is not None:
+            results.append(result)
+    return results

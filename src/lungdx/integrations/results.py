@@ -1,0 +1,184 @@
+"""Results put back into the original study: a TID 1500 Comprehensive SR and a heatmap Secondary Capture.
+
+Both share the source's Study Instance UID (0020,000D) and patient module, each gets a new series
+and new UIDs (``highdicom`` copies the patient and study modules from the evidence).
+
+The SR follows TID 1500 (Measurement Report) with one TID 1501 group: finding type "lung nodule",
+a qualitative evaluation of the malignancy likelihood (high or low at the model's operating
+threshold), the probability as a numeric value (DCM 111047 "Probability of cancer", UCUM "1"), and
+TID 4019 Algorithm Identification with the model's name and version, as IHE AI Results (AIR)
+asks. Concepts with no DICOM or SNOMED code are in the private coding scheme ``99LUNGDX`` (PS3.16
+8.2 allows a "99" prefixed local scheme).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+
+import cv2
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+MANUFACTURER = "lungdx"
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
+SC_MAX_SIDE_PX = 1024
+"""The overlay is downscaled to this side: it is a pointer for the reader, not a diagnostic image."""
+
+_PRIVATE = "99LUNGDX"
+
+
+def _codes():
+    """The coded concepts of the report (highdicom imported here: it is an optional dependency)."""
+    from highdicom.sr import CodedConcept
+
+    return {
+        "finding": CodedConcept("786838002", "SCT", "Lung nodule"),
+        "site": CodedConcept("39607008", "SCT", "Lung"),
+        "likelihood": CodedConcept("LD-0001", _PRIVATE, "Likelihood of malignancy"),
+        "high": CodedConcept("LD-0002", _PRIVATE, "High likelihood of malignancy"),
+        "low": CodedConcept("LD-0003", _PRIVATE, "Low likelihood of malignancy"),
+        "probability": CodedConcept("111047", "DCM", "Probability of cancer"),
+        "unit": CodedConcept("1", "UCUM", "no units"),
+        "procedure": CodedConcept("399208008", "SCT", "Plain chest X-ray"),
+    }
+
+
+def make_sr(source: Dataset, probability: float, label: int | None, identity: dict) -> Dataset:
+    """A Comprehensive SR (TID 1500) holding one image's result, in the source's study.
+
+    Args:
+        source: the analysed instance (its patient, study and SOP references are copied).
+        probability: the ``Predictor``'s probability.
+        label: 1 at or above the operating threshold, 0 below, None without a threshold.
+        identity: ``checkpoint.model_identity`` of the model.
+    """
+    import highdicom as hd
+
+    codes = _codes()
+    algorithm = hd.sr.AlgorithmIdentification(name=identity["name"], version=identity["version"],
+                                              manufacturer=MANUFACTURER)
+    evaluations = [] if label is None else [
+        hd.sr.QualitativeEvaluation(name=codes["likelihood"], value=codes["high" if label else "low"])]
+    measurement = hd.sr.Measurement(name=codes["probability"], value=float(probability), unit=codes["unit"],
+                                    algorithm_id=algorithm)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="lungdx finding 1"),
+        finding_type=codes["finding"], algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(codes["site"])], measurements=[measurement],
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(), name=identity["name"], manufacturer_name=MANUFACTURER,
+        model_name=f"{identity['model']} {identity['version']}")
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"), observer_identifying_attributes=device))
+    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes["procedure"],
+                                     imaging_measurements=[group])
+    with _quiet_names():
+        return hd.sr.ComprehensiveSR(
+            evidence=[evidence_header(source)], content=report, series_instance_uid=generate_uid(), series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+            series_description=f"lungdx AI result ({identity['model']} {identity['version']})",
+            software_versions=identity["software_version"], manufacturer_model_name=identity["model"])
+
+
+def evidence_header(source: Dataset) -> Dataset:
+    """The source's header without pixels, with the Type 2 patient and study attributes highdicom copies.
+
+    Patient (PS3.3 C.7.1.1) and General Study (C.7.2.1) Type 2 attributes may be absent in a
+    received file; they are added empty, as the standard allows, never invented.
+    """
+    header = Dataset()
+    header.file_meta = getattr(source, "file_meta", Dataset())
+    for element in source:
+        if element.tag != 0x7FE00010:  # Pixel Data is not needed by a reference
+            header.add(element)
+    age = str(header.get("PatientAge", ""))
+    if "PatientAge" in header and not re.fullmatch(r"\d{3}[DWMY]", age):
+        del header.PatientAge  # PS3.5 6.2 AS is nnnD/W/M/Y; a malformed value would make the result invalid
+    for keyword in _TYPE2_COPIED:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def read_sr_probability(sr: Dataset) -> float:
+    """The probability stored by ``make_sr``, read back through highdicom's TID 1500 parser.
+
+    Raises:
+        ValueError: the SR holds no such measurement.
+    """
+    import highdicom as hd
+
+    report = hd.sr.ComprehensiveSR.from_dataset(sr, copy=True)
+    for group in report.content.get_image_measurement_groups():
+        for measurement in group.get_measurements(name=_codes()["probability"]):
+            return float(measurement.value)
+    raise ValueError("the SR holds no 'Probability of cancer' measurement")
+
+
+def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, caption: str) -> np.ndarray:
+    """The radiograph (H, W) in [0, 1] with the heatmap blended over it and the caption burnt in: uint8 RGB."""
+    scale = min(1.0, SC_MAX_SIDE_PX / max(pixels.shape))
+    size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+    gray = cv2.resize(np.clip(pixels, 0, 1).astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    heat = cv2.resize(np.clip(heatmap, 0, 1).astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+    colour = cv2.cvtColor(cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    # Transparency grows with relevance, as in ``explain.plot_overlay``.
+    alpha = (0.55 * heat ** 0.7)[..., None]
+    base = np.repeat(gray[..., None], 3, axis=2) * 255
+    image = np.clip(base * (1 - alpha) + colour * alpha, 0, 255).astype(np.uint8)
+    font_scale = max(0.4, size[0] / 900)
+    for row, text in enumerate((NOT_FOR_DIAGNOSIS, caption)):
+        origin = (10, round(30 * font_scale * (row + 1)))
+        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 4, cv2.LINE_AA)
+        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 0), 1, cv2.LINE_AA)
+    return np.ascontiguousarray(image)
+
+
+def make_secondary_capture(source: Dataset, overlay: np.ndarray, identity: dict) -> Dataset:
+    """A Secondary Capture (RGB) of the heatmap overlay in the source's study, marked not for diagnostic use.
+
+    The mark is burnt into the pixels, and stated in Image Comments (0020,4000), Series Description
+    (0008,103E) and Burned In Annotation (0028,0301) YES.
+    """
+    import highdicom as hd
+
+    with _quiet_names():
+        image = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=evidence_header(source), pixel_array=overlay, photometric_interpretation="RGB",
+            bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=generate_uid(),
+            series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
+            manufacturer=MANUFACTURER, patient_orientation=_orientation(source),
+            transfer_syntax_uid=ExplicitVRLittleEndian)
+    image.SeriesDescription = f"lungdx heatmap - {NOT_FOR_DIAGNOSIS}"
+    image.ImageComments = f"{NOT_FOR_DIAGNOSIS}: explanation heatmap of {identity['name']} {identity['version']}"
+    image.BurnedInAnnotation = "YES"
+    image.SoftwareVersions = identity["software_version"]
+    return image
+
+
+def _orientation(source: Dataset) -> tuple[str, str]:
+    """Patient Orientation (0020,0020) of the source, or the usual PA chest view (L, F)."""
+    value = source.get("PatientOrientation")
+    if value is not None and len(value) == 2 and all(str(v).strip() for v in value):
+        return str(value[0]), str(value[1])
+    return "L", "F"
+
+
+
+@contextlib.contextmanager
+def _quiet_names():
+    """Silence highdicom's person-name warnings: their text quotes the patient's name, which no log may hold."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+        yield

@@ -1,0 +1,471 @@
+"""``Monitor``: the prediction and feedback log, its checks (drift, rolling performance) and its alerts.
+
+The service opens one ``Monitor`` in its lifespan, calls ``record`` for every prediction (from a
+threadpool: everything here is thread-safe) and ``add_feedback`` when a reader confirms a case.
+``lungdx monitor`` opens the same database read-only (no checkpoint) for reports and upgrades.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, select
+
+from lungdx.checkpoint import model_identity
+from lungdx.monitoring import store
+from lungdx.monitoring.drift import drift_checks
+from lungdx.monitoring.performance import ALERTING_METRICS, rolling_performance
+from lungdx.monitoring.settings import MonitorSettings
+from lungdx.predict import Prediction
+from lungdx.reference import ACQUISITION_FIELDS, acquisition_fields, intensity_statistics, load_reference
+
+logger = logging.getLogger(__name__)
+
+READER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}")
+"""A reader code: up to 16 letters, digits, ``_ . -``; with a digit unless 4 characters or fewer ("R1", "RAD-07", "JS")."""
+_SINCE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+class UnknownPrediction(KeyError):
+    """No prediction with this id is in the log."""
+
+    def __str__(self) -> str:
+        return f"no prediction with id {self.args[0]!r} in the monitoring log"
+
+
+def utc_now() -> datetime:
+    """Naive UTC, the log's time convention."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def parse_since(since: str | timedelta | None) -> timedelta | None:
+    """``30d``, ``12h``, ``90m``, ``2w`` (or a timedelta) -> timedelta; None or ``all`` -> None."""
+    if since is None or isinstance(since, timedelta):
+        return since
+    if since.strip().lower() == "all":
+        return None
+    match = _SINCE.fullmatch(since)
+    if not match:
+        raise ValueError(f"cannot read the period {since!r}: use a number and a unit, e.g. 30d, 12h, 90m, 2w, or all")
+    return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+
+
+def check_reader(reader: str) -> str:
+    """The reader code, or ValueError when it is not code-like (it must never be a person's name)."""
+    reader = str(reader).strip()
+    if not READER_PATTERN.fullmatch(reader) or (len(reader) > 4 and not any(c.isdigit() for c in reader)):
+        raise ValueError(f"reader {reader!r} is not a reader code: use a short code such as R1 or RAD-07 (up to 16 "
+                         "letters, digits, '_', '.', '-', with a digit when longer than 4 characters), never a name")
+    return reader
+
+
+class Monitor:
+    """The log of one database, for one model (the checkpoint's, or in read-only use the latest registered)."""
+
+    def __init__(self, engine, description: dict, settings: MonitorSettings, *, writable: bool, registry=None):
+        self.engine, self.settings, self.writable = engine, settings, writable
+        self.description = description
+        self.identity = description["identity"]
+        self.version = self.identity["version"]
+        self.class_names = list(description["class_names"])
+        self.reference = description.get("reference")
+        self._secret = store.case_key_secret(engine)
+        self._lock = threading.Lock()
+        self._check_lock = threading.Lock()
+        self._since_check = 0
+        self._cached: tuple[float, dict] | None = None
+        archive = settings.archive_dir
+        if archive is not None and writable:
+            Path(archive).mkdir(parents=True, exist_ok=True)
+            store.write_setting(engine, "archive_dir", str(Path(archive).resolve()))
+        from lungdx.monitoring.prometheus import register_metrics
+
+        self.registry, self._metrics = register_metrics(self, registry)
+
+    @classmethod
+    def open(cls, url: str, checkpoint: dict | None = None, *, registry=None, settings: MonitorSettings | None = None,
+             run_dir: Path | None = None, model_version: str | None = None) -> Monitor:
+        """Open (creating tables if missing) the log at SQLAlchemy ``url``.
+
+        Args:
+            checkpoint: the served model. Without one the monitor is read-only (reports, export,
+                challenge) and describes ``model_version``, or the model registered last.
+            registry: a ``prometheus_client.CollectorRegistry`` for the score histogram and the
+                monitoring gauges; a private one when None (``monitor.registry``).
+            run_dir: the run folder, for a drift reference when the checkpoint predates ``val_reference``.
+        """
+        settings = settings or MonitorSettings()
+        engine = store.create_store(url)
+        if checkpoint is not None:
+            description = _describe(checkpoint, run_dir)
+            _register_model(engine, description)
+        else:
+            description = _registered_model(engine, model_version)
+        return cls(engine, description, settings, writable=checkpoint is not None, registry=registry)
+
+    def close(self) -> None:
+        """Unregister the Prometheus metrics and release the database connections."""
+        from lungdx.monitoring.prometheus import unregister_metrics
+
+        unregister_metrics(self.registry, self._metrics)
+        self.engine.dispose()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------- log
+
+    def case_key(self, sop_instance_uid: str) -> str:
+        """The pseudonymous key of a SOP Instance UID (0008,0018) in this database (HMAC-SHA256)."""
+        return hmac.new(self._secret, f"uid:{sop_instance_uid}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _pixel_key(self, pixels: np.ndarray) -> str:
+        digest = hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.float32).tobytes()).hexdigest()
+        return hmac.new(self._secret, f"pixels:{digest}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def record(self, prediction: Prediction, pixels: np.ndarray) -> str:
+        """Log one prediction and its input statistics; returns the new prediction id.
+
+        Args:
+            prediction: from ``Predictor``; ``meta`` gives the acquisition fields and the SOP
+                Instance UID (hashed). Names, IDs, dates and ``meta["source"]`` are never stored.
+            pixels: the (H, W) image in [0, 1], MONOCHROME2, as read (before the model's levelling).
+        """
+        if not self.writable:
+            raise RuntimeError("this monitor was opened without a checkpoint (read-only); it cannot record predictions")
+        if prediction.probability is None:
+            raise ValueError(f"cannot log a prediction without a probability (error: {prediction.error})")
+        stats = intensity_statistics(pixels)
+        meta = prediction.meta or {}
+        uid = meta.get("sop_instance_uid")
+        prediction_id = uuid.uuid4().hex
+        archived = self._archive(prediction_id, pixels)
+        row = {"id": prediction_id, "created_at": utc_now(), "model_name": self.identity["name"],
+               "model_version": self.version, "probability": float(prediction.probability), "label": prediction.label,
+               "class_name": prediction.class_name, "threshold": prediction.threshold,
+               "case_key": self.case_key(uid) if uid else self._pixel_key(pixels),
+               **acquisition_fields(meta, pixels.shape), "height": stats["height"], "width": stats["width"],
+               **{f"intensity_{key}": stats[key] for key in ("mean", "std", "p05", "p50", "p95", "histogram")},
+               "archived": archived}
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(store.predictions_table.insert().values(**row))
+        except Exception:
+            if archived:
+                self._archive_path(prediction_id).unlink(missing_ok=True)
+            raise
+        self._metrics.observe(self.version, float(prediction.probability))
+        with self._lock:
+            self._since_check += 1
+            due = self._since_check >= self.settings.check_every
+            if due:
+                self._since_check = 0
+        if due:
+            self._check_quietly()
+        return prediction_id
+
+    def _archive_path(self, prediction_id: str) -> Path:
+        return Path(self.settings.archive_dir) / f"{prediction_id}.png"
+
+    def _archive(self, prediction_id: str, pixels: np.ndarray) -> bool:
+        if self.settings.archive_dir is None:
+            return False
+        import cv2
+
+        # Pixels only, 16-bit: no header, so nothing of the DICOM's patient module is copied.
+        levels = np.round(np.clip(np.asarray(pixels, dtype=np.float64), 0.0, 1.0) * 65535).astype(np.uint16)
+        if not cv2.imwrite(str(self._archive_path(prediction_id)), levels):
+            raise OSError(f"cannot write the archived image to {self.settings.archive_dir}")
+        return True
+
+    def add_feedback(self, prediction_id: str, label: str | int, reader: str) -> dict:
+        """Store a reader's confirmed label for a logged prediction; the latest feedback of a case counts.
+
+        Raises:
+            UnknownPrediction: no such prediction id.
+            ValueError: ``label`` is neither a class name of the model nor 0/1, or ``reader`` is not a code.
+        """
+        target = self._label_index(label)
+        reader = check_reader(reader)
+        with self.engine.begin() as connection:
+            found = connection.execute(select(store.predictions_table.c.model_version)
+                                       .where(store.predictions_table.c.id == str(prediction_id))).first()
+            if found is None:
+                raise UnknownPrediction(str(prediction_id))
+            names = self._class_names_of(connection, found.model_version)
+            row = {"prediction_id": str(prediction_id), "created_at": utc_now(), "label": target,
+                   "class_name": names[target], "reader": reader}
+            connection.execute(store.feedback_table.insert().values(**row))
+        return {**row, "created_at": row["created_at"].isoformat() + "Z"}
+
+    def _class_names_of(self, connection, version: str) -> list[str]:
+        if version == self.version:
+            return self.class_names
+        description = connection.execute(select(store.models_table.c.description)
+                                         .where(store.models_table.c.version == version)).scalar()
+        return list(description["class_names"]) if description else self.class_names
+
+    def _label_index(self, label: str | int) -> int:
+        if isinstance(label, bool):
+            raise ValueError("label must be a class name or 0/1, not a boolean")
+        if isinstance(label, int | np.integer) and int(label) in (0, 1):
+            return int(label)
+        if isinstance(label, str):
+            text = label.strip()
+            if text in self.class_names:
+                return self.class_names.index(text)
+            if text in ("0", "1"):
+                return int(text)
+        raise ValueError(f"label {label!r} is not a class of this model: use one of {self.class_names} or 0/1")
+
+    # ------------------------------------------------------------------------------------ queries
+
+    def window(self, *, since: str | timedelta | None = None, limit: int | None = None,
+               all_versions: bool = False) -> dict[str, list]:
+        """Logged predictions (newest first) as columns; by default the current model's latest ``window_count``."""
+        table = store.predictions_table
+        query = select(table).order_by(table.c.created_at.desc())
+        if not all_versions:
+            query = query.where(table.c.model_version == self.version)
+        period = parse_since(since) if since is not None else (
+            timedelta(days=self.settings.window_days) if self.settings.window_days else None)
+        if period is not None:
+            query = query.where(table.c.created_at >= utc_now() - period)
+        if limit is not None or since is None:
+            query = query.limit(limit or self.settings.window_count)
+        with self.engine.connect() as connection:
+            rows = [dict(row._mapping) for row in connection.execute(query)]
+        columns = [c.name for c in table.columns]
+        return {name: [row[name] for row in rows] for name in columns}
+
+    def confirmed(self, *, since: str | timedelta | None = None, all_versions: bool = False) -> list[dict]:
+        """Predictions with their latest feedback (``true_label``, ``reader``, ``confirmed_at``), oldest first."""
+        predictions, feedback = store.predictions_table, store.feedback_table
+        query = (select(predictions, feedback.c.label.label("true_label"), feedback.c.class_name.label("true_class"),
+                        feedback.c.reader, feedback.c.created_at.label("confirmed_at"), feedback.c.id.label("feedback_id"))
+                 .join(feedback, feedback.c.prediction_id == predictions.c.id).order_by(feedback.c.id))
+        if not all_versions:
+            query = query.where(predictions.c.model_version == self.version)
+        period = parse_since(since)
+        if period is not None:
+            query = query.where(feedback.c.created_at >= utc_now() - period)
+        latest: dict[str, dict] = {}
+        with self.engine.connect() as connection:
+            for row in connection.execute(query):
+                latest.pop(row.id, None)  # re-insert: the dict keeps the order of the latest feedback
+                latest[row.id] = dict(row._mapping)
+        return list(latest.values())
+
+    def performance(self, *, since: str | timedelta | None = None) -> dict:
+        """Rolling sensitivity, specificity, PPV and AUC (CIs) on the latest ``performance_window`` confirmed cases."""
+        cases = self.confirmed(since=since)[-self.settings.performance_window:]
+        return rolling_performance([c["true_label"] for c in cases], [c["probability"] for c in cases],
+                                   [c["label"] if c["label"] is not None else int(c["probability"] >= 0.5) for c in cases],
+                                   self.description.get("val_metrics"), self.settings)
+
+    def drift(self) -> list[dict]:
+        """Every drift check on the current window (see ``lungdx.monitoring.drift``)."""
+        window = self.window()
+        columns = {"probability": window["probability"], "intensity_mean": window["intensity_mean"],
+                   "intensity_histogram": window["intensity_histogram"],
+                   **{name: window[name] for name in ACQUISITION_FIELDS}}
+        return drift_checks(self.reference, columns, self.settings)
+
+    # ------------------------------------------------------------------------------ checks, alerts
+
+    def check(self) -> dict:
+        """Run drift and performance checks, log and POST alert changes, and return the status."""
+        drift, performance = self.drift(), self.performance()
+        states = {c["name"]: (c["alert"], c["value"], c["limit"], c["detail"]) for c in drift if c["status"] in ("ok", "alert")}
+        if performance["status"] in ("ok", "alert"):
+            raised = {a["name"]: a for a in performance["alerts"]}
+            for name in ALERTING_METRICS:
+                alert = raised.get(f"performance_{name}")
+                value = performance["metrics"][name]["value"]
+                states[f"performance_{name}"] = (alert is not None, value, performance["validation"][name],
+                                                 alert["detail"] if alert else f"{name} {value:.3f}")
+        active = self._update_alerts(states)
+        status = {"checked_at": utc_now().isoformat() + "Z", "model": self.identity,
+                  "reference_source": (self.reference or {}).get("source", "none: no drift reference available"),
+                  "drift": drift, "performance": performance, "active_alerts": active}
+        self._cached = (time.monotonic(), status)
+        return status
+
+    def status(self, max_age_s: float | None = None) -> dict:
+        """The last ``check`` when younger than ``max_age_s`` (default ``cache_seconds``), else a new one."""
+        max_age_s = self.settings.cache_seconds if max_age_s is None else max_age_s
+        cached = self._cached
+        if cached is not None and time.monotonic() - cached[0] <= max_age_s:
+            return cached[1]
+        return self.check()
+
+    def _check_quietly(self) -> None:
+        if not self._check_lock.acquire(blocking=False):
+            return  # another thread is checking already
+        try:
+            self.check()
+            self.prune_archive()
+        except Exception:  # a failing check must never fail the prediction that triggered it
+            logger.exception("monitoring check failed")
+        finally:
+            self._check_lock.release()
+
+    def _update_alerts(self, states: dict[str, tuple]) -> list[dict]:
+        table = store.alerts_table
+        with self._lock, self.engine.begin() as connection:
+            last = {}
+            for row in connection.execute(select(table).where(table.c.model_version == self.version).order_by(table.c.id)):
+                last[row.check_name] = dict(row._mapping)
+            for name, (alerting, value, limit, detail) in states.items():
+                was = last.get(name, {}).get("state") == "raised"
+                if alerting == was:
+                    continue
+                event = {"created_at": utc_now(), "model_version": self.version, "check_name": name,
+                         "state": "raised" if alerting else "cleared", "value": _finite(value), "limit_value": _finite(limit),
+                         "message": detail}
+                connection.execute(table.insert().values(**event))
+                last[name] = event
+                self._announce(event)
+        return [{"check": name, "since": event["created_at"].isoformat() + "Z", "value": event["value"],
+                 "limit": event["limit_value"], "message": event["message"]}
+                for name, event in sorted(last.items()) if event["state"] == "raised"]
+
+    def _announce(self, event: dict) -> None:
+        text = (f"monitoring alert {event['state']}: {event['check_name']} ({event['message']}) "
+                f"for model {self.identity['name']} {self.version}")
+        (logger.warning if event["state"] == "raised" else logger.info)(text)
+        if self.settings.webhook_url:
+            payload = {"event": event["state"], "check": event["check_name"], "value": event["value"],
+                       "limit": event["limit_value"], "message": event["message"], "model": self.identity,
+                       "time": event["created_at"].isoformat() + "Z"}
+            threading.Thread(target=_post_json, args=(self.settings.webhook_url, payload, self.settings.webhook_timeout_s),
+                             daemon=True, name="lungdx-monitor-webhook").start()
+
+    def alert_events(self, *, since: str | timedelta | None = None) -> list[dict]:
+        """Alert events (raised, cleared) of the current model, newest first."""
+        table = store.alerts_table
+        query = select(table).where(table.c.model_version == self.version).order_by(table.c.id.desc())
+        period = parse_since(since)
+        if period is not None:
+            query = query.where(table.c.created_at >= utc_now() - period)
+        with self.engine.connect() as connection:
+            return [{**dict(row._mapping), "created_at": row.created_at.isoformat() + "Z"} for row in connection.execute(query)]
+
+    def prune_archive(self) -> int:
+        """Delete archived images older than ``archive_retention_days`` that nobody confirmed; returns how many."""
+        if self.settings.archive_dir is None:
+            return 0
+        predictions, feedback = store.predictions_table, store.feedback_table
+        cutoff = utc_now() - timedelta(days=self.settings.archive_retention_days)
+        query = (select(predictions.c.id).where(predictions.c.archived, predictions.c.created_at < cutoff)
+                 .where(~select(feedback.c.id).where(feedback.c.prediction_id == predictions.c.id).exists()))
+        with self.engine.begin() as connection:
+            ids = list(connection.execute(query).scalars())
+            for prediction_id in ids:
+                self._archive_path(prediction_id).unlink(missing_ok=True)
+            if ids:
+                connection.execute(predictions.update().where(predictions.c.id.in_(ids)).values(archived=False))
+        return len(ids)
+
+    def _times(self, period: timedelta | None) -> list[datetime]:
+        table = store.predictions_table
+        query = select(table.c.created_at).order_by(table.c.created_at)
+        if period is not None:
+            query = query.where(table.c.created_at >= utc_now() - period)
+        with self.engine.connect() as connection:
+            return list(connection.execute(query).scalars())
+
+    def summary(self, *, since: str | timedelta | None = "30d") -> dict:
+        """Volume, drift, alerts and rolling performance as strict JSON (the service's ``/v1/monitor/summary``)."""
+        from lungdx.metrics import json_safe
+
+        status = self.check()
+        table = store.predictions_table
+        period = parse_since(since)
+        with self.engine.connect() as connection:
+            total = connection.execute(select(func.count()).select_from(table)
+                                       .where(table.c.model_version == self.version)).scalar()
+            confirmed = connection.execute(select(func.count(func.distinct(store.feedback_table.c.prediction_id)))).scalar()
+        times = self._times(period)
+        per_day: dict[str, int] = {}
+        for moment in times:
+            per_day[moment.date().isoformat()] = per_day.get(moment.date().isoformat(), 0) + 1
+        return json_safe({"model": self.identity, "since": None if period is None else str(since),
+                          "reference_source": status["reference_source"],
+                          "volume": {"current_model_total": total, "in_period": len(times), "confirmed_total": confirmed,
+                                     "per_day": [{"date": day, "count": count} for day, count in per_day.items()]},
+                          "drift": status["drift"], "alerts": {"active": status["active_alerts"],
+                                                                 "events": self.alert_events(since=since)},
+                          "performance": status["performance"], "checked_at": status["checked_at"]})
+
+
+def _finite(value) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _post_json(url: str, payload: dict, timeout_s: float) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            response.read()
+    except Exception as err:  # a webhook that is down must not stop monitoring
+        logger.warning("alert webhook %s failed: %s", url, err)
+
+
+def _describe(checkpoint: dict, run_dir: Path | None) -> dict:
+    reference = load_reference(checkpoint, run_dir)
+    if reference is None:
+        logger.warning("no drift reference: the checkpoint has no val_reference and no run folder was given")
+    else:
+        logger.info("drift reference: %s", reference.get("source"))
+    return {"identity": model_identity(checkpoint), "class_names": list(checkpoint["class_names"]),
+            "task": checkpoint.get("task"), "threshold": checkpoint.get("threshold"),
+            "val_metrics": checkpoint.get("val_metrics"), "reference": reference}
+
+
+def _register_model(engine, description: dict) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    from lungdx.metrics import json_safe
+
+    table = store.models_table
+    values = {"name": description["identity"]["name"], "registered_at": utc_now(), "description": json_safe(description)}
+    version = description["identity"]["version"]
+    with engine.begin() as connection:
+        updated = connection.execute(table.update().where(table.c.version == version).values(**values))
+        if updated.rowcount:
+            return
+    try:
+        with engine.begin() as connection:
+            connection.execute(table.insert().values(version=version, **values))
+    except IntegrityError:  # another worker registered it in between
+        pass
+
+
+def _registered_model(engine, version: str | None) -> dict:
+    table = store.models_table
+    query = select(table.c.description)
+    query = query.where(table.c.version == version) if version else query.order_by(table.c.registered_at.desc()).limit(1)
+    with engine.connect() as connection:
+        description = connection.execute(query).scalar()
+    if description is None:
+        raise ValueError(f"the monitoring database has no model {version}" if version else
+                         "the monitoring database is empty: no model has logged a prediction yet (run `lungdx serve` with --db)")
+    return description

@@ -1,0 +1,163 @@
+"""The prediction and feedback log's tables, and the engine that holds them (SQLAlchemy Core).
+
+SQLite (the default, a local file) runs in WAL mode with a busy timeout, so several service
+workers append at once without losing a row; any other SQLAlchemy URL (PostgreSQL) works as is.
+No table holds a name, a patient ID, a date of birth or a file path: a case is known by a keyed
+hash (HMAC-SHA256) of its SOP Instance UID, with a secret that lives in the database only.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+logger = logging.getLogger(__name__)
+
+# Times are naive UTC everywhere: SQLite keeps no zone, and one convention avoids mixing.
+metadata = MetaData()
+
+settings_table = Table(
+    "lungdx_monitor_settings", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+models_table = Table(
+    "lungdx_monitor_models", metadata,
+    Column("version", String(32), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("registered_at", DateTime(), nullable=False),
+    # class names, task, threshold, validation metrics and the drift reference: everything a report needs.
+    Column("description", JSON, nullable=False),
+)
+
+predictions_table = Table(
+    "lungdx_monitor_predictions", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("created_at", DateTime(), nullable=False, index=True),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(32), nullable=False, index=True),
+    Column("probability", Float, nullable=False),
+    Column("label", Integer),
+    Column("class_name", String(64)),
+    Column("threshold", Float),
+    Column("case_key", String(64), index=True),
+    Column("manufacturer", String(64)),
+    Column("manufacturer_model", String(64)),
+    Column("view_position", String(16)),
+    Column("photometric_interpretation", String(16)),
+    Column("pixel_spacing", String(32)),
+    Column("image_size", String(32)),
+    Column("height", Integer, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("intensity_mean", Float, nullable=False),
+    Column("intensity_std", Float, nullable=False),
+    Column("intensity_p05", Float, nullable=False),
+    Column("intensity_p50", Float, nullable=False),
+    Column("intensity_p95", Float, nullable=False),
+    Column("intensity_histogram", JSON, nullable=False),
+    Column("archived", Boolean, nullable=False, default=False),
+)
+
+feedback_table = Table(
+    "lungdx_monitor_feedback", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("prediction_id", String(32), ForeignKey("lungdx_monitor_predictions.id"), nullable=False, index=True),
+    Column("created_at", DateTime(), nullable=False),
+    Column("label", Integer, nullable=False),
+    Column("class_name", String(64), nullable=False),
+    Column("reader", String(16), nullable=False),
+)
+
+alerts_table = Table(
+    "lungdx_monitor_alerts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(), nullable=False, index=True),
+    Column("model_version", String(32), nullable=False),
+    Column("check_name", String(64), nullable=False),
+    Column("state", String(8), nullable=False),  # "raised" or "cleared"
+    Column("value", Float),
+    Column("limit_value", Float),
+    Column("message", Text, nullable=False),
+)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def create_store(url: str) -> Engine:
+    """An engine for ``url`` with the tables created if missing; SQLite in WAL mode."""
+    engine = create_engine(url, future=True, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    # Two workers starting at once may both try to create a table; the loser finds it made.
+    for attempt in range(3):
+        try:
+            metadata.create_all(engine)
+            break
+        except (OperationalError, ProgrammingError) as err:
+            if attempt == 2:
+                raise
+            logger.debug("create tables: %s; retrying", err)
+            time.sleep(0.2 * (attempt + 1))
+    return engine
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    # WAL: readers never block the writer and a crash never leaves half a row; the busy timeout
+    # makes a second writer wait for the lock instead of failing with "database is locked".
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def read_setting(engine: Engine, key: str) -> str | None:
+    with engine.connect() as connection:
+        return connection.execute(select(settings_table.c.value).where(settings_table.c.key == key)).scalar()
+
+
+def ensure_setting(engine: Engine, key: str, value: str) -> str:
+    """The stored value of ``key``, storing ``value`` first when there is none (first writer wins)."""
+    existing = read_setting(engine, key)
+    if existing is not None:
+        return existing
+    try:
+        with engine.begin() as connection:
+            connection.execute(settings_table.insert().values(key=key, value=value))
+        return value
+    except IntegrityError:
+        return read_setting(engine, key)
+
+
+def write_setting(engine: Engine, key: str, value: str) -> None:
+    with engine.begin() as connection:
+        updated = connection.execute(settings_table.update().where(settings_table.c.key == key).values(value=value))
+        if not updated.rowcount:
+            connection.execute(settings_table.insert().values(key=key, value=value))
+
+
+def case_key_secret(engine: Engine) -> bytes:
+    """The HMAC secret of the pseudonymous case keys, made once per database."""
+    return bytes.fromhex(ensure_setting(engine, "case_key_secret", secrets.token_hex(32)))

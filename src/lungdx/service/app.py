@@ -1,0 +1,260 @@
+"""The FastAPI app: ``create_app(settings)``.
+
+The model loads once, in the lifespan, into a ``Services`` object that routes reach through the
+``services`` dependency; the same ``Predictor`` as the command line does all preprocessing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from lungdx import __version__
+from lungdx.checkpoint import model_identity
+from lungdx.predict import Prediction, Predictor
+from lungdx.preprocess import window
+from lungdx.report import NOT_FOR_CLINICAL_USE
+from lungdx.service import schemas
+from lungdx.service.batching import MicroBatcher
+from lungdx.service.inputs import UploadRejected, case_hash, read_upload
+from lungdx.service.security import require_api_key
+from lungdx.service.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+STATIC = Path(__file__).with_name("static")
+HEATMAP_NOTE = ("Where the model's evidence lies (Grad-CAM), not a segmentation of a nodule: "
+                "on JSRT the heatmap's peak lands in the nodule no more often than chance.")
+INTENDED_USE = ("Research on computer-aided detection of lung nodules in frontal (PA/AP) chest radiographs "
+                "of adults; a second look beside a radiologist's own reading, never instead of it.")
+
+
+@dataclass
+class Services:
+    """What the lifespan builds and the routes use."""
+
+    settings: ServiceSettings
+    predictor: Predictor
+    identity: dict
+    card: dict
+    batcher: MicroBatcher
+    model_lock: threading.Lock
+    monitor: object | None = None
+
+
+def services(request: Request) -> Services:
+    """Dependency: the loaded model and friends; 503 until the lifespan has finished loading them."""
+    loaded = getattr(request.app.state, "services", None)
+    if loaded is None:
+        raise HTTPException(503, detail="the model is not loaded yet")
+    return loaded
+
+
+def create_app(settings: ServiceSettings) -> FastAPI:
+    """The service for one model. Nothing is loaded until the app starts (uvicorn or ``TestClient``)."""
+    # max_body_size: FastAPI answers 413 by Content-Length or as soon as a streamed body passes it.
+    app = FastAPI(title="lungdx", version=__version__, lifespan=_lifespan, max_body_size=settings.max_upload_bytes,
+                  description="Lung nodule assessment of chest radiographs. " + NOT_FOR_CLINICAL_USE)
+    app.state.settings = settings
+    app.state.services = None
+    app.state.monitor = None
+    app.state.registry = CollectorRegistry()
+    _add_request_metrics(app)
+    _add_routes(app)
+    try:  # TEMPORARY until monitor_routes lands
+        from lungdx.service.monitor_routes import router as monitor_router
+
+        app.include_router(monitor_router)
+    except ModuleNotFoundError:
+        pass
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    settings: ServiceSettings = app.state.settings
+    predictor = await run_in_threadpool(Predictor.from_path, settings.run, device=settings.device,
+                                        precision=settings.precision)
+    lock = threading.Lock()
+    batch_sizes = Histogram("lungdx_batch_size", "images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64),
+                            registry=app.state.registry)
+
+    def run_batch(levelled: list[np.ndarray]) -> list[float]:
+        with lock:
+            return [float(p) for p in predictor.probabilities(np.stack(levelled), batch_size=len(levelled))]
+
+    batcher = MicroBatcher(run_batch, settings.max_batch, settings.max_wait_ms / 1000, on_batch=batch_sizes.observe)
+    monitor = await run_in_threadpool(_open_monitor, settings, predictor.checkpoint, app.state.registry)
+    app.state.monitor = monitor
+    await batcher.start()
+    app.state.services = Services(settings, predictor, model_identity(predictor.checkpoint),
+                                  _model_card(settings.run, predictor), batcher, lock, monitor)
+    logger.info("serving %s version %s (monitoring %s, batches of up to %d)", app.state.services.identity["name"],
+                app.state.services.identity["version"], "on" if monitor else "off", settings.max_batch)
+    try:
+        yield
+    finally:
+        app.state.services = None
+        await batcher.stop()
+        if monitor is not None:
+            monitor.close()
+
+
+def _open_monitor(settings: ServiceSettings, checkpoint: dict, registry: CollectorRegistry):
+    if not settings.db_url:
+        return None
+    from lungdx.monitoring import Monitor
+
+    run_dir = settings.run if Path(settings.run).is_dir() else None
+    return Monitor.open(settings.db_url, checkpoint, registry=registry, run_dir=run_dir)
+
+
+def _add_request_metrics(app: FastAPI) -> None:
+    requests = Counter("lungdx_requests", "HTTP requests by route and status", ["route", "status"], registry=app.state.registry)
+    latency = Histogram("lungdx_request_seconds", "time to answer a request, by route", ["route"],
+                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=app.state.registry)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template: no ids in labels
+        requests.labels(route, str(response.status_code)).inc()
+        latency.labels(route).observe(time.perf_counter() - start)
+        return response
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/healthz", response_model=schemas.Health, summary="the process answers")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=schemas.Ready, summary="the model is loaded and the batcher runs",
+             responses={503: {"model": schemas.Ready}})
+    async def readyz(request: Request):
+        loaded: Services | None = request.app.state.services
+        if loaded is None or not loaded.batcher.running:
+            return JSONResponse({"ready": False, "model_version": None, "monitoring": False}, status_code=503)
+        return {"ready": True, "model_version": loaded.identity["version"], "monitoring": loaded.monitor is not None}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request):
+        return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/model", response_model=schemas.ModelCard, dependencies=[Depends(require_api_key)],
+             summary="the model card: identity, threshold, validation and test figures, intended use")
+    async def model(loaded: Services = Depends(services)):
+        return loaded.card
+
+    @app.post("/v1/predictions", response_model=schemas.PredictionOut, dependencies=[Depends(require_api_key)],
+              summary="probability, label at the operating threshold and, on request, a heatmap",
+              responses={401: {"description": "missing or wrong API key"}, 413: {"description": "file or image too large"},
+                         415: {"description": "not PNG, JPEG or DICOM"},
+                         422: {"description": "undecodable, too small, or not a frontal chest radiograph"}})
+    async def predict(file: UploadFile = File(description="a PNG, JPEG or DICOM chest radiograph"),
+                      heatmap: bool = Query(False, description="add a Grad-CAM heatmap (slower)"),
+                      preview: bool = Query(False, description="add a grayscale preview of the radiograph"),
+                      loaded: Services = Depends(services)):
+        return await _predict(loaded, file, heatmap, preview)
+
+
+async def _predict(loaded: Services, file: UploadFile, want_heatmap: bool, want_preview: bool) -> dict:
+    start = time.perf_counter()
+    try:
+        radiograph = await run_in_threadpool(read_upload, file.file, max_pixels=loaded.settings.max_pixels)
+        levelled = await run_in_threadpool(loaded.predictor.level, radiograph.pixels)
+    except UploadRejected as err:
+        logger.info("rejected upload (%d): %s", err.status, err.reason)
+        raise HTTPException(err.status, detail=err.reason) from err
+    except ValueError as err:  # levelling refuses degenerate images
+        raise HTTPException(422, detail=f"cannot prepare the image: {err}") from err
+    probability = await loaded.batcher.submit(levelled)
+    prediction = loaded.predictor.decide("upload", probability, radiograph.meta)
+    shape = _preview_shape(radiograph.pixels.shape, loaded.settings.preview_px)
+    heatmap = await run_in_threadpool(_heatmap, loaded, levelled, radiograph.pixels.shape, shape) if want_heatmap else None
+    preview = await run_in_threadpool(_preview_png, radiograph.pixels, shape) if want_preview else None
+    prediction_id = None
+    if loaded.monitor is not None:
+        prediction_id = await run_in_threadpool(loaded.monitor.record, prediction, radiograph.pixels)
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    logger.info("prediction %s case %s: p=%.4f %s in %.0f ms", prediction_id or "-", case_hash(radiograph.meta),
+                probability, prediction.class_name, elapsed_ms)
+    return _prediction_body(loaded, prediction_id, prediction, heatmap, preview, elapsed_ms)
+
+
+def _prediction_body(loaded: Services, prediction_id, prediction: Prediction, heatmap, preview, elapsed_ms) -> dict:
+    meta = prediction.meta
+    rows, columns = meta.get("original_shape") or (0, 0)
+    return {"id": prediction_id, "probability": prediction.probability, "label": prediction.class_name,
+            "label_index": prediction.label, "threshold": prediction.threshold,
+            "threshold_method": loaded.predictor.checkpoint.get("threshold_method"), "model": loaded.identity,
+            "warnings": prediction.warnings,
+            "input": {"format": meta.get("format", "unknown"), "rows": rows, "columns": columns, "bits": meta.get("bits"),
+                      **{key: meta.get(key) for key in ("modality", "body_part", "view_position", "photometric_interpretation")}},
+            "heatmap": heatmap, "preview": preview, "elapsed_ms": round(elapsed_ms, 1),
+            "not_for_clinical_use": NOT_FOR_CLINICAL_USE}
+
+
+def _preview_shape(shape: tuple[int, int], longest: int) -> tuple[int, int]:
+    scale = min(1.0, longest / max(shape))
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def _png_data_uri(array: np.ndarray) -> str:
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return "data:image/png;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+def _preview_png(pixels: np.ndarray, shape: tuple[int, int]) -> str:
+    """The radiograph for display: a 0.5-99.5 percentile window, resized by area averaging."""
+    small = cv2.resize(pixels, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    return _png_data_uri(np.round(window(small, 0.5, 99.5) * 255).astype(np.uint8))
+
+
+def _heatmap(loaded: Services, levelled: np.ndarray, original: tuple[int, int], shape: tuple[int, int]) -> dict:
+    from lungdx.explain import explain_levelled, to_original_grid
+
+    with loaded.model_lock:
+        heat = explain_levelled(loaded.predictor, levelled[None], loaded.settings.heatmap_method)[0]
+    on_image = to_original_grid(heat, original, loaded.predictor.preprocess_config)
+    heat = np.clip(cv2.resize(on_image, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    colours = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR, as imencode wants
+    rgba = np.dstack([colours, np.round(heat * 255).astype(np.uint8)])  # transparent where there is no heat
+    return {"method": loaded.settings.heatmap_method, "png": _png_data_uri(rgba), "note": HEATMAP_NOTE}
+
+
+def _model_card(run: Path, predictor: Predictor) -> dict:
+    checkpoint = predictor.checkpoint
+    run = Path(run)
+    run_dir = run if run.is_dir() else run.parent
+    table = run_dir / "evaluation" / "table1.json"
+    test_metrics = json.loads(table.read_text()).get("splits", {}).get("test") if table.is_file() else None
+    card_file = run_dir / "report" / "model_card.md"
+    return {"identity": model_identity(checkpoint), "task": checkpoint.get("task", ""),
+            "class_names": list(checkpoint["class_names"]), "threshold": checkpoint.get("threshold"),
+            "threshold_method": checkpoint.get("threshold_method"), "temperature": predictor.temperature,
+            "input_size_px": predictor.preprocess_config.size, "preprocess": dict(checkpoint["preprocess"]),
+            "validation_metrics": checkpoint.get("val_metrics"), "test_metrics": test_metrics,
+            "training_data_fingerprint": checkpoint.get("data_fingerprint"), "versions": dict(checkpoint.get("versions", {})),
+            "intended_use": INTENDED_USE, "not_for_clinical_use": NOT_FOR_CLINICAL_USE,
+            "model_card_markdown": card_file.read_text() if card_file.is_file() else None}

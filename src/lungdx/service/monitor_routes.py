@@ -1,0 +1,79 @@
+"""Monitoring routes: reader feedback, the monitoring report and its JSON summary.
+
+Mounted by the app (``app.include_router(router)``); the monitor is ``app.state.monitor``, None when
+the service runs without a database (then every route answers 503). Database work is synchronous,
+so the routes are plain ``def`` and FastAPI runs them in its threadpool.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
+
+from lungdx.service.security import require_api_key
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["monitoring"])
+
+
+class FeedbackIn(BaseModel):
+    """A reader's confirmed label for one prediction."""
+
+    label: str | int = Field(description="a class name of the model (e.g. 'malignant') or 0/1", examples=["malignant"])
+    reader: str = Field(description="a short reader code such as R1 or RAD-07, never a name", examples=["R1"])
+
+
+class FeedbackOut(BaseModel):
+    """The stored feedback."""
+
+    prediction_id: str
+    label: int
+    class_name: str
+    reader: str
+    created_at: str
+
+
+def _monitor(request: Request):
+    monitor = getattr(request.app.state, "monitor", None)
+    if monitor is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            detail="monitoring is disabled: start the service with a database (lungdx serve --db URL)")
+    return monitor
+
+
+@router.post("/v1/predictions/{prediction_id}/feedback", response_model=FeedbackOut)
+def add_feedback(prediction_id: str, feedback: FeedbackIn, request: Request) -> dict:
+    """Store a reader's confirmed label beside the logged prediction."""
+    from lungdx.monitoring import UnknownPrediction
+
+    monitor = _monitor(request)
+    try:
+        return monitor.add_feedback(prediction_id, feedback.label, feedback.reader)
+    except UnknownPrediction as err:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"{err}; feedback needs the id a prediction returned") from err
+    except ValueError as err:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=str(err)) from err
+
+
+def _since(since: str) -> str:
+    from lungdx.monitoring import parse_since
+
+    try:
+        parse_since(since)
+    except ValueError as err:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=str(err)) from err
+    return since
+
+
+@router.get("/v1/monitor/report", response_class=HTMLResponse)
+def monitor_report(request: Request, since: str = Query("30d", description="period: 30d, 12h, 90m, 2w or all")) -> HTMLResponse:
+    """The offline HTML monitoring report (volume, alerts, drift, rolling performance)."""
+    from lungdx.monitoring import render_report
+
+    return HTMLResponse(render_report(_monitor(request), since=_since(since)))
+
+
+@router.get("/v1/monitor/summary")
+def monitor_summary(request: Request, since: str = Query("30d", description="period: 30d, 12h, 90m, 2w or all")) -> dict:
+    """Volume, drift checks, alerts and rolling performance as JSON."""
+    return _monitor(request).summary(since=_since(since))

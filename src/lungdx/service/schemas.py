@@ -1,0 +1,76 @@
+"""Response models: they document the API in OpenAPI and keep responses free of patient data by construction."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ModelIdentity(BaseModel):
+    name: str = Field(description="the algorithm's name, as DICOM SR and FHIR results give it")
+    model: str = Field(description="registered model name")
+    version: str = Field(description="fingerprint of architecture, weights, preprocessing and threshold")
+    software_version: str
+    task: str
+
+
+class InputSummary(BaseModel):
+    """Technical facts about the image; never names, IDs, dates or file names."""
+
+    format: str
+    rows: int
+    columns: int
+    bits: int | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    view_position: str | None = None
+    photometric_interpretation: str | None = None
+
+
+class Heatmap(BaseModel):
+    method: str
+    png: str = Field(description="RGBA PNG data URI on the preview's grid; alpha follows the heat")
+    note: str
+
+
+class PredictionOut(BaseModel):
+    id: str | None = Field(description="prediction id for feedback; null when monitoring is off")
+    probability: float
+    label: str | None = Field(description="class name at the operating threshold")
+    label_index: int | None
+    threshold: float | None = Field(description="operating threshold, chosen on validation and frozen")
+    threshold_method: str | None
+    model: ModelIdentity
+    warnings: list[str]
+    input: InputSummary
+    heatmap: Heatmap | None = None
+    preview: str | None = Field(None, description="grayscale PNG data URI of the radiograph, for display")
+    elapsed_ms: float
+    not_for_clinical_use: str
+
+
+class ModelCard(BaseModel):
+    identity: ModelIdentity
+    task: str
+    class_names: list[str]
+    threshold: float | None
+    threshold_method: str | None
+    temperature: float
+    input_size_px: int
+    preprocess: dict
+    validation_metrics: dict | None
+    test_metrics: dict | None = Field(description="Table 1 test metrics with confidence intervals, when the run was evaluated")
+    training_data_fingerprint: str | None
+    versions: dict
+    intended_use: str
+    not_for_clinical_use: str
+    model_card_markdown: str | None = Field(description="the run's model card (from `lungdx report`), when present")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    model_version: str | None = None
+    monitoring: bool = False

@@ -1,0 +1,45 @@
+"""Service settings: one frozen dataclass, filled by ``lungdx serve`` (the only place that reads argv or env)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What the service needs to start.
+
+    Attributes:
+        run: a run folder (its ``model.pt``) or a checkpoint file.
+        api_key: required in the ``X-API-Key`` header of every ``/v1`` request when set.
+        db_url: SQLAlchemy URL of the prediction and feedback log; None disables monitoring.
+        max_upload_bytes: larger request bodies get 413 before they are read to the end.
+        max_pixels: images with more pixels (rows x columns, read from the header before decoding) get 413.
+        max_batch: the most concurrent requests run through the model as one batch (1 turns batching off).
+        max_wait_ms: how long the first request of a batch waits for others to join it.
+        heatmap_method: ``gradcam`` or ``occlusion`` for ``?heatmap=true``.
+        preview_px: the longer side of the radiograph preview returned to the web page.
+    """
+
+    run: Path
+    api_key: str | None = None
+    db_url: str | None = "sqlite:///monitor.db"
+    device: str = "auto"
+    precision: str = "auto"
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    heatmap_method: str = "gradcam"
+    preview_px: int = 768
+
+    def __post_init__(self):
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must not be negative, got {self.max_wait_ms}")
+        if self.max_upload_bytes < 1024 or self.max_pixels < 4:
+            raise ValueError("max_upload_bytes must be at least 1 KiB and max_pixels at least 4")
+        if self.api_key is not None and len(self.api_key) < 16:
+            raise ValueError("an API key must be at least 16 characters long")

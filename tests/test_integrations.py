@@ -1,0 +1,218 @@
+"""PACS integration against a real Orthanc (DICOMweb plugin) and a real modality (dcmtk's storescu).
+
+Skipped with the reason where Orthanc, its DICOMweb plugin, storescu or the DICOM samples are absent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from orthanc import Orthanc, free_port, require_orthanc
+
+pytest.importorskip("pynetdicom", reason="the pacs extra (pynetdicom) is not installed")
+pytest.importorskip("highdicom", reason="the pacs extra (highdicom) is not installed")
+
+CHEST = "nema_wg04_RG1_J2KI_cr_chest_pa.dcm"
+CHEST_DX = "nih_cxr14_dx_chest_nofinding.dcm"
+NOT_CHEST = ("nema_wg04_RG3_J2KR_cr_tibia.dcm", "dicomlibrary_ot_abdomen.dcm")
+STORESCU = Path("/usr/bin/storescu")
+
+
+def _sample(dicom_dir: Path, name: str) -> Path:
+    rows = {line.split(",")[0]: line for line in (dicom_dir / "files.csv").read_text().splitlines()[1:]}
+    if name not in rows or not (dicom_dir / name).is_file():
+        pytest.skip(f"DICOM sample {name} not in ../shared/data/dicom_samples")
+    return dicom_dir / name
+
+
+def _storescu(path: Path, port: int, aet: str = "LUNGDX") -> None:
+    if not STORESCU.is_file():
+        pytest.skip("dcmtk's storescu not found: apt-get install dcmtk")
+    # storescu proposes uncompressed syntaxes unless told the file's own (it does not decode JPEG 2000).
+    syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    propose = {"1.2.840.10008.1.2.4.90": ["-xv"], "1.2.840.10008.1.2.4.91": ["-xw"]}.get(str(syntax), [])
+    command = [str(STORESCU), *propose, "-aet", "MODALITY", "-aec", aet, "127.0.0.1", str(port), str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"storescu failed: {done.stderr}"
+
+
+def _wait(condition, timeout_s: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def _results_in(orthanc: Orthanc, study_uid: str) -> dict[str, list[dict]]:
+    """lungdx's instances in Orthanc's copy of a study, by modality (SR, OT for the secondary capture)."""
+    found: dict[str, list[dict]] = {}
+    for instance in orthanc.study_instances(study_uid):
+        files = orthanc.instance_file(instance["ID"])
+        dataset = pydicom.dcmread(pydicom.filebase.DicomBytesIO(files))
+        if dataset.get("Manufacturer") == "lungdx":
+            found.setdefault(str(dataset.SOPClassUID.name), []).append(dataset)
+    return found
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    require_orthanc()
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run):
+    from lungdx.predict import Predictor
+
+    return Predictor.from_path(trained_run, device="cpu")
+
+
+def _processor(predictor, state: Path, orthanc: Orthanc, by: str = "stow"):
+    from lungdx.integrations.outbox import RetryPolicy
+    from lungdx.integrations.pipeline import Processor
+    from lungdx.integrations.service import dicom_sender
+
+    sender = dicom_sender(by, dicomweb=orthanc.dicomweb, host="127.0.0.1", port=orthanc.dicom_port,
+                          called_aet=orthanc.aet)
+    return Processor(predictor, state, send_dicom=sender, retry=RetryPolicy(base_s=0.5, max_s=2.0))
+
+
+@pytest.fixture(scope="module")
+def node(predictor, orthanc, tmp_path_factory):
+    from lungdx.integrations.pipeline import Node
+
+    state = tmp_path_factory.mktemp("node")
+    running = Node(_processor(predictor, state, orthanc), aet="LUNGDX", host="127.0.0.1", port=free_port(),
+                   poll_s=0.3)
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_non_chest_instances_are_skipped_and_the_node_keeps_working(node, dicom_dir, caplog):
+    from lungdx.integrations import uid_digest
+    from lungdx.integrations.dimse import echo
+
+    caplog.set_level("INFO", logger="lungdx")
+    events = node.processor.state_dir / "events.jsonl"
+    for name in NOT_CHEST:
+        _storescu(_sample(dicom_dir, name), node.listener.port)
+    digests = {uid_digest(pydicom.dcmread(_sample(dicom_dir, n), stop_before_pixels=True).SOPInstanceUID)
+               for n in NOT_CHEST}
+    lines = _wait(lambda: [json.loads(line) for line in events.read_text().splitlines()
+                           if json.loads(line)["instance"] in digests] if events.exists() else [],
+                  what="the skip events")
+    _wait(lambda: len({e["instance"] for e in lines if e["status"] == "skipped"}) == 2 or lines.extend(
+        json.loads(line) for line in events.read_text().splitlines() if json.loads(line)["instance"] in digests),
+          what="both skips")
+    reasons = {event["reason"] for event in lines if event["status"] == "skipped"}
+    assert any("EXTREMITY (0018,0015) is not CHEST" in reason for reason in reasons), reasons
+    assert any("modality OT (0008,0060) is not CR or DX" in reason for reason in reasons), reasons
+    assert "skipped instance" in caplog.text
+    assert echo("127.0.0.1", node.listener.port, "LUNGDX"), "the node stopped answering C-ECHO"
+    assert not node.processor.outbox.pending(), "a skipped instance produced results"
+
+
+def test_storescu_to_listener_puts_sr_and_heatmap_into_the_study(node, orthanc, predictor, dicom_dir, tmp_path):
+    from lungdx.integrations.results import NOT_FOR_DIAGNOSIS, read_sr_probability
+
+    path = _sample(dicom_dir, CHEST)
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    _storescu(path, node.listener.port)
+    found = _wait(lambda: (lambda r: r if {"Comprehensive SR Storage", "Secondary Capture Image Storage"} <= r.keys()
+                           else None)(_results_in(orthanc, source.StudyInstanceUID)), what="SR and SC in Orthanc")
+    sr, capture = found["Comprehensive SR Storage"][0], found["Secondary Capture Image Storage"][0]
+    for result in (sr, capture):
+        assert result.StudyInstanceUID == source.StudyInstanceUID
+        assert result.SeriesInstanceUID != source.SeriesInstanceUID
+        assert result.SOPInstanceUID != source.SOPInstanceUID
+    assert sr.SeriesInstanceUID != capture.SeriesInstanceUID
+    expected = predictor.predict_files([path])[0].probability
+    assert read_sr_probability(sr) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert NOT_FOR_DIAGNOSIS in capture.ImageComments and capture.BurnedInAnnotation == "YES"
+    _check_structure(sr, tmp_path)
+
+
+def _check_structure(sr, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    report = hd.sr.ComprehensiveSR.from_dataset(sr, copy=True)
+    groups = report.content.get_image_measurement_groups()
+    assert len(groups) == 1 and groups[0].finding_type.meaning == "Lung nodule"
+    assert {item.name.meaning for item in groups[0].get_qualitative_evaluations()} == {"Likelihood of malignancy"}
+    texts = dict(_text_items(sr))  # TID 4019 Algorithm Identification, as IHE AIR asks
+    assert texts["Algorithm Name"].startswith("lungdx ") and len(texts["Algorithm Version"]) == 12
+    if shutil.which("dciodvfy"):
+        file = tmp_path / "sr.dcm"
+        sr.save_as(file, enforce_file_format=True)
+        checked = subprocess.run(["dciodvfy", str(file)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors
+
+
+def _text_items(dataset):
+    for item in dataset.get("ContentSequence", []):
+        if item.ValueType == "TEXT":
+            yield item.ConceptNameCodeSequence[0].CodeMeaning, item.TextValue
+        yield from _text_items(item)
+
+
+def test_results_wait_in_the_outbox_while_the_pacs_is_down(predictor, orthanc, dicom_dir, tmp_path):
+    from lungdx.integrations.pipeline import Node
+
+    path = _sample(dicom_dir, CHEST_DX)
+    study_uid = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    orthanc.stop()
+    try:
+        first = Node(_processor(predictor, tmp_path, orthanc), host="127.0.0.1", port=free_port(), poll_s=0.3)
+        first.start()
+        _storescu(path, first.listener.port)
+        _wait(lambda: any(item.attempts >= 1 for item in first.processor.outbox.pending()), what="a failed attempt")
+        first.stop()  # the listener restarts while the PACS is still down
+        assert len(first.processor.outbox.pending()) == 2
+    finally:
+        orthanc.start()
+    second = Node(_processor(predictor, tmp_path, orthanc), host="127.0.0.1", port=free_port(), poll_s=0.3)
+    second.start()
+    try:
+        _wait(lambda: not second.processor.outbox.pending(), what="delivery after the restart")
+    finally:
+        second.stop()
+    assert "Comprehensive SR Storage" in _results_in(orthanc, study_uid)
+
+
+def test_pacs_run_pulls_by_dicomweb_and_pushes_back_by_cstore(predictor, orthanc, dicom_dir, tmp_path):
+    from lungdx.integrations.dicomweb import DicomWebClient
+    from lungdx.integrations.fhir import validate
+    from lungdx.integrations.pipeline import pacs_run
+    from lungdx.integrations.results import read_sr_probability
+
+    path = _sample(dicom_dir, CHEST)
+    study_uid = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    orthanc.upload(path.read_bytes())
+    before = len(_results_in(orthanc, study_uid).get("Comprehensive SR Storage", []))
+    processor = _processor(predictor, tmp_path, orthanc, by="cstore")
+    results = pacs_run(processor, DicomWebClient(orthanc.dicomweb), study_uid)
+    assert len(results) == 1, "only the radiograph is analysed, not earlier lungdx results"
+    assert processor.deliver() == 2 and not processor.outbox.pending()
+    srs = _results_in(orthanc, study_uid)["Comprehensive SR Storage"]
+    assert len(srs) == before + 1
+    assert read_sr_probability(srs[-1]) == pytest.approx(predictor.predict_files([path])[0].probability, rel=1e-9)
+    bundle = json.loads(next((tmp_path / "fhir").glob("*.json")).read_text())
+    validate(bundle)
+    observation = bundle["entry"][0]["resource"]
+    assert observation["valueQuantity"]["value"] == pytest.approx(results[0].prediction.probability)
+    assert observation["derivedFrom"][0]["identifier"]["value"] == f"urn:oid:{study_uid}"

@@ -1,0 +1,384 @@
+"""Monitoring: the prediction and feedback log, drift, rolling performance, alerts and upgrades."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("sqlalchemy")
+pytest.importorskip("prometheus_client")
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from lungdx.checkpoint import load_checkpoint  # noqa: E402
+from lungdx.data.phantoms import make_phantom  # noqa: E402
+from lungdx.monitoring import Monitor, MonitorSettings, UnknownPrediction, check_reader, parse_since  # noqa: E402
+from lungdx.monitoring.drift import population_stability_index, score_psi  # noqa: E402
+from lungdx.predict import Prediction, Predictor  # noqa: E402
+
+TEST_SETTINGS = dict(min_samples=20, min_reference=5, n_bootstrap=200, min_feedback=10)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run) -> dict:
+    return load_checkpoint(trained_run / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint) -> Predictor:
+    return Predictor(checkpoint, device="cpu")
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def phantoms(n: int, seed: int, shift: float = 0.0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    kinds = ("non_nodule", "benign", "malignant")
+    return [np.clip(make_phantom(rng, 128, kinds[i % 3])[0] + shift, 0.0, 1.0).astype(np.float32) for i in range(n)]
+
+
+def fake_prediction(probability: float, threshold: float = 0.5, meta: dict | None = None) -> Prediction:
+    label = int(probability >= threshold)
+    return Prediction(source="/secret/path/image.dcm", probability=probability, label=label,
+                      class_name=("not malignant", "malignant")[label], threshold=threshold, meta=meta or {})
+
+
+class Webhook(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Webhook.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook_url():
+    Webhook.received = []
+    server = HTTPServer(("127.0.0.1", 0), Webhook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/alerts"
+    server.shutdown()
+
+
+# ------------------------------------------------------------------------------------- reference
+
+
+def test_training_saves_the_validation_reference(trained_run, checkpoint, predictor):
+    from lungdx.io import read_image
+
+    reference = checkpoint["val_reference"]
+    split = pd.read_csv(trained_run / "split.csv")
+    val_paths = split.loc[split["split"] == "val", "path"].tolist()
+    assert reference["intensity"]["n_images"] == len(val_paths) == len(reference["probabilities"])
+    assert sum(reference["intensity"]["histogram"]) == pytest.approx(1.0)
+    # The reference scores are what the served model gives the validation images read from disk.
+    levelled = np.stack([predictor.level(read_image(path).pixels) for path in val_paths])
+    assert np.allclose(predictor.probabilities(levelled), reference["probabilities"], atol=1e-5)
+    means = [float(read_image(path).pixels[::1, ::1].mean()) for path in val_paths]
+    assert np.allclose(means, reference["intensity"]["mean"], atol=1e-6)
+
+
+def test_old_checkpoint_falls_back_to_the_run_folder(tmp_path, trained_run, checkpoint):
+    old = {key: value for key, value in checkpoint.items() if key != "val_reference"}
+    with Monitor.open(sqlite_url(tmp_path / "m.db"), old, run_dir=trained_run) as monitor:
+        assert "rebuilt from" in monitor.reference["source"]
+        assert monitor.reference["intensity"]["n_images"] == checkpoint["val_reference"]["intensity"]["n_images"]
+    with Monitor.open(sqlite_url(tmp_path / "n.db"), old) as monitor:
+        assert monitor.reference is None
+        checks = {c["name"]: c for c in monitor.drift()}
+        assert checks["score_psi"]["status"] == "no validation scores in the reference"
+
+
+# ----------------------------------------------------------------------------------------- drift
+
+
+def test_psi_by_hand():
+    expected, actual = [0.5, 0.3, 0.2], [0.3, 0.3, 0.4]
+    by_hand = (0.3 - 0.5) * np.log(0.3 / 0.5) + 0 + (0.4 - 0.2) * np.log(0.4 / 0.2)
+    assert population_stability_index(expected, actual) == pytest.approx(by_hand)
+    assert population_stability_index([3, 3, 4], [30, 30, 40]) == pytest.approx(0.0)
+    scores = np.random.default_rng(0).uniform(size=200)
+    assert score_psi(scores, scores) == pytest.approx(0.0)
+    assert score_psi(scores, scores * 0.3) > 1.0
+
+
+def _feed(monitor: Monitor, predictor: Predictor, images: list[np.ndarray]) -> list[str]:
+    return [monitor.record(predictor.predict_pixels(pixels), pixels) for pixels in images]
+
+
+def test_shifted_intensity_raises_the_drift_alert_and_unshifted_does_not(tmp_path, checkpoint, predictor, webhook_url,
+                                                                         caplog):
+    settings = MonitorSettings(**TEST_SETTINGS, webhook_url=webhook_url, check_every=1000)
+    with Monitor.open(sqlite_url(tmp_path / "plain.db"), checkpoint, settings=settings) as monitor:
+        _feed(monitor, predictor, phantoms(40, seed=100))
+        status = monitor.check()
+        assert [c["name"] for c in status["drift"] if c["status"] not in ("ok", "alert", "no reference")] == []
+        assert status["active_alerts"] == []
+        assert monitor.registry.get_sample_value("lungdx_monitor_alert", {"check": "intensity_psi"}) == 0.0
+    assert Webhook.received == []
+
+    registry = CollectorRegistry()
+    with Monitor.open(sqlite_url(tmp_path / "shifted.db"), checkpoint, settings=settings, registry=registry) as monitor:
+        _feed(monitor, predictor, phantoms(40, seed=100, shift=0.3))
+        status = monitor.check()
+        raised = {alert["check"] for alert in status["active_alerts"]}
+        assert {"intensity_psi", "intensity_ks"} <= raised
+        assert registry.get_sample_value("lungdx_monitor_alert", {"check": "intensity_psi"}) == 1.0
+        assert registry.get_sample_value("lungdx_monitor_alerts_active") == len(raised)
+        assert registry.get_sample_value("lungdx_prediction_probability_count", {"model_version": monitor.version}) == 40
+        # A second check does not raise the same alert again.
+        monitor.check()
+        assert [e["check_name"] for e in monitor.alert_events()].count("intensity_psi") == 1
+    for _ in range(50):
+        if {"intensity_psi", "intensity_ks"} <= {event["check"] for event in Webhook.received}:
+            break
+        threading.Event().wait(0.05)
+    assert {"intensity_psi", "intensity_ks"} <= {event["check"] for event in Webhook.received}
+    assert all(event["event"] == "raised" for event in Webhook.received)
+    assert any("monitoring alert raised: intensity_psi" in record.getMessage() for record in caplog.records)
+
+
+def test_acquisition_drift_on_an_unseen_manufacturer(tmp_path, checkpoint):
+    reference = {"source": "test", "probabilities": [], "intensity": {"n_images": 0},
+                 "acquisition": {"manufacturer": {"ACME": 10}}}
+    custom = {**checkpoint, "val_reference": reference}
+    settings = MonitorSettings(**TEST_SETTINGS)
+    pixels = np.full((64, 64), 0.5, np.float32)
+    with Monitor.open(sqlite_url(tmp_path / "m.db"), custom, settings=settings) as monitor:
+        for i in range(20):
+            monitor.record(fake_prediction(0.3, meta={"manufacturer": "ACME" if i < 10 else "OTHER"}), pixels)
+        checks = {c["name"]: c for c in monitor.check()["drift"]}
+    assert checks["manufacturer"]["value"] == pytest.approx(0.5)
+    assert checks["manufacturer"]["alert"] and "OTHER" in checks["manufacturer"]["detail"]
+    assert checks["view_position"]["status"] == "no reference"
+
+
+# ----------------------------------------------------------------------------------- performance
+
+
+def test_rolling_metrics_equal_hand_computed_values(tmp_path, checkpoint):
+    rng = np.random.default_rng(3)
+    probability = rng.uniform(size=30).round(3)
+    truth = (rng.uniform(size=30) < 0.25 + 0.5 * probability).astype(int)
+    pixels = np.full((32, 32), 0.4, np.float32)
+    validation = {**checkpoint["val_metrics"], "sensitivity": 0.99}
+    settings = MonitorSettings(**TEST_SETTINGS)
+    with Monitor.open(sqlite_url(tmp_path / "p.db"), {**checkpoint, "val_metrics": validation}, settings=settings) as monitor:
+        ids = [monitor.record(fake_prediction(float(p)), pixels) for p in probability]
+        for prediction_id, target in zip(ids, truth, strict=True):
+            monitor.add_feedback(prediction_id, 1 - int(target), "R1")  # a mistake, corrected next
+            monitor.add_feedback(prediction_id, ["not malignant", "malignant"][target], "R2")
+        performance = monitor.performance()
+        status = monitor.check()
+    label = (probability >= 0.5).astype(int)
+    tp, fp = np.sum((label == 1) & (truth == 1)), np.sum((label == 1) & (truth == 0))
+    tn, fn = np.sum((label == 0) & (truth == 0)), np.sum((label == 0) & (truth == 1))
+    positives, negatives = probability[truth == 1], probability[truth == 0]
+    auc = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in positives for n in negatives])
+    values = performance["metrics"]
+    assert values["sensitivity"]["value"] == pytest.approx(tp / (tp + fn))
+    assert values["specificity"]["value"] == pytest.approx(tn / (tn + fp))
+    assert values["ppv"]["value"] == pytest.approx(tp / (tp + fp))
+    assert values["auc"]["value"] == pytest.approx(auc)
+    assert performance["n"] == 30 and performance["n_positive"] == truth.sum()
+    for entry in values.values():
+        assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
+    assert performance["validation"]["sensitivity"] == 0.99
+    if values["sensitivity"]["ci_high"] < 0.99:
+        assert "performance_sensitivity" in {a["check"] for a in status["active_alerts"]}
+
+
+def test_feedback_is_validated(tmp_path, checkpoint):
+    with Monitor.open(sqlite_url(tmp_path / "f.db"), checkpoint) as monitor:
+        prediction_id = monitor.record(fake_prediction(0.7), np.zeros((16, 16), np.float32))
+        with pytest.raises(UnknownPrediction, match="no prediction"):
+            monitor.add_feedback("0" * 32, "malignant", "R1")
+        for label in ("cancer", 2, True):
+            with pytest.raises(ValueError, match="not a class|boolean"):
+                monitor.add_feedback(prediction_id, label, "R1")
+        with pytest.raises(ValueError, match="never a name"):
+            monitor.add_feedback(prediction_id, 1, "John Smith")
+        stored = monitor.add_feedback(prediction_id, 1, "RAD-07")
+    assert stored["class_name"] == "malignant" and stored["reader"] == "RAD-07"
+    assert [check_reader(code) for code in ("R1", "JS", "rad_12")] == ["R1", "JS", "rad_12"]
+    for name in ("Smith", "John Smith", "", "R1; drop"):
+        with pytest.raises(ValueError):
+            check_reader(name)
+    assert parse_since("30d").days == 30 and parse_since("all") is None
+    with pytest.raises(ValueError, match="30d"):
+        parse_since("a month")
+
+
+# ------------------------------------------------------------------------- storage and privacy
+
+
+def test_the_log_survives_a_restart_and_stores_no_patient_data(tmp_path, checkpoint):
+    url = sqlite_url(tmp_path / "r.db")
+    meta = {"source": "/data/Doe_John/IM0001.dcm", "format": "dicom", "patient_name": "Doe^John",
+            "patient_id": "PID-4711", "patient_birth_date": "19500101", "sop_instance_uid": "1.2.3.4.5.6789",
+            "manufacturer": "ACME", "view_position": "PA", "photometric_interpretation": "MONOCHROME1",
+            "pixel_spacing_mm": [0.175, 0.175]}
+    with Monitor.open(url, checkpoint) as monitor:
+        first = monitor.record(fake_prediction(0.8, meta=meta), np.full((40, 30), 0.25, np.float32))
+        monitor.record(fake_prediction(0.2), np.full((40, 30), 0.75, np.float32))
+        monitor.add_feedback(first, "malignant", "R1")
+        key = monitor.case_key("1.2.3.4.5.6789")
+    with Monitor.open(url, checkpoint) as monitor:  # the service restarts
+        window = monitor.window()
+        assert sorted(window["probability"]) == [0.2, 0.8]
+        assert [case["id"] for case in monitor.confirmed()] == [first]
+        assert monitor.case_key("1.2.3.4.5.6789") == key
+    with Monitor.open(url) as monitor:  # read-only, as the CLI opens it
+        assert monitor.version == window["model_version"][0]
+        row = monitor.confirmed()[0]
+        assert row["case_key"] == key and row["manufacturer"] == "ACME" and row["pixel_spacing"] == "0.17x0.17"
+        assert row["photometric_interpretation"] == "MONOCHROME1" and row["image_size"] == "40x30"
+        with pytest.raises(RuntimeError, match="read-only"):
+            monitor.record(fake_prediction(0.5), np.zeros((8, 8), np.float32))
+    import sqlite3
+
+    dump = "\n".join(sqlite3.connect(tmp_path / "r.db").iterdump())
+    for secret in ("Doe", "PID-4711", "19500101", "1.2.3.4.5.6789", "/data/", "/secret/path"):
+        assert secret not in dump
+    assert "journal_mode" and sqlite3.connect(tmp_path / "r.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+WRITER = """
+import sys, threading
+import numpy as np
+from lungdx.checkpoint import load_checkpoint
+from lungdx.monitoring import Monitor, MonitorSettings
+from lungdx.predict import Prediction
+
+url, model, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+monitor = Monitor.open(url, load_checkpoint(model), settings=MonitorSettings(check_every=40, min_samples=10))
+pixels = np.random.default_rng(0).uniform(size=(48, 48)).astype(np.float32)
+def write(count):
+    for i in range(count):
+        monitor.record(Prediction(source="x", probability=float(i % 10) / 10, label=0, threshold=0.5), pixels)
+threads = [threading.Thread(target=write, args=(n // 4,)) for _ in range(4)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+monitor.close()
+print("done")
+"""
+
+
+def test_two_processes_writing_at_once_lose_no_row(tmp_path, trained_run):
+    url = sqlite_url(tmp_path / "shared.db")
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    workers = [subprocess.Popen([sys.executable, str(script), url, str(trained_run / "model.pt"), "120"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=120) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    with Monitor.open(url) as monitor:
+        ids = monitor.window(limit=1000)["id"]
+    assert len(ids) == len(set(ids)) == 240
+
+
+# --------------------------------------------------------------------------------------- router
+
+
+@pytest.fixture
+def client(tmp_path, checkpoint):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lungdx.service.monitor_routes import router
+
+    app = FastAPI()
+    app.include_router(router)
+    app.state.settings = SimpleNamespace(api_key="k" * 16)
+    monitor = Monitor.open(sqlite_url(tmp_path / "api.db"), checkpoint, settings=MonitorSettings(**TEST_SETTINGS))
+    app.state.monitor = monitor
+    with TestClient(app, headers={"X-API-Key": "k" * 16}) as test_client:
+        yield test_client, monitor
+    monitor.close()
+
+
+def test_router_feedback_report_and_summary(client):
+    test_client, monitor = client
+    prediction_id = monitor.record(fake_prediction(0.9), np.full((32, 32), 0.5, np.float32))
+    unknown = test_client.post("/v1/predictions/nope/feedback", json={"label": "malignant", "reader": "R1"})
+    assert unknown.status_code == 404 and "no prediction with id 'nope'" in unknown.json()["detail"]
+    assert test_client.post(f"/v1/predictions/{prediction_id}/feedback", json={"label": "cancer", "reader": "R1"}).status_code == 422
+    assert test_client.post(f"/v1/predictions/{prediction_id}/feedback", json={"label": 1, "reader": "Jane Doe"}).status_code == 422
+    stored = test_client.post(f"/v1/predictions/{prediction_id}/feedback", json={"label": "malignant", "reader": "R1"})
+    assert stored.status_code == 200
+    assert stored.json()["label"] == 1 and stored.json()["prediction_id"] == prediction_id
+    no_key = test_client.post(f"/v1/predictions/{prediction_id}/feedback", json={"label": 1, "reader": "R1"},
+                              headers={"X-API-Key": "wrong"})
+    assert no_key.status_code == 401
+    summary = test_client.get("/v1/monitor/summary", params={"since": "7d"})
+    assert summary.status_code == 200 and summary.json()["volume"]["confirmed_total"] == 1
+    assert {c["name"] for c in summary.json()["drift"]} >= {"score_psi", "intensity_psi", "manufacturer"}
+    report = test_client.get("/v1/monitor/report", params={"since": "all"})
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+    assert "data:image/png;base64," in report.text and "<script" not in report.text and "http" not in report.text
+    assert test_client.get("/v1/monitor/summary", params={"since": "soon"}).status_code == 422
+    test_client.app.state.monitor = None
+    disabled = test_client.post(f"/v1/predictions/{prediction_id}/feedback", json={"label": 1, "reader": "R1"})
+    assert disabled.status_code == 503 and "monitoring is disabled" in disabled.json()["detail"]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_report_export_challenge(tmp_path, trained_run, phantom_dir, checkpoint, predictor, capsys):
+    from lungdx.cli import main
+    from lungdx.data.manifest import apply_task, load_dataset
+    from lungdx.io import read_image
+
+    labels = pd.read_csv(phantom_dir / "labels.csv")
+    chosen = pd.concat([labels[labels["malignant"] == 1].head(12), labels[labels["malignant"] != 1].head(12)])
+    url = sqlite_url(tmp_path / "cli.db")
+    settings = MonitorSettings(**TEST_SETTINGS, archive_dir=tmp_path / "archive")
+    with Monitor.open(url, checkpoint, settings=settings) as monitor:
+        for image, malignant in zip(chosen["image"], chosen["malignant"], strict=True):
+            radiograph = read_image(phantom_dir / image)
+            prediction = predictor.predict_pixels(radiograph.pixels, meta=radiograph.meta)
+            prediction_id = monitor.record(prediction, radiograph.pixels)
+            monitor.add_feedback(prediction_id, int(malignant == 1), "R1")
+        monitor.record(prediction, radiograph.pixels)  # one case nobody confirmed
+
+    assert main(["monitor", "report", "--db", url, "--since", "30d", "--out", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "Drift" in page and "Rolling performance" in page and "data:image/png;base64," in page
+
+    assert main(["monitor", "export", "--db", url, "--out", str(tmp_path / "feedback.csv")]) == 0
+    frame = apply_task(load_dataset(tmp_path / "feedback.csv"), checkpoint["task"])
+    assert len(frame) == 24 and frame["target"].sum() == 12 and all(Path(p).is_file() for p in frame["path"])
+    assert not frame["path"].str.contains("phantoms").any()  # archive copies, not the source files
+
+    out = tmp_path / "challenge"
+    assert main(["monitor", "challenge", str(trained_run), "--db", url, "--current", str(trained_run),
+                 "--bootstrap", "200", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["n_cases"] == 24 and result["delong"]["difference"] == pytest.approx(0.0)
+    assert result["mcnemar"]["method"] == "none discordant"
+    capsys.readouterr()
+    # Against the logged predictions: the same model on the archived 16-bit copies gives the same scores.
+    assert main(["monitor", "challenge", str(trained_run), "--db", url, "--bootstrap", "200", "--device", "cpu"]) == 0
+    assert "24 shared test cases" in capsys.readouterr().out
+    assert main(["monitor", "report", "--db", sqlite_url(tmp_path / "empty.db"), "--out", str(tmp_path / "x.html")]) == 2

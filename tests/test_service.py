@@ -1,0 +1,283 @@
+"""The inference service through FastAPI's TestClient: each route, each rejection, the API key, batching."""
+
+import asyncio
+import base64
+import hashlib
+import io
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the service tests need the serve extra (pip install -e '.[serve]')")
+pytest.importorskip("httpx2", reason="the TestClient needs httpx2 (the test extra)")
+from fastapi.testclient import TestClient  # noqa: E402
+from pydicom.dataset import FileMetaDataset  # noqa: E402
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+from lungdx.checkpoint import load_checkpoint, model_version  # noqa: E402
+from lungdx.predict import Predictor  # noqa: E402
+from lungdx.service.app import create_app  # noqa: E402
+from lungdx.service.batching import MicroBatcher  # noqa: E402
+from lungdx.service.security import keys_match  # noqa: E402
+from lungdx.service.settings import ServiceSettings  # noqa: E402
+
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+KEY = "k3y-for-tests-0123456789"
+
+
+@pytest.fixture(scope="module")
+def png_path(phantom_dir):
+    return sorted((phantom_dir / "images").glob("*.png"))[0]
+
+
+@pytest.fixture(scope="module")
+def client(trained_run):
+    with TestClient(create_app(ServiceSettings(run=trained_run, db_url=None))) as test_client:
+        yield test_client
+
+
+def write_dicom(path, pixels: np.ndarray, *, modality="CR", sop_class=CR_STORAGE, body_part="CHEST", view="PA",
+                patient=("Doe^Jane", "PID-12345", "19570312")):
+    """A small, valid PS3.10 file holding ``pixels`` (float in [0, 1]) as 12-bit MONOCHROME2."""
+    from pydicom.dataset import FileDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = modality, body_part, view
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.round(np.clip(pixels, 0, 1) * 4095).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def read_png_uri(uri: str) -> np.ndarray:
+    assert uri.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+
+
+def post(client, path, name="image", **params):
+    with open(path, "rb") as file:
+        return client.post("/v1/predictions", params=params, files={"file": (name, file)})
+
+
+def test_health_ready_and_model_card(client, trained_run):
+    checkpoint = load_checkpoint(trained_run / "model.pt")
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model_version"] == model_version(checkpoint)
+    card = client.get("/v1/model").json()
+    assert card["identity"]["version"] == model_version(checkpoint)
+    assert card["threshold"] == pytest.approx(checkpoint["threshold"]) and card["class_names"] == checkpoint["class_names"]
+    assert card["validation_metrics"]["roc_auc"] == pytest.approx(checkpoint["val_metrics"]["roc_auc"])
+    assert "Not for clinical use" in card["not_for_clinical_use"]
+    assert "/v1/predictions" in client.get("/openapi.json").json()["paths"]
+
+
+def test_not_ready_before_the_model_is_loaded(trained_run):
+    app = create_app(ServiceSettings(run=trained_run, db_url=None))
+    unstarted = TestClient(app)  # no `with`: the lifespan never runs
+    assert unstarted.get("/readyz").status_code == 503
+    assert unstarted.get("/v1/model").status_code == 503
+    assert unstarted.get("/healthz").status_code == 200
+
+
+def test_png_prediction_equals_the_predictor(trained_run, png_path):
+    from lungdx.explain import explain_file
+
+    # Occlusion: the two-epoch test model's Grad-CAM is zero everywhere (its ReLUs pass no positive evidence).
+    predictor = Predictor.from_path(trained_run)
+    explanation = explain_file(predictor, png_path, "occlusion")
+    assert explanation.heatmap_original.max() > 0.5
+    with TestClient(create_app(ServiceSettings(run=trained_run, db_url=None, heatmap_method="occlusion"))) as client:
+        response = post(client, png_path, heatmap="true", preview="true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = predictor.predict_files([png_path])[0]
+    assert body["probability"] == pytest.approx(expected.probability, abs=1e-6)
+    assert body["label"] == expected.class_name and body["threshold"] == pytest.approx(expected.threshold)
+    assert body["label_index"] == int(body["probability"] >= body["threshold"])
+    preview, heat = read_png_uri(body["preview"]), read_png_uri(body["heatmap"]["png"])
+    rows, columns = Image.open(png_path).size[::-1]
+    assert preview.shape == (rows, columns) and heat.shape == (rows, columns, 4)
+    expected_alpha = np.round(explanation.heatmap_original * 255)
+    assert np.abs(heat[..., 3].astype(float) - expected_alpha).max() <= 1 and body["heatmap"]["method"] == "occlusion"
+    assert body["input"]["format"] == "png" and body["id"] is None
+
+
+def test_without_heatmap_the_response_is_light(client, png_path):
+    body = post(client, png_path).json()
+    assert body["heatmap"] is None and body["preview"] is None
+
+
+def test_dicom_prediction_equals_the_predictor(client, trained_run, png_path, tmp_path):
+    pixels = np.asarray(Image.open(png_path), dtype=np.float32)
+    path = tmp_path / "chest.dcm"
+    write_dicom(path, pixels / pixels.max())
+    body = post(client, path).json()
+    expected = Predictor.from_path(trained_run).predict_files([path])[0]
+    assert body["probability"] == pytest.approx(expected.probability, abs=1e-6)
+    assert body["input"]["modality"] == "CR" and body["input"]["view_position"] == "PA"
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(modality="OT", sop_class="1.2.840.10008.5.1.4.1.1.7"), "modality OT"),
+    (dict(modality="CT", sop_class=CTImageStorage), "modality CT"),
+    (dict(body_part="KNEE"), "body part KNEE"),
+    (dict(view="LL"), "view position LL"),
+])
+def test_dicom_that_is_not_a_frontal_chest_radiograph_is_refused(client, tmp_path, kwargs, reason):
+    path = tmp_path / "other.dcm"
+    write_dicom(path, np.random.default_rng(0).random((64, 64)), **kwargs)
+    response = post(client, path)
+    assert response.status_code == 422 and reason in response.json()["detail"]
+
+
+def test_real_dicom_samples(client, dicom_dir):
+    assert post(client, dicom_dir / "nih_cxr14_dx_chest_nofinding.dcm").status_code == 200
+    tibia = post(client, dicom_dir / "nema_wg04_RG3_J2KR_cr_tibia.dcm")
+    assert tibia.status_code == 422 and "EXTREMITY" in tibia.json()["detail"]
+
+
+def test_bad_uploads_get_a_clear_4xx_and_the_service_carries_on(client, png_path, tmp_path):
+    data = png_path.read_bytes()
+    cases = {
+        "text": (b"patient list\n" * 40, 415, "unsupported file type"),
+        "empty": (b"", 422, "empty"),
+        "truncated png": (data[: len(data) // 3], 422, "undecodable png"),
+        "gif": (b"GIF89a" + b"\0" * 200, 415, "unsupported file type"),
+        "dicom without pixels": (_dicom_without_pixels(tmp_path), 422, "DICOM"),
+        "tiny png": (_png_bytes(np.zeros((8, 8), np.uint8)), 422, "too small"),
+    }
+    for name, (content, status, reason) in cases.items():
+        response = client.post("/v1/predictions", files={"file": ("x", content)})
+        assert response.status_code == status, (name, response.text)
+        assert reason.lower() in response.json()["detail"].lower(), name
+    assert client.post("/v1/predictions").status_code == 422  # no file field at all
+    assert post(client, png_path).status_code == 200
+
+
+def test_size_limits(trained_run, png_path):
+    settings = ServiceSettings(run=trained_run, db_url=None, max_upload_bytes=4096, max_pixels=100 * 100)
+    with TestClient(create_app(settings)) as small:
+        too_big = small.post("/v1/predictions", files={"file": ("x.png", png_path.read_bytes())})
+        assert too_big.status_code == 413
+
+        def chunks():  # no Content-Length: the limit must hold while the body streams in
+            yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+            for _ in range(20):
+                yield b"\0" * 1024
+
+        streamed = small.post("/v1/predictions", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+        assert streamed.status_code == 413
+        many_pixels = small.post("/v1/predictions", files={"file": ("x.png", _png_bytes(np.zeros((101, 101), np.uint8)))})
+        assert many_pixels.status_code == 413 and "101 x 101" in many_pixels.json()["detail"]
+        assert small.get("/healthz").status_code == 200
+
+
+def test_api_key(trained_run, png_path):
+    with TestClient(create_app(ServiceSettings(run=trained_run, db_url=None, api_key=KEY))) as keyed:
+        assert keyed.get("/v1/model").status_code == 401
+        assert keyed.get("/v1/model", headers={"X-API-Key": KEY[:-1] + "x"}).status_code == 401
+        assert keyed.get("/v1/model", headers={"X-API-Key": KEY}).status_code == 200
+        with open(png_path, "rb") as file:
+            assert keyed.post("/v1/predictions", files={"file": file}).status_code == 401
+        with open(png_path, "rb") as file:
+            assert keyed.post("/v1/predictions", files={"file": file}, headers={"X-API-Key": KEY}).status_code == 200
+        assert keyed.get("/healthz").status_code == 200 and keyed.get("/readyz").status_code == 200
+        assert keyed.get("/").status_code == 200  # the page itself holds no data; it asks for the key
+    assert keys_match(KEY, KEY) and not keys_match(None, KEY) and not keys_match("", KEY)
+    with pytest.raises(ValueError, match="at least 16"):
+        ServiceSettings(run=trained_run, api_key="short")
+
+
+def test_logs_hold_no_patient_data(client, png_path, tmp_path, caplog):
+    pixels = np.asarray(Image.open(png_path), dtype=np.float32)
+    path = tmp_path / "Doe_Jane_PID-12345.dcm"
+    ds = write_dicom(path, pixels / pixels.max())
+    with caplog.at_level(logging.DEBUG):
+        assert post(client, path, name=path.name, heatmap="true").status_code == 200
+        assert post(client, tmp_path / "Doe_Jane_PID-12345.dcm", name=path.name).status_code == 200
+    text = caplog.text
+    for secret in ("Doe", "Jane", "PID-12345", "19570312", str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)):
+        assert secret not in text
+    assert hashlib.sha256(str(ds.SOPInstanceUID).encode()).hexdigest()[:16] in text
+
+
+def test_metrics_count_requests_by_route(client, png_path):
+    post(client, png_path)
+    text = client.get("/metrics").text
+    assert 'lungdx_requests_total{route="/v1/predictions",status="200"}' in text
+    assert "lungdx_request_seconds_bucket" in text and "lungdx_batch_size_bucket" in text
+
+
+def test_the_web_page_and_its_files_are_served_locally(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "lungdx" in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200
+    everything = page.text + client.get("/static/app.js").text + client.get("/static/style.css").text
+    assert "http://" not in everything and "https://" not in everything  # no CDN: works without internet
+
+
+# ---- micro-batching ----------------------------------------------------------------------------
+
+
+def _batched(max_batch, n_items, fail_on=None):
+    sizes = []
+
+    def run_batch(items):
+        if fail_on is not None and fail_on in items:
+            raise RuntimeError("model failure")
+        return [item * 10 for item in items]
+
+    async def scenario():
+        batcher = MicroBatcher(run_batch, max_batch=max_batch, max_wait_s=0.02, on_batch=sizes.append)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(n_items)), return_exceptions=True), \
+                await batcher.submit(1000)
+        finally:
+            await batcher.stop()
+
+    results, after = asyncio.run(scenario())
+    return results, after, sizes
+
+
+def test_concurrent_requests_share_batches_and_keep_their_own_answers():
+    results, _, sizes = _batched(max_batch=8, n_items=20)
+    assert results == [i * 10 for i in range(20)]
+    assert max(sizes) == 8 and sum(sizes) == 21 and len(sizes) < 21
+
+
+def test_batching_off_runs_one_image_per_pass():
+    results, _, sizes = _batched(max_batch=1, n_items=6)
+    assert results == [i * 10 for i in range(6)] and sizes == [1] * 7
+
+
+def test_a_failed_batch_fails_its_requests_only():
+    results, after, _ = _batched(max_batch=4, n_items=4, fail_on=2)
+    assert all(isinstance(result, RuntimeError) for result in results)
+    assert after == 10000  # the worker carries on
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _dicom_without_pixels(tmp_path) -> bytes:
+    path = tmp_path / "nopixels.dcm"
+    ds = write_dicom(path, np.zeros((32, 32)))
+    del ds.PixelData, ds.Rows, ds.Columns
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
