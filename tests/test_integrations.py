@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from orthanc import Orthanc, free_port, require_orthanc
 
 pytest.importorskip("pynetdicom", reason="the pacs extra (pynetdicom) is not installed")
@@ -112,12 +111,13 @@ def test_non_chest_instances_are_skipped_and_the_node_keeps_working(node, dicom_
         _storescu(_sample(dicom_dir, name), node.listener.port)
     digests = {uid_digest(pydicom.dcmread(_sample(dicom_dir, n), stop_before_pixels=True).SOPInstanceUID)
                for n in NOT_CHEST}
-    lines = _wait(lambda: [json.loads(line) for line in events.read_text().splitlines()
-                           if json.loads(line)["instance"] in digests] if events.exists() else [],
-                  what="the skip events")
-    _wait(lambda: len({e["instance"] for e in lines if e["status"] == "skipped"}) == 2 or lines.extend(
-        json.loads(line) for line in events.read_text().splitlines() if json.loads(line)["instance"] in digests),
-          what="both skips")
+
+    def skipped():
+        lines = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
+        found = [event for event in lines if event["instance"] in digests and event["status"] == "skipped"]
+        return found if len(found) == len(digests) else None
+
+    lines = _wait(skipped, what="both skip events")
     reasons = {event["reason"] for event in lines if event["status"] == "skipped"}
     assert any("EXTREMITY (0018,0015) is not CHEST" in reason for reason in reasons), reasons
     assert any("modality OT (0008,0060) is not CR or DX" in reason for reason in reasons), reasons

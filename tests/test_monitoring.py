@@ -116,6 +116,7 @@ def test_psi_by_hand():
     scores = np.random.default_rng(0).uniform(size=200)
     assert score_psi(scores, scores) == pytest.approx(0.0)
     assert score_psi(scores, scores * 0.3) > 1.0
+    assert score_psi(scores[:19], scores) is None  # fewer than two bins of 10 reference cases
 
 
 def _feed(monitor: Monitor, predictor: Predictor, images: list[np.ndarray]) -> list[str]:
@@ -128,7 +129,10 @@ def test_shifted_intensity_raises_the_drift_alert_and_unshifted_does_not(tmp_pat
     with Monitor.open(sqlite_url(tmp_path / "plain.db"), checkpoint, settings=settings) as monitor:
         _feed(monitor, predictor, phantoms(40, seed=100))
         status = monitor.check()
-        assert [c["name"] for c in status["drift"] if c["status"] not in ("ok", "alert", "no reference")] == []
+        statuses = {c["name"]: c["status"] for c in status["drift"]}
+        # 13 validation cases: too few for two PSI bins of 10; the KS test still decides on the scores.
+        assert statuses.pop("score_psi") == "insufficient reference"
+        assert {name for name, state in statuses.items() if state not in ("ok", "no reference")} == set()
         assert status["active_alerts"] == []
         assert monitor.registry.get_sample_value("lungdx_monitor_alert", {"check": "intensity_psi"}) == 0.0
     assert Webhook.received == []
@@ -200,8 +204,8 @@ def test_rolling_metrics_equal_hand_computed_values(tmp_path, checkpoint):
     for entry in values.values():
         assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
     assert performance["validation"]["sensitivity"] == 0.99
-    if values["sensitivity"]["ci_high"] < 0.99:
-        assert "performance_sensitivity" in {a["check"] for a in status["active_alerts"]}
+    below = values["sensitivity"]["ci_high"] < 0.99
+    assert ("performance_sensitivity" in {a["check"] for a in status["active_alerts"]}) == below
 
 
 def test_feedback_is_validated(tmp_path, checkpoint):

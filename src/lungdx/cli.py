@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(commands)
     _add_predict(commands)
     _add_explain(commands)
+    _add_pacs(commands)
     _add_monitor(commands)
     _add_serve(commands)
     models = commands.add_parser("models", help="list the registered models")
@@ -387,7 +388,12 @@ def _add_serve(commands) -> None:
     serve.add_argument("--max-upload-mb", type=float, default=64.0, help="largest request body (default: %(default)s)")
     serve.add_argument("--max-megapixels", type=float, default=50.0, help="largest image, read from its header (default: %(default)s)")
     serve.add_argument("--max-batch", type=int, default=16, help="micro-batch size; 1 turns batching off (default: %(default)s)")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with (default: %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a request waits for others to batch with (default: %(default)s)")
+    serve.add_argument("--archive", type=Path, metavar="DIR",
+                       help="keep each image's pixels here (16-bit PNG, no header) so that confirmed cases can be "
+                            "exported for retraining and a candidate model challenged on them (lungdx monitor)")
+    serve.add_argument("--webhook", metavar="URL", help="POST monitoring alerts (raised and cleared) here as JSON")
     serve.add_argument("--heatmap-method", choices=["gradcam", "occlusion"], default="gradcam")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -414,7 +420,7 @@ def _cmd_serve(args) -> int:
         run=args.run, api_key=api_key, db_url=None if args.db.lower() == "none" else args.db, device=args.device,
         precision=args.precision, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=int(args.max_megapixels * 1_000_000), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-        heatmap_method=args.heatmap_method)
+        heatmap_method=args.heatmap_method, archive_dir=args.archive, webhook_url=args.webhook)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key: anyone who reaches this port can use the model", args.host)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
@@ -485,6 +491,89 @@ def _cmd_monitor(args) -> int:
             if args.out:
                 write_comparison(result, args.out)
                 print(f"Written: {Path(args.out) / 'comparison.md'}, {Path(args.out) / 'comparison.json'}")
+    return 0
+
+
+def _add_pacs(commands) -> None:
+    listen = commands.add_parser(
+        "listen", help="DICOM node: analyse received chest radiographs, send SR + heatmap back to the PACS",
+        epilog="example:\n  lungdx listen runs/jsrt-mal --aet LUNGDX --port 11112 "
+               "--pacs http://127.0.0.1:8042/dicom-web --pacs-aet ORTHANC",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    listen.add_argument("run", help="run folder (or model.pt)")
+    listen.add_argument("--aet", default="LUNGDX", help="this node's AE title (default: %(default)s)")
+    listen.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    listen.add_argument("--port", type=int, default=11112, help="DICOM port (default: %(default)s)")
+    _add_destination(listen)
+    listen.set_defaults(handler=_cmd_listen)
+    pull = commands.add_parser("pacs-run", help="pull a study by DICOMweb, analyse it, push the results back")
+    pull.add_argument("run", help="run folder (or model.pt)")
+    pull.add_argument("--study", required=True, help="Study Instance UID")
+    _add_destination(pull)
+    pull.set_defaults(handler=_cmd_pacs_run)
+    deid = commands.add_parser("deidentify", help="PS3.15 Basic Profile de-identified copy of a DICOM folder")
+    deid.add_argument("in_dir", help="folder of DICOM files (searched recursively)")
+    deid.add_argument("out_dir", help="folder for the de-identified files")
+    deid.set_defaults(handler=_cmd_deidentify)
+
+
+def _add_destination(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pacs", help="the PACS's DICOMweb base URL, e.g. http://127.0.0.1:8042/dicom-web")
+    parser.add_argument("--pacs-aet", default="ORTHANC", help="the PACS's AE title (default: %(default)s)")
+    parser.add_argument("--pacs-host", help="the PACS's host for --send-by cstore")
+    parser.add_argument("--pacs-port", type=int, help="the PACS's DICOM port for --send-by cstore")
+    parser.add_argument("--send-by", default="stow", choices=("stow", "cstore"),
+                        help="how results go back to the PACS (default: %(default)s)")
+    parser.add_argument("--fhir", help="FHIR base URL to POST the DiagnosticReport bundles to (optional)")
+    parser.add_argument("--state", default="lungdx-pacs", help="inbox/outbox folder (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="auto, cpu or cuda (default: %(default)s)")
+
+
+def _pacs_processor(args):
+    from lungdx.integrations.service import dicom_sender, make_processor
+
+    sender = dicom_sender(args.send_by, dicomweb=args.pacs, host=args.pacs_host, port=args.pacs_port,
+                          called_aet=args.pacs_aet, calling_aet=getattr(args, "aet", "LUNGDX"))
+    return make_processor(args.run, args.state, sender, fhir_url=args.fhir, device=args.device)
+
+
+def _cmd_listen(args) -> int:
+    from lungdx.integrations.pipeline import Node
+
+    node = Node(_pacs_processor(args), aet=args.aet, host=args.host, port=args.port)
+    node.start()
+    print(f"{args.aet} listening on {args.host}:{args.port}; state in {args.state} (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+    return 0
+
+
+def _cmd_pacs_run(args) -> int:
+    from lungdx.integrations.dicomweb import DicomWebClient
+    from lungdx.integrations.pipeline import pacs_run
+
+    if not args.pacs:
+        raise SystemExit("lungdx pacs-run: --pacs (the DICOMweb base URL) is required")
+    processor = _pacs_processor(args)
+    results = pacs_run(processor, DicomWebClient(args.pacs), args.study)
+    delivered = processor.deliver()
+    waiting = len(processor.outbox.pending())
+    print(f"analysed {len(results)} instance(s); delivered {delivered} result(s), {waiting} waiting in "
+          f"{processor.outbox.folder}")
+    return 0 if not waiting else 1
+
+
+def _cmd_deidentify(args) -> int:
+    from lungdx.io.deidentify import deidentify_folder
+
+    summary = deidentify_folder(args.in_dir, args.out_dir)
+    print(f"wrote {len(summary.written)} de-identified file(s) to {args.out_dir}; skipped {len(summary.skipped)}; "
+          f"{len(summary.warnings)} burned-in annotation warning(s)")
     return 0
 
 

@@ -183,7 +183,7 @@ def report_html(results: dict, info: dict, card: str, evaluation_dir: Path, gall
     evaluation = table_markdown(results).split("\n", 1)[1]
     title = f"lungdx report: {results['model']} on {results['task']}"
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{_CSS}</style></head><body>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{REPORT_CSS}</style></head><body>"
             f"<div class=\"banner\">{html.escape(NOT_FOR_CLINICAL_USE)}</div><main>{render(card)}"
             f"<h2>Figures</h2><div class=\"figures\">{figures}</div>"
             f"<h2>Full evaluation</h2>{render(evaluation)}{_gallery_html(gallery)}</main></body></html>\n")
@@ -208,7 +208,7 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-_CSS = """
+REPORT_CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#fafbfc}
 main{max-width:1100px;margin:0 auto;padding:1rem 2rem 3rem}
 .banner{background:#8b1a1a;color:#fff;padding:.7rem 2rem;font-weight:600}
@@ -220,4 +220,5 @@ figure{margin:0;background:#fff;border:1px solid #dde3ea;padding:.5rem}
 figure img{max-width:480px;height:auto;display:block}
 figcaption{font-size:.85rem;color:#4a5568;margin-top:.3rem}
 code{background:#eef2f7;padding:0 .2rem}
+.alert{background:#fde8e8}.ok{background:#e8f6ec}
 """

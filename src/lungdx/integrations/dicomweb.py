@@ -36,7 +36,8 @@ class DicomWebClient:
     def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
         """WADO-RS: one instance as its PS3.10 file bytes."""
         response = self._request("GET", f"/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}",
-                                 headers={"Accept": f'multipart/related; type="{_DICOM}"'})
+                                 # transfer-syntax=* (PS3.18 8.7.3.5.2): as stored, no server-side transcoding
+                                 headers={"Accept": f'multipart/related; type="{_DICOM}"; transfer-syntax=*'})
         parts = parse_multipart(response.headers.get("content-type", ""), response.content)
         if len(parts) != 1:
             raise DeliveryError(f"WADO-RS returned {len(parts)} parts for one instance")

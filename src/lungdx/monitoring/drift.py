@@ -35,11 +35,20 @@ def population_stability_index(expected: Sequence[float], actual: Sequence[float
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def score_psi(reference: Sequence[float], window: Sequence[float], max_bins: int = 10) -> float:
-    """PSI of scores over bins at the reference's quantiles (about 10 reference cases per bin, 2 to ``max_bins``)."""
+PSI_CASES_PER_BIN = 10
+"""Reference cases per score bin: with fewer the PSI measures sampling noise more than drift."""
+
+
+def score_psi(reference: Sequence[float], window: Sequence[float], max_bins: int = 10) -> float | None:
+    """PSI of scores over bins at the reference's quantiles (:data:`PSI_CASES_PER_BIN` reference cases per bin).
+
+    Returns None when the reference is too small for two such bins.
+    """
     reference, window = np.asarray(reference, dtype=np.float64), np.asarray(window, dtype=np.float64)
-    n_bins = int(np.clip(len(reference) // 10, 2, max_bins))
-    edges = np.unique(np.quantile(reference, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    n_bins = min(len(reference) // PSI_CASES_PER_BIN, max_bins)
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, n_bins + 1)[1:-1])) if n_bins >= 2 else []
+    if len(edges) == 0:
+        return None
     expected = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(edges) + 1)
     actual = np.bincount(np.searchsorted(edges, window, side="right"), minlength=len(edges) + 1)
     return population_stability_index(expected, actual)
@@ -66,15 +75,22 @@ def _check(name: str, kind: str, value: float | None, limit: float, alert: bool,
             "detail": detail, "n": n}
 
 
-def _numeric_checks(kind: str, psi_name: str, ks_name: str, psi: float | None, ks: tuple[float, float] | None,
-                    psi_limit: float, alpha: float, n: int, status: str) -> list[dict]:
-    if psi is None or ks is None:
-        return [_check(psi_name, kind, None, psi_limit, False, status, status, n),
-                _check(ks_name, kind, None, alpha, False, status, status, n)]
-    return [_check(psi_name, kind, psi, psi_limit, psi > psi_limit, "alert" if psi > psi_limit else "ok",
-                   f"PSI {psi:.3f} (limit {psi_limit:g})", n),
-            _check(ks_name, kind, ks[1], alpha, ks[1] < alpha, "alert" if ks[1] < alpha else "ok",
-                   f"KS statistic {ks[0]:.3f}, p = {ks[1]:.2g} (alert below {alpha:g})", n)]
+def _psi_check(name: str, kind: str, psi: float | None, limit: float, n: int, status: str) -> dict:
+    if status != "ok":
+        return _check(name, kind, None, limit, False, status, status, n)
+    if psi is None:
+        return _check(name, kind, None, limit, False, "insufficient reference",
+                      f"the PSI needs at least {2 * PSI_CASES_PER_BIN} reference cases with distinct values", n)
+    alert = psi > limit
+    return _check(name, kind, psi, limit, alert, "alert" if alert else "ok", f"PSI {psi:.3f} (limit {limit:g})", n)
+
+
+def _ks_check(name: str, kind: str, ks: tuple[float, float] | None, alpha: float, n: int, status: str) -> dict:
+    if status != "ok" or ks is None:
+        return _check(name, kind, None, alpha, False, status, status, n)
+    alert = ks[1] < alpha
+    return _check(name, kind, ks[1], alpha, alert, "alert" if alert else "ok",
+                  f"KS statistic {ks[0]:.3f}, p = {ks[1]:.2g} (alert below {alpha:g})", n)
 
 
 def drift_checks(reference: dict | None, window: dict, settings: MonitorSettings) -> list[dict]:
@@ -90,18 +106,18 @@ def drift_checks(reference: dict | None, window: dict, settings: MonitorSettings
     checks = []
     ref_scores = reference.get("probabilities") or []
     status = _status(n, len(ref_scores), settings, "no validation scores in the reference")
-    checks += _numeric_checks("score", "score_psi", "score_ks",
-                              score_psi(ref_scores, window["probability"]) if status == "ok" else None,
-                              ks_test(ref_scores, window["probability"]) if status == "ok" else None,
-                              settings.score_psi_limit, settings.ks_alpha, n, status)
+    ok = status == "ok"
+    checks.append(_psi_check("score_psi", "score", score_psi(ref_scores, window["probability"]) if ok else None,
+                             settings.score_psi_limit, n, status))
+    checks.append(_ks_check("score_ks", "score", ks_test(ref_scores, window["probability"]) if ok else None,
+                            settings.ks_alpha, n, status))
     intensity = reference.get("intensity") or {}
     status = _status(n, intensity.get("n_images", 0), settings, "no validation images in the reference")
     ok = status == "ok"
-    checks += _numeric_checks(
-        "input", "intensity_psi", "intensity_ks",
-        population_stability_index(intensity["histogram"], np.mean(window["intensity_histogram"], axis=0)) if ok else None,
-        ks_test(intensity["mean"], window["intensity_mean"]) if ok else None,
-        settings.intensity_psi_limit, settings.ks_alpha, n, status)
+    psi = population_stability_index(intensity["histogram"], np.mean(window["intensity_histogram"], axis=0)) if ok else None
+    checks.append(_psi_check("intensity_psi", "input", psi, settings.intensity_psi_limit, n, status))
+    checks.append(_ks_check("intensity_ks", "input", ks_test(intensity["mean"], window["intensity_mean"]) if ok else None,
+                            settings.ks_alpha, n, status))
     acquisition = reference.get("acquisition") or {}
     for field in ACQUISITION_FIELDS:
         counts = acquisition.get(field) or {}

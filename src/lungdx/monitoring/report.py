@@ -19,24 +19,11 @@ from lungdx.monitoring.monitor import Monitor, parse_since, utc_now
 
 logger = logging.getLogger(__name__)
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#fafbfc}
-main{max-width:1100px;margin:0 auto;padding:1rem 2rem 3rem}
-.banner{background:#8b1a1a;color:#fff;padding:.7rem 2rem;font-weight:600}
-table{border-collapse:collapse;margin:.8rem 0;font-size:.9rem}
-th,td{border:1px solid #cfd6e0;padding:.3rem .6rem;text-align:left}
-th{background:#eef2f7}
-.alert{background:#fde8e8}.ok{background:#e8f6ec}
-.figures{display:flex;flex-wrap:wrap;gap:1rem}
-figure{margin:0;background:#fff;border:1px solid #dde3ea;padding:.5rem}
-figure img{max-width:480px;height:auto;display:block}
-figcaption{font-size:.85rem;color:#4a5568;margin-top:.3rem}
-"""
 
 
 def render_report(monitor: Monitor, *, since: str | timedelta | None = "30d") -> str:
     """The monitoring report of the current model over ``since`` (``30d``, ``12h``, ``all``) as HTML."""
-    from lungdx.report import NOT_FOR_CLINICAL_USE
+    from lungdx.report import NOT_FOR_CLINICAL_USE, REPORT_CSS
 
     period = parse_since(since)
     summary = monitor.summary(since=since)
@@ -62,7 +49,7 @@ def render_report(monitor: Monitor, *, since: str | timedelta | None = "30d") ->
     body.append("</div><p>Cases are known by pseudonymous keys only; no name, patient ID or file path is logged. "
                 "Confidence intervals resample cases, not patients (the log holds no patient identity).</p></main>")
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{_CSS}</style></head>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{REPORT_CSS}</style></head>"
             f"<body>{''.join(body)}</body></html>")
 
 

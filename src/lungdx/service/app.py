@@ -14,6 +14,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import cv2
 import numpy as np
@@ -36,8 +37,12 @@ from lungdx.service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
-HEATMAP_NOTE = ("Where the model's evidence lies (Grad-CAM), not a segmentation of a nodule: "
-                "on JSRT the heatmap's peak lands in the nodule no more often than chance.")
+HEATMAP_NOTES = {
+    "gradcam": "Grad-CAM: where the last convolutional layer's evidence for the positive class lies.",
+    "occlusion": "Occlusion: how much the probability drops when each patch is hidden.",
+}
+HEATMAP_CAVEAT = (" Not a segmentation of a nodule: on JSRT the heatmap's peak lands in the nodule no more "
+                  "often than chance (docs/results.md).")
 INTENDED_USE = ("Research on computer-aided detection of lung nodules in frontal (PA/AP) chest radiographs "
                 "of adults; a second look beside a radiologist's own reading, never instead of it.")
 
@@ -74,12 +79,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.registry = CollectorRegistry()
     _add_request_metrics(app)
     _add_routes(app)
-    try:  # TEMPORARY until monitor_routes lands
-        from lungdx.service.monitor_routes import router as monitor_router
+    from lungdx.service.monitor_routes import router as monitor_router
 
-        app.include_router(monitor_router)
-    except ModuleNotFoundError:
-        pass
+    app.include_router(monitor_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
@@ -117,10 +119,11 @@ async def _lifespan(app: FastAPI):
 def _open_monitor(settings: ServiceSettings, checkpoint: dict, registry: CollectorRegistry):
     if not settings.db_url:
         return None
-    from lungdx.monitoring import Monitor
+    from lungdx.monitoring import Monitor, MonitorSettings
 
     run_dir = settings.run if Path(settings.run).is_dir() else None
-    return Monitor.open(settings.db_url, checkpoint, registry=registry, run_dir=run_dir)
+    options = MonitorSettings(archive_dir=settings.archive_dir, webhook_url=settings.webhook_url)
+    return Monitor.open(settings.db_url, checkpoint, registry=registry, settings=options, run_dir=run_dir)
 
 
 def _add_request_metrics(app: FastAPI) -> None:
@@ -161,7 +164,7 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/v1/model", response_model=schemas.ModelCard, dependencies=[Depends(require_api_key)],
              summary="the model card: identity, threshold, validation and test figures, intended use")
-    async def model(loaded: Services = Depends(services)):
+    async def model(loaded: Annotated[Services, Depends(services)]):
         return loaded.card
 
     @app.post("/v1/predictions", response_model=schemas.PredictionOut, dependencies=[Depends(require_api_key)],
@@ -169,10 +172,10 @@ def _add_routes(app: FastAPI) -> None:
               responses={401: {"description": "missing or wrong API key"}, 413: {"description": "file or image too large"},
                          415: {"description": "not PNG, JPEG or DICOM"},
                          422: {"description": "undecodable, too small, or not a frontal chest radiograph"}})
-    async def predict(file: UploadFile = File(description="a PNG, JPEG or DICOM chest radiograph"),
-                      heatmap: bool = Query(False, description="add a Grad-CAM heatmap (slower)"),
-                      preview: bool = Query(False, description="add a grayscale preview of the radiograph"),
-                      loaded: Services = Depends(services)):
+    async def predict(file: Annotated[UploadFile, File(description="a PNG, JPEG or DICOM chest radiograph")],
+                      loaded: Annotated[Services, Depends(services)],
+                      heatmap: Annotated[bool, Query(description="add a heatmap (slower)")] = False,
+                      preview: Annotated[bool, Query(description="add a grayscale preview of the radiograph")] = False):
         return await _predict(loaded, file, heatmap, preview)
 
 
@@ -240,7 +243,8 @@ def _heatmap(loaded: Services, levelled: np.ndarray, original: tuple[int, int], 
     heat = np.clip(cv2.resize(on_image, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
     colours = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR, as imencode wants
     rgba = np.dstack([colours, np.round(heat * 255).astype(np.uint8)])  # transparent where there is no heat
-    return {"method": loaded.settings.heatmap_method, "png": _png_data_uri(rgba), "note": HEATMAP_NOTE}
+    method = loaded.settings.heatmap_method
+    return {"method": method, "png": _png_data_uri(rgba), "note": HEATMAP_NOTES[method] + HEATMAP_CAVEAT}
 
 
 def _model_card(run: Path, predictor: Predictor) -> dict:

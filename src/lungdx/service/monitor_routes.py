@@ -52,7 +52,7 @@ def add_feedback(prediction_id: str, feedback: FeedbackIn, request: Request) -> 
     except UnknownPrediction as err:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"{err}; feedback needs the id a prediction returned") from err
     except ValueError as err:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=str(err)) from err
+        raise HTTPException(422, detail=str(err)) from err
 
 
 def _since(since: str) -> str:
@@ -61,7 +61,7 @@ def _since(since: str) -> str:
     try:
         parse_since(since)
     except ValueError as err:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=str(err)) from err
+        raise HTTPException(422, detail=str(err)) from err
     return since
 
 

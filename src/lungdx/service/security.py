@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
 from fastapi import HTTPException, Request, Security, status
 from fastapi.security import APIKeyHeader
@@ -16,7 +17,7 @@ def keys_match(provided: str | None, expected: str) -> bool:
     return provided is not None and hmac.compare_digest(provided.encode("utf-8"), expected.encode("utf-8"))
 
 
-async def require_api_key(request: Request, provided: str | None = Security(_api_key_header)) -> None:
+async def require_api_key(request: Request, provided: Annotated[str | None, Security(_api_key_header)]) -> None:
     """FastAPI dependency: 401 unless the configured key (if any) is in the ``X-API-Key`` header."""
     expected = request.app.state.settings.api_key
     if expected is not None and not keys_match(provided, expected):

@@ -20,6 +20,9 @@ class ServiceSettings:
         max_wait_ms: how long the first request of a batch waits for others to join it.
         heatmap_method: ``gradcam`` or ``occlusion`` for ``?heatmap=true``.
         preview_px: the longer side of the radiograph preview returned to the web page.
+        archive_dir: with monitoring on, keep each image's pixels here for ``lungdx monitor export``
+            and ``challenge`` (see ``lungdx.monitoring.MonitorSettings``).
+        webhook_url: with monitoring on, POST alerts here.
     """
 
     run: Path
@@ -33,6 +36,8 @@ class ServiceSettings:
     max_wait_ms: float = 5.0
     heatmap_method: str = "gradcam"
     preview_px: int = 768
+    archive_dir: Path | None = None
+    webhook_url: str | None = None
 
     def __post_init__(self):
         if self.max_batch < 1:
