@@ -538,11 +538,17 @@ def _pacs_processor(args):
 
 
 def _cmd_listen(args) -> int:
+    import signal
+
     from lungdx.integrations.pipeline import Node
 
+    def stop(_signum, _frame):  # a service manager's SIGTERM stops the node as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     node = Node(_pacs_processor(args), aet=args.aet, host=args.host, port=args.port)
     node.start()
-    print(f"{args.aet} listening on {args.host}:{args.port}; state in {args.state} (Ctrl-C stops)")
+    print(f"{args.aet} listening on {args.host}:{args.port}; state in {args.state} (Ctrl-C stops)", flush=True)
     try:
         while True:
             time.sleep(1)
@@ -676,7 +682,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lungdx`` console script."""
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Other libraries speak at WARNING and above only: highdicom's and pynetdicom's INFO and DEBUG
+    # messages quote UIDs and whole headers, and no patient data may reach a log.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("lungdx").setLevel(level)
     from lungdx.runtime import tune_allocator
 
     tune_allocator()

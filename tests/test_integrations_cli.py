@@ -1,0 +1,79 @@
+"""The PACS commands as a user runs them: ``lungdx listen`` in its own process, ``lungdx deidentify``."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pydicom
+import pytest
+
+pytest.importorskip("pynetdicom", reason="the PACS tests need the pacs extra (pip install -e '.[pacs]')")
+
+ECHOSCU, STORESCU = shutil.which("echoscu"), shutil.which("storescu")
+CHEST_DX = "nih_cxr14_dx_chest_nofinding.dcm"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_listen_answers_echo_and_keeps_results_while_the_pacs_is_unreachable(trained_run, dicom_dir, tmp_path):
+    if ECHOSCU is None or STORESCU is None:
+        pytest.skip("dcmtk's echoscu/storescu not found: apt-get install dcmtk (.ci/run installs it)")
+    sample = dicom_dir / CHEST_DX
+    port, closed = _free_port(), _free_port()  # nothing listens on `closed`: the PACS is down
+    state = tmp_path / "state"
+    node = subprocess.Popen([sys.executable, "-m", "lungdx.cli", "listen", str(trained_run), "--host", "127.0.0.1",
+                             "--port", str(port), "--pacs", f"http://127.0.0.1:{closed}/dicom-web", "--state", str(state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening" in node.stdout.readline()
+        echo = subprocess.run([ECHOSCU, "-aec", "LUNGDX", "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0, echo.stderr
+        sent = subprocess.run([STORESCU, "-aec", "LUNGDX", "127.0.0.1", str(port), str(sample)],
+                              capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        pending = state / "outbox" / "pending"
+        _until(lambda: pending.is_dir() and len(list(pending.iterdir())) >= 2, 90, "the SR and the heatmap in the outbox")
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=60) == 0
+    finally:
+        if node.poll() is None:
+            node.kill()
+    kinds = {pydicom.dcmread(next(item.glob("payload*")), stop_before_pixels=True).Modality for item in pending.iterdir()}
+    assert {"SR", "OT"} <= kinds
+    log = node.stderr.read()
+    source = pydicom.dcmread(sample, stop_before_pixels=True)
+    assert "lungdx" in log  # the node does log its work ...
+    for private in (source.SOPInstanceUID, source.StudyInstanceUID, source.PatientID, source.PatientName):
+        assert str(private) not in log  # ... but no UID, patient ID or name
+
+
+def test_deidentify_command(dicom_dir, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(dicom_dir / CHEST_DX, inputs / CHEST_DX)  # a temporary copy, removed with tmp_path
+    done = subprocess.run([sys.executable, "-m", "lungdx.cli", "deidentify", str(inputs), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    written = [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
+    assert len(written) == 1 and "wrote 1 de-identified file" in done.stdout
+    before, after = pydicom.dcmread(inputs / CHEST_DX), pydicom.dcmread(written[0])
+    assert after.SOPInstanceUID != before.SOPInstanceUID and after.PatientIdentityRemoved == "YES"
+    assert after.PixelData == before.PixelData
+    assert str(before.SOPInstanceUID) not in done.stdout + done.stderr
