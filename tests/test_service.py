@@ -203,7 +203,8 @@ def test_logs_hold_no_patient_data(client, png_path, tmp_path, caplog):
     pixels = np.asarray(Image.open(png_path), dtype=np.float32)
     path = tmp_path / "Doe_Jane_PID-12345.dcm"
     ds = write_dicom(path, pixels / pixels.max())
-    with caplog.at_level(logging.DEBUG):
+    # every logger at DEBUG, lungdx's too (a CLI test earlier in the session may have set it to WARNING)
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="lungdx"):
         assert post(client, path, name=path.name, heatmap="true").status_code == 200
         assert post(client, tmp_path / "Doe_Jane_PID-12345.dcm", name=path.name).status_code == 200
     text = caplog.text
