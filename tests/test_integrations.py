@@ -151,7 +151,7 @@ def _check_structure(sr, tmp_path: Path) -> None:
 
     report = hd.sr.ComprehensiveSR.from_dataset(sr, copy=True)
     groups = report.content.get_image_measurement_groups()
-    assert len(groups) == 1 and groups[0].finding_type.meaning == "Lung nodule"
+    assert len(groups) == 1 and groups[0].finding_type.value == "786838002"
     assert {item.name.meaning for item in groups[0].get_qualitative_evaluations()} == {"Likelihood of malignancy"}
     texts = dict(_text_items(sr))  # TID 4019 Algorithm Identification, as IHE AIR asks
     assert texts["Algorithm Name"].startswith("lungdx ") and len(texts["Algorithm Version"]) == 12

@@ -37,7 +37,7 @@ def _codes():
     from highdicom.sr import CodedConcept
 
     return {
-        "finding": CodedConcept("786838002", "SCT", "Lung nodule"),
+        "finding": CodedConcept("786838002", "SCT", "Nodule of lung"),
         "site": CodedConcept("39607008", "SCT", "Lung"),
         "likelihood": CodedConcept("LD-0001", _PRIVATE, "Likelihood of malignancy"),
         "high": CodedConcept("LD-0002", _PRIVATE, "High likelihood of malignancy"),

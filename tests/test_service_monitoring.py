@@ -1,0 +1,61 @@
+"""Monitoring through the service: uploads are logged, drift shows on /metrics, the log outlives a restart."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the service tests need the serve extra (pip install -e '.[serve]')")
+pytest.importorskip("httpx2", reason="the TestClient needs httpx2 (the test extra)")
+from fastapi.testclient import TestClient  # noqa: E402
+from test_monitoring import phantoms  # noqa: E402
+
+from lungdx.service.app import create_app  # noqa: E402
+from lungdx.service.settings import ServiceSettings  # noqa: E402
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(pixels * 65535).astype(np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload_all(client, images) -> list[str]:
+    ids = []
+    for pixels in images:
+        response = client.post("/v1/predictions", files={"file": ("x.png", png(pixels))})
+        assert response.status_code == 200, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def alert(client, check: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(f'lungdx_monitor_alert{{check="{check}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no lungdx_monitor_alert for {check} on /metrics")
+
+
+@pytest.mark.parametrize("shift, raised", [(0.0, 0.0), (0.3, 1.0)])
+def test_shifted_uploads_raise_the_intensity_drift_alert(trained_run, tmp_path, shift, raised):
+    settings = ServiceSettings(run=trained_run, db_url=f"sqlite:///{tmp_path / 'monitor.db'}")
+    with TestClient(create_app(settings)) as client:
+        upload_all(client, phantoms(40, seed=200, shift=shift))
+        summary = client.get("/v1/monitor/summary").json()  # runs the checks now (else every 25 records)
+        assert summary["volume"]["in_period"] == 40
+        assert ("intensity_psi" in {active["check"] for active in summary["alerts"]["active"]}) == bool(raised)
+        assert alert(client, "intensity_psi") == raised
+
+
+def test_the_log_outlives_a_service_restart(trained_run, tmp_path, phantom_dir):
+    settings = ServiceSettings(run=trained_run, db_url=f"sqlite:///{tmp_path / 'monitor.db'}")
+    with TestClient(create_app(settings)) as first:
+        ids = upload_all(first, phantoms(3, seed=7))
+    with TestClient(create_app(settings)) as second:
+        feedback = second.post(f"/v1/predictions/{ids[1]}/feedback", json={"label": 1, "reader": "R1"})
+        assert feedback.status_code == 200 and feedback.json()["prediction_id"] == ids[1]
+        assert second.get("/v1/monitor/summary").json()["volume"]["confirmed_total"] == 1
+        unknown = second.post("/v1/predictions/not-an-id/feedback", json={"label": 1, "reader": "R1"})
+        assert unknown.status_code == 404
+    assert len(set(ids)) == 3
