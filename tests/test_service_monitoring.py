@@ -59,3 +59,30 @@ def test_the_log_outlives_a_service_restart(trained_run, tmp_path, phantom_dir):
         unknown = second.post("/v1/predictions/not-an-id/feedback", json={"label": 1, "reader": "R1"})
         assert unknown.status_code == 404
     assert len(set(ids)) == 3
+
+
+def test_two_service_processes_share_one_log_and_lose_no_row(trained_run, tmp_path, phantom_dir):
+    import threading
+
+    import httpx
+    from test_service_load import load_bench
+
+    bench = load_bench()
+    database = f"sqlite:///{tmp_path / 'monitor.db'}"
+    images = [path.read_bytes() for path in sorted((phantom_dir / "images").glob("*.png"))[:6]]
+    ports = [bench.free_port(), bench.free_port()]
+    servers = [bench.start_server(trained_run, port, max_batch=4, extra=["--db", database], timeout_s=60) for port in ports]
+    try:
+        results = {}
+        workers = [threading.Thread(target=lambda port=port: results.setdefault(port, bench.run_load(
+            f"http://127.0.0.1:{port}/v1/predictions", images, clients=3, requests=40, timeout_s=30))) for port in ports]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        summary = httpx.get(f"http://127.0.0.1:{ports[0]}/v1/monitor/summary", timeout=30).json()
+    finally:
+        for server in servers:
+            bench.stop_server(server)
+    assert [result.statuses for result in results.values()] == [{200: 40}, {200: 40}]
+    assert summary["volume"]["current_model_total"] == 80
