@@ -84,6 +84,7 @@ class Monitor:
         self._lock = threading.Lock()
         self._check_lock = threading.Lock()
         self._since_check = 0
+        self._check_thread: threading.Thread | None = None
         self._cached: tuple[float, dict] | None = None
         archive = settings.archive_dir
         if archive is not None and writable:
@@ -118,6 +119,8 @@ class Monitor:
         """Unregister the Prometheus metrics and release the database connections."""
         from lungdx.monitoring.prometheus import unregister_metrics
 
+        if self._check_thread is not None:
+            self._check_thread.join(timeout=120)  # a periodic check still running must not lose its database
         unregister_metrics(self.registry, self._metrics)
         self.engine.dispose()
 
@@ -174,8 +177,9 @@ class Monitor:
             due = self._since_check >= self.settings.check_every
             if due:
                 self._since_check = 0
-        if due:
-            self._check_quietly()
+        if due:  # off the request's thread: a check with its bootstrap CIs must not delay this answer
+            self._check_thread = threading.Thread(target=self._check_quietly, name="lungdx-monitor-check", daemon=True)
+            self._check_thread.start()
         return prediction_id
 
     def _archive_path(self, prediction_id: str) -> Path:

@@ -23,7 +23,8 @@ class MonitorSettings:
         performance_window: rolling performance over the latest this many confirmed cases.
         min_feedback: fewer confirmed cases than this: no performance verdict.
         n_bootstrap, confidence: the bootstrap of the rolling performance's CIs.
-        check_every: ``record`` re-runs the checks (alerts, webhook) after this many predictions.
+        check_every: ``record`` re-runs the checks (alerts, webhook) after this many predictions, in a
+            background thread so that the prediction's answer never waits for them.
         cache_seconds: a Prometheus scrape reuses checks at most this old.
         webhook_url: alerts (raised and cleared) are POSTed here as JSON when set.
         archive_dir: when set, each image's pixels are kept here (16-bit PNG, no header) so that
