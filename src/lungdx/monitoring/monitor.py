@@ -84,7 +84,6 @@ class Monitor:
         self._lock = threading.Lock()
         self._check_lock = threading.Lock()
         self._since_check = 0
-        self._check_thread: threading.Thread | None = None
         self._cached: tuple[float, dict] | None = None
         archive = settings.archive_dir
         if archive is not None and writable:
@@ -119,10 +118,13 @@ class Monitor:
         """Unregister the Prometheus metrics and release the database connections."""
         from lungdx.monitoring.prometheus import unregister_metrics
 
-        if self._check_thread is not None:
-            self._check_thread.join(timeout=120)  # a periodic check still running must not lose its database
-        unregister_metrics(self.registry, self._metrics)
-        self.engine.dispose()
+        waited = self._check_lock.acquire(timeout=120)  # a periodic check still running must not lose its database
+        try:
+            unregister_metrics(self.registry, self._metrics)
+            self.engine.dispose()
+        finally:
+            if waited:
+                self._check_lock.release()
 
     def __enter__(self) -> Monitor:
         return self
@@ -178,8 +180,7 @@ class Monitor:
             if due:
                 self._since_check = 0
         if due:  # off the request's thread: a check with its bootstrap CIs must not delay this answer
-            self._check_thread = threading.Thread(target=self._check_quietly, name="lungdx-monitor-check", daemon=True)
-            self._check_thread.start()
+            threading.Thread(target=self._check_quietly, name="lungdx-monitor-check", daemon=True).start()
         return prediction_id
 
     def _archive_path(self, prediction_id: str) -> Path:
