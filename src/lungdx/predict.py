@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from lungdx import runtime
-from lungdx.checkpoint import load_checkpoint, model_from_checkpoint
+from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, model_identity
 from lungdx.config import PreprocessConfig, from_dict
 from lungdx.io import ImageReadError, is_chest_radiograph, read_image
 from lungdx.preprocess import level, normalize
@@ -83,6 +84,11 @@ class Predictor:
         self.temperature = float(checkpoint.get("temperature") or 1.0)
         self.class_names = list(checkpoint["class_names"])
         self.model = self.hardware.prepare(model_from_checkpoint(checkpoint))
+
+    @cached_property
+    def identity(self) -> dict[str, str]:
+        """``checkpoint.model_identity``, computed once (it hashes every weight)."""
+        return model_identity(self.checkpoint)
 
     @classmethod
     def from_path(cls, path: str | Path, **kwargs) -> Predictor:

@@ -24,7 +24,6 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
-from lungdx.checkpoint import model_identity
 from lungdx.integrations import uid_digest
 from lungdx.integrations.outbox import Outbox, RetryPolicy, write_atomic
 from lungdx.io import ImageReadError, is_chest_radiograph, read_image
@@ -65,10 +64,10 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "gradcam"
     if image.meta.get("format") != "dicom" or not chest:
         raise Skipped(f"not a frontal chest radiograph: {reason}")
     source = pydicom.dcmread(path, stop_before_pixels=True)
-    levelled = predictor.level(image.pixels)
-    prediction = predictor.predict_pixels(image.pixels, source=str(path), meta=image.meta)
+    levelled = predictor.level(image.pixels)  # once, for the prediction and the heatmap
+    prediction = predictor.decide(str(path), float(predictor.probabilities(levelled[None])[0]), image.meta)
     heatmap = explain_levelled(predictor, levelled[None], method)[0]
-    identity = model_identity(predictor.checkpoint)
+    identity = predictor.identity
     caption = f"{identity['name']} {identity['version']}: p = {prediction.probability:.3f}" + (
         f" -> {prediction.class_name}" if prediction.class_name else "")
     overlay = overlay_rgb(image.pixels, to_original_grid(heatmap, image.pixels.shape, predictor.preprocess_config),

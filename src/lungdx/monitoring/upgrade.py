@@ -112,7 +112,6 @@ def challenge(monitor: Monitor, candidate: str | Path, *, current: str | Path | 
         The ``lungdx.compare.compare_runs`` fields (``comparison_markdown`` prints them) plus
         ``cases`` and ``confirmed_without_image``.
     """
-    from lungdx.checkpoint import model_identity
     from lungdx.predict import Predictor
 
     folder = archive_folder(monitor, archive_dir)
@@ -133,14 +132,14 @@ def challenge(monitor: Monitor, candidate: str | Path, *, current: str | Path | 
     if current is not None:
         predictor_a = Predictor.from_path(current, device=device)
         score_a, label_a = _score(predictor_a, paths)
-        name_a = f"{current} ({model_identity(predictor_a.checkpoint)['version']})"
+        name_a = f"{current} ({predictor_a.identity['version']})"
     else:
         score_a = np.array([case["probability"] for case, _ in usable], dtype=float)
         label_a = np.array([case["label"] if case["label"] is not None else int(case["probability"] >= 0.5)
                             for case, _ in usable], dtype=int)
         name_a = f"logged predictions of {monitor.identity['name']} {monitor.version}"
     groups = np.array([case["case_key"] for case, _ in usable])
-    return {"run_a": name_a, "run_b": f"{candidate} ({model_identity(predictor_b.checkpoint)['version']})",
+    return {"run_a": name_a, "run_b": f"{candidate} ({predictor_b.identity['version']})",
             "n_cases": len(usable), "n_positive": int(y_true.sum()), "confidence": confidence,
             "cases": f"confirmed cases of the monitoring log with archived images ({folder})",
             "confirmed_without_image": len(cases) - len(usable),

@@ -25,7 +25,6 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from lungdx import __version__
-from lungdx.checkpoint import model_identity
 from lungdx.predict import Prediction, Predictor
 from lungdx.preprocess import window
 from lungdx.report import NOT_FOR_CLINICAL_USE
@@ -103,7 +102,7 @@ async def _lifespan(app: FastAPI):
     monitor = await run_in_threadpool(_open_monitor, settings, predictor.checkpoint, app.state.registry)
     app.state.monitor = monitor
     await batcher.start()
-    app.state.services = Services(settings, predictor, model_identity(predictor.checkpoint),
+    app.state.services = Services(settings, predictor, predictor.identity,
                                   _model_card(settings.run, predictor), batcher, lock, monitor)
     logger.info("serving %s version %s (monitoring %s, batches of up to %d)", app.state.services.identity["name"],
                 app.state.services.identity["version"], "on" if monitor else "off", settings.max_batch)
@@ -254,7 +253,7 @@ def _model_card(run: Path, predictor: Predictor) -> dict:
     table = run_dir / "evaluation" / "table1.json"
     test_metrics = json.loads(table.read_text()).get("splits", {}).get("test") if table.is_file() else None
     card_file = run_dir / "report" / "model_card.md"
-    return {"identity": model_identity(checkpoint), "task": checkpoint.get("task", ""),
+    return {"identity": predictor.identity, "task": checkpoint.get("task", ""),
             "class_names": list(checkpoint["class_names"]), "threshold": checkpoint.get("threshold"),
             "threshold_method": checkpoint.get("threshold_method"), "temperature": predictor.temperature,
             "input_size_px": predictor.preprocess_config.size, "preprocess": dict(checkpoint["preprocess"]),
