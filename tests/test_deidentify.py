@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -72,3 +73,22 @@ def test_warns_on_burned_in_annotation_without_patient_data(dicom_dir, tmp_path,
             if len(value) > 3:
                 assert value not in caplog.text, f"{keyword} leaked into the log"
         assert path.name not in caplog.text
+
+
+def test_a_file_that_cannot_be_deidentified_is_skipped_and_the_export_goes_on(dicom_dir, tmp_path, monkeypatch):
+    from lungdx.io import deidentify
+
+    real = deidentify.deidentify_dataset
+    broken = "nema_wg04_RG1_J2KI_cr_chest_pa.dcm"
+
+    def failing(dataset, uid_map):
+        if Path(dataset.filename).name == broken:
+            raise RuntimeError("simulated failure")
+        return real(dataset, uid_map)
+
+    monkeypatch.setattr(deidentify, "deidentify_dataset", failing)
+    summary = deidentify.deidentify_folder(dicom_dir, tmp_path / "out")
+    assert [(path.name, reason) for path, reason in summary.skipped if path.suffix == ".dcm"] == \
+        [(broken, "cannot de-identify: RuntimeError")]
+    dicoms = [p for p in dicom_dir.iterdir() if p.suffix == ".dcm"]
+    assert len(summary.written) == len(dicoms) - 1 == len(list((tmp_path / "out").iterdir()))

@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import pydicom
@@ -49,6 +50,7 @@ class UidMap:
         return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
+@cache
 def profile_actions() -> dict[tuple[int, ...], str]:
     """Table E.1-1 as ``{tag: action}`` with the action's name (``replace``, ``empty``, ``delete``...)."""
     from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
@@ -132,10 +134,17 @@ def deidentify_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, uid
             summary.skipped.append((path, "not a DICOM file"))
             continue
         target = out_dir / f"{number:06d}.dcm"
-        for warning in deidentify_dataset(dataset, uid_map):
+        try:
+            warnings = deidentify_dataset(dataset, uid_map)
+            dataset.save_as(target, enforce_file_format=False)
+        except Exception as err:  # one malformed file never stops the export; the reason names no patient data
+            target.unlink(missing_ok=True)
+            logger.error("file %d of %d not exported: %s", number, len(files), type(err).__name__)
+            summary.skipped.append((path, f"cannot de-identify: {type(err).__name__}"))
+            continue
+        for warning in warnings:
             logger.warning("file %d of %d: %s", number, len(files), warning)
             summary.warnings.append((target, warning))
-        dataset.save_as(target, enforce_file_format=False)
         summary.written.append(target)
     logger.info("de-identified %d files, skipped %d", len(summary.written), len(summary.skipped))
     return summary
