@@ -164,9 +164,9 @@ def make_secondary_capture(source: Dataset, overlay: np.ndarray, identity: dict)
     image.ImageComments = f"{NOT_FOR_DIAGNOSIS}: explanation heatmap of {identity['name']} {identity['version']}"
     image.BurnedInAnnotation = "YES"
     image.SoftwareVersions = identity["software_version"]
-    # Laterality (0020,0060) is Type 2C in General Series (PS3.3 C.7.3.1): sent empty, as a chest is
-    # not a paired structure; dciodvfy reports its absence as an error.
-    image.Laterality = None
+    # Image Laterality (0020,0062) U, unpaired: a chest. With it sent, Laterality (0020,0060), Type 2C
+    # in General Series (PS3.3 C.7.3.1), is not required (dciodvfy reports it missing otherwise).
+    image.ImageLaterality = "U"
     return image
 
 
