@@ -75,6 +75,9 @@ def test_upload_shows_the_probability_and_toggles_the_heatmap(server, phantom_di
         frame.locator("h1").first.wait_for()
         monitoring_title = frame.locator("h1").first.text_content()
         page.screenshot(path=str(tmp_path / "monitoring.png"), full_page=True)
+        page.goto(server + "/docs")  # the API docs too render without internet
+        page.wait_for_selector(".opblock-summary-path")
+        docs_operations = page.locator(".opblock-summary-path").all_text_contents()
         browser.close()
     assert shown == f"{100 * expected['probability']:.1f}%"
     assert decision == expected["label"]
@@ -83,3 +86,4 @@ def test_upload_shows_the_probability_and_toggles_the_heatmap(server, phantom_di
     summary = httpx.get(f"{server}/v1/monitor/summary", headers={"X-API-Key": KEY}).json()
     assert summary["volume"]["confirmed_total"] == 1 and summary["volume"]["in_period"] == 2  # API call + page
     assert "monitor" in monitoring_title.lower()
+    assert {"/v1/predictions", "/v1/model", "/v1/predictions/{prediction_id}/feedback"} <= set(docs_operations)

@@ -69,9 +69,13 @@ def services(request: Request) -> Services:
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The service for one model. Nothing is loaded until the app starts (uvicorn or ``TestClient``)."""
+    from fastapi_offline import FastAPIOffline
+
+    # FastAPIOffline: a FastAPI whose /docs and /redoc pages load Swagger UI and ReDoc from the
+    # package, not from a CDN, so they work in a hospital network without internet.
     # max_body_size: FastAPI answers 413 by Content-Length or as soon as a streamed body passes it.
-    app = FastAPI(title="lungdx", version=__version__, lifespan=_lifespan, max_body_size=settings.max_upload_bytes,
-                  description="Lung nodule assessment of chest radiographs. " + NOT_FOR_CLINICAL_USE)
+    app = FastAPIOffline(title="lungdx", version=__version__, lifespan=_lifespan, max_body_size=settings.max_upload_bytes,
+                         description="Lung nodule assessment of chest radiographs. " + NOT_FOR_CLINICAL_USE)
     app.state.settings = settings
     app.state.services = None
     app.state.monitor = None
