@@ -386,3 +386,10 @@ def test_cli_report_export_challenge(tmp_path, trained_run, phantom_dir, checkpo
     assert main(["monitor", "challenge", str(trained_run), "--db", url, "--bootstrap", "200", "--device", "cpu"]) == 0
     assert "24 shared test cases" in capsys.readouterr().out
     assert main(["monitor", "report", "--db", sqlite_url(tmp_path / "empty.db"), "--out", str(tmp_path / "x.html")]) == 2
+
+
+def test_reading_a_database_that_is_not_there_says_so_and_creates_nothing(tmp_path):
+    missing = tmp_path / "typo.db"
+    with pytest.raises(FileNotFoundError, match="typo.db: no such monitoring database"):
+        Monitor.open(sqlite_url(missing))
+    assert not missing.exists()

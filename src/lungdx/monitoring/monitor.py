@@ -106,7 +106,7 @@ class Monitor:
             run_dir: the run folder, for a drift reference when the checkpoint predates ``val_reference``.
         """
         settings = settings or MonitorSettings()
-        engine = store.create_store(url)
+        engine = store.create_store(url, must_exist=checkpoint is None)
         if checkpoint is not None:
             description = _describe(checkpoint, run_dir)
             _register_model(engine, description)

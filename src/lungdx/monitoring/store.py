@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from pathlib import Path
 
 from sqlalchemy import (
     JSON,
@@ -104,9 +105,18 @@ alerts_table = Table(
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def create_store(url: str) -> Engine:
-    """An engine for ``url`` with the tables created if missing; SQLite in WAL mode."""
+def create_store(url: str, *, must_exist: bool = False) -> Engine:
+    """An engine for ``url`` with the tables created if missing; SQLite in WAL mode.
+
+    Args:
+        must_exist: for reading an existing log (``lungdx monitor``): a SQLite file that is not
+            there raises FileNotFoundError instead of being created empty (a mistyped path).
+    """
     engine = create_engine(url, future=True, pool_pre_ping=True)
+    database = engine.url.database
+    if must_exist and engine.dialect.name == "sqlite" and database not in (None, "", ":memory:") \
+            and not Path(database).is_file():
+        raise FileNotFoundError(f"{database}: no such monitoring database (the file lungdx serve --db writes)")
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     # Two workers starting at once may both try to create a table; the loser finds it made.
