@@ -282,3 +282,15 @@ def _dicom_without_pixels(tmp_path) -> bytes:
     del ds.PixelData, ds.Rows, ds.Columns
     ds.save_as(path, enforce_file_format=True)
     return path.read_bytes()
+
+
+def test_serve_command_refuses_a_missing_model_or_key_file_before_starting(trained_run, tmp_path, capsys):
+    from lungdx.cli import main
+
+    assert main(["serve", str(tmp_path / "nothing"), "--db", "none"]) == 2
+    assert "nothing: no such checkpoint file" in capsys.readouterr().err
+    assert main(["serve", str(trained_run), "--db", "none", "--api-key-file", str(tmp_path / "key.txt")]) == 2
+    assert "key.txt: no such API key file" in capsys.readouterr().err
+    (tmp_path / "short.txt").write_text("abc\n")
+    assert main(["serve", str(trained_run), "--db", "none", "--api-key-file", str(tmp_path / "short.txt")]) == 2
+    assert "at least 16 characters" in capsys.readouterr().err

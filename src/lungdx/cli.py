@@ -410,6 +410,10 @@ def _cmd_serve(args) -> int:
         from lungdx.service.settings import ServiceSettings
     except ImportError as err:
         raise RuntimeError(f"the service needs the serve extra (pip install -e '.[serve]'): {err}") from err
+    from lungdx.checkpoint import load_checkpoint
+
+    # A clear error now, instead of a traceback from inside the server's startup.
+    load_checkpoint(args.run / "model.pt" if args.run.is_dir() else args.run)
     if args.api_key_file is not None:
         if not args.api_key_file.is_file():
             raise FileNotFoundError(f"{args.api_key_file}: no such API key file")
