@@ -25,6 +25,10 @@ examples:
   lungdx tune --data ../shared/data/jsrt --method bayes --trials 40 --out runs/tune1   # rerun to resume
   lungdx explain runs/jsrt-mal image.png --method gradcam --out overlay.png
   lungdx explain runs/jsrt-nod --localization   # pointing game: do the heatmaps find the nodules?
+  lungdx serve runs/jsrt-mal --port 8000        # web page + API at http://127.0.0.1:8000/ (serve extra)
+  lungdx monitor report --db sqlite:///monitor.db --since 30d --out monitor.html
+  lungdx listen runs/jsrt-mal --port 11112 --pacs http://127.0.0.1:8042/dicom-web   # DICOM node (pacs extra)
+  lungdx deidentify in_dir/ out_dir/            # PS3.15 basic profile research export
 """
 
 logger = logging.getLogger("lungdx")
