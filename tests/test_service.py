@@ -294,3 +294,14 @@ def test_serve_command_refuses_a_missing_model_or_key_file_before_starting(train
     (tmp_path / "short.txt").write_text("abc\n")
     assert main(["serve", str(trained_run), "--db", "none", "--api-key-file", str(tmp_path / "short.txt")]) == 2
     assert "at least 16 characters" in capsys.readouterr().err
+    assert main(["serve", str(trained_run), "--db", f"sqlite:///{tmp_path}/missing/monitor.db"]) == 2
+    assert "missing: no such folder for the SQLite database" in capsys.readouterr().err
+    assert main(["serve", str(trained_run), "--db", "not a url"]) == 2
+    assert "cannot read the database URL" in capsys.readouterr().err
+
+
+def test_an_app_can_start_twice(trained_run):
+    app = create_app(ServiceSettings(run=trained_run, db_url=None))
+    for _ in range(2):  # metrics live with the app, not with one start of it
+        with TestClient(app) as client:
+            assert client.get("/readyz").status_code == 200

@@ -80,6 +80,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.services = None
     app.state.monitor = None
     app.state.registry = CollectorRegistry()
+    app.state.batch_sizes = Histogram("lungdx_batch_size", "images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64),
+                                      registry=app.state.registry)
     _add_request_metrics(app)
     _add_routes(app)
     from lungdx.service.monitor_routes import router as monitor_router
@@ -95,14 +97,12 @@ async def _lifespan(app: FastAPI):
     predictor = await run_in_threadpool(Predictor.from_path, settings.run, device=settings.device,
                                         precision=settings.precision)
     lock = threading.Lock()
-    batch_sizes = Histogram("lungdx_batch_size", "images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64),
-                            registry=app.state.registry)
 
     def run_batch(levelled: list[np.ndarray]) -> list[float]:
         with lock:
             return [float(p) for p in predictor.probabilities(np.stack(levelled), batch_size=len(levelled))]
 
-    batcher = MicroBatcher(run_batch, settings.max_batch, settings.max_wait_ms / 1000, on_batch=batch_sizes.observe)
+    batcher = MicroBatcher(run_batch, settings.max_batch, settings.max_wait_ms / 1000, on_batch=app.state.batch_sizes.observe)
     monitor = await run_in_threadpool(_open_monitor, settings, predictor.checkpoint, app.state.registry)
     app.state.monitor = monitor
     await batcher.start()

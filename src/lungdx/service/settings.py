@@ -48,3 +48,20 @@ class ServiceSettings:
             raise ValueError("max_upload_bytes must be at least 1 KiB and max_pixels at least 4")
         if self.api_key is not None and len(self.api_key) < 16:
             raise ValueError("an API key must be at least 16 characters long")
+        if self.db_url:
+            _check_database_url(self.db_url)
+
+
+def _check_database_url(url: str) -> None:
+    """A clear error at once for a URL SQLAlchemy cannot read or a SQLite file in a missing folder."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError as err:
+        raise ValueError(f"cannot read the database URL {url!r}: {err} (e.g. sqlite:///monitor.db)") from err
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: no such folder for the SQLite database {parsed.database}")
