@@ -4,12 +4,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pydicom
 import pytest
 
 pytest.importorskip("pynetdicom", reason="the PACS tests need the pacs extra (pip install -e '.[pacs]')")
+
+from test_integrations import _wait  # noqa: E402
 
 ECHOSCU, STORESCU = shutil.which("echoscu"), shutil.which("storescu")
 CHEST_DX = "nih_cxr14_dx_chest_nofinding.dcm"
@@ -21,15 +22,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_listen_answers_echo_and_keeps_results_while_the_pacs_is_unreachable(trained_run, dicom_dir, tmp_path):
@@ -49,7 +41,8 @@ def test_listen_answers_echo_and_keeps_results_while_the_pacs_is_unreachable(tra
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr
         pending = state / "outbox" / "pending"
-        _until(lambda: pending.is_dir() and len(list(pending.iterdir())) >= 2, 90, "the SR and the heatmap in the outbox")
+        _wait(lambda: pending.is_dir() and len(list(pending.iterdir())) >= 2, timeout_s=90,
+              what="the SR and the heatmap in the outbox")
         node.send_signal(signal.SIGTERM)
         assert node.wait(timeout=60) == 0
     finally:

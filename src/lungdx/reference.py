@@ -110,11 +110,12 @@ def count_fields(rows: Sequence[dict]) -> dict[str, dict[str, int]]:
 
 def calibrated_probabilities(probabilities: Sequence[float], temperature: float | None) -> list[float]:
     """Reference probabilities under the checkpoint's temperature (``lungdx calibrate`` runs after training)."""
+    from lungdx.predict import sigmoid
+
     p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1 - 1e-12)
     if not temperature or temperature == 1.0:
         return p.tolist()
-    logits = np.log(p) - np.log1p(-p)
-    return (1.0 / (1.0 + np.exp(-logits / float(temperature)))).tolist()
+    return sigmoid((np.log(p) - np.log1p(-p)) / float(temperature)).tolist()
 
 
 def load_reference(checkpoint: dict, run_dir: str | Path | None = None) -> dict | None:

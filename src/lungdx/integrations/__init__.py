@@ -10,9 +10,6 @@ Instance UID.
 
 from __future__ import annotations
 
-import hashlib
+from lungdx.io.deidentify import uid_digest
 
-
-def uid_digest(uid: object) -> str:
-    """A short sha256 of a UID, the only way logs name an instance or a study."""
-    return hashlib.sha256(str(uid or "").encode()).hexdigest()[:12]
+__all__ = ["uid_digest"]

@@ -39,6 +39,11 @@ TABLE_EDITION = "dicomfields_2026c"
 """The edition of PS3.15 Table E.1-1 used (a module of ``dicomanonymizer.dicom_anonymization_databases``)."""
 
 
+def uid_digest(uid: object) -> str:
+    """A short SHA-256 of a UID: the only way a log may name an instance or a study."""
+    return hashlib.sha256(str(uid or "").encode()).hexdigest()[:16]
+
+
 @dataclass
 class UidMap:
     """Consistent, keyed UID replacement: ``2.25.<first 128 bits of HMAC-SHA256(key, uid)>``."""

@@ -88,13 +88,13 @@ def export_feedback(monitor: Monitor, out: str | Path, *, archive_dir: str | Pat
 
 
 def _score(predictor, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    from lungdx.io import read_image
-
     if predictor.threshold is None:
         raise ValueError("the model has no operating threshold; a paired comparison of decisions needs one")
-    levelled = np.stack([predictor.level(read_image(path).pixels) for path in paths])
-    probability = predictor.probabilities(levelled)
-    return probability, (probability >= predictor.threshold).astype(int)
+    predictions = predictor.predict_files(paths)  # the CLI's path: read, level, predict, threshold
+    failed = [p for p in predictions if p.error]
+    if failed:
+        raise ValueError(f"{len(failed)} archived image(s) cannot be read, e.g. {failed[0].error}")
+    return (np.array([p.probability for p in predictions]), np.array([p.label for p in predictions], dtype=int))
 
 
 def challenge(monitor: Monitor, candidate: str | Path, *, current: str | Path | None = None,

@@ -8,13 +8,14 @@ radiograph is refused before decoding, and only then are the pixels decoded.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 from lungdx.io import ImageReadError, Radiograph, is_chest_radiograph, read_image
+from lungdx.io.deidentify import uid_digest
+from lungdx.io.dicom import dicom_meta
 
 MIN_SIDE_PX = 16
 _PNG, _JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
@@ -40,10 +41,7 @@ def read_upload(stream: BinaryIO, *, max_pixels: int) -> Radiograph:
         with open(path, "wb") as file:
             shutil.copyfileobj(stream, file, length=1024 * 1024)
         kind = sniff_upload(path)
-        rows, columns = header_shape(path, kind)
-        check_shape(rows, columns, max_pixels)
-        if kind == "dicom":
-            check_dicom_header(path)
+        check_header(path, kind, max_pixels)
         try:
             radiograph = read_image(path)
         except ImageReadError as err:
@@ -69,25 +67,29 @@ def sniff_upload(path: Path) -> str:
     raise UploadRejected(415, "unsupported file type: expected a PNG, a JPEG or a DICOM file (PS3.10, with the DICM prefix)")
 
 
-def header_shape(path: Path, kind: str) -> tuple[int, int]:
-    """Rows and columns from the header alone, without decoding pixels."""
+def check_header(path: Path, kind: str, max_pixels: int) -> None:
+    """Read the header once, without decoding pixels: the pixel count and, for DICOM, the chest check."""
     try:
         if kind == "dicom":
             import pydicom
 
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
-            if "Rows" not in ds or "Columns" not in ds:
-                raise UploadRejected(422, "the DICOM file holds no image (no Rows (0028,0010) / Columns (0028,0011))")
-            return int(ds.Rows), int(ds.Columns)
-        from PIL import Image
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        else:
+            from PIL import Image
 
-        with Image.open(path) as image:  # reads the header only
-            width, height = image.size
-        return height, width
-    except UploadRejected:
-        raise
+            with Image.open(path) as image:  # reads the header only
+                width, height = image.size
     except Exception as err:
         raise UploadRejected(422, f"undecodable {kind} file: cannot read its header ({type(err).__name__})") from err
+    if kind != "dicom":
+        return check_shape(height, width, max_pixels)
+    if "Rows" not in ds or "Columns" not in ds:
+        raise UploadRejected(422, "the DICOM file holds no image (no Rows (0028,0010) / Columns (0028,0011))")
+    check_shape(int(ds.Rows), int(ds.Columns), max_pixels)
+    # The same header facts and the same rule as every other DICOM reader in lungdx.
+    chest, reason = is_chest_radiograph(dicom_meta(ds, path, voi=""))
+    if not chest:
+        raise UploadRejected(422, f"not a frontal chest radiograph: {reason}")
 
 
 def check_shape(rows: int, columns: int, max_pixels: int) -> None:
@@ -98,27 +100,7 @@ def check_shape(rows: int, columns: int, max_pixels: int) -> None:
         raise UploadRejected(422, f"image of {rows} x {columns} pixels is too small to be a radiograph")
 
 
-def check_dicom_header(path: Path) -> None:
-    """422 when Modality, SOP Class, Body Part Examined or View Position say: not a frontal chest radiograph."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception as err:
-        raise UploadRejected(422, f"undecodable dicom file: {type(err).__name__}") from err
-
-    def text(keyword):
-        value = ds.get(keyword)
-        return str(value).strip() or None if value is not None else None
-
-    meta = {"format": "dicom", "modality": text("Modality"), "sop_class_uid": text("SOPClassUID"),
-            "body_part": text("BodyPartExamined"), "view_position": text("ViewPosition")}
-    chest, reason = is_chest_radiograph(meta)
-    if not chest:
-        raise UploadRejected(422, f"not a frontal chest radiograph: {reason}")
-
-
 def case_hash(meta: dict) -> str:
-    """What the logs may say about a case: a short SHA-256 of its SOP Instance UID, or ``-`` without one."""
+    """What the logs may say about a case: ``uid_digest`` of its SOP Instance UID, or ``-`` without one."""
     uid = meta.get("sop_instance_uid")
-    return hashlib.sha256(uid.encode()).hexdigest()[:16] if uid else "-"
+    return uid_digest(uid) if uid else "-"
