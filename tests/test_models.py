@@ -59,7 +59,8 @@ def test_wrong_channel_count_raises_a_clear_error(name):
         _build(name)(torch.randn(2, 3, SIZE, SIZE))
 
 
-@pytest.mark.parametrize("name", list_models())
+# nodule_net has three one-channel stems (lungs, detector, judge) and no RGB weights to fold: left out.
+@pytest.mark.parametrize("name", [name for name in list_models() if name != "nodule_net"])
 def test_rgb_weights_folded_into_the_gray_stem_keep_the_response_to_gray_images(name, tmp_path):
     """A gray image (R = G = B) through the RGB model gives the logit of the folded one-channel model."""
     rgb = _build(name, in_channels=3).eval()

@@ -667,8 +667,11 @@ def _cmd_predict(args) -> int:
             print(f"{prediction.source}\tERROR\t{prediction.error}")
         else:
             warning = "".join(f"\tWARNING: {text}" for text in prediction.warnings)
+            found = prediction.location
+            where = (f"\tmap peak at x={found['x']:.0f} y={found['y']:.0f} px (P(nodule) {found['presence']:.3f}, "
+                     f"P(malignant | nodule) {found['malignancy']:.3f})" if found else "")
             print(f"{prediction.source}\tp={prediction.probability:.4f}\t{prediction.class_name}"
-                  f"\t(threshold {prediction.threshold:.4f}){warning}")
+                  f"\t(threshold {prediction.threshold:.4f}){where}{warning}")
     return 1 if any(p.error for p in predictions) else 0
 
 

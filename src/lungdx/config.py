@@ -164,6 +164,34 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class NoduleConfig:
+    """Training stages of the localising model ``nodule_net`` (``lungdx.nodule_train``); other models ignore it.
+
+    Attributes:
+        seg_epochs, seg_patience: the lung U-Net (early stopping on validation loss).
+        det_epochs, det_patience: the nodule-map detector.
+        judge_epochs, judge_patience: the malignancy judge.
+        crop: side in input pixels of the detector's training crops (a multiple of 32; 0 = whole image).
+        nodule_in_crop: share of crops centred near a nodule when the image has one.
+        insert_prob: chance that a training normal gets a real training nodule blended into its lungs.
+        judge_jitter: the judge's crop centre moves by up to this many nodule radii (the detector's error).
+        batch_size: images per detector and segmentation step (the judge uses ``train.batch_size``).
+    """
+
+    seg_epochs: int = 40
+    seg_patience: int = 8
+    det_epochs: int = 40
+    det_patience: int = 8
+    judge_epochs: int = 60
+    judge_patience: int = 12
+    crop: int = 256
+    nodule_in_crop: float = 0.7
+    insert_prob: float = 0.7
+    judge_jitter: float = 0.5
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Confidence intervals of the evaluation."""
 
@@ -182,6 +210,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    nodule: NoduleConfig = field(default_factory=NoduleConfig)
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -175,8 +175,25 @@ def summarise(out_dir: str | Path, plan: CVPlan, config: RunConfig, *, stratifie
                "synthetic": all(synthetic)}
     if stratifiers:
         results["subgroups"] = _oof_subgroups(oof, dataset, stratifiers, config)
+    localisation = _oof_localisation(out_dir, plan, config)
+    if localisation is not None:
+        results["localisation"] = localisation
     _write_summary(out_dir, results, oof)
     return results
+
+
+def _oof_localisation(out_dir: Path, plan: CVPlan, config: RunConfig) -> dict | None:
+    """A localising model's pooled out-of-fold localisation results (first repeat), or None for other models."""
+    from lungdx.localisation import summarise_localisation
+
+    paths = [out_dir / "runs" / fold_name(0, fold) / "nodule_outputs.csv" for fold in range(plan.folds)]
+    if not all(path.is_file() for path in paths):
+        return None
+    outputs = pd.concat([pd.read_csv(path, dtype={"case_id": str, "patient_id": str}) for path in paths], ignore_index=True)
+    outputs = outputs[outputs["split"] == "test"].reset_index(drop=True)
+    (out_dir / "oof_nodule_outputs.csv").write_text(outputs.to_csv(index=False))
+    return summarise_localisation(outputs, config.preprocess.size, n_resamples=config.eval.n_bootstrap,
+                                  confidence=config.eval.confidence, seed=config.eval.seed)
 
 
 def _none_to_nan(value) -> float:
@@ -274,6 +291,10 @@ def cv_markdown(results: dict) -> str:
     for row in results["operating_points"]:
         lines.append(f"| {row['point']} | {format_number(row['sensitivity'])} | {format_number(row['specificity'])} | "
                      f"{format_number(row['precision'])} |")
+    if results.get("localisation"):
+        from lungdx.localisation import localisation_markdown
+
+        lines += ["", localisation_markdown(results["localisation"], results["confidence"])]
     if results.get("subgroups"):
         lines += ["", "## Pooled out-of-fold metrics by subgroup (first repeat)", "",
                   subgroup_markdown(results["subgroups"], results["confidence"])]

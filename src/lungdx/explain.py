@@ -32,7 +32,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -40,9 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lungdx.config import PreprocessConfig, load_config
+from lungdx.data.nodules import JSRT_PIXEL_MM_2048, _finite, nodule_circle  # noqa: F401  (re-exported)
 from lungdx.io import is_chest_radiograph, read_image
 from lungdx.metrics import bootstrap_means
 from lungdx.predict import Predictor, model_input
+from lungdx.preprocess import GridMap  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ REVIEW_CATEGORIES = {  # name: (target, label, most confident first = highest pr
     "true_positive": (1, 1, False), "false_positive": (0, 1, False),
     "false_negative": (1, 0, True), "true_negative": (0, 0, True),
 }
-JSRT_PIXEL_MM_2048 = 0.175
-"""JSRT's pixel size at 2048 x 2048 (the official ``.IMG`` layout)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,81 +258,9 @@ def explain_file(predictor: Predictor, path: str | Path, method: str = "gradcam"
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GridMap:
-    """Where ``preprocess.level`` put an image: box (top, left, height, width) in each grid."""
-
-    grid_box: tuple[int, int, int, int]
-    image_box: tuple[int, int, int, int]
-    size: int
-
-    @classmethod
-    def of(cls, shape: Sequence[int], config: PreprocessConfig) -> GridMap:
-        """The placement of an image of ``shape`` (rows, columns) by ``preprocess.level`` with ``config``."""
-        height, width, size = int(shape[0]), int(shape[1]), config.size
-        if config.aspect == "stretch":
-            return cls((0, 0, size, size), (0, 0, height, width), size)
-        if config.aspect == "crop":
-            side = min(height, width)
-            return cls((0, 0, size, size), ((height - side) // 2, (width - side) // 2, side, side), size)
-        if config.aspect != "pad":
-            raise ValueError(f"unknown aspect handling '{config.aspect}' (use pad, stretch or crop)")
-        # The same arithmetic as preprocess._resize_content and _pad_square.
-        scale = size / max(height, width)
-        content = (max(1, round(height * scale)), max(1, round(width * scale)))
-        return cls(((size - content[0]) // 2, (size - content[1]) // 2, *content), (0, 0, height, width), size)
-
-    def point_to_grid(self, x: float, y: float, radius: float = 0.0) -> tuple[float, float, float]:
-        """Image pixel coordinates (column, row, radius) to the model grid (pixel centres at integers)."""
-        (gt, gl, gh, gw), (it, il, ih, iw) = self.grid_box, self.image_box
-        sx, sy = gw / iw, gh / ih
-        return gl + (x + 0.5 - il) * sx - 0.5, gt + (y + 0.5 - it) * sy - 0.5, radius * math.sqrt(sx * sy)
-
-    def to_grid(self, array: np.ndarray, interpolation: int = cv2.INTER_NEAREST) -> np.ndarray:
-        """An image-sized array (a lung mask) resampled onto the model grid, zero outside the image."""
-        (gt, gl, gh, gw), (it, il, ih, iw) = self.grid_box, self.image_box
-        crop = np.asarray(array, dtype=np.float32)[it : it + ih, il : il + iw]
-        canvas = np.zeros((self.size, self.size), dtype=np.float32)
-        canvas[gt : gt + gh, gl : gl + gw] = cv2.resize(crop, (gw, gh), interpolation=interpolation)
-        return canvas
-
-    def to_image(self, grid_array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-        """A model-grid array (a heatmap) resampled onto the image's rows and columns, zero where unseen."""
-        (gt, gl, gh, gw), (it, il, ih, iw) = self.grid_box, self.image_box
-        content = np.asarray(grid_array, dtype=np.float32)[gt : gt + gh, gl : gl + gw]
-        result = np.zeros(tuple(int(s) for s in shape[:2]), dtype=np.float32)
-        result[it : it + ih, il : il + iw] = cv2.resize(content, (iw, ih), interpolation=cv2.INTER_LINEAR)
-        return np.clip(result, 0.0, 1.0)
-
-
 def to_original_grid(heatmap: np.ndarray, shape: Sequence[int], config: PreprocessConfig) -> np.ndarray:
     """A (size, size) heatmap mapped back onto an image of ``shape`` (undoes the pad/resize or crop)."""
     return GridMap.of(shape, config).to_image(heatmap, shape)
-
-
-def nodule_circle(row: Mapping, shape: Sequence[int]) -> tuple[float, float, float] | None:
-    """(column, row, radius) of the nodule in the image's pixels, or None when the row gives none.
-
-    ``nodule_x``, ``nodule_y``, ``nodule_radius_px`` (pixels of the image file: the JSRT
-    ``labels.csv`` layout and lungdx's phantoms), else JSRT's official ``nodule_x_2048``,
-    ``nodule_y_2048`` and ``size_mm`` at 0.175 mm per pixel, scaled to the image's width.
-    """
-    circle = [_finite(row.get(key)) for key in ("nodule_x", "nodule_y", "nodule_radius_px")]
-    if None not in circle:
-        return tuple(circle)
-    x, y, size_mm = (_finite(row.get(key)) for key in ("nodule_x_2048", "nodule_y_2048", "size_mm"))
-    if None in (x, y, size_mm):
-        return None
-    scale = shape[1] / 2048
-    return x * scale, y * scale, size_mm / 2 / JSRT_PIXEL_MM_2048 * scale
-
-
-def _finite(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 # --------------------------------------------------------------------------------------------

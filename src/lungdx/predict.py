@@ -64,6 +64,36 @@ class Prediction:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    location: dict | None = None
+    """A localising model's finding (``NoduleLocation.as_dict``): where the nodule is, in the image's pixels."""
+
+
+@dataclass
+class NoduleLocation:
+    """Where a localising model (``nodule_net``) puts the nodule, and each stage's probability.
+
+    Attributes:
+        x, y: the nodule map's peak, column and row in the original image's pixels.
+        grid_x, grid_y: the same point on the model grid (model-input pixels).
+        presence: P(nodule present), the map's value at its peak.
+        malignancy: P(malignant | nodule), the judge's crop around the peak.
+        lung_fraction: share of the model input inside the segmented lung field.
+        lung_ok: False when the segmentation failed (see ``NoduleAnalysis.lung_ok``).
+        radius: a nominal radius in image pixels for marking the point (half the judge's crop is larger).
+    """
+
+    x: float
+    y: float
+    grid_x: float
+    grid_y: float
+    presence: float
+    malignancy: float
+    lung_fraction: float
+    lung_ok: bool
+    radius: float
+
+    def as_dict(self) -> dict:
+        return {key: value if isinstance(value, bool) else round(float(value), 4) for key, value in self.__dict__.items()}
 
 
 class Predictor:
@@ -108,13 +138,49 @@ class Predictor:
         """The model's raw logits (before temperature scaling) for levelled images."""
         return compute_logits(self.model, levelled, self.preprocess_config, self.hardware, batch_size)
 
+    @property
+    def localises(self) -> bool:
+        """True for a model that also says where the nodule is (it has ``analyse``)."""
+        return hasattr(self.model, "analyse")
+
+    @torch.inference_mode()
+    def locate(self, levelled: np.ndarray, shapes: Sequence[Sequence[int]], batch_size: int = 16) -> tuple[np.ndarray, list]:
+        """A localising model's logits (N,) and ``NoduleLocation`` per image (``shapes``: each original (rows, columns)).
+
+        One pass of ``analyse`` gives both, so a location costs no second forward pass.
+        """
+        from lungdx.preprocess import GridMap
+
+        self.model.eval()
+        logits, locations = [], []
+        for start in range(0, len(levelled), batch_size):
+            chunk = torch.from_numpy(np.asarray(levelled[start : start + batch_size], dtype=np.float32))
+            with self.hardware.autocast():
+                images = model_input(chunk, self.preprocess_config, self.hardware)
+                analysis = self.model.analyse(images)
+                logits.append(_task_logit(self.model, analysis))
+            for index in range(len(chunk)):
+                grid_x, grid_y = (float(v) for v in analysis.peak[index].cpu())
+                shape = shapes[start + index]
+                x, y, radius = GridMap.of(shape, self.preprocess_config).point_to_image(
+                    grid_x, grid_y, self.model.crop_fraction * self.model.input_size / 4)
+                locations.append(NoduleLocation(x, y, grid_x, grid_y, float(torch.sigmoid(analysis.presence[index])),
+                                                float(torch.sigmoid(analysis.malignancy[index])),
+                                                float(analysis.lung_fraction[index]), bool(analysis.lung_ok[index]),
+                                                radius))
+        return (torch.cat(logits).numpy() if logits else np.zeros(0, np.float32)), locations
+
     def level(self, pixels: np.ndarray) -> np.ndarray:
         """The checkpoint's levelling of one (H, W) image in [0, 1]."""
         return level(pixels, self.preprocess_config)
 
     def predict_pixels(self, pixels: np.ndarray, source: str = "<array>", meta: dict | None = None) -> Prediction:
         """Predict one (H, W) image in [0, 1] (MONOCHROME2 polarity)."""
-        probability = float(self.probabilities(self.level(pixels)[None])[0])
+        levelled = self.level(pixels)[None]
+        if self.localises:
+            logits, locations = self.locate(levelled, [pixels.shape[:2]])
+            return self.decide(source, float(sigmoid(logits / self.temperature)[0]), meta or {}, locations[0])
+        probability = float(self.probabilities(levelled)[0])
         return self.decide(source, probability, meta or {})
 
     def predict_files(self, paths: Iterable[str | Path], batch_size: int = 16) -> list[Prediction]:
@@ -123,23 +189,46 @@ class Predictor:
         for path in paths:
             try:
                 image = read_image(path)
-                pending.append((len(results), self.level(image.pixels)))
+                pending.append((len(results), self.level(image.pixels), image.pixels.shape[:2]))
                 results.append(Prediction(source=str(path), meta=image.meta))
             except (ImageReadError, ValueError) as err:
                 logger.warning("cannot predict: %s", err)
                 results.append(Prediction(source=str(path), error=str(err)))
         if pending:
-            probabilities = self.probabilities(np.stack([levelled for _, levelled in pending]), batch_size)
-            for (index, _), probability in zip(pending, probabilities, strict=True):
-                results[index] = self.decide(results[index].source, float(probability), results[index].meta)
+            levelled = np.stack([levelled for _, levelled, _ in pending])
+            if self.localises:
+                logits, locations = self.locate(levelled, [shape for _, _, shape in pending], batch_size)
+                probabilities = sigmoid(logits / self.temperature)
+            else:
+                probabilities, locations = self.probabilities(levelled, batch_size), [None] * len(pending)
+            for (index, _, _), probability, location in zip(pending, probabilities, locations, strict=True):
+                results[index] = self.decide(results[index].source, float(probability), results[index].meta, location)
         return results
 
-    def decide(self, source: str, probability: float, meta: dict) -> Prediction:
-        """The Prediction for a probability: label at the frozen threshold, and header warnings."""
+    def decide(self, source: str, probability: float, meta: dict, location: NoduleLocation | None = None) -> Prediction:
+        """The Prediction for a probability: label at the frozen threshold, header warnings, the location."""
+        from lungdx.models.nodule_net import MAX_LUNG_FRACTION, MIN_LUNG_FRACTION
+
         chest, reason = is_chest_radiograph(meta) if meta else (True, "")
         warnings = [] if chest else [f"not a frontal chest radiograph: {reason}"]
+        if location is not None and not location.lung_ok:
+            warnings.append(f"lung segmentation failed: the lung field is {100 * location.lung_fraction:.1f}% of the image "
+                            f"(expected {100 * MIN_LUNG_FRACTION:.0f}-{100 * MAX_LUNG_FRACTION:.0f}%, on an image with "
+                            "contrast), so the nodule location and score are unreliable")
+        found = location.as_dict() if location is not None else None
         if self.threshold is None:
-            return Prediction(source=source, probability=probability, meta=meta, warnings=warnings)
+            return Prediction(source=source, probability=probability, meta=meta, warnings=warnings, location=found)
         label = int(probability >= self.threshold)
         return Prediction(source=source, probability=probability, label=label, class_name=self.class_names[label],
-                          threshold=self.threshold, meta=meta, warnings=warnings)
+                          threshold=self.threshold, meta=meta, warnings=warnings, location=found)
+
+
+def _task_logit(model: nn.Module, analysis) -> torch.Tensor:
+    """The task's logit from an analysis (what ``forward`` returns), without a second pass."""
+    from lungdx.models.nodule_net import combine_logits
+
+    if model.task == "nodule_vs_normal":
+        return analysis.presence.float().cpu()
+    if model.task == "malignant_vs_benign":
+        return analysis.malignancy.float().cpu()
+    return combine_logits(analysis.presence.float(), analysis.malignancy.float()).cpu()

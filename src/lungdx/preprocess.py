@@ -17,6 +17,10 @@ the window percentiles are computed on the image content only.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -134,3 +138,56 @@ def normalize(images, config: PreprocessConfig):
 def preprocess(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """The full preprocessing a model sees: ``(H, W)`` in [0, 1] -> ``(1, size, size)`` float32."""
     return normalize(level(pixels, config), config)[None].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class GridMap:
+    """Where ``preprocess.level`` put an image: box (top, left, height, width) in each grid."""
+
+    grid_box: tuple[int, int, int, int]
+    image_box: tuple[int, int, int, int]
+    size: int
+
+    @classmethod
+    def of(cls, shape: Sequence[int], config: PreprocessConfig) -> GridMap:
+        """The placement of an image of ``shape`` (rows, columns) by ``preprocess.level`` with ``config``."""
+        height, width, size = int(shape[0]), int(shape[1]), config.size
+        if config.aspect == "stretch":
+            return cls((0, 0, size, size), (0, 0, height, width), size)
+        if config.aspect == "crop":
+            side = min(height, width)
+            return cls((0, 0, size, size), ((height - side) // 2, (width - side) // 2, side, side), size)
+        if config.aspect != "pad":
+            raise ValueError(f"unknown aspect handling '{config.aspect}' (use pad, stretch or crop)")
+        # The same arithmetic as preprocess._resize_content and _pad_square.
+        scale = size / max(height, width)
+        content = (max(1, round(height * scale)), max(1, round(width * scale)))
+        return cls(((size - content[0]) // 2, (size - content[1]) // 2, *content), (0, 0, height, width), size)
+
+    def point_to_grid(self, x: float, y: float, radius: float = 0.0) -> tuple[float, float, float]:
+        """Image pixel coordinates (column, row, radius) to the model grid (pixel centres at integers)."""
+        (gt, gl, gh, gw), (it, il, ih, iw) = self.grid_box, self.image_box
+        sx, sy = gw / iw, gh / ih
+        return gl + (x + 0.5 - il) * sx - 0.5, gt + (y + 0.5 - it) * sy - 0.5, radius * math.sqrt(sx * sy)
+
+    def point_to_image(self, x: float, y: float, radius: float = 0.0) -> tuple[float, float, float]:
+        """Model-grid coordinates (column, row, radius) back to the image's pixels (the inverse of ``point_to_grid``)."""
+        (gt, gl, gh, gw), (it, il, ih, iw) = self.grid_box, self.image_box
+        sx, sy = gw / iw, gh / ih
+        return il + (x + 0.5 - gl) / sx - 0.5, it + (y + 0.5 - gt) / sy - 0.5, radius / math.sqrt(sx * sy)
+
+    def to_grid(self, array: np.ndarray, interpolation: int = cv2.INTER_NEAREST) -> np.ndarray:
+        """An image-sized array (a lung mask) resampled onto the model grid, zero outside the image."""
+        (gt, gl, gh, gw), (it, il, ih, iw) = self.grid_box, self.image_box
+        crop = np.asarray(array, dtype=np.float32)[it : it + ih, il : il + iw]
+        canvas = np.zeros((self.size, self.size), dtype=np.float32)
+        canvas[gt : gt + gh, gl : gl + gw] = cv2.resize(crop, (gw, gh), interpolation=interpolation)
+        return canvas
+
+    def to_image(self, grid_array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """A model-grid array (a heatmap) resampled onto the image's rows and columns, zero where unseen."""
+        (gt, gl, gh, gw), (it, il, ih, iw) = self.grid_box, self.image_box
+        content = np.asarray(grid_array, dtype=np.float32)[gt : gt + gh, gl : gl + gw]
+        result = np.zeros(tuple(int(s) for s in shape[:2]), dtype=np.float32)
+        result[it : it + ih, il : il + iw] = cv2.resize(content, (iw, ih), interpolation=cv2.INTER_LINEAR)
+        return np.clip(result, 0.0, 1.0)

@@ -219,6 +219,12 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
     hardware = Hardware.resolve(config.train.device, config.train.precision, config.train.channels_last)
     torch.manual_seed(config.train.seed)
     model = create_model(config.model.name, **model_kwargs(config))
+    if hasattr(model, "analyse"):  # a localising model (nodule_net): its own staged training, same run folder
+        from lungdx.nodule_train import fit_localiser, localiser_kwargs
+
+        torch.manual_seed(config.train.seed)
+        model = create_model(config.model.name, **localiser_kwargs(config))
+        return fit_localiser(config, run_dir, data, model, hardware, progress=progress)
     if config.model.weights and not resume:  # a resumed run has its weights in last.pt
         load_weights(model, config.model.weights, keep_head=config.model.keep_head)
     model = hardware.prepare(model)

@@ -97,6 +97,9 @@ def read_manifest(csv_path: Path, one_image_per_patient: bool = False) -> pd.Dat
     if image_column is None:
         raise DatasetError(f"{csv_path}: no image column (expected one of image, path, file, filename)")
     frame["path"] = [str((csv_path.parent / str(p)).resolve()) for p in frame[image_column]]
+    if "lung_mask" in frame.columns:  # lung-field masks (JSRT, phantoms): relative to the CSV too
+        frame["lung_mask"] = [str((csv_path.parent / str(p)).resolve()) if isinstance(p, str) and p else None
+                              for p in frame["lung_mask"]]
     if "case_id" not in frame.columns:
         frame["case_id"] = [Path(p).stem for p in frame["path"]]
     if "patient_id" not in frame.columns:

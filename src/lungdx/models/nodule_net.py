@@ -1,0 +1,293 @@
+"""A model that finds the nodule, then judges it: lung segmentation, a nodule map, a malignancy crop.
+
+``NoduleNet`` chains three small networks, each trained with the supervision JSRT gives
+(``lungdx.nodule_train``):
+
+1. ``lungs``: a U-Net on the image at a quarter of the input side, trained on lung-field masks. Its
+   mask (slightly dilated) is applied before anything else looks at the image, and the pixels kept
+   are re-standardised inside the lungs: borders, corners and burnt-in text cannot be learnt.
+2. ``detector``: a fully convolutional network that maps the masked image to a nodule map at a
+   quarter of the input side (stride 4: at 512 px a 10 mm JSRT nodule spans about 3.6 cells),
+   trained on a Gaussian target around each nodule's centre. Its peak inside the lungs is the
+   location; its value there is the "nodule present" logit.
+3. ``judge``: a small CNN on a crop around the peak (at the input's resolution) that gives the
+   malignancy logit, trained on crops around the training folds' nodules.
+
+``forward`` returns the logit of the model's ``task`` so that every part of lungdx (Predictor,
+evaluation, service) uses it like any other registered model; ``analyse`` returns the map, the
+mask, the peak and each stage's logit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lungdx.models.registry import register_model
+
+TASKS = ("nodule_vs_normal", "malignant_vs_rest", "malignant_vs_benign")
+MIN_LUNG_FRACTION = 0.05  # a lung field under 5% or over 60% of the image is a failed segmentation (JSRT: 20-35%)
+MAX_LUNG_FRACTION = 0.60
+_OUTSIDE = -30.0  # map logit outside the lung field: never the peak
+
+
+def _conv(in_channels: int, out_channels: int, stride: int = 1, kernel: int = 3, dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(OrderedDict([
+        ("conv", nn.Conv2d(in_channels, out_channels, kernel, stride, padding, dilation=dilation, bias=False)),
+        ("bn", nn.BatchNorm2d(out_channels)), ("relu", nn.ReLU(inplace=True))]))
+
+
+class LungUNet(nn.Module):
+    """A small U-Net: (N, 1, S, S) standardised image -> (N, 1, S, S) lung-field logits."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)):
+        super().__init__()
+        self.down = nn.ModuleList()
+        channels = 1
+        for width in widths:
+            self.down.append(nn.Sequential(_conv(channels, width), _conv(width, width)))
+            channels = width
+        self.up = nn.ModuleList()
+        for width in reversed(widths[:-1]):
+            self.up.append(nn.Sequential(_conv(channels + width, width), _conv(width, width)))
+            channels = width
+        self.head = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        skips, features = [], images
+        for index, block in enumerate(self.down):
+            features = block(features if index == 0 else F.max_pool2d(features, 2))
+            skips.append(features)
+        for block, skip in zip(self.up, reversed(skips[:-1]), strict=True):
+            features = F.interpolate(features, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            features = block(torch.cat([features, skip], 1))
+        return self.head(features)
+
+
+class NoduleDetector(nn.Module):
+    """An FPN-style fully convolutional net: (N, 1, H, W) -> (N, 1, H/4, W/4) nodule-map logits."""
+
+    def __init__(self, widths: tuple[int, ...] = (24, 32, 64, 128, 192), head_width: int = 48):
+        super().__init__()
+        w0, w1, w2, w3, w4 = widths
+        self.stem = _conv(1, w0, stride=2, kernel=5)                          # /2
+        self.stage1 = nn.Sequential(_conv(w0, w1, 2), _conv(w1, w1))          # /4
+        self.stage2 = nn.Sequential(_conv(w1, w2, 2), _conv(w2, w2))          # /8
+        self.stage3 = nn.Sequential(_conv(w2, w3, 2), _conv(w3, w3))          # /16
+        self.stage4 = nn.Sequential(_conv(w3, w4, 2), _conv(w4, w4, dilation=2))  # /32
+        self.lateral = nn.ModuleList(nn.Conv2d(width, head_width, 1) for width in (w1, w2, w3, w4))
+        self.smooth = nn.Sequential(_conv(head_width, head_width), _conv(head_width, head_width))
+        self.head = nn.Conv2d(head_width, 1, 1)
+        nn.init.constant_(self.head.bias, -4.0)  # a nodule is rare: start from a low prior (focal-loss practice)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        c1 = self.stage1(self.stem(images))
+        c2 = self.stage2(c1)
+        c3 = self.stage3(c2)
+        c4 = self.stage4(c3)
+        features = self.lateral[3](c4)
+        for lateral, level in zip(self.lateral[2::-1], (c3, c2, c1), strict=True):
+            features = lateral(level) + F.interpolate(features, size=level.shape[-2:], mode="nearest")
+        return self.head(self.smooth(features))
+
+
+class MalignancyJudge(nn.Module):
+    """(N, 1, C, C) crop around a nodule -> (N, 1) malignancy logit."""
+
+    def __init__(self, widths: tuple[int, ...] = (24, 48, 96, 128), dropout: float = 0.5):
+        super().__init__()
+        layers, channels = [], 1
+        for index, width in enumerate(widths):
+            layers += [(f"block{index + 1}", nn.Sequential(_conv(channels, width), _conv(width, width)))]
+            if index < len(widths) - 1:
+                layers.append((f"pool{index + 1}", nn.MaxPool2d(2)))
+            channels = width
+        self.features = nn.Sequential(OrderedDict(layers))
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, 1))
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(crops))
+
+
+@dataclass
+class NoduleAnalysis:
+    """What ``NoduleNet.analyse`` finds, per image (tensors on the model's device).
+
+    Attributes:
+        lung_logits: (N, 1, S/4, S/4) lung-field logits.
+        lung_mask: (N, 1, S, S) the (dilated) mask applied to the image.
+        lung_fraction: (N,) share of the image inside the lung field (before dilation).
+        nodule_map: (N, 1, S/4, S/4) nodule-map logits, ``-30`` outside the lungs.
+        peak: (N, 2) the map's peak in model-input pixels (column, row; pixel centres at integers).
+        presence: (N,) "nodule present" logit (the map at its peak).
+        malignancy: (N,) malignancy logit of the crop around the peak.
+        lung_ok: (N,) bool, False for a failed segmentation: a lung field outside 5-60% of the image,
+            or an input without information (constant), where any mask would be a guess.
+    """
+
+    lung_logits: torch.Tensor
+    lung_mask: torch.Tensor
+    lung_fraction: torch.Tensor
+    nodule_map: torch.Tensor
+    peak: torch.Tensor
+    presence: torch.Tensor
+    malignancy: torch.Tensor
+    lung_ok: torch.Tensor
+
+
+class NoduleNet(nn.Module):
+    """Lung segmentation, nodule map and malignancy judge; ``forward`` gives the ``task``'s logit.
+
+    Args:
+        input_size: the square input side (a multiple of 32; 512 for JSRT: 0.7 mm per pixel).
+        task: ``nodule_vs_normal`` (presence), ``malignant_vs_benign`` (malignancy of the found
+            nodule) or ``malignant_vs_rest`` (presence and malignancy: P = P(nodule) P(malignant)).
+        crop_fraction: side of the judge's crop as a fraction of the input side (96 px at 512:
+            67 mm on JSRT, room for the largest nodules).
+        crop_size: pixels of the crop the judge sees.
+        dilate_px: the lung mask is dilated by this many input pixels, so that a nodule on the
+            lung edge keeps its outline.
+    """
+
+    gradcam_layer = "detector.smooth"
+    head_prefix = "judge"
+
+    def __init__(self, input_size: int = 512, task: str = "malignant_vs_rest", crop_fraction: float = 0.1875,
+                 crop_size: int = 64, dilate_px: int = 8, in_channels: int = 1):
+        super().__init__()
+        if input_size % 32:
+            raise ValueError(f"input_size must be a multiple of 32; got {input_size}")
+        if task not in TASKS:
+            raise ValueError(f"nodule_net task must be one of {', '.join(TASKS)}; got '{task}'")
+        if in_channels != 1:
+            raise ValueError("nodule_net reads one-channel radiographs")
+        self.input_size, self.task, self.in_channels = input_size, task, in_channels
+        self.crop_fraction, self.crop_size, self.dilate_px = crop_fraction, crop_size, dilate_px
+        self.lungs = LungUNet()
+        self.detector = NoduleDetector()
+        self.judge = MalignancyJudge()
+
+    @property
+    def seg_size(self) -> int:
+        return self.input_size // 4
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        analysis = self.analyse(images)
+        if self.task == "nodule_vs_normal":
+            return analysis.presence[:, None]
+        if self.task == "malignant_vs_benign":
+            return analysis.malignancy[:, None]
+        return combine_logits(analysis.presence, analysis.malignancy)[:, None]
+
+    def _check(self, images: torch.Tensor) -> None:
+        expected = (1, self.input_size, self.input_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"nodule_net expects input of shape (N, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """Lung-field logits at a quarter of the input side."""
+        small = F.interpolate(images, size=(self.seg_size, self.seg_size), mode="area")
+        return self.lungs(standardise(small))
+
+    def mask_image(self, images: torch.Tensor, lung_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image with everything outside the (dilated) lung field set to 0, standardised inside."""
+        mask = (lung_logits.float() > 0).float()
+        mask = F.interpolate(mask, size=images.shape[-2:], mode="nearest")
+        if self.dilate_px:
+            mask = F.max_pool2d(mask, 2 * self.dilate_px + 1, stride=1, padding=self.dilate_px)
+        return standardise(images.float(), mask) * mask, mask
+
+    def detect(self, masked: torch.Tensor, lung_logits: torch.Tensor) -> torch.Tensor:
+        """Nodule-map logits, pushed to ``-30`` outside the lungs."""
+        nodule_map = self.detector(masked).float()
+        inside = F.interpolate((lung_logits.float() > 0).float(), size=nodule_map.shape[-2:], mode="nearest")
+        inside = F.max_pool2d(inside, 3, stride=1, padding=1)
+        return torch.where(inside > 0, nodule_map, torch.full_like(nodule_map, _OUTSIDE))
+
+    def crops(self, images: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """(N, 1, crop_size, crop_size) crops of ``images`` centred at ``centres`` (column, row in input px)."""
+        from torchvision.ops import roi_align
+
+        half = self.crop_fraction * self.input_size / 2
+        boxes = torch.cat([torch.arange(len(centres), device=centres.device, dtype=torch.float32)[:, None],
+                           centres[:, :1] - half, centres[:, 1:] - half, centres[:, :1] + half, centres[:, 1:] + half], 1)
+        return roi_align(images.float(), boxes, (self.crop_size, self.crop_size), spatial_scale=1.0, sampling_ratio=2,
+                         aligned=True)
+
+    def analyse(self, images: torch.Tensor) -> NoduleAnalysis:
+        """Every stage's output for a batch of standardised images (N, 1, S, S)."""
+        self._check(images)
+        lung_logits = self.segment(images)
+        lung_fraction = (lung_logits.float() > 0).float().mean(dim=(1, 2, 3))
+        masked, mask = self.mask_image(images, lung_logits)
+        nodule_map = self.detect(masked.to(images.dtype), lung_logits)
+        presence, peak = map_peak(nodule_map, self.input_size)
+        malignancy = self.judge(self.crops(masked, peak).to(images.dtype)).float().reshape(-1)
+        informative = images.float().flatten(1).std(dim=1) > 1e-3
+        lung_ok = informative & (lung_fraction >= MIN_LUNG_FRACTION) & (lung_fraction <= MAX_LUNG_FRACTION)
+        return NoduleAnalysis(lung_logits, mask, lung_fraction, nodule_map, peak, presence, malignancy, lung_ok)
+
+
+def standardise(images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero mean, unit variance per image (inside ``mask`` where given)."""
+    if mask is None:
+        mask = torch.ones_like(images)
+    count = mask.sum(dim=(-2, -1), keepdim=True).clamp_min(1.0)
+    mean = (images * mask).sum(dim=(-2, -1), keepdim=True) / count
+    var = (((images - mean) * mask) ** 2).sum(dim=(-2, -1), keepdim=True) / count
+    return (images - mean) / (var.sqrt() + 1e-6)
+
+
+def map_peak(nodule_map: torch.Tensor, input_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logit at the peak (N,), peak (N, 2) as column, row in input pixels) of map logits (N, 1, h, w).
+
+    The map is smoothed by a 3x3 mean first, so one noisy cell does not outvote a nodule's blob.
+    """
+    smoothed = F.avg_pool2d(nodule_map.float(), 3, stride=1, padding=1, count_include_pad=False)
+    flat = smoothed.flatten(1)
+    value, index = flat.max(dim=1)
+    height, width = nodule_map.shape[-2:]
+    rows, columns = (index // width).float(), (index % width).float()
+    stride = input_size / width
+    # Cell centre in input pixels (pixel centres at integers): cell c covers [c*s - 0.5, (c+1)*s - 0.5).
+    peak = torch.stack([(columns + 0.5) * stride - 0.5, (rows + 0.5) * stride - 0.5], 1)
+    return value, peak
+
+
+def combine_logits(presence: torch.Tensor, malignancy: torch.Tensor) -> torch.Tensor:
+    """logit(P(nodule) * P(malignant | nodule)), computed in log space."""
+    log_p = F.logsigmoid(presence) + F.logsigmoid(malignancy)
+    # logit(p) = log p - log(1 - p); log1p(-exp(log p)) is stable with the clamp.
+    return log_p - torch.log1p(-torch.exp(log_p.clamp(max=-1e-6)))
+
+
+def map_peaks(nodule_map: torch.Tensor, input_size: int, count: int = 5, min_distance_px: float = 24.0):
+    """Up to ``count`` local maxima per image, highest first: list of (N_i, 3) [column, row, logit] in input px.
+
+    For FROC: each candidate is a location with a score; candidates closer than ``min_distance_px``
+    to a higher one are suppressed.
+    """
+    smoothed = F.avg_pool2d(nodule_map.float(), 3, stride=1, padding=1, count_include_pad=False)
+    stride = input_size / nodule_map.shape[-1]
+    radius = max(1, int(math.ceil(min_distance_px / stride)))
+    pooled = F.max_pool2d(smoothed, 2 * radius + 1, stride=1, padding=radius)
+    candidates = []
+    for image_map, image_max in zip(smoothed[:, 0], pooled[:, 0], strict=True):
+        rows, columns = torch.nonzero((image_map == image_max) & (image_map > _OUTSIDE + 1), as_tuple=True)
+        scores = image_map[rows, columns]
+        order = torch.argsort(scores, descending=True)[:count]
+        xy = torch.stack([(columns[order].float() + 0.5) * stride - 0.5, (rows[order].float() + 0.5) * stride - 0.5], 1)
+        candidates.append(torch.cat([xy, scores[order, None]], 1))
+    return candidates
+
+
+@register_model
+def nodule_net(**kwargs) -> NoduleNet:
+    """Lung U-Net + nodule-map FCN + malignancy judge, trained with localisation supervision (512 px)."""
+    return NoduleNet(**kwargs)

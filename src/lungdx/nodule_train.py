@@ -1,0 +1,510 @@
+"""Training of ``nodule_net`` in three stages: lung field, nodule map, malignancy judge.
+
+``lungdx.train.fit`` hands a localising model (one with ``analyse``) to ``fit_localiser``, so that
+``lungdx train`` and ``lungdx cv`` work as for every other model and write the same run folder
+(config, split, history, ``model.pt`` with the threshold chosen on validation, ``summary.json``),
+plus ``nodule_outputs.csv``: per image, the lung Dice, the map's peak and candidates, each stage's
+logit, and the logit on the same image with its corners and borders blacked out (shortcut check).
+
+Each stage stops early on its own validation loss. Only training-split rows reach a gradient:
+validation rows decide stopping and the threshold, test rows are only predicted at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lungdx import metrics
+from lungdx.checkpoint import save_checkpoint
+from lungdx.config import RunConfig, to_dict
+from lungdx.data.augment import augment
+from lungdx.data.manifest import class_names, describe_classes
+from lungdx.data.nodules import NoduleBank, dice, focal_loss, insert_nodule, localisation_targets, target_map
+from lungdx.models.nodule_net import TASKS, combine_logits, map_peaks
+from lungdx.predict import model_input, sigmoid
+from lungdx.reference import build_reference
+from lungdx.runtime import Hardware
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("lungs", "detector", "judge")
+
+
+class _History(list):
+    """The stage epochs so far, written to ``history.csv`` as each one ends (progress is visible during a run)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        pd.DataFrame(self).to_csv(self.path, index=False)
+
+
+class _Stopper:
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_epoch, self.bad, self.state = patience, math.inf, 0, 0, None
+
+    def step(self, loss: float, epoch: int, module: nn.Module) -> None:
+        if loss < self.best:
+            self.best, self.best_epoch, self.bad = loss, epoch, 0
+            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            self.bad += 1
+
+    @property
+    def stop(self) -> bool:
+        return self.bad >= self.patience
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint geometric augmentation: image, masks and nodule centres move together
+# ---------------------------------------------------------------------------------------------
+
+
+def random_affine(count: int, config, generator: torch.Generator) -> torch.Tensor:
+    """(N, 2, 3) affine_grid matrices: rotation, scale and shift within the chest-safe ranges."""
+    def uniform(shape, spread):
+        return (torch.rand(shape, generator=generator) * 2 - 1) * spread
+
+    angle = uniform(count, math.radians(config.rotation_deg))
+    scale = 1 + uniform(count, config.scale)
+    shift = uniform((count, 2), 2 * config.translate)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    return torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+
+
+def warp(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="border" if mode == "bilinear" else "zeros",
+                         align_corners=False)
+
+
+def warp_circles(circles: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Where the (N, 3) circles (column, row, radius in px) land after ``warp`` with ``theta``."""
+    xy = (2 * circles[:, :2] + 1) / size - 1  # normalised, align_corners=False
+    matrix, shift = theta[:, :, :2], theta[:, :, 2]
+    # warp samples the input at A p_out + t, so a point of the input moves to A^-1 (p_in - t).
+    out = torch.linalg.solve(matrix, (xy - shift)[..., None])[..., 0]
+    scale = torch.sqrt(torch.linalg.det(matrix).abs())
+    return torch.cat([((out + 1) * size - 1) / 2, circles[:, 2:] / scale[:, None]], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+# ---------------------------------------------------------------------------------------------
+
+
+def _seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    prob = torch.sigmoid(logits)
+    overlap = (prob * target).sum(dim=(1, 2, 3))
+    soft_dice = 1 - (2 * overlap + 1) / (prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + soft_dice.mean()
+
+
+def _small_masks(masks: np.ndarray, size: int) -> torch.Tensor:
+    tensor = torch.from_numpy(masks.astype(np.float32))[:, None]
+    return (F.interpolate(tensor, size=(size, size), mode="area") > 0.5).float()
+
+
+def train_lungs(model, images: dict, masks: dict, config: RunConfig, hardware: Hardware, generator, history, progress):
+    """Stage 1: the lung U-Net on the training rows' masks; stops on validation loss."""
+    lungs, settings = model.lungs, config.nodule
+    optimizer = torch.optim.Adam(lungs.parameters(), lr=config.train.lr)
+    targets = {split: _small_masks(masks[split], model.seg_size) for split in masks}
+    stopper = _Stopper(settings.seg_patience)
+    intensity = replace(config.augment, rotation_deg=0.0, scale=0.0, translate=0.0)
+    for epoch in tqdm(range(1, settings.seg_epochs + 1), desc="lungs", leave=False, disable=not progress):
+        lungs.train()
+        order = torch.randperm(len(images["train"]), generator=generator).numpy()
+        started, total = time.perf_counter(), 0.0
+        for start in range(0, len(order), settings.batch_size):
+            index = np.sort(order[start : start + settings.batch_size])
+            batch = torch.from_numpy(images["train"][index])[:, None]
+            target = targets["train"][index]
+            if config.augment.enabled:
+                theta = random_affine(len(index), config.augment, generator)
+                batch, target = warp(batch, theta), (warp(target, theta, "nearest") > 0.5).float()
+                batch = augment(batch, intensity, generator)
+            inputs = model_input(batch, config.preprocess, hardware)
+            with hardware.autocast():
+                logits = model.segment(inputs)
+            loss = _seg_loss(logits, target.to(hardware.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(index)
+        val_loss, val_dice = _eval_lungs(model, images["val"], targets["val"], config, hardware)
+        stopper.step(val_loss, epoch, lungs)
+        history.append({"stage": "lungs", "epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss,
+                        "val_dice": val_dice, "seconds": round(time.perf_counter() - started, 2)})
+        if stopper.stop:
+            break
+    lungs.load_state_dict(stopper.state)
+    return stopper.best_epoch
+
+
+@torch.inference_mode()
+def _lung_logits(model, levelled: np.ndarray, config: RunConfig, hardware: Hardware, batch: int = 32) -> torch.Tensor:
+    model.eval()
+    parts = []
+    for start in range(0, len(levelled), batch):
+        inputs = model_input(torch.from_numpy(levelled[start : start + batch]), config.preprocess, hardware)
+        with hardware.autocast():
+            parts.append(model.segment(inputs).float().cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, 1, model.seg_size, model.seg_size)
+
+
+def _eval_lungs(model, levelled, target, config, hardware) -> tuple[float, float]:
+    logits = _lung_logits(model, levelled, config, hardware)
+    loss = float(_seg_loss(logits, target))
+    scores = [dice(p > 0, t > 0.5) for p, t in zip(logits.numpy(), target.numpy(), strict=True)]
+    return loss, float(np.mean(scores))
+
+
+class _DetectorBatches:
+    """Augmented, masked training crops with their target maps (nodule insertion into normals)."""
+
+    def __init__(self, model, images, lung_logits, gt_masks, circles, malignant, bank: NoduleBank | None, config: RunConfig,
+                 generator: torch.Generator):
+        self.model, self.images, self.lung_logits, self.gt_masks = model, images, lung_logits, gt_masks
+        self.circles, self.malignant, self.bank, self.config = circles, malignant, bank, config
+        self.generator = generator
+        self.rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+
+    def sample(self, index: np.ndarray):
+        """(levelled (B,1,S,S), lung logits (B,1,S/4,S/4), circles (B,3), malignant (B,)) after insertion + warp."""
+        settings = self.config.nodule
+        levelled = self.images[index].copy()
+        circles = self.circles[index].copy()
+        malignant = self.malignant[index].copy()
+        for row, image_index in enumerate(index):
+            if math.isfinite(circles[row, 0]) or self.bank is None or not len(self.bank) or self.rng.random() >= settings.insert_prob:
+                continue
+            patch = self.bank.patches[self.rng.integers(len(self.bank))]
+            inserted = insert_nodule(levelled[row], self.gt_masks[image_index], patch, self.rng)
+            if inserted is not None:
+                levelled[row], circles[row] = inserted[0], inserted[1]
+                malignant[row] = patch.malignant
+        batch = torch.from_numpy(levelled)[:, None]
+        logits = self.lung_logits[index]
+        circles_t = torch.from_numpy(circles)
+        if self.config.augment.enabled:
+            theta = random_affine(len(index), self.config.augment, self.generator)
+            batch = warp(batch, theta)
+            logits = warp(logits, theta, "nearest")
+            logits = torch.where(logits == 0, torch.full_like(logits, -1.0), logits)  # outside the film: no lung
+            circles_t = warp_circles(circles_t, theta, batch.shape[-1])
+            intensity = replace(self.config.augment, rotation_deg=0.0, scale=0.0, translate=0.0)
+            batch = augment(batch, intensity, self.generator)
+        return batch, logits, circles_t, torch.from_numpy(malignant)
+
+    def crop_offsets(self, circles: torch.Tensor, lung_logits: torch.Tensor, size: int, crop: int) -> list[tuple[int, int]]:
+        offsets = []
+        for circle, logits in zip(circles.tolist(), lung_logits, strict=True):
+            if math.isfinite(circle[0]) and self.rng.random() < self.config.nodule.nodule_in_crop:
+                centre = np.array(circle[:2]) + self.rng.uniform(-crop / 3, crop / 3, 2)
+            else:
+                rows, columns = torch.nonzero(logits[0] > 0, as_tuple=True)
+                stride = size / logits.shape[-1]
+                if len(rows):
+                    pick = self.rng.integers(len(rows))
+                    centre = np.array([float(columns[pick]), float(rows[pick])]) * stride
+                else:
+                    centre = self.rng.uniform(0, size, 2)
+            left, top = (np.clip(centre - crop / 2, 0, size - crop) // 4 * 4).astype(int)
+            offsets.append((int(left), int(top)))
+        return offsets
+
+
+def _detector_step(model, batches: _DetectorBatches, index, config, hardware):
+    batch, lung_logits, circles, _ = batches.sample(index)
+    size, crop = batch.shape[-1], config.nodule.crop or batch.shape[-1]
+    inputs = model_input(batch, config.preprocess, hardware)
+    masked, _ = model.mask_image(inputs, lung_logits.to(hardware.device))
+    target = target_map(circles, size)
+    weight = F.max_pool2d((F.interpolate((lung_logits > 0).float(), size=target.shape[-2:], mode="nearest")), 3, 1, 1)
+    crops, crop_targets, crop_weights = [], [], []
+    for row, (left, top) in enumerate(batches.crop_offsets(circles, lung_logits, size, crop)):
+        crops.append(masked[row, :, top : top + crop, left : left + crop])
+        cell = slice(top // 4, (top + crop) // 4), slice(left // 4, (left + crop) // 4)
+        crop_targets.append(target[row, :, cell[0], cell[1]])
+        crop_weights.append(weight[row, :, cell[0], cell[1]])
+    crops_t = torch.stack(crops)
+    if hardware.channels_last:
+        crops_t = crops_t.contiguous(memory_format=torch.channels_last)
+    with hardware.autocast():
+        logits = model.detector(crops_t.to(inputs.dtype))
+    return focal_loss(logits, torch.stack(crop_targets).to(hardware.device), torch.stack(crop_weights).to(hardware.device))
+
+
+@torch.inference_mode()
+def _detector_outputs(model, levelled: np.ndarray, lung_logits: torch.Tensor, config, hardware, batch: int = 16):
+    """Map logits (N, 1, S/4, S/4) on whole, unaugmented images."""
+    model.eval()
+    parts = []
+    for start in range(0, len(levelled), batch):
+        inputs = model_input(torch.from_numpy(levelled[start : start + batch]), config.preprocess, hardware)
+        logits = lung_logits[start : start + batch].to(hardware.device)
+        masked, _ = model.mask_image(inputs, logits)
+        with hardware.autocast():
+            parts.append(model.detect(masked.to(inputs.dtype), logits).float().cpu())
+    return torch.cat(parts)
+
+
+def train_detector(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress):
+    """Stage 2: the nodule-map detector on augmented training crops; stops on the validation map loss."""
+    settings = config.nodule
+    optimizer = torch.optim.Adam(model.detector.parameters(), lr=config.train.lr)
+    batches = _DetectorBatches(model, images["train"], lung_logits["train"], targets["train"].lung_masks,
+                               targets["train"].circles, targets["train"].malignant, bank, config, generator)
+    size = images["train"].shape[-1]
+    val_target = target_map(torch.from_numpy(targets["val"].circles), size)
+    val_has = np.isfinite(targets["val"].circles[:, 0]).astype(int)
+    stopper = _Stopper(settings.det_patience)
+    for epoch in tqdm(range(1, settings.det_epochs + 1), desc="detector", leave=False, disable=not progress):
+        model.detector.train()
+        order = torch.randperm(len(images["train"]), generator=generator).numpy()
+        started, total = time.perf_counter(), 0.0
+        for start in range(0, len(order), settings.batch_size):
+            index = np.sort(order[start : start + settings.batch_size])
+            loss = _detector_step(model, batches, index, config, hardware)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(index)
+        maps = _detector_outputs(model, images["val"], lung_logits["val"], config, hardware)
+        inside = (maps > -29).float()
+        val_loss = float(focal_loss(maps, val_target, inside)) if len(maps) else math.nan
+        presence = F.avg_pool2d(maps, 3, 1, 1, count_include_pad=False).flatten(1).max(1).values.numpy()
+        stopper.step(val_loss, epoch, model.detector)
+        history.append({"stage": "detector", "epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss,
+                        "val_auc": metrics.roc_auc(val_has, presence) if 0 < val_has.sum() < len(val_has) else math.nan,
+                        "seconds": round(time.perf_counter() - started, 2),
+                        "train_images_per_s": round(len(order) / (time.perf_counter() - started), 1)})
+        if stopper.stop:
+            break
+    model.detector.load_state_dict(stopper.state)
+    return stopper.best_epoch
+
+
+def _judge_samples(model, batches: _DetectorBatches, index, config, hardware, jitter: float, augmented: bool):
+    """Crops around the (possibly inserted, jittered) nodules of rows ``index`` and their labels."""
+    if augmented:
+        batch, lung_logits, circles, malignant = batches.sample(index)
+    else:
+        batch = torch.from_numpy(batches.images[index])[:, None]
+        lung_logits = batches.lung_logits[index]
+        circles, malignant = torch.from_numpy(batches.circles[index]), torch.from_numpy(batches.malignant[index])
+    keep = torch.isfinite(circles[:, 0]) & torch.isfinite(malignant)
+    if not keep.any():
+        return None, None
+    batch, lung_logits, circles, malignant = batch[keep], lung_logits[keep], circles[keep], malignant[keep]
+    inputs = model_input(batch, config.preprocess, hardware)
+    masked, _ = model.mask_image(inputs, lung_logits.to(hardware.device))
+    centres = circles[:, :2] + (torch.rand(len(circles), 2, generator=batches.generator) * 2 - 1) * jitter * circles[:, 2:]
+    return model.crops(masked, centres.to(hardware.device)), malignant.to(hardware.device)
+
+
+def train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress):
+    """Stage 3: the malignancy judge on crops around training nodules (real and inserted)."""
+    settings = config.nodule
+    optimizer = torch.optim.Adam(model.judge.parameters(), lr=config.train.lr)
+    train = _DetectorBatches(model, images["train"], lung_logits["train"], targets["train"].lung_masks,
+                             targets["train"].circles, targets["train"].malignant, bank, config, generator)
+    val = _DetectorBatches(model, images["val"], lung_logits["val"], targets["val"].lung_masks,
+                           targets["val"].circles, targets["val"].malignant, None, config, generator)
+    loss_fn = nn.BCEWithLogitsLoss()
+    stopper = _Stopper(settings.judge_patience)
+    val_crops, val_labels = _judge_samples(model, val, np.arange(len(images["val"])), config, hardware, 0.0, False)
+    for epoch in tqdm(range(1, settings.judge_epochs + 1), desc="judge", leave=False, disable=not progress):
+        model.judge.train()
+        order = torch.randperm(len(images["train"]), generator=generator).numpy()
+        started, total, count = time.perf_counter(), 0.0, 0
+        for start in range(0, len(order), config.train.batch_size):
+            index = np.sort(order[start : start + config.train.batch_size])
+            crops, labels = _judge_samples(model, train, index, config, hardware, settings.judge_jitter, True)
+            if crops is None:
+                continue
+            with hardware.autocast():
+                logits = model.judge(crops.to(torch.float32)).float().reshape(-1)
+            loss = loss_fn(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + float(loss.detach()) * len(labels), count + len(labels)
+        row = {"stage": "judge", "epoch": epoch, "train_loss": total / max(count, 1),
+               "seconds": round(time.perf_counter() - started, 2)}
+        if val_crops is not None:
+            model.judge.eval()
+            with torch.inference_mode(), hardware.autocast():
+                val_logits = model.judge(val_crops).float().reshape(-1)
+            row["val_loss"] = float(loss_fn(val_logits, val_labels))
+            labels_np = val_labels.cpu().numpy()
+            row["val_auc"] = metrics.roc_auc(labels_np, val_logits.numpy()) if 0 < labels_np.sum() < len(labels_np) else math.nan
+        else:
+            row["val_loss"] = row["train_loss"]
+        stopper.step(row["val_loss"], epoch, model.judge)
+        history.append(row)
+        if stopper.stop:
+            break
+    model.judge.load_state_dict(stopper.state)
+    return stopper.best_epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs for evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def black_out_borders(levelled: np.ndarray, border: float = 0.06, corner: float = 0.2) -> np.ndarray:
+    """The shortcut check's images: a border band and both upper corners set to 0 (air-dark)."""
+    images = np.array(levelled, dtype=np.float32, copy=True)
+    size = images.shape[-1]
+    band, square = max(1, round(border * size)), round(corner * size)
+    images[..., :band, :] = images[..., -band:, :] = 0
+    images[..., :, :band] = images[..., :, -band:] = 0
+    images[..., :square, :square] = images[..., :square, -square:] = 0
+    return images
+
+
+@torch.inference_mode()
+def analyse_levelled(model, levelled, config: RunConfig, hardware: Hardware, batch: int = 16) -> dict[str, np.ndarray]:
+    """Per image: presence, malignancy and task logits, peak, top candidates, lung mask and fraction."""
+    model.eval()
+    out: dict[str, list] = {"presence": [], "malignancy": [], "peak": [], "lung_fraction": [], "lung_ok": [],
+                            "lung_small": [], "candidates": []}
+    for start in range(0, len(levelled), batch):
+        inputs = model_input(torch.from_numpy(np.asarray(levelled[start : start + batch], np.float32)), config.preprocess,
+                             hardware)
+        with hardware.autocast():
+            analysis = model.analyse(inputs)
+        out["presence"].append(analysis.presence.cpu().numpy())
+        out["malignancy"].append(analysis.malignancy.cpu().numpy())
+        out["peak"].append(analysis.peak.cpu().numpy())
+        out["lung_fraction"].append(analysis.lung_fraction.cpu().numpy())
+        out["lung_ok"].append(analysis.lung_ok.cpu().numpy())
+        out["lung_small"].append((analysis.lung_logits.float() > 0).cpu().numpy()[:, 0])
+        out["candidates"] += [c.cpu().numpy() for c in map_peaks(analysis.nodule_map, model.input_size)]
+    result = {key: np.concatenate(value) for key, value in out.items() if key != "candidates"}
+    result["candidates"] = out["candidates"]
+    result["task"] = _task_logits(model.task, result["presence"], result["malignancy"])
+    return result
+
+
+def _task_logits(task: str, presence: np.ndarray, malignancy: np.ndarray) -> np.ndarray:
+    if task == "nodule_vs_normal":
+        return presence
+    if task == "malignant_vs_benign":
+        return malignancy
+    return combine_logits(torch.from_numpy(presence), torch.from_numpy(malignancy)).numpy()
+
+
+def nodule_outputs(model, frame: pd.DataFrame, levelled_view, targets, config: RunConfig, hardware: Hardware) -> pd.DataFrame:
+    """``nodule_outputs.csv``: one row per image of every split (see the module docstring)."""
+    levelled = levelled_view[:]
+    found = analyse_levelled(model, levelled, config, hardware)
+    shortcut = analyse_levelled(model, black_out_borders(levelled), config, hardware)
+    small = _small_masks(targets.lung_masks, model.seg_size).numpy()[:, 0] > 0.5
+    rows = []
+    for i, row in enumerate(frame.itertuples()):
+        circle = targets.circles[i]
+        rows.append({"case_id": row.case_id, "patient_id": row.patient_id, "split": row.split, "target": row.target,
+                     "has_nodule": int(float(getattr(row, "has_nodule", 0) or 0) == 1 or np.isfinite(circle[0])),
+                     "malignant": targets.malignant[i], "nodule_x": circle[0], "nodule_y": circle[1], "nodule_r": circle[2],
+                     "presence_logit": found["presence"][i], "malignancy_logit": found["malignancy"][i],
+                     "task_logit": found["task"][i], "peak_x": found["peak"][i, 0], "peak_y": found["peak"][i, 1],
+                     "candidates": json.dumps(np.round(found["candidates"][i], 2).tolist()),
+                     "lung_fraction": found["lung_fraction"][i], "lung_ok": bool(found["lung_ok"][i]),
+                     "lung_dice": dice(found["lung_small"][i], small[i]) if targets.has_mask[i] else math.nan,
+                     "shortcut_presence_logit": shortcut["presence"][i], "shortcut_task_logit": shortcut["task"][i]})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def localiser_kwargs(config: RunConfig) -> dict:
+    """The model's arguments: the input size and the run's task (``nodule_net`` scores one of three)."""
+    if config.data.task not in TASKS:
+        raise ValueError(f"{config.model.name} scores {', '.join(TASKS)}; task '{config.data.task}' is not one of them")
+    return {"input_size": config.preprocess.size, "task": config.data.task, **config.model.kwargs}
+
+
+def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hardware: Hardware, *, progress: bool = False):
+    """Train the three stages on ``data`` (a ``PreparedData``), then write the run folder's products."""
+    from lungdx.train import FitResult, data_fingerprint
+
+    frame = data.frame
+    targets = {split: localisation_targets(data.rows(split), config.preprocess) for split in ("train", "val", "test")}
+    if not targets["train"].has_mask.any():
+        raise ValueError(f"{config.model.name} needs lung-field masks (a 'lung_mask' column) for its training images")
+    images = {split: data.cache.batch(data.rows(split)["cache_index"].to_numpy()) for split in ("train", "val")}
+    masks = {split: targets[split].lung_masks for split in ("train", "val")}
+    has_mask = targets["train"].has_mask
+    generator = torch.Generator().manual_seed(config.train.seed + 1)
+    model = hardware.prepare(model)
+    history = _History(run_dir / "history.csv")
+    started = time.perf_counter()
+    seg_images = {"train": images["train"][has_mask], "val": images["val"][targets["val"].has_mask]}
+    seg_masks = {"train": masks["train"][has_mask], "val": masks["val"][targets["val"].has_mask]}
+    best = {"lungs": train_lungs(model, seg_images, seg_masks, config, hardware, generator, history, progress)}
+    lung_logits = {split: _lung_logits(model, images[split], config, hardware) for split in images}
+    bank = NoduleBank(images["train"], data.rows("train"), targets["train"].circles, targets["train"].malignant)
+    logger.info("nodule bank: %d patches from %d training images", len(bank), len(bank.case_ids))
+    best["detector"] = train_detector(model, images, lung_logits, targets, bank, config, hardware, generator, history,
+                                      progress)
+    best["judge"] = train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress)
+    train_seconds = time.perf_counter() - started
+    return _finish_localiser(run_dir, config, data, model, hardware, targets, best, history, train_seconds,
+                             data_fingerprint(frame), bank, FitResult)
+
+
+def _finish_localiser(run_dir, config, data, model, hardware, targets, best, history, train_seconds, fingerprint, bank,
+                      fit_result):
+    from lungdx.predict import compute_logits
+
+    val = data.rows("val")
+    val_probability = sigmoid(compute_logits(model, data.cache.view(val["cache_index"].to_numpy()), config.preprocess,
+                                             hardware, 16))
+    y_val = val["target"].to_numpy()
+    threshold = metrics.choose_threshold(y_val, val_probability, config.train.threshold_method, config.train.threshold_target)
+    val_metrics = metrics.binary_metrics(y_val, val_probability, threshold)
+    kwargs = localiser_kwargs(config)
+    save_checkpoint(run_dir / "model.pt", model, model_name=config.model.name, model_kwargs=kwargs,
+                    preprocess=to_dict(config.preprocess), task=config.data.task,
+                    class_names=list(class_names(config.data.task)), threshold=threshold, data_fingerprint=fingerprint,
+                    epoch=best["detector"], threshold_method=config.train.threshold_method,
+                    val_metrics=metrics.json_safe(val_metrics), best_epochs=best,
+                    val_reference=build_reference(val_probability, val["path"].tolist(),
+                                                  source=f"validation split at training time ({run_dir.name})"))
+    outputs = nodule_outputs(model, data.frame, data.cache.view(data.frame["cache_index"].to_numpy()),
+                             localisation_targets(data.frame, config.preprocess), config, hardware)
+    outputs.to_csv(run_dir / "nodule_outputs.csv", index=False)
+    dice_by_split = {split: float(outputs.loc[outputs["split"] == split, "lung_dice"].mean()) for split in ("train", "val", "test")}
+    summary = {"best_epoch": best["detector"], "best_epochs": best, "epochs_run": len(history), "stopped_early": True,
+               "threshold": threshold, "threshold_method": config.train.threshold_method,
+               "val_metrics_at_threshold": metrics.json_safe(val_metrics), "data_fingerprint": fingerprint,
+               "device": str(hardware.device), "autocast": str(hardware.amp_dtype), "train_seconds": round(train_seconds, 1),
+               "lung_dice": metrics.json_safe(dice_by_split), "nodule_bank": {"patches": len(bank),
+                                                                             "case_ids": sorted(bank.case_ids)},
+               "images": {split: describe_classes(data.rows(split)) for split in ("train", "val", "test")},
+               "excluded_images": len(data.excluded)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return fit_result(run_dir, best["detector"], threshold, history, True)

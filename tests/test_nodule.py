@@ -1,0 +1,259 @@
+"""nodule_net: lung segmentation, the nodule map, nodule insertion, leakage, location output, localisation metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lungdx.config import PreprocessConfig, load_config
+from lungdx.data.nodules import NoduleBank, NodulePatch, focal_loss, insert_nodule, target_map
+from lungdx.localisation import froc, pointing_hits, summarise_localisation
+from lungdx.models import create_model
+from lungdx.models.nodule_net import combine_logits, map_peak, map_peaks
+from lungdx.nodule_train import black_out_borders, warp, warp_circles
+from lungdx.preprocess import GridMap
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def nodule_phantoms(tmp_path_factory):
+    from lungdx.data.phantoms import write_phantom_dataset
+
+    folder = tmp_path_factory.mktemp("nodule-phantoms")
+    write_phantom_dataset(folder, 140, size=SIZE, seed=3)
+    return folder
+
+
+def _config(data, cache, task="nodule_vs_normal"):
+    # fp32 pinned: the same arithmetic on AVX2-only and bf16-native CPUs.
+    return load_config(None, [f"data.path={data}", f"data.task={task}", f"data.cache_dir={cache}", "model.name=nodule_net",
+                              f"preprocess.size={SIZE}", "train.precision=fp32", "nodule.seg_epochs=8",
+                              "nodule.det_epochs=15", "nodule.judge_epochs=4", "nodule.crop=128"])
+
+
+@pytest.fixture(scope="module")
+def nodule_run(nodule_phantoms, tmp_path_factory):
+    """nodule_net trained on phantoms; records every cache row read before the model was finished."""
+    from lungdx import nodule_train
+    from lungdx.data.cache import ImageCache
+    from lungdx.train import fit
+
+    folder = tmp_path_factory.mktemp("nodule-run")
+    reads, finishing = [], []
+    original_batch, original_finish = ImageCache.batch, nodule_train._finish_localiser
+
+    def batch(self, indices):
+        if not finishing:
+            reads.extend(int(i) for i in np.asarray(indices).ravel())
+        return original_batch(self, indices)
+
+    def finish(*args, **kwargs):
+        finishing.append(True)
+        return original_finish(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ImageCache, "batch", batch)
+        patch.setattr(nodule_train, "_finish_localiser", finish)
+        result = fit(_config(nodule_phantoms, folder / "cache"), folder / "run")
+    return result.run_dir, set(reads)
+
+
+def test_a_model_trained_on_phantoms_puts_its_peak_on_held_out_nodules(nodule_run):
+    run_dir, _ = nodule_run
+    outputs = pd.read_csv(run_dir / "nodule_outputs.csv")
+    held_out = outputs[outputs["split"] != "train"]
+    hits = pointing_hits(held_out, SIZE)
+    assert len(hits) >= 15
+    # A peak anywhere in the lungs lands within r + 8 px of a phantom nodule about 3% of the time.
+    assert hits.mean() >= 0.5, f"{hits.mean():.2f} of {len(hits)} held-out nodules"
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(held_out["has_nodule"], held_out["presence_logit"]) >= 0.75
+
+
+def test_lung_segmentation_on_phantoms_reaches_a_high_dice_on_held_out_images(nodule_run):
+    run_dir, _ = nodule_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["lung_dice"]["test"] >= 0.9 and summary["lung_dice"]["val"] >= 0.9
+    history = pd.read_csv(run_dir / "history.csv")
+    assert set(history["stage"]) == {"lungs", "detector", "judge"}
+
+
+def test_no_test_image_or_nodule_patch_reaches_training(nodule_run):
+    run_dir, reads = nodule_run
+    split = pd.read_csv(run_dir / "split.csv", dtype={"case_id": str})
+    config = load_config(run_dir / "config.yaml")
+    from lungdx.train import prepare_data
+
+    frame = prepare_data(config).frame  # the same rows with their cache indices
+    test_indices = set(frame.loc[frame["split"] == "test", "cache_index"])
+    assert test_indices and reads and not reads & test_indices
+    bank = set(json.loads((run_dir / "summary.json").read_text())["nodule_bank"]["case_ids"])
+    train_ids = set(split.loc[split["split"] == "train", "case_id"])
+    assert bank and bank <= train_ids
+
+
+def test_the_nodule_bank_refuses_rows_outside_the_training_split():
+    rows = pd.DataFrame({"case_id": ["a", "b"], "split": ["train", "test"]})
+    with pytest.raises(ValueError, match="training rows only"):
+        NoduleBank(np.zeros((2, 64, 64), np.float32), rows, np.full((2, 3), np.nan), np.zeros(2))
+
+
+def test_predict_prints_the_location_in_the_original_image_pixels(nodule_run, nodule_phantoms, capsys):
+    from lungdx.cli import main
+    from lungdx.predict import Predictor
+
+    run_dir, _ = nodule_run
+    labels = pd.read_csv(nodule_phantoms / "labels.csv")
+    nodule = labels[labels["has_nodule"] == 1].iloc[0]
+    path = str(nodule_phantoms / nodule["image"])
+    prediction = Predictor.from_path(run_dir, precision="fp32").predict_files([path])[0]
+    assert prediction.location is not None and 0 <= prediction.location["x"] < SIZE
+    outputs = pd.read_csv(run_dir / "nodule_outputs.csv", dtype={"case_id": str}).set_index("case_id")
+    # The phantom is already SIZE x SIZE, so the image's pixels are the model grid's.
+    assert prediction.location["x"] == pytest.approx(outputs.loc[nodule["case_id"], "peak_x"], abs=0.01)
+    assert main(["predict", str(run_dir), path]) == 0
+    assert f"map peak at x={prediction.location['x']:.0f} y={prediction.location['y']:.0f} px" in capsys.readouterr().out
+
+
+def test_a_blank_image_gets_a_failed_segmentation_warning(nodule_run):
+    from lungdx.predict import Predictor
+
+    run_dir, _ = nodule_run
+    prediction = Predictor.from_path(run_dir, precision="fp32").predict_pixels(np.zeros((300, 300), np.float32))
+    assert any("lung segmentation failed" in warning for warning in prediction.warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_target_map_is_one_at_the_nodule_cell_and_zero_without_a_nodule():
+    maps = target_map(torch.tensor([[100.0, 60.0, 12.0], [math.nan, math.nan, math.nan]]), 256)
+    assert maps.shape == (2, 1, 64, 64)
+    assert maps[0, 0, 15, 25] == 1.0 and maps[0].max() == 1.0 and maps[1].abs().sum() == 0
+    assert maps[0, 0, 15, 40] < 0.01
+
+
+def test_focal_loss_is_lower_for_a_map_peaking_at_the_nodule():
+    target = target_map(torch.tensor([[100.0, 60.0, 12.0]]), 256)
+    good = torch.where(target >= 1, torch.tensor(4.0), torch.tensor(-6.0))
+    wrong = torch.roll(good, shifts=20, dims=-1)
+    assert focal_loss(good, target) < focal_loss(wrong, target)
+
+
+def test_warp_moves_circles_where_the_image_content_moves():
+    from lungdx.config import AugmentConfig
+    from lungdx.nodule_train import random_affine
+
+    image = torch.zeros(1, 1, 128, 128)
+    image[0, 0, 40, 90] = 1.0  # a dot at column 90, row 40
+    theta = random_affine(1, AugmentConfig(rotation_deg=10, scale=0.1, translate=0.05), torch.Generator().manual_seed(2))
+    moved = warp(torch.nn.functional.avg_pool2d(image, 5, 1, 2), theta)[0, 0].numpy()
+    rows, columns = np.mgrid[:128, :128]
+    row, column = (rows * moved).sum() / moved.sum(), (columns * moved).sum() / moved.sum()  # centroid
+    x, y, _ = warp_circles(torch.tensor([[90.0, 40.0, 5.0]]), theta, 128)[0].tolist()
+    assert abs(x - column) <= 0.5 and abs(y - row) <= 0.5
+
+
+def test_inserted_nodule_lands_inside_the_lungs_and_changes_nothing_far_from_it():
+    rng = np.random.default_rng(0)
+    image = np.full((128, 128), 0.3, np.float32)
+    lungs = np.zeros((128, 128), bool)
+    lungs[30:100, 20:60] = True
+    yy, xx = np.mgrid[:21, :21]
+    patch = NodulePatch((0.3 + 0.4 * (np.hypot(xx - 10, yy - 10) < 6)).astype(np.float32), 6.0, 1.0, "donor")
+    inserted, (x, y, radius) = insert_nodule(image, lungs, patch, rng)
+    assert lungs[int(y), int(x)] and radius == 6.0
+    assert inserted[int(y), int(x)] == pytest.approx(0.7, abs=0.01)
+    far = np.hypot(*np.meshgrid(np.arange(128) - x, np.arange(128) - y)) > 1.6 * radius + 2
+    np.testing.assert_array_equal(inserted[far], image[far])
+    assert insert_nodule(image, np.zeros_like(lungs), patch, rng) is None
+
+
+def test_combined_logit_is_the_product_of_the_two_probabilities():
+    presence, malignancy = torch.tensor([-2.0, 0.5, 3.0]), torch.tensor([1.0, -1.0, 2.0])
+    expected = torch.sigmoid(presence) * torch.sigmoid(malignancy)
+    torch.testing.assert_close(torch.sigmoid(combine_logits(presence, malignancy)), expected)
+
+
+def test_map_peak_and_candidates_are_in_input_pixels():
+    nodule_map = -10 + 0.01 * torch.rand((1, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+    nodule_map[0, 0, 8:11, 20:23] = 5.0      # strongest blob, centre cell (9, 21)
+    nodule_map[0, 0, 24:27, 3:6] = 2.0       # second blob, centre cell (25, 4)
+    nodule_map[0, 0, :, 30:] = -30.0         # outside the lungs: never a candidate
+    value, peak = map_peak(nodule_map, 128)
+    assert value.item() == pytest.approx(5.0) and peak[0].tolist() == pytest.approx([21 * 4 + 1.5, 9 * 4 + 1.5])
+    candidates = map_peaks(nodule_map, 128, count=5)[0]
+    assert len(candidates) == 5 and (candidates[:, 0] < 30 * 4).all()
+    np.testing.assert_allclose(candidates[:2].numpy(), [[85.5, 37.5, 5.0], [17.5, 101.5, 2.0]], atol=1e-4)
+
+
+def test_grid_point_round_trip_for_a_non_square_image():
+    grid = GridMap.of((1955, 1841), PreprocessConfig(size=512))
+    x, y, r = grid.point_to_grid(700.0, 1200.0, 30.0)
+    assert grid.point_to_image(x, y, r) == pytest.approx((700.0, 1200.0, 30.0))
+
+
+def test_black_out_borders_keeps_the_centre():
+    images = np.ones((2, 100, 100), np.float32)
+    out = black_out_borders(images)
+    assert out[:, 0].sum() == 0 and out[:, :, -1].sum() == 0 and out[:, 10, 10].sum() == 0 and out[:, 50, 50].sum() == 2
+    assert images.min() == 1  # the input is untouched
+
+
+def _outputs(rows):
+    frame = pd.DataFrame(rows)
+    frame["patient_id"] = [f"p{i}" for i in range(len(frame))]
+    return frame
+
+
+def test_froc_and_pointing_from_hand_made_candidates():
+    rows = [
+        {"has_nodule": 1, "nodule_x": 50.0, "nodule_y": 50.0, "nodule_r": 10.0, "peak_x": 52.0, "peak_y": 49.0,
+         "candidates": json.dumps([[52, 49, 3.0], [200, 200, 1.0]])},        # found first
+        {"has_nodule": 1, "nodule_x": 100.0, "nodule_y": 100.0, "nodule_r": 10.0, "peak_x": 10.0, "peak_y": 10.0,
+         "candidates": json.dumps([[10, 10, 2.5], [101, 99, 0.5]])},         # found only after one false positive
+        {"has_nodule": 0, "nodule_x": math.nan, "nodule_y": math.nan, "nodule_r": math.nan, "peak_x": 5.0, "peak_y": 5.0,
+         "candidates": json.dumps([[5, 5, 2.0]])},
+    ]
+    outputs = _outputs(rows)
+    assert pointing_hits(outputs, 256).tolist() == [1.0, 0.0]
+    # Sorted: 3.0 hit, 2.5 FP, 2.0 FP, 1.0 FP, 0.5 hit. 3 images: 1 FP/image allows 3 FPs.
+    assert froc(outputs, 256, rates=(0.0, 0.5, 1.0, 4 / 3)) == {0.0: 0.5, 0.5: 0.5, 1.0: 1.0, 4 / 3: 1.0}
+
+
+def test_localisation_summary_fields(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(40):
+        nodule = index % 2 == 0
+        rows.append({"case_id": f"c{index}", "has_nodule": int(nodule), "malignant": float(index % 4 == 0) if nodule else math.nan,
+                     "nodule_x": 100.0 if nodule else math.nan, "nodule_y": 100.0 if nodule else math.nan,
+                     "nodule_r": 10.0 if nodule else math.nan, "peak_x": 100.0, "peak_y": 100.0,
+                     "candidates": json.dumps([[100, 100, float(nodule) + rng.normal()]]),
+                     "presence_logit": float(nodule) + rng.normal(), "malignancy_logit": rng.normal(),
+                     "lung_dice": 0.95, "lung_fraction": 0.3,
+                     "shortcut_presence_logit": float(nodule) + rng.normal()})
+    outputs = _outputs(rows)
+    outputs["task_logit"] = combine_logits(torch.tensor(outputs["presence_logit"].to_numpy()),
+                                           torch.tensor(outputs["malignancy_logit"].to_numpy())).numpy()
+    outputs["shortcut_task_logit"] = outputs["task_logit"]
+    result = summarise_localisation(outputs, 256, n_resamples=100)
+    assert result["pointing_game"]["value"] == 1.0 and result["n_nodules"] == 20
+    assert result["lung_dice"]["value"] == pytest.approx(0.95)
+    assert result["shortcut"]["malignant_vs_rest_change"] == 0.0
+    entry = result["nodule_vs_normal_auc"]
+    assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
+
+
+def test_nodule_net_refuses_a_task_it_cannot_score():
+    with pytest.raises(ValueError, match="task must be one of"):
+        create_model("nodule_net", input_size=256, task="label=pneumonia")
