@@ -257,3 +257,64 @@ def test_localisation_summary_fields(tmp_path):
 def test_nodule_net_refuses_a_task_it_cannot_score():
     with pytest.raises(ValueError, match="task must be one of"):
         create_model("nodule_net", input_size=256, task="label=pneumonia")
+
+
+# ---------------------------------------------------------------------------------------------
+# The location at every door: service, SR, Secondary Capture
+# ---------------------------------------------------------------------------------------------
+
+
+def test_service_returns_the_location_and_the_models_own_nodule_map(nodule_run, nodule_phantoms):
+    pytest.importorskip("httpx2", reason="the TestClient needs httpx2 (the test extra)")
+    from fastapi.testclient import TestClient
+
+    from lungdx.service.app import create_app
+    from lungdx.service.settings import ServiceSettings
+
+    run_dir, _ = nodule_run
+    labels = pd.read_csv(nodule_phantoms / "labels.csv")
+    image = nodule_phantoms / labels[labels["has_nodule"] == 1].iloc[0]["image"]
+    with TestClient(create_app(ServiceSettings(run=run_dir, db_url=None, precision="fp32"))) as client:
+        body = client.post("/v1/predictions?heatmap=true", files={"file": ("x.png", image.read_bytes(), "image/png")}).json()
+    assert body["heatmap"]["method"] == "nodule_map" and "own nodule map" in body["heatmap"]["note"]
+    location = body["location"]
+    assert 0 <= location["x"] < body["input"]["columns"] and 0 <= location["y"] < body["input"]["rows"]
+    assert 0 <= location["presence"] <= 1 and location["lung_ok"] is True
+
+
+def test_sr_carries_the_location_as_a_circle_on_the_source_image(nodule_run, dicom_dir, tmp_path):
+    pytest.importorskip("highdicom", reason="the pacs extra (highdicom) is not installed")
+    from test_integrations import _dciodvfy_errors
+
+    from lungdx.integrations.pipeline import analyse_file
+    from lungdx.integrations.results import read_sr_location, read_sr_probability
+    from lungdx.predict import Predictor
+
+    run_dir, _ = nodule_run
+    path = dicom_dir / "nema_wg04_RG1_cr_chest_pa_uncompressed.dcm"
+    if not path.is_file():
+        pytest.skip(f"{path} is not in ../shared/data/dicom_samples")
+    results = analyse_file(Predictor.from_path(run_dir, precision="fp32"), path)
+    location = results.prediction.location
+    x, y, radius = read_sr_location(results.sr)
+    assert (x, y) == pytest.approx((location["x"], location["y"]), abs=1e-3) and radius == pytest.approx(location["radius"])
+    assert read_sr_probability(results.sr) == pytest.approx(results.prediction.probability)
+    assert 0 <= x < 1841 and 0 <= y < 1955  # the source's columns and rows
+    assert _dciodvfy_errors(results.sr, tmp_path / "sr.dcm") == []
+    assert _dciodvfy_errors(results.secondary_capture, tmp_path / "sc.dcm") == []
+
+
+def test_compare_pairs_two_cross_validations_by_their_out_of_fold_predictions(tmp_path):
+    from lungdx.compare import compare_runs
+
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 2, 60)
+    for name, signal in (("a", 0.2), ("b", 1.5)):
+        folder = tmp_path / name
+        folder.mkdir()
+        probability = 1 / (1 + np.exp(-(signal * target + rng.normal(size=60))))
+        pd.DataFrame({"case_id": [f"c{i}" for i in range(60)], "patient_id": [f"p{i}" for i in range(60)], "split": "test",
+                      "target": target, "probability": probability, "repeat": 0, "fold": np.arange(60) % 5,
+                      "threshold": 0.5}).to_csv(folder / "oof_predictions.csv", index=False)
+    result = compare_runs(tmp_path / "a", tmp_path / "b", n_resamples=200)
+    assert result["n_cases"] == 60 and result["delong"]["difference"] > 0

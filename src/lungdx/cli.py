@@ -254,8 +254,8 @@ def _add_report(commands) -> None:
                                   description="DeLong's test and a patient-level paired bootstrap of the AUC "
                                               "difference, and McNemar's test of the decisions, on the test cases "
                                               "both runs share. Refuses when the test sets differ.")
-    compare.add_argument("run_a", help="run folder A (the reference)")
-    compare.add_argument("run_b", help="run folder B (the challenger)")
+    compare.add_argument("run_a", help="run folder A (the reference), or a `lungdx cv` folder (pooled out-of-fold predictions)")
+    compare.add_argument("run_b", help="run folder B (the challenger), or a `lungdx cv` folder")
     compare.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples (default: %(default)s)")
     compare.add_argument("--out", help="also write comparison.md and comparison.json here")
     compare.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
@@ -398,7 +398,8 @@ def _add_serve(commands) -> None:
                        help="keep each image's pixels here (16-bit PNG, no header) so that confirmed cases can be "
                             "exported for retraining and a candidate model challenged on them (lungdx monitor)")
     serve.add_argument("--webhook", metavar="URL", help="POST monitoring alerts (raised and cleared) here as JSON")
-    serve.add_argument("--heatmap-method", choices=["gradcam", "occlusion"], default="gradcam")
+    serve.add_argument("--heatmap-method", choices=["auto", "gradcam", "occlusion", "nodule_map"], default="auto",
+                       help="heatmap of ?heatmap=true: auto = the model's own nodule map for nodule_net, Grad-CAM otherwise")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     serve.set_defaults(handler=_cmd_serve)

@@ -24,8 +24,18 @@ class DifferentTestSets(ValueError):
 
 
 def load_test_predictions(run_dir: str | Path, *, device: str = "auto") -> pd.DataFrame:
-    """The test rows of ``run_dir/evaluation/predictions.csv``, evaluating the run first when missing."""
+    """The test rows of ``run_dir/evaluation/predictions.csv``, evaluating the run first when missing.
+
+    A cross-validation folder (``lungdx cv``: ``oof_predictions.csv``) gives its pooled out-of-fold
+    predictions of the first repeat, each case labelled at its own fold's threshold.
+    """
     run_dir = Path(run_dir)
+    oof = run_dir / "oof_predictions.csv"
+    if oof.is_file():
+        frame = pd.read_csv(oof, dtype={"case_id": str, "patient_id": str})
+        frame = frame[frame["repeat"] == frame["repeat"].min()].copy()
+        frame["label"] = (frame["probability"] >= frame["threshold"]).astype(int)
+        return frame.set_index("case_id").sort_index()
     path = run_dir / "evaluation" / "predictions.csv"
     if not path.is_file():
         from lungdx.evaluate import evaluate_run

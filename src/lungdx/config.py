@@ -178,7 +178,7 @@ class NoduleConfig:
         batch_size: images per detector and segmentation step (the judge uses ``train.batch_size``).
     """
 
-    seg_epochs: int = 40
+    seg_epochs: int = 30
     seg_patience: int = 8
     det_epochs: int = 40
     det_patience: int = 8

@@ -47,7 +47,7 @@ from lungdx.preprocess import GridMap  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("gradcam", "gradcampp", "occlusion")
+METHODS = ("gradcam", "gradcampp", "occlusion", "nodule_map")
 DEFAULT_TOLERANCE = 1 / 16
 """Pointing-game tolerance as a fraction of the model input's side: 16 px at 256 px, one cell of
 paper_cnn's 16 x 16 Grad-CAM grid (about 22 mm on JSRT)."""
@@ -184,7 +184,25 @@ def compute_heatmaps(model: nn.Module, images: torch.Tensor, method: str = "grad
         return gradcam(model, images, plus_plus=True, **options)
     if method == "occlusion":
         return occlusion(model, images, **options)
+    if method == "nodule_map":
+        return nodule_map(model, images)
     raise ValueError(f"unknown explanation method '{method}' (use {', '.join(METHODS)})")
+
+
+@torch.no_grad()
+def nodule_map(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    """A localising model's own nodule map: P(nodule) per cell, upsampled to the input (N, H, W), not rescaled.
+
+    Unlike Grad-CAM this is what the model was trained to output (a target map around each nodule),
+    so its peak is the model's location and its values are probabilities.
+    """
+    _check_images(images)
+    if not hasattr(model, "analyse"):
+        raise ValueError(f"{type(model).__name__} has no nodule map (only localising models such as nodule_net do)")
+    with evaluation_mode(model):
+        maps = torch.sigmoid(model.analyse(images).nodule_map.float())
+    maps = F.interpolate(maps, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    return maps.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
 
 
 def _check_images(images: torch.Tensor) -> None:

@@ -447,6 +447,22 @@ def localiser_kwargs(config: RunConfig) -> dict:
     return {"input_size": config.preprocess.size, "task": config.data.task, **config.model.kwargs}
 
 
+def load_detector_weights(model: nn.Module, source: str) -> None:
+    """``imagenet``: the Lite0 detector's encoder from the ImageNet weights (RGB stem folded to one channel)."""
+    from lungdx.models.backbones import EfficientNetLite0
+    from lungdx.models.weights import load_weights
+
+    if source != "imagenet" or not hasattr(model.detector, "encoder_state_dict"):
+        raise ValueError(f"{type(model).__name__}: weights '{source}' not supported (use imagenet with "
+                         "--set model.kwargs.detector=lite0)")
+    donor = EfficientNetLite0(in_channels=1)
+    load_weights(donor, "imagenet")
+    encoder = model.detector.encoder_state_dict(donor.state_dict())
+    missing = model.detector.load_state_dict(encoder, strict=False)
+    assert not missing.unexpected_keys, missing.unexpected_keys
+    logger.info("detector encoder: %d ImageNet tensors of EfficientNet-Lite0", len(encoder))
+
+
 def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hardware: Hardware, *, progress: bool = False):
     """Train the three stages on ``data`` (a ``PreparedData``), then write the run folder's products."""
     from lungdx.train import FitResult, data_fingerprint
@@ -459,6 +475,8 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
     masks = {split: targets[split].lung_masks for split in ("train", "val")}
     has_mask = targets["train"].has_mask
     generator = torch.Generator().manual_seed(config.train.seed + 1)
+    if config.model.weights:
+        load_detector_weights(model, config.model.weights)
     model = hardware.prepare(model)
     history = _History(run_dir / "history.csv")
     started = time.perf_counter()

@@ -176,12 +176,15 @@ class Predictor:
 
     def predict_pixels(self, pixels: np.ndarray, source: str = "<array>", meta: dict | None = None) -> Prediction:
         """Predict one (H, W) image in [0, 1] (MONOCHROME2 polarity)."""
-        levelled = self.level(pixels)[None]
+        return self.predict_levelled(self.level(pixels), pixels.shape[:2], source, meta)
+
+    def predict_levelled(self, levelled: np.ndarray, shape: Sequence[int], source: str = "<array>",
+                         meta: dict | None = None) -> Prediction:
+        """Predict one levelled (size, size) image of an original of ``shape`` (rows, columns)."""
         if self.localises:
-            logits, locations = self.locate(levelled, [pixels.shape[:2]])
+            logits, locations = self.locate(levelled[None], [shape])
             return self.decide(source, float(sigmoid(logits / self.temperature)[0]), meta or {}, locations[0])
-        probability = float(self.probabilities(levelled)[0])
-        return self.decide(source, probability, meta or {})
+        return self.decide(source, float(self.probabilities(levelled[None])[0]), meta or {})
 
     def predict_files(self, paths: Iterable[str | Path], batch_size: int = 16) -> list[Prediction]:
         """Predict image files; a file that cannot be read gets a Prediction with ``error`` set."""

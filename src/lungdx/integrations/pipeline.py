@@ -46,7 +46,7 @@ class Results:
     fhir_bundle: dict
 
 
-def analyse_file(predictor: Predictor, path: str | Path, method: str = "gradcam") -> Results:
+def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto") -> Results:
     """Predict and explain one DICOM file and make its SR, Secondary Capture and FHIR Bundle.
 
     Raises:
@@ -65,16 +65,18 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "gradcam"
         raise Skipped(f"not a frontal chest radiograph: {reason}")
     source = pydicom.dcmread(path, stop_before_pixels=True)
     levelled = predictor.level(image.pixels)  # once, for the prediction and the heatmap
-    prediction = predictor.decide(str(path), float(predictor.probabilities(levelled[None])[0]), image.meta)
+    prediction = predictor.predict_levelled(levelled, image.pixels.shape[:2], str(path), image.meta)
+    if method == "auto":  # the model's own nodule map where it has one
+        method = "nodule_map" if predictor.localises else "gradcam"
     heatmap = explain_levelled(predictor, levelled[None], method)[0]
     identity = predictor.identity
     caption = f"{identity['name']} {identity['version']}: p = {prediction.probability:.3f}" + (
         f" -> {prediction.class_name}" if prediction.class_name else "")
     overlay = overlay_rgb(image.pixels, to_original_grid(heatmap, image.pixels.shape, predictor.preprocess_config),
-                          caption)
+                          caption, prediction.location)
     return Results(
         prediction=prediction,
-        sr=make_sr(source, prediction.probability, prediction.label, identity),
+        sr=make_sr(source, prediction.probability, prediction.label, identity, prediction.location),
         secondary_capture=make_secondary_capture(source, overlay, identity),
         fhir_bundle=make_bundle(prediction.probability, prediction.label, prediction.class_name,
                                 prediction.threshold, identity, str(source.StudyInstanceUID),
@@ -93,7 +95,7 @@ class Processor:
 
     def __init__(self, predictor: Predictor, state_dir: str | Path, *, send_dicom: Callable[[Path], None] | None,
                  send_fhir: Callable[[Path], None] | None = None, retry: RetryPolicy | None = None,
-                 method: str = "gradcam"):
+                 method: str = "auto"):
         self.predictor, self.method = predictor, method
         self.state_dir = Path(state_dir)
         self.inbox = self.state_dir / "inbox"

@@ -48,7 +48,7 @@ def _codes():
     }
 
 
-def make_sr(source: Dataset, probability: float, label: int | None, identity: dict) -> Dataset:
+def make_sr(source: Dataset, probability: float, label: int | None, identity: dict, location: dict | None = None) -> Dataset:
     """A Comprehensive SR (TID 1500) holding one image's result, in the source's study.
 
     Args:
@@ -56,6 +56,8 @@ def make_sr(source: Dataset, probability: float, label: int | None, identity: di
         probability: the ``Predictor``'s probability.
         label: 1 at or above the operating threshold, 0 below, None without a threshold.
         identity: ``checkpoint.model_identity`` of the model.
+        location: a localising model's ``Prediction.location``: added as a second measurement group
+            (TID 1410 planar ROI) whose image region is a SCOORD CIRCLE on the source image.
     """
     import highdicom as hd
 
@@ -77,14 +79,49 @@ def make_sr(source: Dataset, probability: float, label: int | None, identity: di
         model_name=f"{identity['model']} {identity['version']}")
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"), observer_identifying_attributes=device))
+    groups = [group] if location is None else [group, _location_group(source, location, algorithm, codes)]
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes["procedure"],
-                                     imaging_measurements=[group])
+                                     imaging_measurements=groups)
     with _quiet_names():
         return hd.sr.ComprehensiveSR(
             evidence=[evidence_header(source)], content=report, series_instance_uid=generate_uid(), series_number=SR_SERIES_NUMBER,
             sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
             series_description=f"lungdx AI result ({identity['model']} {identity['version']})",
             software_versions=identity["software_version"], manufacturer_model_name=identity["model"])
+
+
+def _location_group(source: Dataset, location: dict, algorithm, codes):
+    """TID 1410: the nodule map's peak as a circle (centre, a point on the circumference) on the source image.
+
+    SCOORD pixel coordinates put (0, 0) at the top-left corner of the top-left pixel (PS3.3 C.18.6.1.1),
+    so a pixel centre at integer (column, row) is (column + 0.5, row + 0.5).
+    """
+    import highdicom as hd
+
+    x, y, radius = location["x"] + 0.5, location["y"] + 0.5, max(float(location["radius"]), 1.0)
+    columns, rows = int(source.Columns), int(source.Rows)
+    x, y = min(max(x, 0.0), columns), min(max(y, 0.0), rows)
+    edge = min(x + radius, float(columns)) if x + radius <= columns else max(x - radius, 0.0)
+    region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
+                               graphic_data=np.array([[x, y], [edge, y]], dtype=float),
+                               source_image=hd.sr.SourceImageForRegion.from_source_image(source))
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="lungdx nodule location 1"),
+        referenced_region=region, finding_type=codes["finding"], algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(codes["site"])])
+
+
+def read_sr_location(sr: Dataset) -> tuple[float, float, float] | None:
+    """(column, row, radius) in source-image pixels (centres at integers) of ``make_sr``'s circle, or None."""
+    import highdicom as hd
+
+    report = hd.sr.ComprehensiveSR.from_dataset(sr, copy=True)
+    for group in report.content.get_planar_roi_measurement_groups():
+        region = group.roi
+        if region is not None and region.graphic_type == hd.sr.GraphicTypeValues.CIRCLE:
+            (x, y), (edge_x, edge_y) = region.value
+            return float(x) - 0.5, float(y) - 0.5, float(np.hypot(edge_x - x, edge_y - y))
+    return None
 
 
 def evidence_header(source: Dataset) -> Dataset:
@@ -126,8 +163,11 @@ def read_sr_probability(sr: Dataset) -> float:
     raise ValueError("the SR holds no 'Probability of cancer' measurement")
 
 
-def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, caption: str) -> np.ndarray:
-    """The radiograph (H, W) in [0, 1] with the heatmap blended over it and the caption burnt in: uint8 RGB."""
+def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, caption: str, location: dict | None = None) -> np.ndarray:
+    """The radiograph (H, W) in [0, 1] with the heatmap blended over it and the caption burnt in: uint8 RGB.
+
+    ``location`` (a localising model's ``Prediction.location``) is drawn as a yellow circle.
+    """
     scale = min(1.0, SC_MAX_SIDE_PX / max(pixels.shape))
     size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
     gray = cv2.resize(np.clip(pixels, 0, 1).astype(np.float32), size, interpolation=cv2.INTER_AREA)
@@ -137,6 +177,11 @@ def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, caption: str) -> np.nda
     alpha = (0.55 * heat ** 0.7)[..., None]
     base = np.repeat(gray[..., None], 3, axis=2) * 255
     image = np.clip(base * (1 - alpha) + colour * alpha, 0, 255).astype(np.uint8)
+    if location is not None:
+        centre = (round((location["x"] + 0.5) * scale - 0.5), round((location["y"] + 0.5) * scale - 0.5))
+        radius = max(3, round(location["radius"] * scale))
+        cv2.circle(image, centre, radius, (0, 0, 0), 4, cv2.LINE_AA)
+        cv2.circle(image, centre, radius, (255, 255, 0), 2, cv2.LINE_AA)
     font_scale = max(0.4, size[0] / 900)
     for row, text in enumerate((NOT_FOR_DIAGNOSIS, caption)):
         origin = (10, round(30 * font_scale * (row + 1)))

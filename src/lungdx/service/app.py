@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from lungdx import __version__
-from lungdx.predict import Prediction, Predictor
+from lungdx.predict import Prediction, Predictor, sigmoid
 from lungdx.preprocess import window
 from lungdx.report import NOT_FOR_CLINICAL_USE
 from lungdx.service import schemas
@@ -39,7 +39,11 @@ STATIC = Path(__file__).with_name("static")
 HEATMAP_NOTES = {
     "gradcam": "Grad-CAM: where the last convolutional layer's evidence for the positive class lies.",
     "occlusion": "Occlusion: how much the probability drops when each patch is hidden.",
+    "nodule_map": ("The model's own nodule map: P(nodule) per 4-pixel cell inside the segmented lungs, the output it "
+                   "was trained to give around each nodule (not Grad-CAM; ?heatmap with --heatmap-method gradcam for that)."),
 }
+LOCATION_NOTE = ("The nodule map's peak: the most suspicious point in the lungs, in the image's pixels (x: column, y: row). "
+                 "It is shown whatever the decision; on a 'normal' result it is the least unlikely place, not a finding.")
 HEATMAP_CAVEAT = (" Not a segmentation of a nodule: on JSRT the heatmap's peak lands in the nodule no more "
                   "often than chance (docs/results.md).")
 INTENDED_USE = ("Research on computer-aided detection of lung nodules in frontal (PA/AP) chest radiographs "
@@ -98,9 +102,15 @@ async def _lifespan(app: FastAPI):
                                         precision=settings.precision)
     lock = threading.Lock()
 
-    def run_batch(levelled: list[np.ndarray]) -> list[float]:
+    def run_batch(items: list[tuple[np.ndarray, tuple[int, int]]]) -> list[tuple[float, object]]:
+        """(levelled, original shape) -> (probability, NoduleLocation or None), one batch through the model."""
+        levelled = np.stack([image for image, _ in items])
         with lock:
-            return [float(p) for p in predictor.probabilities(np.stack(levelled), batch_size=len(levelled))]
+            if predictor.localises:
+                logits, locations = predictor.locate(levelled, [shape for _, shape in items], batch_size=len(items))
+                return [(float(p), location) for p, location in zip(sigmoid(logits / predictor.temperature), locations,
+                                                                     strict=True)]
+            return [(float(p), None) for p in predictor.probabilities(levelled, batch_size=len(items))]
 
     batcher = MicroBatcher(run_batch, settings.max_batch, settings.max_wait_ms / 1000, on_batch=app.state.batch_sizes.observe)
     monitor = await run_in_threadpool(_open_monitor, settings, predictor.checkpoint, app.state.registry)
@@ -192,8 +202,8 @@ async def _predict(loaded: Services, file: UploadFile, want_heatmap: bool, want_
         raise HTTPException(err.status, detail=err.reason) from err
     except ValueError as err:  # levelling refuses degenerate images
         raise HTTPException(422, detail=f"cannot prepare the image: {err}") from err
-    probability = await loaded.batcher.submit(levelled)
-    prediction = loaded.predictor.decide("upload", probability, radiograph.meta)
+    probability, location = await loaded.batcher.submit((levelled, radiograph.pixels.shape[:2]))
+    prediction = loaded.predictor.decide("upload", probability, radiograph.meta, location)
     shape = _preview_shape(radiograph.pixels.shape, loaded.settings.preview_px)
     heatmap = await run_in_threadpool(_heatmap, loaded, levelled, radiograph.pixels.shape, shape) if want_heatmap else None
     preview = await run_in_threadpool(_preview_png, radiograph.pixels, shape) if want_preview else None
@@ -215,8 +225,16 @@ def _prediction_body(loaded: Services, prediction_id, prediction: Prediction, he
             "warnings": prediction.warnings,
             "input": {"format": meta.get("format", "unknown"), "rows": rows, "columns": columns, "bits": meta.get("bits"),
                       **{key: meta.get(key) for key in ("modality", "body_part", "view_position", "photometric_interpretation")}},
-            "heatmap": heatmap, "preview": preview, "elapsed_ms": round(elapsed_ms, 1),
+            "location": _location_body(prediction.location), "heatmap": heatmap, "preview": preview,
+            "elapsed_ms": round(elapsed_ms, 1),
             "not_for_clinical_use": NOT_FOR_CLINICAL_USE}
+
+
+def _location_body(location: dict | None) -> dict | None:
+    if location is None:
+        return None
+    return {key: location[key] for key in ("x", "y", "radius", "presence", "malignancy", "lung_fraction", "lung_ok")} | {
+        "note": LOCATION_NOTE}
 
 
 def _preview_shape(shape: tuple[int, int], longest: int) -> tuple[int, int]:
@@ -237,17 +255,25 @@ def _preview_png(pixels: np.ndarray, shape: tuple[int, int]) -> str:
     return _png_data_uri(np.round(window(small, 0.5, 99.5) * 255).astype(np.uint8))
 
 
+def heatmap_method(settings: ServiceSettings, predictor: Predictor) -> str:
+    """``auto``: the model's own nodule map for a localising model, Grad-CAM otherwise."""
+    if settings.heatmap_method == "auto":
+        return "nodule_map" if predictor.localises else "gradcam"
+    return settings.heatmap_method
+
+
 def _heatmap(loaded: Services, levelled: np.ndarray, original: tuple[int, int], shape: tuple[int, int]) -> dict:
     from lungdx.explain import explain_levelled, to_original_grid
 
+    method = heatmap_method(loaded.settings, loaded.predictor)
     with loaded.model_lock:
-        heat = explain_levelled(loaded.predictor, levelled[None], loaded.settings.heatmap_method)[0]
+        heat = explain_levelled(loaded.predictor, levelled[None], method)[0]
     on_image = to_original_grid(heat, original, loaded.predictor.preprocess_config)
     heat = np.clip(cv2.resize(on_image, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
     colours = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR, as imencode wants
     rgba = np.dstack([colours, np.round(heat * 255).astype(np.uint8)])  # transparent where there is no heat
-    method = loaded.settings.heatmap_method
-    return {"method": method, "png": _png_data_uri(rgba), "note": HEATMAP_NOTES[method] + HEATMAP_CAVEAT}
+    caveat = "" if method == "nodule_map" else HEATMAP_CAVEAT
+    return {"method": method, "png": _png_data_uri(rgba), "note": HEATMAP_NOTES[method] + caveat}
 
 
 def _model_card(run: Path, predictor: Predictor) -> dict:

@@ -32,6 +32,19 @@ class Heatmap(BaseModel):
     note: str
 
 
+class NoduleLocationOut(BaseModel):
+    """Where a localising model (nodule_net) puts the nodule; absent for models that only classify."""
+
+    x: float = Field(description="column of the nodule map's peak in the uploaded image's pixels")
+    y: float = Field(description="row of the nodule map's peak in the uploaded image's pixels")
+    radius: float = Field(description="radius in image pixels of the region the malignancy judge read")
+    presence: float = Field(description="P(nodule present): the map at its peak")
+    malignancy: float = Field(description="P(malignant | nodule): the judge's crop around the peak")
+    lung_fraction: float = Field(description="share of the model input inside the segmented lung field")
+    lung_ok: bool = Field(description="false when the lung segmentation failed: location and score unreliable")
+    note: str
+
+
 class PredictionOut(BaseModel):
     id: str | None = Field(description="prediction id for feedback; null when monitoring is off")
     probability: float
@@ -42,6 +55,7 @@ class PredictionOut(BaseModel):
     model: ModelIdentity
     warnings: list[str]
     input: InputSummary
+    location: NoduleLocationOut | None = Field(None, description="the nodule map's peak (localising models only)")
     heatmap: Heatmap | None = None
     preview: str | None = Field(None, description="grayscale PNG data URI of the radiograph, for display")
     elapsed_ms: float

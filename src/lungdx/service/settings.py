@@ -18,7 +18,8 @@ class ServiceSettings:
         max_pixels: images with more pixels (rows x columns, read from the header before decoding) get 413.
         max_batch: the most concurrent requests run through the model as one batch (1 turns batching off).
         max_wait_ms: how long the first request of a batch waits for others to join it.
-        heatmap_method: ``gradcam`` or ``occlusion`` for ``?heatmap=true``.
+        heatmap_method: ``auto`` (the model's own nodule map for a localising model such as nodule_net,
+            Grad-CAM otherwise), ``gradcam``, ``occlusion`` or ``nodule_map``, for ``?heatmap=true``.
         preview_px: the longer side of the radiograph preview returned to the web page.
         archive_dir: with monitoring on, keep each image's pixels here for ``lungdx monitor export``
             and ``challenge`` (see ``lungdx.monitoring.MonitorSettings``).
@@ -34,7 +35,7 @@ class ServiceSettings:
     max_pixels: int = 50_000_000
     max_batch: int = 16
     max_wait_ms: float = 5.0
-    heatmap_method: str = "gradcam"
+    heatmap_method: str = "auto"
     preview_px: int = 768
     archive_dir: Path | None = None
     webhook_url: str | None = None

@@ -99,12 +99,26 @@ function showResult(result) {
   const decision = $("decision");
   decision.textContent = result.label === null ? "no threshold in this model" : result.label;
   decision.className = result.label_index === 1 ? "positive" : "negative";
+  showLocation(result);
   const warnings = $("warnings");
   warnings.replaceChildren(...result.warnings.map((text) => { const li = document.createElement("li"); li.textContent = text; return li; }));
   $("model-line").textContent = `${result.model.name}, version ${result.model.version}. ${result.not_for_clinical_use}`;
   $("feedback").hidden = !result.id;
   $("feedback-status").textContent = "";
   $("result").hidden = false;
+}
+
+function showLocation(result) {
+  // The nodule map's peak, in the uploaded image's pixels: placed as a share of its columns and rows.
+  const where = result.location, marker = $("marker"), line = $("location");
+  marker.hidden = line.hidden = !where;
+  if (!where) return;
+  const { rows, columns } = result.input;
+  marker.style.left = `${(100 * (where.x + 0.5)) / columns}%`;
+  marker.style.top = `${(100 * (where.y + 0.5)) / rows}%`;
+  marker.style.width = `${(200 * where.radius) / columns}%`;  // a circle: aspect-ratio 1 in style.css
+  line.textContent = `Nodule map peak at x ${Math.round(where.x)}, y ${Math.round(where.y)} px (circled): ` +
+    `P(nodule) ${percent(where.presence)}, P(malignant | nodule) ${percent(where.malignancy)}. ${where.note}`;
 }
 
 function applyHeatmapControls() {
