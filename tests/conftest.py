@@ -56,7 +56,10 @@ def tiny_config(data_dir, cache_dir, *overrides):
 
     base = [f"data.path={data_dir}", f"data.cache_dir={cache_dir}", "data.task=malignant_vs_rest",
             "preprocess.size=64", "model.kwargs={widths: [8, 8, 16, 16, 16], hidden: 16}",
-            "train.epochs=2", "train.batch_size=16", "train.patience=5"]
+            "train.epochs=2", "train.batch_size=16", "train.patience=5",
+            # fp32 pinned: `auto` picks bf16 on CPUs with AVX512-BF16/AMX, fp32 elsewhere; tests that compare
+            # saved scores with recomputed ones need the same arithmetic on both kinds of CI machine.
+            "train.precision=fp32"]
     return apply_overrides(load_config(), base + list(overrides))
 
 

@@ -318,3 +318,45 @@ def test_compare_pairs_two_cross_validations_by_their_out_of_fold_predictions(tm
                       "threshold": 0.5}).to_csv(folder / "oof_predictions.csv", index=False)
     result = compare_runs(tmp_path / "a", tmp_path / "b", n_resamples=200)
     assert result["n_cases"] == 60 and result["delong"]["difference"] > 0
+
+
+def test_the_page_circles_the_nodule_map_peak_in_a_real_browser(nodule_run, nodule_phantoms):
+    import shutil
+
+    pytest.importorskip("fastapi", reason="the service tests need the serve extra")
+    playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright")
+    from test_service_load import load_bench
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("the browser test needs Debian's chromium (apt-get install chromium); .ci/run installs it")
+    run_dir, _ = nodule_run
+    labels = pd.read_csv(nodule_phantoms / "labels.csv")
+    image = nodule_phantoms / labels[labels["has_nodule"] == 1].iloc[0]["image"]
+    bench = load_bench()
+    port = bench.free_port()
+    process = bench.start_server(run_dir, port, max_batch=1, timeout_s=60, extra=["--db", "none"])
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            with page.expect_response(lambda response: "/v1/predictions" in response.url) as answer:
+                page.set_input_files("#file", str(image))
+            body = answer.value.json()
+            page.wait_for_selector("#result:not([hidden])")
+            marker = page.eval_on_selector("#marker", "m => [m.hidden, m.getBoundingClientRect().left, "
+                                           "m.getBoundingClientRect().top, m.getBoundingClientRect().width, "
+                                           "m.getBoundingClientRect().height]")
+            box = page.eval_on_selector("#radiograph", "img => [img.getBoundingClientRect().left, "
+                                        "img.getBoundingClientRect().top, img.getBoundingClientRect().width]")
+            text = page.text_content("#location")
+            browser.close()
+    finally:
+        bench.stop_server(process)
+    hidden, left, top, width, height = marker
+    scale = box[2] / body["input"]["columns"]  # displayed px per image px
+    assert not hidden and width == pytest.approx(height, abs=1.0)
+    assert left + width / 2 == pytest.approx(box[0] + (body["location"]["x"] + 0.5) * scale, abs=2.0)
+    assert top + height / 2 == pytest.approx(box[1] + (body["location"]["y"] + 0.5) * scale, abs=2.0)
+    assert f"x {round(body['location']['x'])}" in text and "Nodule map peak" in text

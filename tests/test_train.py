@@ -45,7 +45,7 @@ def test_threshold_comes_from_validation_only(finished_run):
     from lungdx import metrics
 
     config, result = finished_run
-    predictor = Predictor.from_path(result.run_dir)
+    predictor = Predictor.from_path(result.run_dir, precision="fp32")  # as the run was trained (conftest.tiny_config)
     data = train_module.prepare_data(train_module._with_saved_split(config, result.run_dir, True))
     val = data.rows("val")
     probabilities = predictor.probabilities(data.cache.batch(val["cache_index"].to_numpy()))

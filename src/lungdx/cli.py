@@ -320,8 +320,9 @@ def _add_explain(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     explain.add_argument("run", help="run folder (or model.pt for a single image)")
     explain.add_argument("image", nargs="?", help="image file (PNG, JPEG, TIFF, DICOM, JSRT .IMG)")
-    explain.add_argument("--method", default="gradcam", choices=("gradcam", "gradcampp", "occlusion"),
-                         help="explanation method (default: %(default)s)")
+    explain.add_argument("--method", default="gradcam", choices=("gradcam", "gradcampp", "occlusion", "nodule_map"),
+                         help="explanation method (default: %(default)s); nodule_map: the model's own map "
+                              "(nodule_net only)")
     explain.add_argument("--out", help="overlay PNG (default: IMAGE-STEM_METHOD.png here); with --localization, "
                                        "a folder (default: RUN/explain/localization-METHOD-SPLIT)")
     explain.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")

@@ -180,8 +180,8 @@ class NoduleConfig:
 
     seg_epochs: int = 30
     seg_patience: int = 8
-    det_epochs: int = 40
-    det_patience: int = 8
+    det_epochs: int = 60
+    det_patience: int = 12
     judge_epochs: int = 60
     judge_patience: int = 12
     crop: int = 256

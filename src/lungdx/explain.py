@@ -47,7 +47,8 @@ from lungdx.preprocess import GridMap  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("gradcam", "gradcampp", "occlusion", "nodule_map")
+METHODS = ("gradcam", "gradcampp", "occlusion")
+MAP_METHODS = ("nodule_map",)  # a localising model's own output (nodule_net), not an explanation of any model
 DEFAULT_TOLERANCE = 1 / 16
 """Pointing-game tolerance as a fraction of the model input's side: 16 px at 256 px, one cell of
 paper_cnn's 16 x 16 Grad-CAM grid (about 22 mm on JSRT)."""
@@ -186,7 +187,7 @@ def compute_heatmaps(model: nn.Module, images: torch.Tensor, method: str = "grad
         return occlusion(model, images, **options)
     if method == "nodule_map":
         return nodule_map(model, images)
-    raise ValueError(f"unknown explanation method '{method}' (use {', '.join(METHODS)})")
+    raise ValueError(f"unknown explanation method '{method}' (use {', '.join(METHODS + MAP_METHODS)})")
 
 
 @torch.no_grad()

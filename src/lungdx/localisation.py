@@ -118,7 +118,9 @@ def summarise_localisation(outputs: pd.DataFrame, size: int, *, n_resamples: int
 
     rest = combine_logits(torch.tensor(outputs["presence_logit"].to_numpy()),
                           torch.tensor(outputs["malignancy_logit"].to_numpy())).numpy()
-    shortcut_rest = outputs["shortcut_task_logit"].to_numpy() if (outputs["task_logit"] == rest).all() else None
+    # The shortcut logit is the run's task logit: malignant_vs_rest's only when that was the task.
+    same = np.allclose(outputs["task_logit"].to_numpy(float), rest, atol=1e-3)
+    shortcut_rest = outputs["shortcut_task_logit"].to_numpy() if same else None
     nodule_rows = outputs[has]
     result = {
         "n_images": int(len(outputs)), "n_nodules": int(has.sum()), "image_size": size,

@@ -59,6 +59,9 @@ class _Stopper:
         self.patience, self.best, self.best_epoch, self.bad, self.state = patience, math.inf, 0, 0, None
 
     def step(self, loss: float, epoch: int, module: nn.Module) -> None:
+        if not math.isfinite(loss):  # no validation rows for this stage: keep the last epoch
+            self.best_epoch, self.state = epoch, {k: v.detach().clone() for k, v in module.state_dict().items()}
+            return
         if loss < self.best:
             self.best, self.best_epoch, self.bad = loss, epoch, 0
             self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -100,6 +100,9 @@ def plot_score_histograms(probability, target, threshold: float, path: str | Pat
 
 def plot_training_curves(history, path: str | Path, title: str = "Training") -> None:
     """Loss and AUC per epoch for train and validation, from a run's ``history.csv`` (a DataFrame)."""
+    if "stage" in history.columns:
+        _plot_stage_curves(history, path, title)
+        return
     plt = _pyplot()
     figure, (loss_axes, auc_axes) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for split, name in (("train", "Train"), ("val", "Validation")):
@@ -113,5 +116,22 @@ def plot_training_curves(history, path: str | Path, title: str = "Training") -> 
         axes.legend(fontsize=8)
     loss_axes.set(ylabel="BCE loss", title="Loss")
     auc_axes.set(ylabel="ROC AUC", ylim=(0, 1), title="AUC")
+    figure.suptitle(title, fontsize=10)
+    _save(figure, path)
+
+
+def _plot_stage_curves(history, path: str | Path, title: str) -> None:
+    """A staged run's history (nodule_net: lungs, detector, judge): the losses of each stage side by side."""
+    plt = _pyplot()
+    stages = list(dict.fromkeys(history["stage"]))
+    figure, axes_row = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.4), dpi=120, squeeze=False)
+    for axes, stage in zip(axes_row[0], stages, strict=True):
+        rows = history[history["stage"] == stage]
+        for split, name in (("train", "Train"), ("val", "Validation")):
+            axes.plot(rows["epoch"], rows[f"{split}_loss"], color=SPLIT_STYLE[split][1], label=name)
+        best = rows["epoch"][rows["val_loss"].idxmin()]
+        axes.axvline(best, color="0.5", linestyle=":", linewidth=1, label=f"best epoch {best}")
+        axes.set(xlabel="Epoch", ylabel="Loss", title=stage)
+        axes.legend(fontsize=8)
     figure.suptitle(title, fontsize=10)
     _save(figure, path)
