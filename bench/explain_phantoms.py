@@ -1,6 +1,6 @@
 """Positive control for the explanations: a model that can only have learned the nodule must point at it.
 
-    python bench/explain_phantoms.py --out /tmp/explain-phantoms [--docs-images docs/images]
+    python bench/explain_phantoms.py --out runs/explain-phantoms [--docs-images docs/images]
 
 1. Writes a synthetic phantom data set in the JSRT ``labels.csv`` layout, like
    ``lungdx.data.phantoms.write_phantom_dataset`` but with larger, higher-contrast nodules (35-50 mm,

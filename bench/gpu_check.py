@@ -2,7 +2,7 @@
 
 Run on a machine with an NVIDIA GPU (CI has none; this is a manual check):
 
-    python bench/gpu_check.py --out /tmp/gpu-check
+    python bench/gpu_check.py --out runs/gpu-check
 
 1. The whole chain on synthetic phantoms on CUDA with ``precision=auto`` (bf16 autocast on GPUs
    that support it): fit, evaluate, and the Predictor on CUDA vs CPU (fp32) on the same images.
