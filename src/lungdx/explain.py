@@ -229,6 +229,13 @@ def _normalise(maps: torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def resolve_method(method: str, model: nn.Module) -> str:
+    """``auto``: the model's own nodule map for a localising model (one with ``analyse``), Grad-CAM otherwise."""
+    if method == "auto":
+        return "nodule_map" if hasattr(model, "analyse") else "gradcam"
+    return method
+
+
 def explain_levelled(predictor: Predictor, levelled: np.ndarray, method: str = "gradcam", **options) -> np.ndarray:
     """Heatmaps (N, size, size) for levelled images (N, size, size) in [0, 1], as ``Predictor`` sees them."""
     levelled = torch.from_numpy(np.asarray(levelled, dtype=np.float32))

@@ -32,7 +32,7 @@ from lungdx.config import RunConfig, to_dict
 from lungdx.data.augment import augment
 from lungdx.data.manifest import class_names, describe_classes
 from lungdx.data.nodules import NoduleBank, dice, focal_loss, insert_nodule, localisation_targets, target_map
-from lungdx.models.nodule_net import TASKS, combine_logits, map_peaks
+from lungdx.models.nodule_net import TASKS, map_peaks
 from lungdx.predict import model_input, sigmoid
 from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
@@ -182,9 +182,9 @@ def _eval_lungs(model, levelled, target, config, hardware) -> tuple[float, float
 class _DetectorBatches:
     """Augmented, masked training crops with their target maps (nodule insertion into normals)."""
 
-    def __init__(self, model, images, lung_logits, gt_masks, circles, malignant, bank: NoduleBank | None, config: RunConfig,
+    def __init__(self, images, lung_logits, gt_masks, circles, malignant, bank: NoduleBank | None, config: RunConfig,
                  generator: torch.Generator):
-        self.model, self.images, self.lung_logits, self.gt_masks = model, images, lung_logits, gt_masks
+        self.images, self.lung_logits, self.gt_masks = images, lung_logits, gt_masks
         self.circles, self.malignant, self.bank, self.config = circles, malignant, bank, config
         self.generator = generator
         self.rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
@@ -273,7 +273,7 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
     """Stage 2: the nodule-map detector on augmented training crops; stops on the validation map loss."""
     settings = config.nodule
     optimizer = torch.optim.Adam(model.detector.parameters(), lr=config.train.lr)
-    batches = _DetectorBatches(model, images["train"], lung_logits["train"], targets["train"].lung_masks,
+    batches = _DetectorBatches(images["train"], lung_logits["train"], targets["train"].lung_masks,
                                targets["train"].circles, targets["train"].malignant, bank, config, generator)
     size = images["train"].shape[-1]
     val_target = target_map(torch.from_numpy(targets["val"].circles), size)
@@ -327,9 +327,9 @@ def train_judge(model, images, lung_logits, targets, bank, config, hardware, gen
     """Stage 3: the malignancy judge on crops around training nodules (real and inserted)."""
     settings = config.nodule
     optimizer = torch.optim.Adam(model.judge.parameters(), lr=config.train.lr)
-    train = _DetectorBatches(model, images["train"], lung_logits["train"], targets["train"].lung_masks,
+    train = _DetectorBatches(images["train"], lung_logits["train"], targets["train"].lung_masks,
                              targets["train"].circles, targets["train"].malignant, bank, config, generator)
-    val = _DetectorBatches(model, images["val"], lung_logits["val"], targets["val"].lung_masks,
+    val = _DetectorBatches(images["val"], lung_logits["val"], targets["val"].lung_masks,
                            targets["val"].circles, targets["val"].malignant, None, config, generator)
     loss_fn = nn.BCEWithLogitsLoss()
     stopper = _Stopper(settings.judge_patience)
@@ -389,7 +389,7 @@ def black_out_borders(levelled: np.ndarray, border: float = 0.06, corner: float 
 def analyse_levelled(model, levelled, config: RunConfig, hardware: Hardware, batch: int = 16) -> dict[str, np.ndarray]:
     """Per image: presence, malignancy and task logits, peak, top candidates, lung mask and fraction."""
     model.eval()
-    out: dict[str, list] = {"presence": [], "malignancy": [], "peak": [], "lung_fraction": [], "lung_ok": [],
+    out: dict[str, list] = {"presence": [], "malignancy": [], "task": [], "peak": [], "lung_fraction": [], "lung_ok": [],
                             "lung_small": [], "candidates": []}
     for start in range(0, len(levelled), batch):
         inputs = model_input(torch.from_numpy(np.asarray(levelled[start : start + batch], np.float32)), config.preprocess,
@@ -398,6 +398,7 @@ def analyse_levelled(model, levelled, config: RunConfig, hardware: Hardware, bat
             analysis = model.analyse(inputs)
         out["presence"].append(analysis.presence.cpu().numpy())
         out["malignancy"].append(analysis.malignancy.cpu().numpy())
+        out["task"].append(model.task_logit(analysis).float().cpu().numpy())
         out["peak"].append(analysis.peak.cpu().numpy())
         out["lung_fraction"].append(analysis.lung_fraction.cpu().numpy())
         out["lung_ok"].append(analysis.lung_ok.cpu().numpy())
@@ -405,16 +406,7 @@ def analyse_levelled(model, levelled, config: RunConfig, hardware: Hardware, bat
         out["candidates"] += [c.cpu().numpy() for c in map_peaks(analysis.nodule_map, model.input_size)]
     result = {key: np.concatenate(value) for key, value in out.items() if key != "candidates"}
     result["candidates"] = out["candidates"]
-    result["task"] = _task_logits(model.task, result["presence"], result["malignancy"])
     return result
-
-
-def _task_logits(task: str, presence: np.ndarray, malignancy: np.ndarray) -> np.ndarray:
-    if task == "nodule_vs_normal":
-        return presence
-    if task == "malignant_vs_benign":
-        return malignancy
-    return combine_logits(torch.from_numpy(presence), torch.from_numpy(malignancy)).numpy()
 
 
 def nodule_outputs(model, frame: pd.DataFrame, levelled_view, targets, config: RunConfig, hardware: Hardware) -> pd.DataFrame:
@@ -468,14 +460,15 @@ def load_detector_weights(model: nn.Module, source: str) -> None:
 
 def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hardware: Hardware, *, progress: bool = False):
     """Train the three stages on ``data`` (a ``PreparedData``), then write the run folder's products."""
-    from lungdx.train import FitResult, data_fingerprint
+    from lungdx.train import data_fingerprint
 
     frame = data.frame
-    targets = {split: localisation_targets(data.rows(split), config.preprocess) for split in ("train", "val", "test")}
+    every = localisation_targets(frame, config.preprocess)  # masks read once, for training and for the outputs
+    targets = {split: every.subset((frame["split"] == split).to_numpy()) for split in ("train", "val", "test")}
     if not targets["train"].has_mask.any():
-        raise ValueError(f"{config.model.name} needs lung-field masks (a 'lung_mask' column) for its training images")
+        raise ValueError(f"{config.data.path}: {config.model.name} needs lung-field masks (a 'lung_mask' column of "
+                         "image paths) for its training images; none of them has one")
     images = {split: data.cache.batch(data.rows(split)["cache_index"].to_numpy()) for split in ("train", "val")}
-    masks = {split: targets[split].lung_masks for split in ("train", "val")}
     has_mask = targets["train"].has_mask
     generator = torch.Generator().manual_seed(config.train.seed + 1)
     if config.model.weights:
@@ -484,7 +477,7 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
     history = _History(run_dir / "history.csv")
     started = time.perf_counter()
     seg_images = {"train": images["train"][has_mask], "val": images["val"][targets["val"].has_mask]}
-    seg_masks = {"train": masks["train"][has_mask], "val": masks["val"][targets["val"].has_mask]}
+    seg_masks = {"train": targets["train"].lung_masks[has_mask], "val": targets["val"].lung_masks[targets["val"].has_mask]}
     best = {"lungs": train_lungs(model, seg_images, seg_masks, config, hardware, generator, history, progress)}
     lung_logits = {split: _lung_logits(model, images[split], config, hardware) for split in images}
     bank = NoduleBank(images["train"], data.rows("train"), targets["train"].circles, targets["train"].malignant)
@@ -493,13 +486,13 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
                                       progress)
     best["judge"] = train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress)
     train_seconds = time.perf_counter() - started
-    return _finish_localiser(run_dir, config, data, model, hardware, targets, best, history, train_seconds,
-                             data_fingerprint(frame), bank, FitResult)
+    return _finish_localiser(run_dir, config, data, model, hardware, every, best, history, train_seconds,
+                             data_fingerprint(frame), bank)
 
 
-def _finish_localiser(run_dir, config, data, model, hardware, targets, best, history, train_seconds, fingerprint, bank,
-                      fit_result):
+def _finish_localiser(run_dir, config, data, model, hardware, targets, best, history, train_seconds, fingerprint, bank):
     from lungdx.predict import compute_logits
+    from lungdx.train import FitResult
 
     val = data.rows("val")
     val_probability = sigmoid(compute_logits(model, data.cache.view(val["cache_index"].to_numpy()), config.preprocess,
@@ -515,8 +508,8 @@ def _finish_localiser(run_dir, config, data, model, hardware, targets, best, his
                     val_metrics=metrics.json_safe(val_metrics), best_epochs=best,
                     val_reference=build_reference(val_probability, val["path"].tolist(),
                                                   source=f"validation split at training time ({run_dir.name})"))
-    outputs = nodule_outputs(model, data.frame, data.cache.view(data.frame["cache_index"].to_numpy()),
-                             localisation_targets(data.frame, config.preprocess), config, hardware)
+    outputs = nodule_outputs(model, data.frame, data.cache.view(data.frame["cache_index"].to_numpy()), targets, config,
+                             hardware)
     outputs.to_csv(run_dir / "nodule_outputs.csv", index=False)
     dice_by_split = {split: float(outputs.loc[outputs["split"] == split, "lung_dice"].mean()) for split in ("train", "val", "test")}
     summary = {"best_epoch": best["detector"], "best_epochs": best, "epochs_run": len(history), "stopped_early": True,
@@ -528,4 +521,4 @@ def _finish_localiser(run_dir, config, data, model, hardware, targets, best, his
                "images": {split: describe_classes(data.rows(split)) for split in ("train", "val", "test")},
                "excluded_images": len(data.excluded)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return fit_result(run_dir, best["detector"], threshold, history, True)
+    return FitResult(run_dir, best["detector"], threshold, history, True)

@@ -158,7 +158,7 @@ class Predictor:
             with self.hardware.autocast():
                 images = model_input(chunk, self.preprocess_config, self.hardware)
                 analysis = self.model.analyse(images)
-                logits.append(_task_logit(self.model, analysis))
+                logits.append(self.model.task_logit(analysis).float().cpu())
             for index in range(len(chunk)):
                 grid_x, grid_y = (float(v) for v in analysis.peak[index].cpu())
                 shape = shapes[start + index]
@@ -181,10 +181,15 @@ class Predictor:
     def predict_levelled(self, levelled: np.ndarray, shape: Sequence[int], source: str = "<array>",
                          meta: dict | None = None) -> Prediction:
         """Predict one levelled (size, size) image of an original of ``shape`` (rows, columns)."""
+        probabilities, locations = self.score(levelled[None], [shape])
+        return self.decide(source, float(probabilities[0]), meta or {}, locations[0])
+
+    def score(self, levelled: np.ndarray, shapes: Sequence[Sequence[int]], batch_size: int = 16) -> tuple[np.ndarray, list]:
+        """Probabilities (N,) and, for a localising model, a ``NoduleLocation`` per image (else None each)."""
         if self.localises:
-            logits, locations = self.locate(levelled[None], [shape])
-            return self.decide(source, float(sigmoid(logits / self.temperature)[0]), meta or {}, locations[0])
-        return self.decide(source, float(self.probabilities(levelled[None])[0]), meta or {})
+            logits, locations = self.locate(levelled, shapes, batch_size)
+            return sigmoid(logits / self.temperature), locations
+        return self.probabilities(levelled, batch_size), [None] * len(levelled)
 
     def predict_files(self, paths: Iterable[str | Path], batch_size: int = 16) -> list[Prediction]:
         """Predict image files; a file that cannot be read gets a Prediction with ``error`` set."""
@@ -198,12 +203,8 @@ class Predictor:
                 logger.warning("cannot predict: %s", err)
                 results.append(Prediction(source=str(path), error=str(err)))
         if pending:
-            levelled = np.stack([levelled for _, levelled, _ in pending])
-            if self.localises:
-                logits, locations = self.locate(levelled, [shape for _, _, shape in pending], batch_size)
-                probabilities = sigmoid(logits / self.temperature)
-            else:
-                probabilities, locations = self.probabilities(levelled, batch_size), [None] * len(pending)
+            probabilities, locations = self.score(np.stack([levelled for _, levelled, _ in pending]),
+                                                  [shape for _, _, shape in pending], batch_size)
             for (index, _, _), probability, location in zip(pending, probabilities, locations, strict=True):
                 results[index] = self.decide(results[index].source, float(probability), results[index].meta, location)
         return results
@@ -225,13 +226,3 @@ class Predictor:
         return Prediction(source=source, probability=probability, label=label, class_name=self.class_names[label],
                           threshold=self.threshold, meta=meta, warnings=warnings, location=found)
 
-
-def _task_logit(model: nn.Module, analysis) -> torch.Tensor:
-    """The task's logit from an analysis (what ``forward`` returns), without a second pass."""
-    from lungdx.models.nodule_net import combine_logits
-
-    if model.task == "nodule_vs_normal":
-        return analysis.presence.float().cpu()
-    if model.task == "malignant_vs_benign":
-        return analysis.malignancy.float().cpu()
-    return combine_logits(analysis.presence.float(), analysis.malignancy.float()).cpu()

@@ -29,6 +29,7 @@ from lungdx.data.cache import ImageCache, build_cache
 from lungdx.data.manifest import apply_task, class_names, describe_classes, load_dataset
 from lungdx.data.split import check_leakage, split_patients
 from lungdx.models import create_model
+from lungdx.models.registry import localises
 from lungdx.models.weights import head_prefixes, is_head, load_weights, split_parameters
 from lungdx.predict import compute_logits, model_input, sigmoid
 from lungdx.reference import build_reference
@@ -218,13 +219,12 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
     _write_data_files(data, run_dir)
     hardware = Hardware.resolve(config.train.device, config.train.precision, config.train.channels_last)
     torch.manual_seed(config.train.seed)
-    model = create_model(config.model.name, **model_kwargs(config))
-    if hasattr(model, "analyse"):  # a localising model (nodule_net): its own staged training, same run folder
+    if localises(config.model.name):  # nodule_net: its own staged training, the same run folder
         from lungdx.nodule_train import fit_localiser, localiser_kwargs
 
-        torch.manual_seed(config.train.seed)
         model = create_model(config.model.name, **localiser_kwargs(config))
         return fit_localiser(config, run_dir, data, model, hardware, progress=progress)
+    model = create_model(config.model.name, **model_kwargs(config))
     if config.model.weights and not resume:  # a resumed run has its weights in last.pt
         load_weights(model, config.model.weights, keep_head=config.model.keep_head)
     model = hardware.prepare(model)

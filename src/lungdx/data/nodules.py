@@ -83,6 +83,10 @@ class LocalisationTargets:
     circles: np.ndarray
     malignant: np.ndarray
 
+    def subset(self, rows: np.ndarray) -> LocalisationTargets:
+        """The targets of the rows selected by a boolean (or index) array, in order."""
+        return LocalisationTargets(self.lung_masks[rows], self.has_mask[rows], self.circles[rows], self.malignant[rows])
+
 
 def localisation_targets(frame: pd.DataFrame, config: PreprocessConfig) -> LocalisationTargets:
     """Lung masks (``lung_mask`` column) and nodule circles of every row, mapped onto the model grid."""
@@ -103,7 +107,8 @@ def localisation_targets(frame: pd.DataFrame, config: PreprocessConfig) -> Local
             circle = nodule_circle(row, shape)
             if circle is not None:
                 circles[index] = grid.point_to_grid(*circle)
-            malignant[index] = _finite(row.get("malignant")) if _finite(row.get("malignant")) is not None else np.nan
+            label = _finite(row.get("malignant"))
+            malignant[index] = np.nan if label is None else label
     return LocalisationTargets(masks, has_mask, circles, malignant)
 
 

@@ -52,7 +52,7 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto") -
     Raises:
         Skipped: not a frontal chest radiograph, or pixels that cannot be read (the reason says which).
     """
-    from lungdx.explain import explain_levelled, to_original_grid
+    from lungdx.explain import explain_levelled, resolve_method, to_original_grid
     from lungdx.integrations.fhir import make_bundle
     from lungdx.integrations.results import make_secondary_capture, make_sr, overlay_rgb
 
@@ -66,9 +66,7 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto") -
     source = pydicom.dcmread(path, stop_before_pixels=True)
     levelled = predictor.level(image.pixels)  # once, for the prediction and the heatmap
     prediction = predictor.predict_levelled(levelled, image.pixels.shape[:2], str(path), image.meta)
-    if method == "auto":  # the model's own nodule map where it has one
-        method = "nodule_map" if predictor.localises else "gradcam"
-    heatmap = explain_levelled(predictor, levelled[None], method)[0]
+    heatmap = explain_levelled(predictor, levelled[None], resolve_method(method, predictor.model))[0]
     identity = predictor.identity
     caption = f"{identity['name']} {identity['version']}: p = {prediction.probability:.3f}" + (
         f" -> {prediction.class_name}" if prediction.class_name else "")

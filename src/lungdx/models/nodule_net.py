@@ -220,12 +220,15 @@ class NoduleNet(nn.Module):
         return self.input_size // 4
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        analysis = self.analyse(images)
+        return self.task_logit(self.analyse(images))[:, None]
+
+    def task_logit(self, analysis: NoduleAnalysis) -> torch.Tensor:
+        """(N,) the task's logit from an analysis: presence, malignancy, or their product's logit."""
         if self.task == "nodule_vs_normal":
-            return analysis.presence[:, None]
+            return analysis.presence
         if self.task == "malignant_vs_benign":
-            return analysis.malignancy[:, None]
-        return combine_logits(analysis.presence, analysis.malignancy)[:, None]
+            return analysis.malignancy
+        return combine_logits(analysis.presence, analysis.malignancy)
 
     def _check(self, images: torch.Tensor) -> None:
         expected = (1, self.input_size, self.input_size)
@@ -331,7 +334,10 @@ def map_peaks(nodule_map: torch.Tensor, input_size: int, count: int = 5, min_dis
     return candidates
 
 
-@register_model
 def nodule_net(**kwargs) -> NoduleNet:
     """Lung U-Net + nodule-map FCN + malignancy judge, trained with localisation supervision (512 px)."""
     return NoduleNet(**kwargs)
+
+
+nodule_net.localises = True  # lungdx.train hands it to lungdx.nodule_train (staged training)
+nodule_net = register_model(nodule_net)

@@ -32,6 +32,11 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _REGISTRY[name](**kwargs)
 
 
+def localises(name: str) -> bool:
+    """True for a registered model that also says where the nodule is (its factory is marked ``localises``)."""
+    return bool(getattr(_REGISTRY.get(name), "localises", False))
+
+
 def list_models() -> list[str]:
     """Names of the registered models, sorted."""
     return sorted(_REGISTRY)

@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from lungdx import __version__
-from lungdx.predict import Prediction, Predictor, sigmoid
+from lungdx.predict import Prediction, Predictor
 from lungdx.preprocess import window
 from lungdx.report import NOT_FOR_CLINICAL_USE
 from lungdx.service import schemas
@@ -104,13 +104,10 @@ async def _lifespan(app: FastAPI):
 
     def run_batch(items: list[tuple[np.ndarray, tuple[int, int]]]) -> list[tuple[float, object]]:
         """(levelled, original shape) -> (probability, NoduleLocation or None), one batch through the model."""
-        levelled = np.stack([image for image, _ in items])
         with lock:
-            if predictor.localises:
-                logits, locations = predictor.locate(levelled, [shape for _, shape in items], batch_size=len(items))
-                return [(float(p), location) for p, location in zip(sigmoid(logits / predictor.temperature), locations,
-                                                                     strict=True)]
-            return [(float(p), None) for p in predictor.probabilities(levelled, batch_size=len(items))]
+            probabilities, locations = predictor.score(np.stack([image for image, _ in items]),
+                                                       [shape for _, shape in items], batch_size=len(items))
+        return [(float(p), location) for p, location in zip(probabilities, locations, strict=True)]
 
     batcher = MicroBatcher(run_batch, settings.max_batch, settings.max_wait_ms / 1000, on_batch=app.state.batch_sizes.observe)
     monitor = await run_in_threadpool(_open_monitor, settings, predictor.checkpoint, app.state.registry)
@@ -255,17 +252,10 @@ def _preview_png(pixels: np.ndarray, shape: tuple[int, int]) -> str:
     return _png_data_uri(np.round(window(small, 0.5, 99.5) * 255).astype(np.uint8))
 
 
-def heatmap_method(settings: ServiceSettings, predictor: Predictor) -> str:
-    """``auto``: the model's own nodule map for a localising model, Grad-CAM otherwise."""
-    if settings.heatmap_method == "auto":
-        return "nodule_map" if predictor.localises else "gradcam"
-    return settings.heatmap_method
-
-
 def _heatmap(loaded: Services, levelled: np.ndarray, original: tuple[int, int], shape: tuple[int, int]) -> dict:
-    from lungdx.explain import explain_levelled, to_original_grid
+    from lungdx.explain import explain_levelled, resolve_method, to_original_grid
 
-    method = heatmap_method(loaded.settings, loaded.predictor)
+    method = resolve_method(loaded.settings.heatmap_method, loaded.predictor.model)
     with loaded.model_lock:
         heat = explain_levelled(loaded.predictor, levelled[None], method)[0]
     on_image = to_original_grid(heat, original, loaded.predictor.preprocess_config)
