@@ -8,6 +8,8 @@ citing the tags that decide it:
    = 1), MONOCHROME1 or MONOCHROME2 (0028,0004), is accepted. A multi-frame object is refused
    rather than cut to its first frame: a CR/DX radiograph is one frame, so several frames mean
    something else (fluoroscopy, tomosynthesis) that the models were not trained on.
+   Compressed transfer syntaxes go through pydicom's decoder plugins (python-gdcm,
+   pylibjpeg-openjpeg, Pillow, pydicom's own RLE): which decodes what is in docs/decoders.md.
 2. ``apply_modality``: Modality LUT Sequence (0028,3000) or Rescale Slope/Intercept
    (0028,1053)/(0028,1052), through ``pydicom.pixels.apply_modality_lut``.
 3. ``apply_window``: VOI LUT Sequence (0028,3010) when present, else Window Center/Width
@@ -34,7 +36,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
 from pydicom.uid import (
     UID,
     ComputedRadiographyImageStorage,
@@ -45,10 +47,13 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from lungdx.io import codecs
 from lungdx.io.errors import ImageReadError, require_file
 from lungdx.io.raster import Radiograph
 
 logger = logging.getLogger(__name__)
+
+codecs.register()  # 12-bit JPEG Extended through GDCM, which pydicom's own GDCM plugin refuses (docs/decoders.md)
 
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _RADIOGRAPHY_MODALITIES = {"CR", "DX"}
@@ -59,12 +64,14 @@ _RADIOGRAPHY_SOP_CLASSES = {
 }
 _CHEST_BODY_PARTS = {"CHEST", "THORAX"}
 _FRONTAL_VIEWS = {"PA", "AP"}
-# Which pydicom plugin package decodes which family of transfer syntaxes (PS3.5 A.4).
+# The pydicom plugin package to install when no decoder for a family of transfer syntaxes (PS3.5 A.4)
+# is: only licences that fit Apache-2.0, so never the GPL-3.0 pylibjpeg-libjpeg (docs/decoders.md).
+# RLE Lossless (1.2.840.10008.1.2.5) needs none: pydicom decodes it itself.
 _DECODER_HINTS = {
-    "1.2.840.10008.1.2.4.5": "pylibjpeg-libjpeg or python-gdcm",  # JPEG lossy and lossless
-    "1.2.840.10008.1.2.4.8": "pylibjpeg-libjpeg, pyjpegls or python-gdcm",  # JPEG-LS
-    "1.2.840.10008.1.2.4.7": "pylibjpeg-libjpeg or python-gdcm",  # JPEG lossless
-    "1.2.840.10008.1.2.4.9": "pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.5": "python-gdcm",  # JPEG baseline, extended, lossless process 14
+    "1.2.840.10008.1.2.4.7": "python-gdcm",  # JPEG lossless process 14 SV1
+    "1.2.840.10008.1.2.4.8": "python-gdcm or pyjpegls",  # JPEG-LS
+    "1.2.840.10008.1.2.4.9": "pylibjpeg-openjpeg or python-gdcm",  # JPEG 2000
     "1.2.840.10008.1.2.4.20": "pylibjpeg-openjpeg",  # HTJ2K
 }
 
@@ -147,13 +154,20 @@ def _check_layout(ds: Dataset, file: Path) -> None:
 
 
 def _decode_failure_reason(syntax: UID | None, exc: Exception) -> str:
-    """Say which transfer syntax failed, why, and which package decodes it."""
+    """Say which transfer syntax failed and why: the package to install when no decoder is, else each decoder's error."""
     if syntax is None:
         return f"cannot decode pixel data without a Transfer Syntax UID (0002,0010): {exc}"
-    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        installed = get_decoder(syntax).is_available
+    except NotImplementedError:  # a syntax pydicom has no decoder for at all
+        installed = False
     hint = next((pkg for prefix, pkg in _DECODER_HINTS.items() if syntax.startswith(prefix)), None)
-    install = f": install {hint}" if hint else ""
-    return f"cannot decode transfer syntax {syntax.name} ({syntax}){install} ({detail})"
+    if hint and not installed:
+        # pydicom's own message lists every plugin it knows, the GPL one included: name ours instead.
+        return f"cannot decode transfer syntax {syntax.name} ({syntax}): no decoder installed, install {hint}"
+    # pydicom puts a summary first and each plugin's error on a line of its own: keep them all.
+    detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return f"cannot decode transfer syntax {syntax.name} ({syntax}): {detail}"
 
 
 def apply_modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -261,30 +275,39 @@ def spacing_mm(value) -> list[float] | None:
 def is_chest_radiograph(meta: dict) -> tuple[bool, str]:
     """Say whether header fields allow a frontal chest radiograph, and why not when they do not.
 
-    Requires Modality (0008,0060) CR or DX, or a CR/DX SOP Class (0008,0016); Body Part Examined
-    (0018,0015) CHEST or THORAX, or missing; View Position (0018,5101) PA or AP, or missing.
-    Images that are not DICOM carry no such fields and pass.
+    The rule is :func:`chest_header_problem`; images that are not DICOM carry no such fields and pass.
 
     Args:
         meta: ``Radiograph.meta`` (or the same dict read back from JSON).
     """
     if meta.get("format") != "dicom":
         return True, f"{meta.get('format', 'unknown')} image: no DICOM header fields to check"
-    modality = (meta.get("modality") or "").upper()
-    sop_class = meta.get("sop_class_uid")
+    problem = chest_header_problem(meta)
+    if problem is not None:
+        return False, problem[1]
+    modality, body_part, view = ((meta.get(key) or "").upper() for key in ("modality", "body_part", "view_position"))
+    return True, f"{modality or 'CR/DX SOP class'} radiograph, body part {body_part or 'missing'}, view {view or 'missing'}"
+
+
+def chest_header_problem(fields: dict) -> tuple[str, str] | None:
+    """(kind, reason) when DICOM header fields say the image is not a frontal chest radiograph, else None.
+
+    Requires Modality (0008,0060) CR or DX, or a CR/DX SOP Class (0008,0016); Body Part Examined
+    (0018,0015) CHEST or THORAX, or missing; View Position (0018,5101) PA or AP, or missing. ``kind`` is
+    ``modality``, ``body_part`` or ``view``.
+
+    Args:
+        fields: ``modality``, ``sop_class_uid``, ``body_part`` and ``view_position`` (as in ``dicom_meta``).
+    """
+    modality, sop_class = (fields.get("modality") or "").upper(), fields.get("sop_class_uid") or ""
     if modality not in _RADIOGRAPHY_MODALITIES and sop_class not in _RADIOGRAPHY_SOP_CLASSES:
-        sop_name = UID(sop_class).name if sop_class else "missing"
-        return False, (
-            f"modality {modality or 'missing'} (0008,0060) is not CR or DX and SOP class "
-            f"{sop_name} (0008,0016) is not a radiography class"
-        )
-    body_part = (meta.get("body_part") or "").upper()
+        name = UID(sop_class).name if sop_class else "missing"
+        return "modality", (f"modality {modality or 'missing'} (0008,0060) is not CR or DX and SOP class {name} "
+                            "(0008,0016) is not a radiography class")
+    body_part = (fields.get("body_part") or "").upper()
     if body_part and body_part not in _CHEST_BODY_PARTS:
-        return False, f"body part {body_part} (0018,0015) is not CHEST or THORAX"
-    view = (meta.get("view_position") or "").upper()
+        return "body_part", f"body part {body_part} (0018,0015) is not CHEST or THORAX"
+    view = (fields.get("view_position") or "").upper()
     if view and view not in _FRONTAL_VIEWS:
-        return False, f"view position {view} (0018,5101) is not PA or AP"
-    return True, (
-        f"{modality or 'CR/DX SOP class'} radiograph, body part {body_part or 'missing'}, "
-        f"view {view or 'missing'}"
-    )
+        return "view", f"view position {view} (0018,5101) is not PA or AP"
+    return None
