@@ -73,16 +73,29 @@ def plot_confusion(counts: dict, class_names: list[str], path: str | Path, title
     """2x2 confusion matrix from counts ``tp, fp, tn, fn`` (rows: truth, columns: decision)."""
     plt = _pyplot()
     matrix = [[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]]
-    figure, axes = plt.subplots(figsize=(4.2, 3.8), dpi=120)
-    axes.imshow(matrix, cmap="Blues")
+    figure, axes = plt.subplots(figsize=(4.6, 3.8), dpi=120)
+    image = axes.imshow(matrix, cmap="Blues")
     for row in range(2):
         for column in range(2):
             axes.text(column, row, str(matrix[row][column]), ha="center", va="center", fontsize=14,
-                      color="white" if matrix[row][column] > max(map(max, matrix)) / 2 else "black")
-    axes.set_xticks([0, 1], [f"called {name}" for name in class_names], fontsize=8)
-    axes.set_yticks([0, 1], [f"truly {name}" for name in class_names], fontsize=8)
+                      color=cell_text_colour(image.norm(matrix[row][column])))
+    axes.set_xticks([0, 1], list(class_names), fontsize=8)
+    # y tick labels upright along the axis: horizontal ones as long as "truly not malignant" were cut off at the edge
+    axes.set_yticks([0, 1], list(class_names), fontsize=8, rotation=90, va="center")
+    axes.set_xlabel("decision at the threshold", fontsize=8)
+    axes.set_ylabel("truth", fontsize=8)
     axes.set_title(title, fontsize=9)
     _save(figure, path)
+
+
+def cell_text_colour(shade: float) -> str:
+    """White on the darker half of a colour scale, black on the lighter, from the cell's place on the scale (0..1).
+
+    The place comes from the image's own normalisation (``image.norm``), which runs from the smallest count
+    to the largest: a threshold at half the largest count put white text on light cells when the smallest
+    count was large.
+    """
+    return "white" if float(shade) > 0.5 else "black"
 
 
 def plot_score_histograms(probability, target, threshold: float, path: str | Path, title: str = "Scores") -> None:
