@@ -68,12 +68,17 @@ def test_predictor_matches_evaluation_probabilities(evaluated, phantom_dir):
     assert predicted[-1].error is not None and "README.md" in predicted[-1].error
 
 
-def test_predictor_warns_on_dicom_that_is_not_a_chest_radiograph(evaluated, dicom_dir):
+def test_predictor_refuses_dicom_that_is_not_a_chest_radiograph(evaluated, dicom_dir):
+    from lungdx.io.acceptance import AcceptancePolicy
+
     run, _ = evaluated
-    chest, tibia = Predictor.from_path(run).predict_files(
-        [dicom_dir / "nema_wg04_RG1_J2KI_cr_chest_pa.dcm", dicom_dir / "nema_wg04_RG3_J2KR_cr_tibia.dcm"])
+    files = [dicom_dir / "nema_wg04_RG1_J2KI_cr_chest_pa.dcm", dicom_dir / "nema_wg04_RG3_J2KR_cr_tibia.dcm"]
+    chest, tibia = Predictor.from_path(run).predict_files(files)
     assert chest.warnings == [] and chest.error is None
-    assert tibia.probability is not None and "EXTREMITY" in tibia.warnings[0]
+    assert tibia.probability is None and tibia.refusal == "body_part" and "EXTREMITY" in tibia.error
+    # allow_non_chest overrides the header only: the tibia's pixels are still far from a chest radiograph's
+    tibia = Predictor.from_path(run, policy=AcceptancePolicy(allow_non_chest=True)).predict_files(files[1:])[0]
+    assert tibia.probability is None and tibia.refusal == "out_of_distribution" and "looks inverted" in tibia.error
 
 
 def test_predict_pixels_matches_predict_files(evaluated, phantom_dir):

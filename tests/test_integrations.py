@@ -205,19 +205,77 @@ def test_pacs_run_pulls_by_dicomweb_and_pushes_back_by_cstore(predictor, orthanc
     from lungdx.integrations.pipeline import pacs_run
     from lungdx.integrations.results import read_sr_probability
 
-    path = _sample(dicom_dir, CHEST)
+    path = _new_study_copy(_sample(dicom_dir, CHEST), tmp_path / "copy.dcm")
     study_uid = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
     orthanc.upload(path.read_bytes())
-    before = len(_results_in(orthanc, study_uid).get("Comprehensive SR Storage", []))
     processor = _processor(predictor, tmp_path, orthanc, by="cstore")
-    results = pacs_run(processor, DicomWebClient(orthanc.dicomweb), study_uid)
-    assert len(results) == 1, "only the radiograph is analysed, not earlier lungdx results"
+    run = pacs_run(processor, DicomWebClient(orthanc.dicomweb), study_uid)
+    assert len(run.analysed) == 1 and run.already == 0
     assert processor.deliver() == 2 and not processor.outbox.pending()
     srs = _results_in(orthanc, study_uid)["Comprehensive SR Storage"]
-    assert len(srs) == before + 1
+    assert len(srs) == 1
+    results = run.analysed
     assert read_sr_probability(srs[-1]) == pytest.approx(predictor.predict_files([path])[0].probability, rel=1e-9)
     bundle = json.loads(next((tmp_path / "fhir").glob("*.json")).read_text())
     validate(bundle)
     observation = bundle["entry"][0]["resource"]
     assert observation["valueQuantity"]["value"] == pytest.approx(results[0].prediction.probability)
     assert observation["derivedFrom"][0]["identifier"]["value"] == f"urn:oid:{study_uid}"
+
+
+def _new_study_copy(path: Path, out: Path) -> Path:
+    """A temporary copy of a sample in a study of its own (new study, series and instance UIDs)."""
+    from pydicom.uid import generate_uid
+
+    dataset = pydicom.dcmread(path)
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.save_as(out)
+    return out
+
+
+def test_pacs_run_delivers_each_result_once(predictor, orthanc, dicom_dir, tmp_path):
+    from lungdx.integrations.dicomweb import DicomWebClient
+    from lungdx.integrations.pipeline import NothingToAnalyse, pacs_run
+
+    path = _new_study_copy(_sample(dicom_dir, CHEST_DX), tmp_path / "copy.dcm")
+    study_uid = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    orthanc.upload(path.read_bytes())
+    client = DicomWebClient(orthanc.dicomweb)
+    processor = _processor(predictor, tmp_path / "state", orthanc)
+    assert len(pacs_run(processor, client, study_uid).analysed) == 1 and processor.deliver() == 2
+    counts = {kind: len(found) for kind, found in _results_in(orthanc, study_uid).items()}
+    assert counts == {"Comprehensive SR Storage": 1, "Secondary Capture Image Storage": 1}
+    # again with the same state folder (the local record), then with a fresh one (the PACS itself says so)
+    for state in (tmp_path / "state", tmp_path / "other-state"):
+        again = _processor(predictor, state, orthanc)
+        run = pacs_run(again, client, study_uid)
+        assert not run.analysed and run.already == 1 and again.deliver() == 0
+    assert {kind: len(found) for kind, found in _results_in(orthanc, study_uid).items()} == counts
+    with pytest.raises(NothingToAnalyse, match="is not in the PACS"):
+        pacs_run(processor, client, "1.2.826.0.1.3680043.8.498.1")
+    tibia = _new_study_copy(_sample(dicom_dir, NOT_CHEST[0]), tmp_path / "tibia.dcm")
+    orthanc.upload(tibia.read_bytes())
+    with pytest.raises(NothingToAnalyse, match="holds no chest radiograph lungdx analyses: .*EXTREMITY"):
+        pacs_run(processor, client, str(pydicom.dcmread(tibia, stop_before_pixels=True).StudyInstanceUID))
+
+
+def test_pacs_run_command_exits_non_zero_on_a_missing_study(trained_run, orthanc, tmp_path, capsys):
+    from lungdx.cli import main
+
+    code = main(["pacs-run", str(trained_run), "--study", "1.2.826.0.1.3680043.8.498.2", "--pacs", orthanc.dicomweb,
+                 "--state", str(tmp_path / "state")])
+    assert code == 1 and "is not in the PACS" in capsys.readouterr().err
+
+
+def test_an_instance_received_again_is_not_analysed_again(predictor, dicom_dir, tmp_path):
+    """A listener that receives an instance again (a resend, a restart) queues its results once."""
+    from lungdx.integrations.pipeline import Processor
+
+    path = _sample(dicom_dir, CHEST_DX)
+    for attempt in range(2):  # a new Processor on the same state folder: as after a listener restart
+        processor = Processor(predictor, tmp_path, send_dicom=lambda _: None)
+        assert (processor.process(path) is not None) == (attempt == 0)
+    assert len(processor.outbox.pending()) == 2
+    statuses = [json.loads(line)["status"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert statuses == ["analysed", "already"]

@@ -300,12 +300,36 @@ def _cmd_calibrate(args) -> int:
 
 
 def _add_predict(commands) -> None:
-    predict = commands.add_parser("predict", help="probability and label for image files (PNG, JPEG, DICOM, JSRT .IMG)")
+    predict = commands.add_parser(
+        "predict", help="probability and label for image files (PNG, JPEG, DICOM, JSRT .IMG)",
+        description="One line per image: probability, label at the run's frozen threshold and, for nodule_net, where\n"
+                    "the nodule map peaks. Every image first passes the acceptance policy shared by every entrance\n"
+                    "(README, 'Checks at the boundary'): a refused one prints FILE<TAB>REFUSED<TAB>reason, gets no\n"
+                    "probability, and makes the exit status 1.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     predict.add_argument("run", help="run folder or checkpoint file (model.pt)")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    _add_acceptance(predict)
     predict.set_defaults(handler=_cmd_predict)
+
+
+def _add_acceptance(parser: argparse.ArgumentParser) -> None:
+    """The acceptance policy's options (lungdx.io.acceptance), the same at every entrance."""
+    from lungdx.io.acceptance import DEFAULT_MAX_PIXELS
+
+    parser.add_argument("--allow-non-chest", action="store_true",
+                        help="score DICOM images whose header says not CR/DX, not chest or not PA/AP, with a warning, "
+                             "instead of refusing them (research only)")
+    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
+                        help="largest image, read from its header before decoding (default: %(default)g)")
+
+
+def _policy(args):
+    from lungdx.io.acceptance import AcceptancePolicy
+
+    return AcceptancePolicy(max_pixels=int(args.max_megapixels * 1_000_000), allow_non_chest=args.allow_non_chest)
 
 
 def _add_explain(commands) -> None:
@@ -335,12 +359,14 @@ def _add_explain(commands) -> None:
     explain.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
     explain.add_argument("--patch", type=int, help="occlusion patch side in model-input pixels (default: an eighth of it)")
     explain.add_argument("--stride", type=int, help="occlusion stride in pixels (default: half the patch)")
+    _add_acceptance(explain)
     explain.set_defaults(handler=_cmd_explain)
 
 
 def _cmd_explain(args) -> int:
     from lungdx.explain import DEFAULT_TOLERANCE, explain_file, localize_run, write_explanation, write_localization
     from lungdx.io import ImageReadError
+    from lungdx.io.acceptance import Refused
     from lungdx.predict import Predictor
 
     if args.localization == bool(args.image):
@@ -360,9 +386,11 @@ def _cmd_explain(args) -> int:
         print("Written: " + ", ".join(str(path) for path in paths.values()))
         return 0
     try:
-        explanation = explain_file(Predictor.from_path(args.run, device=args.device), args.image, args.method, **options)
+        predictor = Predictor.from_path(args.run, device=args.device, policy=_policy(args))
+        explanation = explain_file(predictor, args.image, args.method, **options)
     except ImageReadError as err:
-        print(f"lungdx explain: error: {err}", file=sys.stderr)
+        print(f"{err.path}\tREFUSED\t{err.reason}" if isinstance(err, Refused) else f"lungdx explain: error: {err}",
+              file=sys.stderr)
         return 2
     png, npy = write_explanation(explanation, args.out or f"{Path(args.image).stem}_{args.method}.png")
     threshold = "no threshold" if explanation.threshold is None else f"threshold {explanation.threshold:.4f}"
@@ -391,7 +419,6 @@ def _add_serve(commands) -> None:
     serve.add_argument("--db", default="sqlite:///monitor.db",
                        help="SQLAlchemy URL of the prediction and feedback log (default: %(default)s); 'none' turns it off")
     serve.add_argument("--max-upload-mb", type=float, default=64.0, help="largest request body (default: %(default)s)")
-    serve.add_argument("--max-megapixels", type=float, default=50.0, help="largest image, read from its header (default: %(default)s)")
     serve.add_argument("--max-batch", type=int, default=16, help="micro-batch size; 1 turns batching off (default: %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
                        help="how long a request waits for others to batch with (default: %(default)s)")
@@ -403,6 +430,7 @@ def _add_serve(commands) -> None:
                        help="heatmap of ?heatmap=true: auto = the model's own nodule map for nodule_net, Grad-CAM otherwise")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    _add_acceptance(serve)
     serve.set_defaults(handler=_cmd_serve)
 
 
@@ -429,7 +457,8 @@ def _cmd_serve(args) -> int:
     settings = ServiceSettings(
         run=args.run, api_key=api_key, db_url=None if args.db.lower() == "none" else args.db, device=args.device,
         precision=args.precision, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_pixels=int(args.max_megapixels * 1_000_000), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_pixels=int(args.max_megapixels * 1_000_000), allow_non_chest=args.allow_non_chest, max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
         heatmap_method=args.heatmap_method, archive_dir=args.archive, webhook_url=args.webhook)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key: anyone who reaches this port can use the model", args.host)
@@ -524,6 +553,9 @@ def _add_pacs(commands) -> None:
     deid = commands.add_parser("deidentify", help="PS3.15 Basic Profile de-identified copy of a DICOM folder")
     deid.add_argument("in_dir", help="folder of DICOM files (searched recursively)")
     deid.add_argument("out_dir", help="folder for the de-identified files")
+    deid.add_argument("--shift-dates", type=int, metavar="DAYS",
+                      help="shift every date by DAYS (not 0) instead of replacing it with 19000101, keeping intervals; "
+                           "use one secret shift per export (birth dates still get the dummy)")
     deid.set_defaults(handler=_cmd_deidentify)
 
 
@@ -537,6 +569,7 @@ def _add_destination(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fhir", help="FHIR base URL to POST the DiagnosticReport bundles to (optional)")
     parser.add_argument("--state", default="lungdx-pacs", help="inbox/outbox folder (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda (default: %(default)s)")
+    _add_acceptance(parser)
 
 
 def _pacs_processor(args):
@@ -544,7 +577,7 @@ def _pacs_processor(args):
 
     sender = dicom_sender(args.send_by, dicomweb=args.pacs, host=args.pacs_host, port=args.pacs_port,
                           called_aet=args.pacs_aet, calling_aet=getattr(args, "aet", "LUNGDX"))
-    return make_processor(args.run, args.state, sender, fhir_url=args.fhir, device=args.device)
+    return make_processor(args.run, args.state, sender, fhir_url=args.fhir, device=args.device, policy=_policy(args))
 
 
 def _cmd_listen(args) -> int:
@@ -571,23 +604,27 @@ def _cmd_listen(args) -> int:
 
 def _cmd_pacs_run(args) -> int:
     from lungdx.integrations.dicomweb import DicomWebClient
-    from lungdx.integrations.pipeline import pacs_run
+    from lungdx.integrations.pipeline import NothingToAnalyse, pacs_run
 
     if not args.pacs:
         raise SystemExit("lungdx pacs-run: --pacs (the DICOMweb base URL) is required")
     processor = _pacs_processor(args)
-    results = pacs_run(processor, DicomWebClient(args.pacs), args.study)
+    try:
+        run = pacs_run(processor, DicomWebClient(args.pacs), args.study)
+    except NothingToAnalyse as err:
+        print(f"lungdx pacs-run: {err}", file=sys.stderr)
+        return 1
     delivered = processor.deliver()
     waiting = len(processor.outbox.pending())
-    print(f"analysed {len(results)} instance(s); delivered {delivered} result(s), {waiting} waiting in "
-          f"{processor.outbox.folder}")
+    print(f"analysed {len(run.analysed)} instance(s), {run.already} already analysed by this model version, "
+          f"{len(run.skipped)} skipped; delivered {delivered} result(s), {waiting} waiting in {processor.outbox.folder}")
     return 0 if not waiting else 1
 
 
 def _cmd_deidentify(args) -> int:
     from lungdx.io.deidentify import deidentify_folder
 
-    summary = deidentify_folder(args.in_dir, args.out_dir)
+    summary = deidentify_folder(args.in_dir, args.out_dir, date_shift_days=args.shift_dates)
     print(f"wrote {len(summary.written)} de-identified file(s) to {args.out_dir}; skipped {len(summary.skipped)}; "
           f"{len(summary.warnings)} burned-in annotation warning(s)")
     return 0
@@ -658,13 +695,15 @@ def _cmd_predict(args) -> int:
 
     from lungdx.predict import Predictor
 
-    predictor = Predictor.from_path(args.run, device=args.device)
+    predictor = Predictor.from_path(args.run, device=args.device, policy=_policy(args))
     predictions = predictor.predict_files(args.images)
     for prediction in predictions:
         if args.json:
             row = asdict(prediction)
             row.pop("meta")
             print(json.dumps(row))
+        elif prediction.refusal:  # one line: the file, the verdict, the policy's reason (no probability)
+            print(f"{prediction.source}\tREFUSED\t{prediction.error.removeprefix(prediction.source + ': ')}")
         elif prediction.error:
             print(f"{prediction.source}\tERROR\t{prediction.error}")
         else:

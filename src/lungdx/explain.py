@@ -40,7 +40,7 @@ from torch import nn
 
 from lungdx.config import PreprocessConfig, load_config
 from lungdx.data.nodules import JSRT_PIXEL_MM_2048, _finite, nodule_circle  # noqa: F401  (re-exported)
-from lungdx.io import is_chest_radiograph, read_image
+from lungdx.io import read_image
 from lungdx.metrics import bootstrap_means
 from lungdx.predict import Predictor, model_input
 from lungdx.preprocess import GridMap  # noqa: F401  (re-exported)
@@ -262,21 +262,22 @@ class Explanation:
 def explain_file(predictor: Predictor, path: str | Path, method: str = "gradcam", **options) -> Explanation:
     """Read, level, predict and explain one image file (PNG, JPEG, TIFF, DICOM, JSRT ``.IMG``).
 
+    The file goes through the predictor's acceptance policy, as in ``lungdx predict``.
+
     Raises:
-        ImageReadError: the file cannot be read.
+        ImageReadError: the file cannot be read, or the policy refuses it (``Refused``).
     """
-    image = read_image(path)
+    image = predictor.read(path)
     levelled = predictor.level(image.pixels)
     heatmap = explain_levelled(predictor, levelled[None], method, **options)[0]
     probability = float(predictor.probabilities(levelled[None])[0])
     threshold = predictor.threshold
     class_name = None if threshold is None else predictor.class_names[int(probability >= threshold)]
-    chest, reason = is_chest_radiograph(image.meta)
     return Explanation(
         source=str(path), method=method, pixels=image.pixels, levelled=levelled, heatmap=heatmap,
         heatmap_original=to_original_grid(heatmap, image.pixels.shape, predictor.preprocess_config),
         probability=probability, threshold=threshold, class_name=class_name,
-        warnings=[] if chest else [f"not a frontal chest radiograph: {reason}"])
+        warnings=list(image.meta.get("warnings", [])))
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -20,7 +20,8 @@ from torch import nn
 from lungdx import runtime
 from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, model_identity
 from lungdx.config import PreprocessConfig, from_dict
-from lungdx.io import ImageReadError, is_chest_radiograph, read_image
+from lungdx.io import ImageReadError, Radiograph
+from lungdx.io.acceptance import AcceptancePolicy, Refused
 from lungdx.preprocess import level, normalize
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class Prediction:
     class_name: str | None = None
     threshold: float | None = None
     error: str | None = None
+    refusal: str | None = None
+    """The acceptance check that refused the image (``Refused.kind``), when ``error`` is a refusal."""
     warnings: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     location: dict | None = None
@@ -103,10 +106,17 @@ class Predictor:
         checkpoint: a loaded checkpoint (``lungdx.checkpoint.load_checkpoint``).
         device: ``auto``, ``cpu`` or ``cuda``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see ``lungdx.runtime``).
+        policy: which images get a probability (``lungdx.io.acceptance``); its intensity reference is the
+            checkpoint's validation reference unless the policy brings one.
     """
 
-    def __init__(self, checkpoint: dict, device: str = "auto", precision: str = "auto", channels_last: bool = True):
+    def __init__(self, checkpoint: dict, device: str = "auto", precision: str = "auto", channels_last: bool = True,
+                 policy: AcceptancePolicy | None = None):
         self.checkpoint = checkpoint
+        policy = policy or AcceptancePolicy()
+        if policy.reference is None:
+            policy = replace(policy, reference=(checkpoint.get("val_reference") or {}).get("intensity"))
+        self.policy = policy
         self.hardware = runtime.Hardware.resolve(device, precision, channels_last)
         self.preprocess_config = from_dict(PreprocessConfig, checkpoint["preprocess"])
         self.threshold = checkpoint.get("threshold")
@@ -170,6 +180,10 @@ class Predictor:
                                                 radius))
         return (torch.cat(logits).numpy() if logits else np.zeros(0, np.float32)), locations
 
+    def read(self, path: str | Path) -> Radiograph:
+        """Read an image file through the acceptance policy (``Refused`` names the check that failed)."""
+        return self.policy.read(path)
+
     def level(self, pixels: np.ndarray) -> np.ndarray:
         """The checkpoint's levelling of one (H, W) image in [0, 1]."""
         return level(pixels, self.preprocess_config)
@@ -192,16 +206,17 @@ class Predictor:
         return self.probabilities(levelled, batch_size), [None] * len(levelled)
 
     def predict_files(self, paths: Iterable[str | Path], batch_size: int = 16) -> list[Prediction]:
-        """Predict image files; a file that cannot be read gets a Prediction with ``error`` set."""
+        """Predict image files; a file that is refused or cannot be read gets a Prediction with ``error`` set."""
         results, pending = [], []
         for path in paths:
             try:
-                image = read_image(path)
+                image = self.read(path)
                 pending.append((len(results), self.level(image.pixels), image.pixels.shape[:2]))
                 results.append(Prediction(source=str(path), meta=image.meta))
             except (ImageReadError, ValueError) as err:
                 logger.warning("cannot predict: %s", err)
-                results.append(Prediction(source=str(path), error=str(err)))
+                results.append(Prediction(source=str(path), error=str(err),
+                                          refusal=err.kind if isinstance(err, Refused) else None))
         if pending:
             probabilities, locations = self.score(np.stack([levelled for _, levelled, _ in pending]),
                                                   [shape for _, _, shape in pending], batch_size)
@@ -210,11 +225,10 @@ class Predictor:
         return results
 
     def decide(self, source: str, probability: float, meta: dict, location: NoduleLocation | None = None) -> Prediction:
-        """The Prediction for a probability: label at the frozen threshold, header warnings, the location."""
+        """The Prediction for a probability: label at the frozen threshold, the reading's warnings, the location."""
         from lungdx.models.nodule_net import MAX_LUNG_FRACTION, MIN_LUNG_FRACTION
 
-        chest, reason = is_chest_radiograph(meta) if meta else (True, "")
-        warnings = [] if chest else [f"not a frontal chest radiograph: {reason}"]
+        warnings = list(meta.get("warnings", []))  # an overridden acceptance check (AcceptancePolicy.read)
         if location is not None and not location.lung_ok:
             warnings.append(f"lung segmentation failed: the lung field is {100 * location.lung_fraction:.1f}% of the image "
                             f"(expected {100 * MIN_LUNG_FRACTION:.0f}-{100 * MAX_LUNG_FRACTION:.0f}%, on an image with "

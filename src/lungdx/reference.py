@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lungdx.io.acceptance import polarity_contrast
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "lungdx-reference/1"
@@ -32,7 +34,11 @@ MAX_REFERENCE_IMAGES = 256
 
 
 def intensity_statistics(pixels: np.ndarray) -> dict:
-    """Histogram (fractions in :data:`INTENSITY_BINS` bins), mean, std and percentiles of one (H, W) image in [0, 1]."""
+    """Histogram (fractions in :data:`INTENSITY_BINS` bins), mean, std, percentiles and polarity contrast of one image.
+
+    ``polarity`` is ``lungdx.io.acceptance.polarity_contrast``: the acceptance policy refuses an image far
+    outside the validation images' values of it and of ``mean``.
+    """
     pixels = np.asarray(pixels)
     if pixels.ndim != 2 or pixels.size == 0:
         raise ValueError(f"intensity statistics need one (H, W) image; got shape {pixels.shape}")
@@ -45,7 +51,7 @@ def intensity_statistics(pixels: np.ndarray) -> dict:
     p05, p50, p95 = np.percentile(sample, [5, 50, 95])
     return {"height": int(pixels.shape[0]), "width": int(pixels.shape[1]), "mean": float(sample.mean()),
             "std": float(sample.std()), "p05": float(p05), "p50": float(p50), "p95": float(p95),
-            "histogram": (counts / counts.sum()).tolist()}
+            "polarity": polarity_contrast(pixels), "histogram": (counts / counts.sum()).tolist()}
 
 
 def _two_significant(value: float) -> str:
@@ -97,10 +103,10 @@ def build_reference(probabilities: Sequence[float], paths: Sequence[str | Path],
 def summarize_intensity(stats: Sequence[dict]) -> dict:
     """Mean histogram and the per-image means and percentiles of many :func:`intensity_statistics`."""
     if not stats:
-        return {"n_images": 0, "histogram": [], "mean": [], "p05": [], "p50": [], "p95": []}
+        return {"n_images": 0, "histogram": [], "mean": [], "p05": [], "p50": [], "p95": [], "polarity": []}
     histogram = np.mean([s["histogram"] for s in stats], axis=0)
     return {"n_images": len(stats), "histogram": histogram.tolist(),
-            **{key: [float(s[key]) for s in stats] for key in ("mean", "p05", "p50", "p95")}}
+            **{key: [float(s[key]) for s in stats] for key in ("mean", "p05", "p50", "p95", "polarity")}}
 
 
 def count_fields(rows: Sequence[dict]) -> dict[str, dict[str, int]]:

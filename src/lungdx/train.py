@@ -63,7 +63,7 @@ def prepare_data(config: RunConfig, *, progress: bool = False) -> PreparedData:
     readable = cache.valid[frame["cache_index"].to_numpy()]
     excluded = frame.loc[~readable, ["case_id", "path"]].assign(reason=lambda f: f["path"].map(cache.errors))
     if len(excluded):
-        logger.warning("%d unreadable images left out (see excluded.csv)", len(excluded))
+        logger.warning("%d unreadable or blank images left out (see excluded.csv)", len(excluded))
     frame = frame[readable].reset_index(drop=True)
     if config.data.split_file:
         frame = _apply_split_file(frame, Path(config.data.split_file))

@@ -22,11 +22,12 @@ import numpy as np
 
 from lungdx.config import PreprocessConfig
 from lungdx.io import ImageReadError, read_image
+from lungdx.io.acceptance import Refused, information_problem
 from lungdx.preprocess import level
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Only the levelling stage is cached; normalisation runs per batch.
 _LEVEL_FIELDS = ("size", "aspect", "window_percentiles", "equalization", "clahe_clip", "clahe_tiles", "denoise")
 
@@ -128,7 +129,11 @@ def _fill(folder: Path, paths: Sequence[str], config: PreprocessConfig, workers:
 
     def load(index: int) -> tuple[int, str | None]:
         try:
-            images[index] = level(read_image(paths[index]).pixels, config)
+            pixels = read_image(paths[index]).pixels
+            blank = information_problem(pixels)  # the acceptance policy's rule: listed in excluded.csv, never trained on
+            if blank is not None:
+                raise Refused(paths[index], "blank", blank)
+            images[index] = level(pixels, config)
             return index, None
         except (ImageReadError, ValueError, OSError) as err:
             return index, str(err)

@@ -28,10 +28,13 @@ class DicomWebClient:
         self.timeout_s = timeout_s
 
     def search_instances(self, study_uid: str, **filters: str) -> list[dict]:
-        """QIDO-RS: the DICOM JSON (PS3.18 F.2) of a study's instances, filtered by attribute keyword/tag."""
+        """QIDO-RS: the DICOM JSON (PS3.18 F.2) of a study's instances, filtered by attribute keyword/tag.
+
+        An unknown study gives an empty list (servers answer it with 204 No Content, an empty array or 404).
+        """
         response = self._request("GET", f"/studies/{study_uid}/instances", params=filters,
-                                 headers={"Accept": "application/dicom+json"})
-        return response.json() if response.content else []
+                                 headers={"Accept": "application/dicom+json"}, missing_ok=True)
+        return response.json() if response.status_code != 404 and response.content else []
 
     def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
         """WADO-RS: one instance as its PS3.10 file bytes."""
@@ -55,12 +58,12 @@ class DicomWebClient:
         if failed:  # Failed SOP Sequence (0008,1198), PS3.18 10.5.3
             raise DeliveryError(f"STOW-RS refused {len(failed)} instance(s)")
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _request(self, method: str, path: str, missing_ok: bool = False, **kwargs) -> httpx.Response:
         try:
             response = httpx.request(method, self.base_url + path, timeout=self.timeout_s, **kwargs)
         except httpx.HTTPError as err:
             raise DeliveryError(f"{self.base_url} unreachable: {type(err).__name__}: {err}") from err
-        if response.status_code >= 400:
+        if response.status_code >= 400 and not (missing_ok and response.status_code == 404):
             raise DeliveryError(f"{method} {self.base_url}{path.split('?')[0]}: HTTP {response.status_code}")
         return response
 

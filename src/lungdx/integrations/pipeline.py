@@ -7,7 +7,12 @@ DICOMweb pull (``pacs_run``) both use it, and it predicts through the one ``Pred
 State folder layout (``Node`` and ``pacs_run``): ``inbox/`` received instances not yet analysed,
 ``outbox/`` results not yet delivered (see ``outbox.Outbox``), ``fhir/`` every FHIR Bundle
 written, ``events.jsonl`` one line per instance (digest of the SOP Instance UID, status, reason:
-never patient data).
+never patient data), ``done.jsonl`` one line per result queued (the digest and the model version).
+
+Delivery is idempotent: a result for one source instance and one model version is queued once, by
+``done.jsonl`` across listener restarts and ``pacs-run`` runs, and ``pacs_run`` also finds results
+already in the study (their UIDs are derived from the source's, ``results.result_uid``), so a second
+run with another state folder sends nothing either.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -26,7 +32,7 @@ from pydicom.dataset import Dataset
 
 from lungdx.integrations import uid_digest
 from lungdx.integrations.outbox import Outbox, RetryPolicy, write_atomic
-from lungdx.io import ImageReadError, is_chest_radiograph, read_image
+from lungdx.io import ImageReadError, sniff_format
 from lungdx.predict import Prediction, Predictor
 
 logger = logging.getLogger(__name__)
@@ -34,6 +40,21 @@ logger = logging.getLogger(__name__)
 
 class Skipped(ValueError):
     """An instance that is not analysed (not a frontal chest radiograph, unreadable pixels)."""
+
+
+class NothingToAnalyse(RuntimeError):
+    """``pacs_run`` on a study that does not exist, or holds no image lungdx analyses (the reason says which)."""
+
+
+@dataclass
+class StudyRun:
+    """What ``pacs_run`` did with a study's instances."""
+
+    analysed: list[Results]
+    already: int = 0
+    """Instances whose result for this model version was queued before or is in the study already."""
+    skipped: list[str] = field(default_factory=list)
+    """The reason for each instance that was not analysed."""
 
 
 @dataclass
@@ -49,20 +70,23 @@ class Results:
 def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto") -> Results:
     """Predict and explain one DICOM file and make its SR, Secondary Capture and FHIR Bundle.
 
+    The file goes through the predictor's acceptance policy (``lungdx.io.acceptance``), as in
+    ``lungdx predict`` and the service, so it gets the verdict and the reason it gets there.
+
     Raises:
-        Skipped: not a frontal chest radiograph, or pixels that cannot be read (the reason says which).
+        Skipped: not a DICOM file, refused by the acceptance policy, or pixels that cannot be read (the
+            reason says which).
     """
     from lungdx.explain import explain_levelled, resolve_method, to_original_grid
     from lungdx.integrations.fhir import make_bundle
     from lungdx.integrations.results import make_secondary_capture, make_sr, overlay_rgb
 
     try:
-        image = read_image(path)
+        if sniff_format(path) != "dicom":
+            raise Skipped("not a DICOM file: results go back to the PACS as DICOM objects that reference it")
+        image = predictor.read(path)
     except ImageReadError as err:
         raise Skipped(err.reason) from err
-    chest, reason = is_chest_radiograph(image.meta)
-    if image.meta.get("format") != "dicom" or not chest:
-        raise Skipped(f"not a frontal chest radiograph: {reason}")
     source = pydicom.dcmread(path, stop_before_pixels=True)
     levelled = predictor.level(image.pixels)  # once, for the prediction and the heatmap
     prediction = predictor.predict_levelled(levelled, image.pixels.shape[:2], str(path), image.meta)
@@ -101,10 +125,22 @@ class Processor:
         self.outbox = Outbox(self.state_dir / "outbox", retry)
         self.senders = {kind: sender for kind, sender in (("dicom", send_dicom), ("fhir", send_fhir)) if sender}
         self._events = threading.Lock()
+        self.version = predictor.identity["version"]
+        self._done_file = self.state_dir / "done.jsonl"
+        self._done = {(row["instance"], row["model_version"]) for row in _read_jsonl(self._done_file)}
+        self._reasons: dict[str, str] = {}
+
+    def done(self, digest: str) -> bool:
+        """True when this model version's result for the instance (``uid_digest`` of its UID) was queued before."""
+        return (digest, self.version) in self._done
 
     def process(self, path: Path) -> Results | None:
         """Analyse one file and queue its results; never raises for a bad instance (it is logged)."""
         digest = _digest_of(path)
+        if self.done(digest):
+            logger.info("instance %s: result of model %s already queued; not analysed again", digest, self.version)
+            self._event(digest, "already", f"result of model version {self.version} already queued")
+            return None
         try:
             results = analyse_file(self.predictor, path, self.method)
         except Skipped as err:
@@ -121,9 +157,18 @@ class Processor:
             self.outbox.put("dicom", to_bytes(dataset), ".dcm", f"{kind} {uid_digest(dataset.SOPInstanceUID)}")
         if "fhir" in self.senders:
             self.outbox.put("fhir", fhir_json, ".json", f"FHIR bundle for {digest}")
+        self._mark_done(digest)
         logger.info("analysed instance %s: probability %.4f", digest, results.prediction.probability)
         self._event(digest, "analysed", f"probability {results.prediction.probability:.6f}")
         return results
+
+    def _mark_done(self, digest: str) -> None:
+        line = json.dumps({"instance": digest, "model_version": self.version, "time": time.time()})
+        with self._events, open(self._done_file, "a", encoding="utf-8") as stream:
+            stream.write(line + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())  # queued results and this line survive a crash together
+        self._done.add((digest, self.version))
 
     def process_inbox(self) -> int:
         """Analyse every file in the inbox (oldest first), removing each once its results are queued."""
@@ -137,10 +182,15 @@ class Processor:
         """Try to deliver every due result; the rest stays in the outbox."""
         return self.outbox.deliver(self.senders)
 
+    def last_event_reason(self, digest: str) -> str:
+        """The reason of this process's last event for an instance (why it was skipped, say)."""
+        return self._reasons.get(digest, "")
+
     def _event(self, digest: str, status: str, reason: str) -> None:
         line = json.dumps({"time": time.time(), "instance": digest, "status": status, "reason": reason})
         with self._events, open(self.state_dir / "events.jsonl", "a", encoding="utf-8") as stream:
             stream.write(line + "\n")
+        self._reasons[digest] = reason
 
 
 def _digest_of(path: Path) -> str:
@@ -198,23 +248,53 @@ class Node:
             self._stop.wait(self.poll_s)
 
 
-def pacs_run(processor: Processor, client, study_uid: str) -> list[Results]:
+def pacs_run(processor: Processor, client, study_uid: str) -> StudyRun:
     """Pull a study's instances by DICOMweb (QIDO-RS, WADO-RS), analyse them and queue their results.
 
-    Instances of other SOP classes (earlier SRs and Secondary Captures from lungdx included) are
-    skipped by the header check. Returns the results of the analysed instances.
+    lungdx's own results (Manufacturer lungdx) are never analysed. An instance whose result for this
+    model version was queued before (``Processor.done``) or is in the study already (its SR's UID,
+    ``results.result_uid``) is not retrieved again. Other SOP classes are skipped by the acceptance policy.
+
+    Raises:
+        NothingToAnalyse: the study is not in the PACS, or nothing in it is analysed or analysed already.
     """
     from lungdx.integrations.dicomweb import SERIES_UID, SOP_UID, value
-    from lungdx.integrations.results import MANUFACTURER
+    from lungdx.integrations.results import MANUFACTURER, result_uid
 
-    results = []
-    for instance in client.search_instances(study_uid, includefield="00080070"):
+    instances = client.search_instances(study_uid, includefield="00080070")
+    if not instances:
+        raise NothingToAnalyse(f"study {uid_digest(study_uid)} (digest of its Study Instance UID) is not in the PACS")
+    present = {value(instance, SOP_UID) for instance in instances}
+    run = StudyRun(analysed=[])
+    for instance in instances:
+        sop_uid = value(instance, SOP_UID)
         if value(instance, "00080070") == MANUFACTURER:  # our own results: never analyse them again
             continue
-        data = client.retrieve_instance(study_uid, value(instance, SERIES_UID), value(instance, SOP_UID))
-        path = write_atomic(processor.inbox / f"{uid_digest(value(instance, SOP_UID))}.dcm", data)
+        if processor.done(uid_digest(sop_uid)) or result_uid(sop_uid, processor.version, "sr") in present:
+            run.already += 1
+            continue
+        data = client.retrieve_instance(study_uid, value(instance, SERIES_UID), sop_uid)
+        path = write_atomic(processor.inbox / f"{uid_digest(sop_uid)}.dcm", data)
         result = processor.process(path)
         path.unlink(missing_ok=True)
         if result is not None:
-            results.append(result)
-    return results
+            run.analysed.append(result)
+        else:
+            run.skipped.append(processor.last_event_reason(uid_digest(sop_uid)))
+    if not run.analysed and not run.already:
+        raise NothingToAnalyse(f"study {uid_digest(study_uid)} holds no chest radiograph lungdx analyses: "
+                               + "; ".join(run.skipped or ["only lungdx results"]))
+    return run
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file; a torn last line (a crash mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s: ignoring a torn line", path)
+    return rows

@@ -1,7 +1,10 @@
 """Results put back into the original study: a TID 1500 Comprehensive SR and a heatmap Secondary Capture.
 
-Both share the source's Study Instance UID (0020,000D) and patient module, each gets a new series
-and new UIDs (``highdicom`` copies the patient and study modules from the evidence).
+Both share the source's Study Instance UID (0020,000D) and patient module, each gets its own series
+(``highdicom`` copies the patient and study modules from the evidence). Their UIDs are derived from
+the source's SOP Instance UID and the model version (:func:`result_uid`), so the result of one
+model version for one image is one instance, whatever the number of runs: a PACS that receives it
+again stores nothing new, and ``pacs_run`` finds it in the study and skips the image.
 
 The SR follows TID 1500 (Measurement Report) with one TID 1501 group: finding type "lung nodule",
 a qualitative evaluation of the malignancy likelihood (high or low at the model's operating
@@ -15,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import uuid
 import warnings
 
 import cv2
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 MANUFACTURER = "lungdx"
 SR_SERIES_NUMBER = 9901
@@ -30,6 +34,17 @@ SC_MAX_SIDE_PX = 1024
 """The overlay is downscaled to this side: it is a pointer for the reader, not a diagnostic image."""
 
 _PRIVATE = "99LUNGDX"
+_UID_NAMESPACE = uuid.UUID("6f1c2b5e-8d0a-5b7e-9a43-1c2d3e4f5a6b")
+"""lungdx's namespace for name-based (version 5) UUIDs."""
+
+
+def result_uid(source_uid: str, model_version: str, role: str) -> str:
+    """A UID for one role (``sr``, ``sr_series``, ``sc``, ...) of the result of ``model_version`` on one source image.
+
+    A UUID-derived UID (PS3.5 B.2, root 2.25) from a name-based UUID (RFC 4122 version 5) of the three,
+    so the same inputs always give the same UID and different inputs practically never collide.
+    """
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, f'{source_uid}/{model_version}/{role}').int}"
 
 
 def _codes():
@@ -62,6 +77,10 @@ def make_sr(source: Dataset, probability: float, label: int | None, identity: di
     import highdicom as hd
 
     codes = _codes()
+
+    def uid(role: str) -> str:
+        return result_uid(str(source.SOPInstanceUID), identity["version"], role)
+
     algorithm = hd.sr.AlgorithmIdentification(name=identity["name"], version=identity["version"],
                                               manufacturer=MANUFACTURER)
     evaluations = [] if label is None else [
@@ -69,28 +88,28 @@ def make_sr(source: Dataset, probability: float, label: int | None, identity: di
     measurement = hd.sr.Measurement(name=codes["probability"], value=float(probability), unit=codes["unit"],
                                     algorithm_id=algorithm)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="lungdx finding 1"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid("finding"), identifier="lungdx finding 1"),
         finding_type=codes["finding"], algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes["site"])], measurements=[measurement],
         qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(), name=identity["name"], manufacturer_name=MANUFACTURER,
+        uid=result_uid("", identity["version"], "device"), name=identity["name"], manufacturer_name=MANUFACTURER,
         model_name=f"{identity['model']} {identity['version']}")
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"), observer_identifying_attributes=device))
-    groups = [group] if location is None else [group, _location_group(source, location, algorithm, codes)]
+    groups = [group] if location is None else [group, _location_group(source, location, algorithm, codes, uid("location"))]
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes["procedure"],
                                      imaging_measurements=groups)
     with _quiet_names():
         return hd.sr.ComprehensiveSR(
-            evidence=[evidence_header(source)], content=report, series_instance_uid=generate_uid(), series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+            evidence=[evidence_header(source)], content=report, series_instance_uid=uid("sr_series"), series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=uid("sr"), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
             series_description=f"lungdx AI result ({identity['model']} {identity['version']})",
             software_versions=identity["software_version"], manufacturer_model_name=identity["model"])
 
 
-def _location_group(source: Dataset, location: dict, algorithm, codes):
+def _location_group(source: Dataset, location: dict, algorithm, codes, tracking_uid: str):
     """TID 1410: the nodule map's peak as a circle (centre, a point on the circumference) on the source image.
 
     SCOORD pixel coordinates put (0, 0) at the top-left corner of the top-left pixel (PS3.3 C.18.6.1.1),
@@ -106,7 +125,7 @@ def _location_group(source: Dataset, location: dict, algorithm, codes):
                                graphic_data=np.array([[x, y], [edge, y]], dtype=float),
                                source_image=hd.sr.SourceImageForRegion.from_source_image(source))
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="lungdx nodule location 1"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier="lungdx nodule location 1"),
         referenced_region=region, finding_type=codes["finding"], algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes["site"])])
 
@@ -198,11 +217,13 @@ def make_secondary_capture(source: Dataset, overlay: np.ndarray, identity: dict)
     """
     import highdicom as hd
 
+    source_uid, version = str(source.SOPInstanceUID), identity["version"]
     with _quiet_names():
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=evidence_header(source), pixel_array=overlay, photometric_interpretation="RGB",
-            bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=generate_uid(),
-            series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
+            bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=result_uid(source_uid, version, "sc_series"),
+            series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(source_uid, version, "sc"),
+            instance_number=1,
             manufacturer=MANUFACTURER, patient_orientation=_orientation(source),
             transfer_syntax_uid=ExplicitVRLittleEndian)
     image.SeriesDescription = f"lungdx heatmap - {NOT_FOR_DIAGNOSIS}"

@@ -32,12 +32,15 @@ def dicom_sender(by: str, *, dicomweb: str | None = None, host: str | None = Non
 
 
 def make_processor(run: str | Path, state_dir: str | Path, sender: Callable[[Path], None], *,
-                   fhir_url: str | None = None, device: str = "cpu", retry: RetryPolicy | None = None):
-    """The ``Processor`` of a run folder (or model.pt) with its result senders."""
+                   fhir_url: str | None = None, device: str = "cpu", retry: RetryPolicy | None = None, policy=None):
+    """The ``Processor`` of a run folder (or model.pt) with its result senders.
+
+    ``policy``: the ``lungdx.io.acceptance.AcceptancePolicy`` received instances are read through (default: the default one).
+    """
     from lungdx.integrations.fhir import post_bundle
     from lungdx.integrations.pipeline import Processor
     from lungdx.predict import Predictor
 
-    predictor = Predictor.from_path(run, device=device)
+    predictor = Predictor.from_path(run, device=device, policy=policy)
     send_fhir = partial(post_bundle, base_url=fhir_url) if fhir_url else None
     return Processor(predictor, state_dir, send_dicom=sender, send_fhir=send_fhir, retry=retry)

@@ -72,7 +72,7 @@ def read_raster(path: str | os.PathLike) -> Radiograph:
     """
     file = require_file(path)
     image, file_format = _load_image(file)
-    levels, max_level, bits = _gray_levels(image, file)
+    levels, max_level, bits, colour_spread = _gray_levels(image, file)
     if file_format == "png" and bits == 16:
         levels, max_level, bits = _apply_significant_bits(levels, _png_significant_bits(file))
     # Levels up to 16 bits are exact in float32, so float32 division is correctly rounded.
@@ -84,6 +84,8 @@ def read_raster(path: str | os.PathLike) -> Radiograph:
         "original_shape": [int(pixels.shape[0]), int(pixels.shape[1])],
         "mode": image.mode,
     }
+    if colour_spread is not None:
+        meta["colour_spread"] = colour_spread
     logger.debug("read %s: %s %s-bit %s", file, file_format, bits, pixels.shape)
     return Radiograph(pixels=pixels, meta=meta)
 
@@ -109,21 +111,22 @@ def _load_image(file: Path) -> tuple[Image.Image, str]:
     return image, file_format
 
 
-def _gray_levels(image: Image.Image, file: Path) -> tuple[np.ndarray, int, int]:
-    """Return (integer gray levels, the level that means white, bit depth) for a Pillow image."""
+def _gray_levels(image: Image.Image, file: Path) -> tuple[np.ndarray, int, int, float | None]:
+    """(integer gray levels, the level that means white, bit depth, colour spread or None) of a Pillow image."""
     mode = image.mode
     if mode == "1":
-        return np.asarray(image.convert("L")), 255, 1
+        return np.asarray(image.convert("L")), 255, 1, None
     if mode == "L":
-        return np.asarray(image), 255, 8
+        return np.asarray(image), 255, 8, None
     if mode in ("LA", "La"):
-        return np.asarray(image.getchannel("L")), 255, 8
+        return np.asarray(image.getchannel("L")), 255, 8, None
     if mode in _SIXTEEN_BIT_MODES:
-        return np.asarray(image).astype(np.uint16), 65535, 16
+        return np.asarray(image).astype(np.uint16), 65535, 16, None
     if mode == "I":
-        return _int32_as_16bit(np.asarray(image), file), 65535, 16
+        return _int32_as_16bit(np.asarray(image), file), 65535, 16, None
     if mode in _COLOUR_MODES:
-        return _colour_to_gray(image, file), 255, 8
+        gray, spread = _colour_to_gray(image, file)
+        return gray, 255, 8, spread
     raise ImageReadError(file, f"unsupported pixel mode {mode!r}")
 
 
@@ -134,14 +137,22 @@ def _int32_as_16bit(levels: np.ndarray, file: Path) -> np.ndarray:
     return levels.astype(np.uint16)
 
 
-def _colour_to_gray(image: Image.Image, file: Path) -> np.ndarray:
-    """Take the one channel of a gray image stored as colour, else reduce colour to luma."""
+def _colour_to_gray(image: Image.Image, file: Path) -> tuple[np.ndarray, float]:
+    """Take the one channel of a gray image stored as colour, else reduce colour to luma.
+
+    Also returns how much the channels differ: the mean of (max - min) over R, G, B as a share of
+    255, on every k-th pixel (0 for a gray image stored as colour). ``lungdx.io.acceptance`` refuses
+    images where it is material.
+    """
     rgb_image = image.convert("RGB")
     rgb = np.asarray(rgb_image)
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
-        return np.ascontiguousarray(rgb[..., 0])
-    logger.debug("%s: colour image (mode %s) reduced to luma", file, image.mode)
-    return np.asarray(rgb_image.convert("L"))
+        return np.ascontiguousarray(rgb[..., 0]), 0.0
+    stride = max(1, max(rgb.shape[:2]) // 512)
+    sample = rgb[::stride, ::stride].astype(np.int16)
+    spread = float((sample.max(axis=2) - sample.min(axis=2)).mean() / 255)
+    logger.debug("%s: colour image (mode %s, channel spread %.3f) reduced to luma", file, image.mode, spread)
+    return np.asarray(rgb_image.convert("L")), spread
 
 
 def _png_significant_bits(file: Path) -> int | None:

@@ -20,16 +20,19 @@ import cv2
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from lungdx import __version__
+from lungdx.io.acceptance import AcceptancePolicy
 from lungdx.predict import Prediction, Predictor
 from lungdx.preprocess import window
 from lungdx.report import NOT_FOR_CLINICAL_USE
 from lungdx.service import schemas
 from lungdx.service.batching import MicroBatcher
+from lungdx.service.errors import install_error_handlers
 from lungdx.service.inputs import UploadRejected, case_hash, read_upload
 from lungdx.service.security import require_api_key
 from lungdx.service.settings import ServiceSettings
@@ -46,6 +49,16 @@ LOCATION_NOTE = ("The nodule map's peak: the most suspicious point in the lungs,
                  "It is shown whatever the decision; on a 'normal' result it is the least unlikely place, not a finding.")
 HEATMAP_CAVEAT = (" Not a segmentation of a nodule: on JSRT the heatmap's peak lands in the nodule no more "
                   "often than chance (docs/results.md).")
+PREDICTION_ERRORS = {
+    400: "malformed multipart/form-data body",
+    401: schemas.API_KEY_REFUSED,
+    413: "request body over --max-upload-mb, or an image over --max-megapixels (rows x columns from its header, "
+         "before decoding: the reason gives the size)",
+    415: "not a PNG, a JPEG or a DICOM (PS3.10) file, judged by its first bytes",
+    422: "no 'file' part or more than one, an invalid query parameter, an empty or undecodable file, or an image the "
+         "acceptance policy refuses (the reason says which check)",
+    503: "the model is not loaded yet",
+}
 INTENDED_USE = ("Research on computer-aided detection of lung nodules in frontal (PA/AP) chest radiographs "
                 "of adults; a second look beside a radiologist's own reading, never instead of it.")
 
@@ -71,6 +84,14 @@ def services(request: Request) -> Services:
     return loaded
 
 
+async def one_file_part(request: Request) -> None:
+    """Dependency: 422 for a body with more than one ``file`` part, which would otherwise let the last one win."""
+    count = len((await request.form()).getlist("file"))  # the form FastAPI has already parsed, not a second parse
+    if count > 1:
+        raise RequestValidationError([{"type": "too_many_parts", "loc": ("body", "file"),
+                                       "msg": f"{count} parts named 'file': send exactly one image per request"}])
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The service for one model. Nothing is loaded until the app starts (uvicorn or ``TestClient``)."""
     from fastapi_offline import FastAPIOffline
@@ -80,6 +101,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     # max_body_size: FastAPI answers 413 by Content-Length or as soon as a streamed body passes it.
     app = FastAPIOffline(title="lungdx", version=__version__, lifespan=_lifespan, max_body_size=settings.max_upload_bytes,
                          description="Lung nodule assessment of chest radiographs. " + NOT_FOR_CLINICAL_USE)
+    install_error_handlers(app)  # one error body, schemas.ErrorOut, for every route and status
     app.state.settings = settings
     app.state.services = None
     app.state.monitor = None
@@ -98,8 +120,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     settings: ServiceSettings = app.state.settings
+    policy = AcceptancePolicy(max_pixels=settings.max_pixels, allow_non_chest=settings.allow_non_chest)
     predictor = await run_in_threadpool(Predictor.from_path, settings.run, device=settings.device,
-                                        precision=settings.precision)
+                                        precision=settings.precision, policy=policy)
     lock = threading.Lock()
 
     def run_batch(items: list[tuple[np.ndarray, tuple[int, int]]]) -> list[tuple[float, object]]:
@@ -156,16 +179,16 @@ def _add_routes(app: FastAPI) -> None:
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/healthz", response_model=schemas.Health, summary="the process answers")
+    @app.get("/healthz", response_model=schemas.Health, summary="the process answers", responses=schemas.error_responses({}))
     async def healthz():
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=schemas.Ready, summary="the model is loaded and the batcher runs",
-             responses={503: {"model": schemas.Ready}})
+             responses=schemas.error_responses({503: "not ready: the model is still loading, or the batcher has stopped"}))
     async def readyz(request: Request):
         loaded: Services | None = request.app.state.services
         if loaded is None or not loaded.batcher.running:
-            return JSONResponse({"ready": False, "model_version": None, "monitoring": False}, status_code=503)
+            raise HTTPException(503, detail="not ready: the model is not loaded or the batcher is not running")
         return {"ready": True, "model_version": loaded.identity["version"], "monitoring": loaded.monitor is not None}
 
     @app.get("/metrics", include_in_schema=False)
@@ -173,15 +196,15 @@ def _add_routes(app: FastAPI) -> None:
         return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/model", response_model=schemas.ModelCard, dependencies=[Depends(require_api_key)],
-             summary="the model card: identity, threshold, validation and test figures, intended use")
+             summary="the model card: identity, threshold, validation and test figures, intended use",
+             responses=schemas.error_responses({401: schemas.API_KEY_REFUSED, 503: "the model is not loaded yet"}))
     async def model(loaded: Annotated[Services, Depends(services)]):
         return loaded.card
 
-    @app.post("/v1/predictions", response_model=schemas.PredictionOut, dependencies=[Depends(require_api_key)],
+    @app.post("/v1/predictions", response_model=schemas.PredictionOut,
+              dependencies=[Depends(require_api_key), Depends(one_file_part)],
               summary="probability, label at the operating threshold and, on request, a heatmap",
-              responses={401: {"description": "missing or wrong API key"}, 413: {"description": "file or image too large"},
-                         415: {"description": "not PNG, JPEG or DICOM"},
-                         422: {"description": "undecodable, too small, or not a frontal chest radiograph"}})
+              responses=schemas.error_responses(PREDICTION_ERRORS))
     async def predict(file: Annotated[UploadFile, File(description="a PNG, JPEG or DICOM chest radiograph")],
                       loaded: Annotated[Services, Depends(services)],
                       heatmap: Annotated[bool, Query(description="add a heatmap (slower)")] = False,
@@ -192,7 +215,7 @@ def _add_routes(app: FastAPI) -> None:
 async def _predict(loaded: Services, file: UploadFile, want_heatmap: bool, want_preview: bool) -> dict:
     start = time.perf_counter()
     try:
-        radiograph = await run_in_threadpool(read_upload, file.file, max_pixels=loaded.settings.max_pixels)
+        radiograph = await run_in_threadpool(read_upload, file.file, loaded.predictor.policy)
         levelled = await run_in_threadpool(loaded.predictor.level, radiograph.pixels)
     except UploadRejected as err:
         logger.info("rejected upload (%d): %s", err.status, err.reason)

@@ -11,8 +11,11 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
+from lungdx.service import schemas
 from lungdx.service.security import require_api_key
 
+MONITOR_OFF = "monitoring is disabled: the service runs without a database (lungdx serve --db URL)"
+SINCE_INVALID = "an invalid ?since= period (use 30d, 12h, 90m, 2w or all)"
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["monitoring"])
 
 
@@ -41,7 +44,10 @@ def _monitor(request: Request):
     return monitor
 
 
-@router.post("/v1/predictions/{prediction_id}/feedback", response_model=FeedbackOut)
+@router.post("/v1/predictions/{prediction_id}/feedback", response_model=FeedbackOut, responses=schemas.error_responses({
+    400: "malformed request body (e.g. not UTF-8)", 401: schemas.API_KEY_REFUSED,
+    404: "no prediction with this id in the monitoring log", 413: "request body over --max-upload-mb",
+    422: "an invalid body, or a label that is not one of the model's classes", 503: MONITOR_OFF}))
 def add_feedback(prediction_id: str, feedback: FeedbackIn, request: Request) -> dict:
     """Store a reader's confirmed label beside the logged prediction."""
     from lungdx.monitoring import UnknownPrediction
@@ -65,7 +71,8 @@ def _since(since: str) -> str:
     return since
 
 
-@router.get("/v1/monitor/report", response_class=HTMLResponse)
+@router.get("/v1/monitor/report", response_class=HTMLResponse, responses=schemas.error_responses({
+    401: schemas.API_KEY_REFUSED, 422: SINCE_INVALID, 503: MONITOR_OFF}, html=True))
 def monitor_report(request: Request, since: str = Query("30d", description="period: 30d, 12h, 90m, 2w or all")) -> HTMLResponse:
     """The offline HTML monitoring report (volume, alerts, drift, rolling performance)."""
     from lungdx.monitoring import render_report
@@ -73,7 +80,8 @@ def monitor_report(request: Request, since: str = Query("30d", description="peri
     return HTMLResponse(render_report(_monitor(request), since=_since(since)))
 
 
-@router.get("/v1/monitor/summary")
+@router.get("/v1/monitor/summary", responses=schemas.error_responses({
+    401: schemas.API_KEY_REFUSED, 422: SINCE_INVALID, 503: MONITOR_OFF}))
 def monitor_summary(request: Request, since: str = Query("30d", description="period: 30d, 12h, 90m, 2w or all")) -> dict:
     """Volume, drift checks, alerts and rolling performance as JSON."""
     return _monitor(request).summary(since=_since(since))

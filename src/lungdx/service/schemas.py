@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ModelIdentity(BaseModel):
@@ -88,3 +90,53 @@ class Ready(BaseModel):
     ready: bool
     model_version: str | None = None
     monitoring: bool = False
+
+
+class FieldError(BaseModel):
+    """One invalid part of a request, as request validation found it (never the value that was sent)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loc: list[str | int] = Field(description="where: body, query, path or header, then the field name or position",
+                                 examples=[["body", "file"]])
+    msg: str = Field(description="what is wrong with it, for a person", examples=["Field required"])
+    type: str = Field(description="the kind of error, for a program", examples=["missing"])
+
+
+class ErrorOut(BaseModel):
+    """The body of every error response, whatever the route and status (4xx and 5xx).
+
+    ``detail`` and ``status`` mean what they mean in RFC 9457 (Problem Details for HTTP APIs), so a
+    client that knows that format reads this one; ``detail`` stays a string, as in FastAPI's own
+    ``HTTPException`` body, so ``response.json()["detail"]`` is the reason on every status.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    detail: str = Field(description="why the request was refused, in one sentence a person can act on",
+                        examples=["image of 13000 x 13000 pixels is over the limit of 50000000 pixels"])
+    status: int = Field(description="the HTTP status code, repeated so that a logged body says it alone", examples=[413])
+    errors: list[FieldError] | None = Field(description="one entry per invalid field when request validation failed "
+                                                        "(422); null for every other error")
+
+
+API_KEY_REFUSED = "missing or wrong API key in the X-API-Key header (only when the service has a key)"
+INTERNAL_ERROR = "an internal error: never expected, a defect to report (the body says no more than this)"
+
+
+def error_responses(descriptions: dict[int, str], *, html: bool = False) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses=``: each status with ``ErrorOut`` and what it means on this route, and 500 for every route.
+
+    Args:
+        html: the route answers text/html on success. FastAPI would declare a ``model`` under the
+            route's own media type, so the errors name ``ErrorOut`` as application/json themselves
+            (the component exists because every other route declares it through ``model``).
+    """
+    error = ({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}} if html
+             else {"model": ErrorOut})
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {**error, "description": text} for status, text in {**descriptions, 500: INTERNAL_ERROR}.items()}
+    if 401 in responses:  # RFC 9110 11.6.1: a 401 names the scheme to use
+        responses[401]["headers"] = {"WWW-Authenticate": {"description": "the scheme: APIKey (header X-API-Key)",
+                                                          "schema": {"type": "string"}}}
+    return responses

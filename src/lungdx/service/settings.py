@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lungdx.io.acceptance import DEFAULT_MAX_PIXELS
+
 
 @dataclass(frozen=True)
 class ServiceSettings:
@@ -15,7 +17,10 @@ class ServiceSettings:
         api_key: required in the ``X-API-Key`` header of every ``/v1`` request when set.
         db_url: SQLAlchemy URL of the prediction and feedback log; None disables monitoring.
         max_upload_bytes: larger request bodies get 413 before they are read to the end.
-        max_pixels: images with more pixels (rows x columns, read from the header before decoding) get 413.
+        max_pixels: images with more pixels (rows x columns, read from the header before decoding) get 413;
+            the same default as every other entrance (``lungdx.io.acceptance.DEFAULT_MAX_PIXELS``).
+        allow_non_chest: score DICOM images whose header says not CR/DX, not chest or not PA/AP, with a
+            warning in the response, instead of refusing them (422); for research only.
         max_batch: the most concurrent requests run through the model as one batch (1 turns batching off).
         max_wait_ms: how long the first request of a batch waits for others to join it.
         heatmap_method: ``auto`` (the model's own nodule map for a localising model such as nodule_net,
@@ -32,7 +37,8 @@ class ServiceSettings:
     device: str = "auto"
     precision: str = "auto"
     max_upload_bytes: int = 64 * 1024 * 1024
-    max_pixels: int = 50_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_non_chest: bool = False
     max_batch: int = 16
     max_wait_ms: float = 5.0
     heatmap_method: str = "auto"

@@ -13,7 +13,8 @@ async function api(path, options = {}) {
   const type = response.headers.get("content-type") || "";
   const body = type.includes("application/json") ? await response.json() : await response.text();
   if (!response.ok) {
-    const detail = body && body.detail ? (typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)) : response.statusText;
+    // Every error body of the service is {detail, status, errors} (schemas.ErrorOut): detail is the reason.
+    const detail = body && typeof body.detail === "string" ? body.detail : response.statusText;
     const error = new Error(`${response.status}: ${detail}`);
     error.status = response.status;
     throw error;
