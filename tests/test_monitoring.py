@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -135,7 +137,7 @@ def test_shifted_intensity_raises_the_drift_alert_and_unshifted_does_not(tmp_pat
         # 13 validation cases: too few for two PSI bins of 10; the KS test still decides on the scores.
         assert statuses.pop("score_psi") == "insufficient reference"
         assert {name for name, state in statuses.items() if state not in ("ok", "no reference")} == set()
-        assert status["active_alerts"] == []
+        assert status["active_alerts"] == [] and monitor.active_alerts() == []
         assert monitor.registry.get_sample_value("lungdx_monitor_alert", {"check": "intensity_psi"}) == 0.0
     assert Webhook.received == []
 
@@ -151,6 +153,12 @@ def test_shifted_intensity_raises_the_drift_alert_and_unshifted_does_not(tmp_pat
         # A second check does not raise the same alert again.
         monitor.check()
         assert [e["check_name"] for e in monitor.alert_events()].count("intensity_psi") == 1
+        plain = {alert["check"]: alert for alert in monitor.active_alerts()}
+        assert set(plain) == raised
+        assert plain["intensity_psi"]["message"].startswith("Recent images differ in brightness or contrast")
+        assert {name: alert["since"] for name, alert in plain.items()} == {a["check"]: a["since"] for a in status["active_alerts"]}
+    with Monitor.open(sqlite_url(tmp_path / "shifted.db"), checkpoint, settings=settings) as restarted:
+        assert {alert["check"] for alert in restarted.active_alerts()} == raised  # from the log, before any check
     for _ in range(50):
         if {"intensity_psi", "intensity_ks"} <= {event["check"] for event in Webhook.received}:
             break
@@ -158,6 +166,23 @@ def test_shifted_intensity_raises_the_drift_alert_and_unshifted_does_not(tmp_pat
     assert {"intensity_psi", "intensity_ks"} <= {event["check"] for event in Webhook.received}
     assert all(event["event"] == "raised" for event in Webhook.received)
     assert any("monitoring alert raised: intensity_psi" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("check, value, limit, detail, words", [
+    ("score_ks", 1e-9, 0.001, "KS statistic 0.800, p = 1e-09 (alert below 0.001)", "scores differ"),
+    ("intensity_psi", 0.9, 0.25, "PSI 0.900 (limit 0.25)", "brightness or contrast"),
+    ("manufacturer", 0.5, 0.2, "50% of the window unseen in the reference (OTHER, ACME2)", "Of recent images, 50% have a "
+     "manufacturer the model was not validated on (OTHER, ACME2)"),
+    ("performance_sensitivity", 0.61, 0.85, "sensitivity 0.610, CI upper bound 0.700 below the validation value 0.850",
+     "sensitivity (0.61) is below its validation value (0.85), so the model may be missing more positive cases"),
+    ("performance_auc", 0.6, 0.8, "auc 0.600, ...", "AUC (0.60)"),
+])
+def test_alerts_read_as_one_plain_sentence(check, value, limit, detail, words):
+    from lungdx.monitoring.alerts import plain_message
+
+    message = plain_message(check, value, limit, detail)
+    assert words in message and message[0].isupper() and message.endswith(".") and ". " not in message
+    assert "PSI" not in message and "KS" not in message
 
 
 def test_acquisition_drift_on_an_unseen_manufacturer(tmp_path, checkpoint):
@@ -297,6 +322,185 @@ def test_two_processes_writing_at_once_lose_no_row(tmp_path, trained_run):
     with Monitor.open(url) as monitor:
         ids = monitor.window(limit=1000)["id"]
     assert len(ids) == len(set(ids)) == 240
+
+
+# -------------------------------------------------------------------------------- write-behind log
+
+
+@contextlib.contextmanager
+def database_held(path: Path):
+    """Hold SQLite's write lock from another connection, as a slow or busy database would: the log writer waits."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+    finally:
+        connection.execute("ROLLBACK")
+        connection.close()
+
+
+def rows_in(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return connection.execute("SELECT count(*) FROM lungdx_monitor_predictions").fetchone()[0]
+
+
+def test_records_are_queued_and_inserted_in_batches(tmp_path, checkpoint):
+    from sqlalchemy import event
+
+    pixels = np.full((64, 64), 0.4, np.float32)
+    with Monitor.open(sqlite_url(tmp_path / "q.db"), checkpoint) as monitor:
+        inserts = []
+        event.listen(monitor.engine, "before_cursor_execute",
+                     lambda conn, cursor, statement, parameters, context, many: inserts.append(len(parameters) if many else 1)
+                     if statement.startswith("INSERT INTO lungdx_monitor_predictions") else None)
+        with database_held(tmp_path / "q.db"):
+            ids = [monitor.record(fake_prediction(0.1 + i / 100), pixels) for i in range(40)]
+            assert rows_in(tmp_path / "q.db") == 0 and monitor.log_state()["pending"] == 40  # answered, not yet written
+        assert monitor.flush(timeout_s=30)
+        assert sorted(monitor.window(limit=100)["id"]) == sorted(ids)
+    assert sum(inserts) == 40 and len(inserts) <= 2 and max(inserts) >= 20  # what waited went as one batch
+    assert monitor.log_state() == {"pending": 0, "written": 40, "dropped": 0, "refused": 0, "batches": len(inserts)}
+
+
+def test_a_clean_stop_writes_every_queued_record(tmp_path, checkpoint):
+    pixels = np.full((64, 64), 0.6, np.float32)
+    monitor = Monitor.open(sqlite_url(tmp_path / "c.db"), checkpoint, settings=MonitorSettings(archive_dir=tmp_path / "a"))
+    with database_held(tmp_path / "c.db"):
+        ids = [monitor.record(fake_prediction(0.3), pixels) for _ in range(200)]
+        closing = threading.Thread(target=monitor.close)
+        closing.start()  # close() waits for the writer while the database is still busy
+        closing.join(0.3)
+        assert closing.is_alive() and rows_in(tmp_path / "c.db") == 0
+    closing.join(60)
+    assert not closing.is_alive()
+    with Monitor.open(sqlite_url(tmp_path / "c.db")) as reader:
+        assert sorted(reader.window(limit=1000)["id"]) == sorted(ids)
+    assert sorted(path.stem for path in (tmp_path / "a").glob("*.png")) == sorted(ids)
+    with pytest.raises(RuntimeError, match="closed"):
+        monitor.record(fake_prediction(0.3), pixels)
+
+
+CRASH = """
+import os, sys, time
+import numpy as np
+from lungdx.checkpoint import load_checkpoint
+from lungdx.monitoring import LogQueueFull, Monitor, MonitorSettings
+from lungdx.predict import Prediction
+
+monitor = Monitor.open(sys.argv[1], load_checkpoint(sys.argv[2]), settings=MonitorSettings(log_queue_size=8, log_block_s=0.2))
+os.close(os.open(sys.argv[3], os.O_CREAT))  # tell the test the tables exist, so it can take the write lock
+while os.path.exists(sys.argv[3]):
+    time.sleep(0.02)
+accepted = refused = 0
+for i in range(20):
+    try:
+        monitor.record(Prediction(source="x", probability=0.5, label=1, threshold=0.5), np.zeros((32, 32), np.float32))
+        accepted += 1
+    except LogQueueFull:
+        refused += 1
+print(accepted, refused, flush=True)
+os._exit(0)  # a crash: no close(), no atexit, the queue is never written
+"""
+
+
+def test_a_crash_loses_at_most_the_queue_bound(tmp_path, trained_run):
+    database, flag = tmp_path / "crash.db", tmp_path / "ready"
+    (tmp_path / "crash.py").write_text(CRASH)
+    worker = subprocess.Popen([sys.executable, str(tmp_path / "crash.py"), sqlite_url(database), str(trained_run / "model.pt"),
+                               str(flag)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if flag.exists() or worker.poll() is not None:
+            break
+        threading.Event().wait(0.1)
+    with database_held(database):
+        flag.unlink()
+        out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    accepted, refused = map(int, out.split())
+    # Back-pressure: with 8 records unwritten, record() waits, then refuses; the crash loses those 8, no more.
+    assert (accepted, refused) == (8, 12)
+    assert rows_in(database) == 0
+    assert "monitoring log behind (8 records waiting)" in err
+
+
+def test_record_waits_while_the_oldest_unwritten_record_is_older_than_the_delay_bound(tmp_path, checkpoint):
+    from lungdx.monitoring import LogQueueFull
+
+    pixels = np.zeros((16, 16), np.float32)
+    settings = MonitorSettings(log_max_delay_s=0.3, log_block_s=0.2)
+    with Monitor.open(sqlite_url(tmp_path / "t.db"), checkpoint, settings=settings) as monitor:
+        with database_held(tmp_path / "t.db"):
+            monitor.record(fake_prediction(0.2), pixels)
+            threading.Event().wait(0.35)
+            with pytest.raises(LogQueueFull, match="oldest record has waited"):
+                monitor.record(fake_prediction(0.2), pixels)
+        assert monitor.flush(30)
+        monitor.record(fake_prediction(0.2), pixels)  # written again: accepted at once
+        assert monitor.log_state()["refused"] == 1 and len(monitor.window()["id"]) == 2
+        assert monitor.registry.get_sample_value("lungdx_monitor_log_records", {"state": "refused"}) == 1.0
+
+
+def test_feedback_on_a_prediction_still_queued(tmp_path, checkpoint):
+    with Monitor.open(sqlite_url(tmp_path / "fq.db"), checkpoint) as monitor:
+        with database_held(tmp_path / "fq.db"):
+            prediction_id = monitor.record(fake_prediction(0.8), np.full((16, 16), 0.5, np.float32))
+            assert rows_in(tmp_path / "fq.db") == 0
+            feedback = {}
+            writer = threading.Thread(target=lambda: feedback.update(monitor.add_feedback(prediction_id, "malignant", "R1")))
+            writer.start()  # waits for the queued row; the lock is released below
+            writer.join(0.2)
+            assert writer.is_alive()
+        writer.join(30)
+        assert feedback["prediction_id"] == prediction_id and feedback["label"] == 1
+        assert [case["id"] for case in monitor.confirmed()] == [prediction_id]
+
+
+def test_a_row_the_database_refuses_is_dropped_alone(tmp_path, checkpoint, monkeypatch, caplog):
+    import uuid
+
+    from lungdx.monitoring import monitor as monitor_module
+
+    ids = iter(["a" * 32, "b" * 32, "a" * 32, "c" * 32])  # the third repeats the first: an IntegrityError in its batch
+    monkeypatch.setattr(monitor_module.uuid, "uuid4", lambda: uuid.UUID(next(ids)))
+    pixels = np.full((16, 16), 0.5, np.float32)
+    with Monitor.open(sqlite_url(tmp_path / "d.db"), checkpoint) as monitor:
+        with database_held(tmp_path / "d.db"):
+            for _ in range(4):
+                monitor.record(fake_prediction(0.4), pixels)
+        assert monitor.flush(30)
+        assert sorted(monitor.window()["id"]) == ["a" * 32, "b" * 32, "c" * 32]
+        assert monitor.log_state()["dropped"] == 1 and monitor.log_state()["written"] == 3
+    assert "a record cannot be written and is dropped" in caplog.text
+
+
+def test_image_statistics_equal_the_reference_statistics():
+    from lungdx.monitoring.monitor import image_statistics
+    from lungdx.reference import intensity_statistics
+
+    rng = np.random.default_rng(5)
+    images = phantoms(3, seed=1) + [rng.uniform(-0.2, 1.2, size=(1100, 700)), rng.uniform(size=(513, 1030)).astype(np.float32),
+                                    np.full((5, 7), 0.25, np.float32), (rng.integers(0, 4096, (600, 480)) / 4095).astype(np.float32),
+                                    rng.integers(0, 2, (40, 30)).astype(np.uint8)]
+    for pixels in images:
+        expected, fast = intensity_statistics(pixels), image_statistics(pixels)
+        assert set(fast) == set(expected) - {"polarity"}
+        for key, value in fast.items():
+            assert np.allclose(value, expected[key], rtol=1e-12, atol=1e-15), (pixels.shape, key)
+    broken = np.zeros((8, 8), np.float32)
+    broken[3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        image_statistics(broken)
+
+
+def test_pixel_keys_are_stable_per_image(tmp_path, checkpoint):
+    first, second = phantoms(2, seed=9)
+    url = sqlite_url(tmp_path / "k.db")
+    with Monitor.open(url, checkpoint) as monitor:
+        for pixels in (first, first.copy(), second, first[:-1], first):
+            monitor.record(fake_prediction(0.5), pixels)
+    with Monitor.open(url) as reader:
+        keys = list(reversed(reader.window()["case_key"]))  # newest first
+    assert keys[0] == keys[1] == keys[4] and len(set(keys)) == 3 and len(keys[0]) == 32
 
 
 # --------------------------------------------------------------------------------------- router

@@ -8,6 +8,7 @@ from lungdx.monitoring.monitor import Monitor, UnknownPrediction, check_reader, 
 from lungdx.monitoring.report import render_report
 from lungdx.monitoring.settings import MonitorSettings
 from lungdx.monitoring.upgrade import challenge, export_feedback
+from lungdx.monitoring.writer import LogQueueFull
 
-__all__ = ["Monitor", "MonitorSettings", "UnknownPrediction", "challenge", "check_reader", "export_feedback",
+__all__ = ["LogQueueFull", "Monitor", "MonitorSettings", "UnknownPrediction", "challenge", "check_reader", "export_feedback",
            "parse_since", "render_report"]

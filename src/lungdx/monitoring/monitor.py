@@ -3,10 +3,16 @@
 The service opens one ``Monitor`` in its lifespan, calls ``record`` for every prediction (from a
 threadpool: everything here is thread-safe) and ``add_feedback`` when a reader confirms a case.
 ``lungdx monitor`` opens the same database read-only (no checkpoint) for reports and upgrades.
+
+``record`` does only the cheap part on the caller's thread (intensity statistics on a strided sample,
+the case key, the row) and queues the row; one background thread inserts the queue in batches and
+writes the archived images (``lungdx.monitoring.writer``). Reads (``window``, feedback, summary,
+checks) first wait for the rows queued before them, so they see every recorded prediction.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import hmac
 import json
@@ -15,19 +21,24 @@ import re
 import threading
 import time
 import uuid
+import weakref
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import func, select
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from lungdx.checkpoint import model_identity
 from lungdx.monitoring import store
+from lungdx.monitoring.alerts import plain_message
 from lungdx.monitoring.drift import drift_checks
 from lungdx.monitoring.performance import ALERTING_METRICS, rolling_performance
 from lungdx.monitoring.settings import MonitorSettings
+from lungdx.monitoring.writer import LogQueueFull, WriteBehind
 from lungdx.predict import Prediction
-from lungdx.reference import ACQUISITION_FIELDS, acquisition_fields, intensity_statistics, load_reference
+from lungdx.reference import ACQUISITION_FIELDS, INTENSITY_BINS, STATISTICS_SIDE_PX, acquisition_fields, load_reference
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +46,10 @@ READER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}")
 """A reader code: up to 16 letters, digits, ``_ . -``; with a digit unless 4 characters or fewer ("R1", "RAD-07", "JS")."""
 _SINCE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, DisconnectionError)
+"""Database errors the log writer retries (locked, unreachable); any other drops the row that caused it."""
+_QUANTILES = np.array([0.05, 0.50, 0.95])
+_OPEN: weakref.WeakSet = weakref.WeakSet()
 
 
 class UnknownPrediction(KeyError):
@@ -70,8 +85,35 @@ def check_reader(reader: str) -> str:
     return reader
 
 
+@dataclass
+class _Queued:
+    """A row waiting for the log writer, with the pixels to archive (a copy) when ``archive_dir`` is set."""
+
+    row: dict
+    pixels: np.ndarray | None = None
+    file_written: bool = False
+
+
 class Monitor:
-    """The log of one database, for one model (the checkpoint's, or in read-only use the latest registered)."""
+    """The log of one database, for one model (the checkpoint's, or in read-only use the latest registered).
+
+    Writes are write-behind: ``record`` returns the new prediction's id at once and a background
+    thread inserts the queued rows in batches (one transaction each) and writes the archived images.
+
+    - Clean stop: ``close`` (the service's lifespan shutdown; also at interpreter exit) writes every
+      queued row before it returns, so nothing is lost.
+    - Crash (SIGKILL, power cut): only rows not yet committed are lost, at most
+      ``settings.log_queue_size`` (N, default 256), all recorded within one span of at most
+      ``settings.log_max_delay_s`` (T, default 5 s): ``record`` waits (back-pressure) while N rows are
+      waiting or the oldest has waited T. The writer never waits to fill a batch, so while the database
+      answers a row is committed milliseconds after ``record``.
+    - Full queue: back-pressure, not dropping. A dropped row is a prediction a reader saw that
+      feedback, drift and performance never see; waiting slows answers to the database's pace
+      instead. After ``log_block_s`` (database down) ``record`` raises ``LogQueueFull`` (a
+      RuntimeError), counted and logged, as a failed insert raised before.
+    - Reads (``window``, ``confirmed``, ``add_feedback``, ``check``, ``summary``) wait for the rows
+      queued before them, so feedback on an id whose row is still queued works.
+    """
 
     def __init__(self, engine, description: dict, settings: MonitorSettings, *, writable: bool, registry=None):
         self.engine, self.settings, self.writable = engine, settings, writable
@@ -85,13 +127,22 @@ class Monitor:
         self._check_lock = threading.Lock()
         self._since_check = 0
         self._cached: tuple[float, dict] | None = None
+        self._closed = False
         archive = settings.archive_dir
         if archive is not None and writable:
             Path(archive).mkdir(parents=True, exist_ok=True)
             store.write_setting(engine, "archive_dir", str(Path(archive).resolve()))
+        self._active = self._plain_alerts(self._last_alert_events())
         from lungdx.monitoring.prometheus import register_metrics
 
         self.registry, self._metrics = register_metrics(self, registry)
+        self._writer: WriteBehind | None = None
+        if writable:
+            self._writer = WriteBehind(self._write_rows, on_done=self._rows_written, transient=TRANSIENT_ERRORS,
+                                       max_pending=settings.log_queue_size, max_delay_s=settings.log_max_delay_s,
+                                       block_s=settings.log_block_s, batch_size=settings.log_batch_size,
+                                       max_bytes=int(settings.log_queue_mb * 2**20))
+            _OPEN.add(self)
 
     @classmethod
     def open(cls, url: str, checkpoint: dict | None = None, *, registry=None, settings: MonitorSettings | None = None,
@@ -115,9 +166,15 @@ class Monitor:
         return cls(engine, description, settings, writable=checkpoint is not None, registry=registry)
 
     def close(self) -> None:
-        """Unregister the Prometheus metrics and release the database connections."""
+        """Write every queued row, then unregister the Prometheus metrics and release the database connections."""
         from lungdx.monitoring.prometheus import unregister_metrics
 
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close(self.settings.close_timeout_s)
+            _OPEN.discard(self)
         waited = self._check_lock.acquire(timeout=120)  # a periodic check still running must not lose its database
         try:
             unregister_metrics(self.registry, self._metrics)
@@ -138,64 +195,112 @@ class Monitor:
         """The pseudonymous key of a SOP Instance UID (0008,0018) in this database (HMAC-SHA256)."""
         return hmac.new(self._secret, f"uid:{sop_instance_uid}".encode(), hashlib.sha256).hexdigest()[:32]
 
-    def _pixel_key(self, pixels: np.ndarray) -> str:
-        digest = hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.float32).tobytes()).hexdigest()
-        return hmac.new(self._secret, f"pixels:{digest}".encode(), hashlib.sha256).hexdigest()[:32]
+    def _pixel_key(self, shape: tuple[int, ...], grid: np.ndarray) -> str:
+        """The case key of an image without a SOP Instance UID: an HMAC of its shape and its statistics grid.
+
+        The grid is every k-th pixel up to ``STATISTICS_SIDE_PX`` a side (``statistics_grid``, what the
+        intensity statistics read): the same image always gets the same key, and two images of one shape
+        that agree on every pixel of that grid are taken for the same case. Hashing every pixel took
+        about 7% of the service's CPU samples under load on 1024 px uploads; the grid is a quarter of
+        the bytes (a sixteenth at 2048 px). Keys of such uploads logged before this version hashed every
+        pixel, so they differ.
+        """
+        digest = hashlib.sha256(memoryview(grid).cast("B")).hexdigest()  # hashlib releases the GIL while it hashes
+        return hmac.new(self._secret, f"grid:{shape[0]}x{shape[1]}:{digest}".encode(), hashlib.sha256).hexdigest()[:32]
 
     def record(self, prediction: Prediction, pixels: np.ndarray) -> str:
-        """Log one prediction and its input statistics; returns the new prediction id.
+        """Queue one prediction and its input statistics for the log; returns the new prediction id at once.
 
         Args:
             prediction: from ``Predictor``; ``meta`` gives the acquisition fields and the SOP
                 Instance UID (hashed). Names, IDs, dates and ``meta["source"]`` are never stored.
             pixels: the (H, W) image in [0, 1], MONOCHROME2, as read (before the model's levelling).
+
+        Raises:
+            LogQueueFull: the database has taken no write for ``log_block_s`` (see the class docstring).
         """
         if not self.writable:
             raise RuntimeError("this monitor was opened without a checkpoint (read-only); it cannot record predictions")
         if prediction.probability is None:
             raise ValueError(f"cannot log a prediction without a probability (error: {prediction.error})")
-        stats = intensity_statistics(pixels)
+        grid = statistics_grid(pixels)
         meta = prediction.meta or {}
         uid = meta.get("sop_instance_uid")
+        case_key = self.case_key(uid) if uid else self._pixel_key(pixels.shape, grid)
+        stats = image_statistics(pixels, grid)  # sorts the grid in place: after the key
         prediction_id = uuid.uuid4().hex
-        archived = self._archive(prediction_id, pixels)
+        archive = self.settings.archive_dir is not None
         row = {"id": prediction_id, "created_at": utc_now(), "model_name": self.identity["name"],
                "model_version": self.version, "probability": float(prediction.probability), "label": prediction.label,
                "class_name": prediction.class_name, "threshold": prediction.threshold,
-               "case_key": self.case_key(uid) if uid else self._pixel_key(pixels),
+               "case_key": case_key,
                **acquisition_fields(meta, pixels.shape), "height": stats["height"], "width": stats["width"],
                **{f"intensity_{key}": stats[key] for key in ("mean", "std", "p05", "p50", "p95", "histogram")},
-               "archived": archived}
+               "archived": archive}
+        copy = np.array(pixels, copy=True) if archive else None  # the caller may reuse its buffer
+        self._writer.put(_Queued(row, copy), nbytes=copy.nbytes if copy is not None else 0)
+        self._metrics.observe(self.version, float(prediction.probability))
+        return prediction_id
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every prediction recorded before this call is in the database; False on timeout."""
+        return True if self._writer is None else self._writer.flush(timeout_s)
+
+    def log_state(self) -> dict[str, int]:
+        """The write-behind queue's counters: ``pending`` (not yet committed), ``written``, ``dropped``, ``refused``, ``batches``."""
+        writer = self._writer
+        if writer is None:
+            return {"pending": 0, "written": 0, "dropped": 0, "refused": 0, "batches": 0}
+        return {"pending": writer.pending, "written": writer.written, "dropped": writer.dropped, "refused": writer.refused,
+                "batches": writer.batches}
+
+    def _catch_up(self) -> None:
+        """Before a read: wait (at most ``log_block_s``) for the rows queued so far."""
+        if self._writer is not None and self._writer.pending and not self._writer.flush(self.settings.log_block_s):
+            logger.warning("monitoring log: reading while %d predictions are still unwritten", self._writer.pending)
+
+    def _write_rows(self, batch: list[_Queued]) -> None:
+        """The log writer's step: archive the images, then insert the rows in one transaction (executemany)."""
+        for item in batch:
+            if item.pixels is not None and not item.file_written:
+                try:
+                    self._archive(item.row["id"], item.pixels)
+                    item.file_written = True
+                except OSError as err:  # the prediction is still logged, without its image
+                    logger.error("monitoring archive: %s", err)
+                    item.row["archived"], item.pixels = False, None
         try:
             with self.engine.begin() as connection:
-                connection.execute(store.predictions_table.insert().values(**row))
-        except Exception:
-            if archived:
-                self._archive_path(prediction_id).unlink(missing_ok=True)
+                connection.execute(store.predictions_table.insert(), [item.row for item in batch])
+        except Exception as err:
+            if not isinstance(err, TRANSIENT_ERRORS):  # these rows are dropped or written one by one: no orphan file
+                for item in batch:
+                    if item.file_written:
+                        self._archive_path(item.row["id"]).unlink(missing_ok=True)
+                        item.file_written = False
             raise
-        self._metrics.observe(self.version, float(prediction.probability))
+        for item in batch:
+            item.pixels = None  # the copy is not needed any more; free it now, not when the batch goes
+
+    def _rows_written(self, batch: list[_Queued]) -> None:
         with self._lock:
-            self._since_check += 1
+            self._since_check += len(batch)
             due = self._since_check >= self.settings.check_every
             if due:
                 self._since_check = 0
-        if due:  # off the request's thread: a check with its bootstrap CIs must not delay this answer
+        if due:  # its own thread: a check with its bootstrap CIs must not hold up the writes
             threading.Thread(target=self._check_quietly, name="lungdx-monitor-check", daemon=True).start()
-        return prediction_id
 
     def _archive_path(self, prediction_id: str) -> Path:
         return Path(self.settings.archive_dir) / f"{prediction_id}.png"
 
-    def _archive(self, prediction_id: str, pixels: np.ndarray) -> bool:
-        if self.settings.archive_dir is None:
-            return False
+    def _archive(self, prediction_id: str, pixels: np.ndarray) -> None:
         import cv2
 
         # Pixels only, 16-bit: no header, so nothing of the DICOM's patient module is copied.
         levels = np.round(np.clip(np.asarray(pixels, dtype=np.float64), 0.0, 1.0) * 65535).astype(np.uint16)
         if not cv2.imwrite(str(self._archive_path(prediction_id)), levels):
             raise OSError(f"cannot write the archived image to {self.settings.archive_dir}")
-        return True
 
     def add_feedback(self, prediction_id: str, label: str | int, reader: str) -> dict:
         """Store a reader's confirmed label for a logged prediction; the latest feedback of a case counts.
@@ -206,6 +311,8 @@ class Monitor:
         """
         target = self._label_index(label)
         reader = check_reader(reader)
+        if not self.flush(self.settings.log_block_s):  # the id may belong to a row still queued
+            raise LogQueueFull("the monitoring log is behind: feedback is stored once the queued predictions are written")
         with self.engine.begin() as connection:
             found = connection.execute(select(store.predictions_table.c.model_version)
                                        .where(store.predictions_table.c.id == str(prediction_id))).first()
@@ -239,11 +346,12 @@ class Monitor:
 
     # ------------------------------------------------------------------------------------ queries
 
-    def window(self, *, since: str | timedelta | None = None, limit: int | None = None,
-               all_versions: bool = False) -> dict[str, list]:
-        """Logged predictions (newest first) as columns; by default the current model's latest ``window_count``."""
+    def window(self, *, since: str | timedelta | None = None, limit: int | None = None, all_versions: bool = False,
+               columns: list[str] | None = None) -> dict[str, list]:
+        """Logged predictions (newest first) as columns (all, or ``columns``); by default the latest ``window_count``."""
         table = store.predictions_table
-        query = select(table).order_by(table.c.created_at.desc())
+        columns = columns or [c.name for c in table.columns]
+        query = select(*[table.c[name] for name in columns]).order_by(table.c.created_at.desc())
         if not all_versions:
             query = query.where(table.c.model_version == self.version)
         period = parse_since(since) if since is not None else (
@@ -252,10 +360,10 @@ class Monitor:
             query = query.where(table.c.created_at >= utc_now() - period)
         if limit is not None or since is None:
             query = query.limit(limit or self.settings.window_count)
+        self._catch_up()
         with self.engine.connect() as connection:
-            rows = [dict(row._mapping) for row in connection.execute(query)]
-        columns = [c.name for c in table.columns]
-        return {name: [row[name] for row in rows] for name in columns}
+            rows = connection.execute(query).all()
+        return {name: [row[index] for row in rows] for index, name in enumerate(columns)}
 
     def confirmed(self, *, since: str | timedelta | None = None, all_versions: bool = False) -> list[dict]:
         """Predictions with their latest feedback (``true_label``, ``reader``, ``confirmed_at``), oldest first."""
@@ -269,6 +377,7 @@ class Monitor:
         if period is not None:
             query = query.where(feedback.c.created_at >= utc_now() - period)
         latest: dict[str, dict] = {}
+        self._catch_up()
         with self.engine.connect() as connection:
             for row in connection.execute(query):
                 latest.pop(row.id, None)  # re-insert: the dict keeps the order of the latest feedback
@@ -284,11 +393,8 @@ class Monitor:
 
     def drift(self) -> list[dict]:
         """Every drift check on the current window (see ``lungdx.monitoring.drift``)."""
-        window = self.window()
-        columns = {"probability": window["probability"], "intensity_mean": window["intensity_mean"],
-                   "intensity_histogram": window["intensity_histogram"],
-                   **{name: window[name] for name in ACQUISITION_FIELDS}}
-        return drift_checks(self.reference, columns, self.settings)
+        window = self.window(columns=["probability", "intensity_mean", "intensity_histogram", *ACQUISITION_FIELDS])
+        return drift_checks(self.reference, window, self.settings)
 
     # ------------------------------------------------------------------------------ checks, alerts
 
@@ -329,12 +435,34 @@ class Monitor:
         finally:
             self._check_lock.release()
 
+    def active_alerts(self) -> list[dict]:
+        """The alerts raised now, in plain words, as of the last check (memory only: no database read).
+
+        Each is ``{"check", "message", "since"}`` (plus ``value``, ``limit`` and the technical ``detail``):
+        ``message`` is one sentence a clinician can read, ``since`` when it was raised (ISO 8601, UTC).
+        Updated whenever the checks run (every ``check_every`` predictions, a scrape, a summary); at
+        start, the alerts the log holds as raised for this model.
+        """
+        return [dict(alert) for alert in self._active]
+
+    def _last_alert_events(self, connection=None) -> dict[str, dict]:
+        table = store.alerts_table
+        query = select(table).where(table.c.model_version == self.version).order_by(table.c.id)
+        if connection is None:
+            with self.engine.connect() as own:
+                return {row.check_name: dict(row._mapping) for row in own.execute(query)}
+        return {row.check_name: dict(row._mapping) for row in connection.execute(query)}
+
+    @staticmethod
+    def _plain_alerts(last: dict[str, dict]) -> list[dict]:
+        return [{"check": name, "message": plain_message(name, event["value"], event["limit_value"], event["message"]),
+                 "since": event["created_at"].isoformat() + "Z", "value": event["value"], "limit": event["limit_value"],
+                 "detail": event["message"]} for name, event in sorted(last.items()) if event["state"] == "raised"]
+
     def _update_alerts(self, states: dict[str, tuple]) -> list[dict]:
         table = store.alerts_table
         with self._lock, self.engine.begin() as connection:
-            last = {}
-            for row in connection.execute(select(table).where(table.c.model_version == self.version).order_by(table.c.id)):
-                last[row.check_name] = dict(row._mapping)
+            last = self._last_alert_events(connection)
             for name, (alerting, value, limit, detail) in states.items():
                 was = last.get(name, {}).get("state") == "raised"
                 if alerting == was:
@@ -345,6 +473,7 @@ class Monitor:
                 connection.execute(table.insert().values(**event))
                 last[name] = event
                 self._announce(event)
+        self._active = self._plain_alerts(last)
         return [{"check": name, "since": event["created_at"].isoformat() + "Z", "value": event["value"],
                  "limit": event["limit_value"], "message": event["message"]}
                 for name, event in sorted(last.items()) if event["state"] == "raised"]
@@ -391,6 +520,7 @@ class Monitor:
         query = select(table.c.created_at).order_by(table.c.created_at)
         if period is not None:
             query = query.where(table.c.created_at >= utc_now() - period)
+        self._catch_up()
         with self.engine.connect() as connection:
             return list(connection.execute(query).scalars())
 
@@ -474,3 +604,54 @@ def _registered_model(engine, version: str | None) -> dict:
         raise ValueError(f"the monitoring database has no model {version}" if version else
                          "the monitoring database is empty: no model has logged a prediction yet (run `lungdx serve` with --db)")
     return description
+
+
+def statistics_grid(pixels: np.ndarray) -> np.ndarray:
+    """Every k-th pixel of an (H, W) image, at most ``STATISTICS_SIDE_PX`` a side, as a new contiguous array.
+
+    The sample ``reference.intensity_statistics`` reads, float32 for float32 pixels, float64 otherwise.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise ValueError(f"intensity statistics need one (H, W) image; got shape {pixels.shape}")
+    stride = max(1, int(np.ceil(max(pixels.shape) / STATISTICS_SIDE_PX)))
+    return np.array(pixels[::stride, ::stride], dtype=np.float32 if pixels.dtype == np.float32 else np.float64)
+
+
+def image_statistics(pixels: np.ndarray, grid: np.ndarray | None = None) -> dict:
+    """``reference.intensity_statistics`` without the polarity, from one sort of the same strided sample.
+
+    The same pixels (``statistics_grid``), the same bins and the same linear percentiles (numpy's
+    default method), so a logged image compares with the validation reference exactly as before;
+    sorting the sample once and reading the histogram edges and the percentiles off it costs a fifth
+    of ``np.histogram`` plus ``np.percentile`` (about 1.5 against 7.8 ms on a 1024 px image).
+
+    Args:
+        grid: ``statistics_grid(pixels)`` when the caller has it; it is sorted in place.
+    """
+    ordered = (statistics_grid(pixels) if grid is None else grid).reshape(-1)
+    ordered.sort()
+    if not (np.isfinite(ordered[0]) and np.isfinite(ordered[-1])):  # NaN sorts last
+        raise ValueError("the image holds NaN or infinite pixels")
+    n = ordered.size
+    # Bins [k/B, (k+1)/B) of the clipped values: counts between the inner edges, the outer bins take the rest.
+    edges = np.arange(1, INTENSITY_BINS, dtype=ordered.dtype) / INTENSITY_BINS  # k / 32: exact in float32 too, no cast
+    below = np.searchsorted(ordered, edges, side="left")
+    counts = np.diff(np.concatenate(([0], below, [n])))
+    position = (n - 1) * _QUANTILES
+    low = np.floor(position).astype(np.intp)
+    a, b = ordered[low].astype(np.float64), ordered[np.minimum(low + 1, n - 1)].astype(np.float64)
+    gamma = position - low
+    p05, p50, p95 = np.where(gamma >= 0.5, b - (b - a) * (1 - gamma), a + (b - a) * gamma)  # numpy's _lerp
+    mean = float(ordered.mean(dtype=np.float64))
+    deviation = np.subtract(ordered, mean, dtype=np.float64)  # one dot product, not square-then-sum passes
+    return {"height": int(np.shape(pixels)[0]), "width": int(np.shape(pixels)[1]), "mean": mean,
+            "std": float(np.sqrt(np.dot(deviation, deviation) / n)), "p05": float(p05), "p50": float(p50), "p95": float(p95),
+            "histogram": (counts / n).tolist()}
+
+
+@atexit.register
+def _close_open_monitors() -> None:
+    """At interpreter exit, write what open monitors still queue (their writer threads are daemons)."""
+    for monitor in list(_OPEN):
+        monitor.close()

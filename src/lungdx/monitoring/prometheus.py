@@ -52,17 +52,24 @@ class MonitorCollector:
             "validation": GaugeMetricFamily("lungdx_monitor_validation_performance",
                                             "the checkpoint's validation figures", labels=["metric"]),
             "confirmed": GaugeMetricFamily("lungdx_monitor_confirmed_cases", "confirmed cases in the performance window"),
+            "log": GaugeMetricFamily("lungdx_monitor_log_records", "this process's prediction log queue: records pending "
+                                     "(not yet committed), written, dropped (a row the database refused) and refused "
+                                     "(the queue stayed full; the prediction failed), since start", labels=["state"]),
         }.values()
 
     def collect(self):
-        families = dict(zip(("up", "drift", "limit", "alert", "active", "performance", "validation", "confirmed"),
+        families = dict(zip(("up", "drift", "limit", "alert", "active", "performance", "validation", "confirmed", "log"),
                             self._families(), strict=True))
+        for state, count in self.monitor.log_state().items():  # memory only: reported even when the database fails
+            if state != "batches":
+                families["log"].add_metric([state], float(count))
         try:
             status = self.monitor.status()
         except Exception:  # a broken database must not break /metrics
             logger.exception("monitoring status failed at scrape time")
             families["up"].add_metric([], 0.0)
             yield families["up"]
+            yield families["log"]
             return
         families["up"].add_metric([], 1.0)
         raised = {alert["check"] for alert in status["active_alerts"]}

@@ -30,6 +30,16 @@ class MonitorSettings:
         archive_dir: when set, each image's pixels are kept here (16-bit PNG, no header) so that
             ``lungdx monitor challenge`` can score confirmed cases with a candidate model.
         archive_retention_days: archived images without feedback are deleted after this many days.
+        log_queue_size: N, the most predictions accepted and not yet written to the database (the
+            write-behind queue); a crash (SIGKILL, power cut) loses at most these. ``record`` waits
+            while N are waiting.
+        log_max_delay_s: T: ``record`` also waits while the oldest unwritten prediction is this old, so
+            the predictions a crash loses were all recorded within one span of at most T seconds.
+        log_block_s: how long ``record`` waits on a full queue before it refuses the prediction
+            (``LogQueueFull``, a RuntimeError): no answer is given for a prediction that cannot be logged.
+        log_batch_size: the most rows one transaction inserts.
+        log_queue_mb: the most image data (copies for ``archive_dir``) the queue holds, in MiB.
+        close_timeout_s: ``close`` waits this long for the queue to be written.
     """
 
     window_count: int = 500
@@ -50,10 +60,18 @@ class MonitorSettings:
     webhook_timeout_s: float = 5.0
     archive_dir: Path | None = None
     archive_retention_days: float = 30.0
+    log_queue_size: int = 256
+    log_max_delay_s: float = 5.0
+    log_block_s: float = 10.0
+    log_batch_size: int = 128
+    log_queue_mb: float = 256.0
+    close_timeout_s: float = 60.0
 
     def __post_init__(self):
         if self.window_count < 1 or self.performance_window < 1 or self.check_every < 1:
             raise ValueError("window_count, performance_window and check_every must be at least 1")
+        if self.log_queue_size < 1 or self.log_batch_size < 1 or min(self.log_max_delay_s, self.log_block_s) <= 0:
+            raise ValueError("log_queue_size and log_batch_size must be at least 1, log_max_delay_s and log_block_s positive")
         if not 0.0 < self.ks_alpha < 1.0 or not 0.0 <= self.unseen_share_limit <= 1.0:
             raise ValueError("ks_alpha must lie in (0, 1) and unseen_share_limit in [0, 1]")
         if self.webhook_url is not None and not self.webhook_url.startswith(("http://", "https://")):
