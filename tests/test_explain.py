@@ -23,11 +23,15 @@ from lungdx.explain import (
     bootstrap_means,
     compute_heatmaps,
     explain_file,
+    fallback_method,
     find_layer,
     gradcam,
+    heatmap_notice,
+    heatmap_problem,
     localize_run,
     nodule_circle,
     occlusion,
+    plot_overlay,
     pointing_game,
     review_gallery,
     select_review_cases,
@@ -219,6 +223,111 @@ def test_errors_are_clear():
 
 
 # --------------------------------------------------------------------------------------------
+# Empty maps: one rule, said wherever a map is shown
+# --------------------------------------------------------------------------------------------
+
+
+def _one_cell(side: int, cell: int) -> np.ndarray:
+    heatmap = np.zeros((side, side))
+    heatmap[:cell, :cell] = 1.0
+    return heatmap
+
+
+@pytest.mark.parametrize(("heatmap", "expected"), [
+    (np.zeros((64, 64)), "all zero"),
+    (np.full((64, 64), -0.3), "all zero"),  # drawn clipped to [0, 1]
+    (np.full((64, 64), 0.04), "near-empty"),  # a nodule map of probabilities under 5%
+    (_one_cell(256, 1), "near-empty"),  # a lone hot pixel at 256 px: 1.5e-5 of the map
+    (np.ones((64, 64)), "flat"),
+    (np.full((64, 64), 0.5), "flat"),
+    (np.where(np.eye(64) > 0, np.nan, 0.5), "not finite"),
+    (np.full((64, 64), np.inf), "not finite"),
+    (np.zeros((0, 64)), "no pixels"),
+    (_one_cell(64, 1), None),  # one pixel of a 64 px map: 2.4e-4, a speck but a visible one
+    (_one_cell(256, 4), None),  # one 4 px cell of a 256 px nodule map
+    (_one_cell(256, 16), None),  # one cell of paper_cnn's 16 x 16 Grad-CAM grid
+    (np.tile(np.linspace(0, 1, 64), (64, 1)), None),
+])
+def test_heatmap_problem_names_each_kind_of_empty_map(heatmap, expected):
+    problem = heatmap_problem(heatmap)
+    assert problem is None if expected is None else problem.startswith(expected), problem
+
+
+EXACT = st.integers(-8, 40).map(lambda k: k / 32)  # binary fractions in [-0.25, 1.25]: exact in float32 and in 1 - x
+
+
+@st.composite
+def level_maps(draw, max_side: int = 12) -> np.ndarray:
+    """A level everywhere and a few pixels elsewhere: reaches every verdict (all zero, near-empty, flat, fine)."""
+    height, width = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
+    heatmap = np.full((height, width), draw(EXACT))
+    for _ in range(draw(st.integers(0, 4))):
+        heatmap[draw(st.integers(0, height - 1)), draw(st.integers(0, width - 1))] = draw(EXACT)
+    return heatmap
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(heatmap=level_maps(), factor=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_the_empty_map_verdict_depends_on_what_is_drawn_not_on_grid_or_pixel_order(heatmap, factor, seed):
+    verdict = heatmap_problem(heatmap)
+    rng = np.random.default_rng(seed)
+    assert heatmap_problem(rng.permutation(heatmap.ravel()).reshape(heatmap.shape)) == verdict
+    assert heatmap_problem(heatmap.T) == verdict
+    assert heatmap_problem(np.kron(heatmap, np.ones((factor, factor)))) == verdict  # model grid or image grid
+    assert heatmap_problem(np.clip(heatmap, 0, 1).astype(np.float32)) == verdict  # as an overlay draws it
+    poisoned = heatmap.copy()
+    poisoned[rng.integers(heatmap.shape[0]), rng.integers(heatmap.shape[1])] = rng.choice([np.nan, np.inf, -np.inf])
+    assert heatmap_problem(poisoned).startswith("not finite")
+    notice = heatmap_notice(heatmap, "gradcam")
+    assert notice == (None if verdict is None else f"heatmap empty (Grad-CAM): {verdict}")
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(heatmap=level_maps())
+def test_a_flat_map_is_an_empty_map_upside_down(heatmap):
+    heatmap = np.clip(heatmap, 0, 1)
+    heatmap[0, 0] = 1.0  # scaled to a peak of 1, as Grad-CAM and occlusion maps are
+    problem = heatmap_problem(heatmap)
+    assert problem is None or problem.startswith("flat")  # with a peak of 1 a map is never zero or near-empty
+    assert (problem is not None) == str(heatmap_problem(1.0 - heatmap)).startswith(("all zero", "near-empty"))
+
+
+class Localising(nn.Module):
+    def analyse(self, images):
+        raise NotImplementedError
+
+
+def test_the_fallback_is_the_nodule_map_where_there_is_one_then_occlusion():
+    classifier = create_model("paper_cnn", input_size=64, widths=[4, 4, 8, 8, 8], hidden=8)
+    assert [fallback_method(method, classifier) for method in ("gradcam", "gradcampp", "occlusion")] == [
+        "occlusion", "occlusion", "gradcam"]
+    assert [fallback_method(method, Localising()) for method in ("gradcam", "nodule_map", "occlusion")] == [
+        "nodule_map", "occlusion", "nodule_map"]
+    assert fallback_method("occlusion", RegionSum()) is None  # nothing else explains a model without a Grad-CAM layer
+
+
+def _notice_pixels(path) -> int:
+    """Pixels of the notice's red box (``explain.NOTICE_COLOUR``, #b91c1c) in a PNG."""
+    with Image.open(path) as png:
+        rgb = np.asarray(png.convert("RGB")).astype(int)
+    return int((np.abs(rgb - [0xB9, 0x1C, 0x1C]).sum(axis=2) < 12).sum())
+
+
+def test_an_empty_overlay_carries_its_notice(tmp_path):
+    image, empty = np.tile(np.linspace(0, 1, 64), (64, 1)), np.zeros((64, 64), np.float32)
+    notice = heatmap_notice(empty, "gradcam")
+    plain = plot_overlay(image, empty, tmp_path / "plain.png", probability=0.3, threshold=0.5)
+    marked = plot_overlay(image, empty, tmp_path / "marked.png", probability=0.3, threshold=0.5, notice=notice)
+    assert notice == "heatmap empty (Grad-CAM): all zero"
+    assert _notice_pixels(plain) == 0 and _notice_pixels(marked) > 500  # a box a reader cannot miss
+
+
+def _zeros(predictor, levelled, method="gradcam", **options):
+    """``explain_levelled`` of a model with nothing to show (a weak model's Grad-CAM)."""
+    return np.zeros(np.shape(levelled), np.float32)
+
+
+# --------------------------------------------------------------------------------------------
 # Geometry: undoing preprocess.level
 # --------------------------------------------------------------------------------------------
 
@@ -375,6 +484,21 @@ def test_review_gallery_draws_the_confident_cases(run, tmp_path):
         assert entry["nodule"] == (entry["target"] == 1 or entry["case_id"] in _nodule_cases(run))
 
 
+def test_an_empty_map_says_so_in_explain_and_in_the_gallery(run, phantom_dir, tmp_path, capsys, monkeypatch):
+    from lungdx.report import _gallery_html
+
+    monkeypatch.setattr("lungdx.explain.explain_levelled", _zeros)
+    out = tmp_path / "overlay.png"
+    assert main(["explain", str(run), str(phantom_dir / "images" / "PHANT0001.png"), "--out", str(out)]) == 0
+    assert "\tWARNING: heatmap empty (Grad-CAM): all zero; try --method occlusion" in capsys.readouterr().out
+    assert _notice_pixels(out) > 500
+    predictions = pd.read_csv(run / "evaluation" / "predictions.csv")
+    entries = review_gallery(run, predictions, tmp_path / "gallery", per_category=1, device="cpu")
+    assert entries and all(entry["notice"] == "heatmap empty (Grad-CAM): all zero" for entry in entries)
+    assert all(_notice_pixels(entry["path"]) > 500 for entry in entries)
+    assert _gallery_html(entries).count('<p class="notice">heatmap empty (Grad-CAM): all zero</p>') == len(entries)
+
+
 def _nodule_cases(run) -> set:
     from lungdx.config import load_config
 
@@ -461,6 +585,7 @@ def test_a_model_that_learned_the_nodule_points_at_it():
         assert roc_auc_score(test_targets.numpy(), model(test_images)[:, 0].numpy()) > 0.8, "the model did not learn"
     positive = test_targets.numpy() == 1
     for method, options in (("gradcam", {}), ("gradcampp", {}), ("occlusion", {"patch": 12, "stride": 6})):
-        cases = pointing_game(compute_heatmaps(model, test_images[positive], method, **options), circles[positive],
-                              tolerance_px=64 / 16, regions=masks[positive])
+        heatmaps = compute_heatmaps(model, test_images[positive], method, **options)
+        cases = pointing_game(heatmaps, circles[positive], tolerance_px=64 / 16, regions=masks[positive])
         assert cases["hit"].mean() > cases["random_lung"].mean() + 0.4, method
+        assert not cases["flat"].any() and all(heatmap_problem(heatmap) is None for heatmap in heatmaps), method

@@ -153,9 +153,14 @@ def _check_structure(sr, tmp_path: Path) -> None:
     report = hd.sr.ComprehensiveSR.from_dataset(sr, copy=True)
     groups = report.content.get_image_measurement_groups()
     assert len(groups) == 1 and groups[0].finding_type.value == "786838002"
-    assert {item.name.meaning for item in groups[0].get_qualitative_evaluations()} == {"Likelihood of malignancy"}
+    assert {item.name.meaning for item in groups[0].get_qualitative_evaluations()} == {
+        "Likelihood of malignancy", "Probability near the operating threshold"}
+    assert {item.name.meaning for item in groups[0].get_measurements()} == {"Probability of cancer", "Operating threshold"}
     texts = dict(_text_items(sr))  # TID 4019 Algorithm Identification, as IHE AIR asks
     assert texts["Algorithm Name"].startswith("lungdx ") and len(texts["Algorithm Version"]) == 12
+    comments = [text for name, text in _text_items(sr) if name == "Comment"]  # the wording.state_result sentences
+    assert any(text.startswith("Decision threshold ") for text in comments)
+    assert comments[-1].startswith("Not for clinical use.")
     assert _dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
 
 
@@ -279,3 +284,24 @@ def test_an_instance_received_again_is_not_analysed_again(predictor, dicom_dir, 
     assert len(processor.outbox.pending()) == 2
     statuses = [json.loads(line)["status"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert statuses == ["analysed", "already"]
+
+
+def test_an_empty_heatmap_is_named_on_the_secondary_capture(predictor, dicom_dir, monkeypatch):
+    import numpy as np
+
+    import lungdx.explain as explain
+    import lungdx.integrations.results as results
+    from lungdx.integrations.pipeline import analyse_file
+
+    monkeypatch.setattr(explain, "explain_levelled", lambda _p, levelled, _m, **_: np.zeros(levelled.shape, np.float32))
+    drawn = {}
+    real = results.overlay_rgb
+
+    def keep(pixels, heatmap, caption, location=None):
+        drawn.update(heatmap=heatmap, caption=caption)
+        return real(pixels, heatmap, caption, location)
+
+    monkeypatch.setattr(results, "overlay_rgb", keep)
+    analyse_file(predictor, _sample(dicom_dir, CHEST_DX), method="gradcam")
+    assert drawn["caption"][-1].startswith("Heatmap empty: the Grad-CAM heatmap is all zero")
+    assert "no overlay to show" in drawn["caption"][-1] and not drawn["heatmap"].any()

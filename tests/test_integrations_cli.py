@@ -70,3 +70,26 @@ def test_deidentify_command(dicom_dir, tmp_path):
     assert after.SOPInstanceUID != before.SOPInstanceUID and after.PatientIdentityRemoved == "YES"
     assert after.PixelData == before.PixelData
     assert str(before.SOPInstanceUID) not in done.stdout + done.stderr
+
+
+def test_deidentify_command_shifts_dates(dicom_dir, tmp_path):
+    from datetime import date, timedelta
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    name = "nema_wg04_RG1_cr_chest_pa_uncompressed.dcm"  # it has study, series and content dates
+    if not (dicom_dir / name).is_file():
+        pytest.skip(f"DICOM sample {name} not in ../shared/data/dicom_samples")
+    shutil.copy(dicom_dir / name, inputs / name)  # a temporary copy, removed with tmp_path
+    done = subprocess.run([sys.executable, "-m", "lungdx.cli", "deidentify", str(inputs), str(tmp_path / "out"),
+                           "--shift-dates", "-100"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before = pydicom.dcmread(inputs / name)
+    after = pydicom.dcmread(next(path for path in (tmp_path / "out").rglob("*") if path.is_file()))
+
+    def parsed(text):
+        return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+
+    for keyword in ("StudyDate", "SeriesDate", "ContentDate"):  # every date moves by the shift: intervals are kept
+        assert parsed(after[keyword].value) == parsed(before[keyword].value) + timedelta(days=-100), keyword
+    assert after.LongitudinalTemporalInformationModified == "MODIFIED"

@@ -110,7 +110,40 @@ def test_png_prediction_equals_the_predictor(trained_run, png_path):
     assert preview.shape == (rows, columns) and heat.shape == (rows, columns, 4)
     expected_alpha = np.round(explanation.heatmap_original * 255)
     assert np.abs(heat[..., 3].astype(float) - expected_alpha).max() <= 1 and body["heatmap"]["method"] == "occlusion"
+    assert {key: body["heatmap"][key] for key in ("empty", "fallback_from", "notice")} == {
+        "empty": False, "fallback_from": None, "notice": None}  # a map with something to show: no word about it
     assert body["input"]["format"] == "png" and body["id"] is None
+
+
+def _zeros_for(*methods):
+    """``explain_levelled`` whose maps are all zero for ``methods`` (a weak model's Grad-CAM), real for the others."""
+    from lungdx import explain
+
+    real = explain.explain_levelled
+
+    def explain_levelled(predictor, levelled, method="gradcam", **options):
+        return np.zeros(np.shape(levelled), np.float32) if method in methods else real(predictor, levelled, method, **options)
+
+    return explain_levelled
+
+
+def test_an_empty_heatmap_falls_back_to_occlusion_and_says_so(client, png_path, monkeypatch):
+    monkeypatch.setattr("lungdx.explain.explain_levelled", _zeros_for("gradcam"))
+    response = post(client, png_path, heatmap="true")
+    assert response.status_code == 200, response.text
+    heatmap = response.json()["heatmap"]
+    assert heatmap["method"] == "occlusion" and heatmap["fallback_from"] == "gradcam" and heatmap["empty"] is False
+    assert heatmap["notice"] == ("Heatmap empty: the Grad-CAM heatmap is all zero; showing the occlusion heatmap instead.")
+    assert heatmap["note"].startswith("Occlusion:") and read_png_uri(heatmap["png"])[..., 3].max() > 200
+
+
+def test_when_the_fallback_is_empty_too_only_the_notice_comes(client, png_path, monkeypatch):
+    monkeypatch.setattr("lungdx.explain.explain_levelled", _zeros_for("gradcam", "occlusion"))
+    heatmap = post(client, png_path, heatmap="true").json()["heatmap"]
+    assert heatmap["png"] is None and heatmap["empty"] is True
+    assert heatmap["method"] == "occlusion" and heatmap["fallback_from"] == "gradcam"
+    assert heatmap["notice"] == ("Heatmap empty: the Grad-CAM heatmap is all zero, and the occlusion heatmap is all zero; "
+                                 "no overlay to show.")
 
 
 def test_without_heatmap_the_response_is_light(client, png_path):
@@ -223,10 +256,15 @@ def test_metrics_count_requests_by_route(client, png_path):
 def test_the_web_page_and_its_files_are_served_locally(client):
     page = client.get("/")
     assert page.status_code == 200 and "lungdx" in page.text
-    for asset in ("/static/app.js", "/static/style.css"):
+    for asset in ("/static/app.js", "/static/style.css", "/static/favicon.svg"):
         assert client.get(asset).status_code == 200
     everything = page.text + client.get("/static/app.js").text + client.get("/static/style.css").text
     assert "http://" not in everything and "https://" not in everything  # no CDN: works without internet
+    assert '<link rel="icon" href="/static/favicon.svg"' in page.text
+    icon = client.get("/favicon.ico")  # where a browser looks without the link
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert icon.content == client.get("/static/favicon.svg").content and icon.text.startswith("<svg")
+    assert "/favicon.ico" not in client.get("/openapi.json").json()["paths"]
 
 
 # ---- micro-batching ----------------------------------------------------------------------------

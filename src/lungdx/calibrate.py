@@ -43,8 +43,11 @@ def calibrate_run(run_dir: str | Path, *, device: str = "auto", progress: bool =
     if checkpoint.get("threshold") is not None:
         threshold = metrics.choose_threshold(y_val, after, run_config.train.threshold_method,
                                              run_config.train.threshold_target)
-        checkpoint.update(threshold=threshold, threshold_uncalibrated=metrics.choose_threshold(
-            y_val, before, run_config.train.threshold_method, run_config.train.threshold_target))
+        band = metrics.threshold_band(y_val, after, run_config.train.threshold_method, run_config.train.threshold_target,
+                                      groups=val["patient_id"].to_numpy(), seed=run_config.eval.seed)
+        checkpoint.update(threshold=threshold, threshold_band=metrics.json_safe(list(band)),
+                          threshold_uncalibrated=metrics.choose_threshold(
+                              y_val, before, run_config.train.threshold_method, run_config.train.threshold_target))
     write_checkpoint(run_dir / "model.pt", checkpoint)
     logger.info("%s: temperature %.3f (validation ECE %.3f -> %.3f)", run_dir, temperature,
                 report["val_ece_before"], report["val_ece_after"])

@@ -159,12 +159,20 @@ def _add_cv(commands) -> None:
 
 
 def _cmd_cv(args) -> int:
+    from lungdx import distributed
     from lungdx.cv import CVPlan, cross_validate
 
     config = _run_config(args)
-    _log_to_file(Path(args.out) / "cv.log")
-    cross_validate(config, args.out, CVPlan(args.folds, args.repeats, args.seed), device=args.device,
-                   progress=not args.quiet, by=tuple(args.by))
+    with distributed.session():  # under torchrun: every fold trains on all ranks, rank 0 writes
+        main_rank = distributed.is_main()
+        if main_rank:
+            _log_to_file(Path(args.out) / "cv.log")
+        else:
+            logging.getLogger("lungdx").setLevel(max(logging.getLogger("lungdx").level, logging.WARNING))
+        cross_validate(config, args.out, CVPlan(args.folds, args.repeats, args.seed), device=args.device,
+                       progress=not args.quiet, by=tuple(args.by))
+    if not main_rank:
+        return 0
     out = Path(args.out)
     print((out / "cv.md").read_text())
     print(f"Written: {out / 'cv.md'}, {out / 'cv.json'}, {out / 'oof_predictions.csv'}, {out / 'roc_pooled.png'}")
@@ -394,8 +402,10 @@ def _cmd_explain(args) -> int:
         return 2
     png, npy = write_explanation(explanation, args.out or f"{Path(args.image).stem}_{args.method}.png")
     threshold = "no threshold" if explanation.threshold is None else f"threshold {explanation.threshold:.4f}"
+    notices = [] if explanation.notice is None else [
+        explanation.notice + ("" if args.method == "occlusion" else "; try --method occlusion")]
     print(f"{args.image}\tp={explanation.probability:.4f}\t{explanation.class_name}\t({threshold})"
-          + "".join(f"\tWARNING: {text}" for text in explanation.warnings))
+          + "".join(f"\tWARNING: {text}" for text in [*explanation.warnings, *notices]))
     print(f"Written: {png} (overlay), {npy} (heatmap, {explanation.heatmap_original.shape[0]} x "
           f"{explanation.heatmap_original.shape[1]}, the image's rows x columns)")
     return 0
@@ -661,11 +671,19 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from lungdx import distributed
     from lungdx.train import fit
 
     config = _run_config(args, require_data=not args.resume)
-    _log_to_file(Path(args.out) / "train.log")
-    result = fit(config, args.out, resume=args.resume, progress=not args.quiet)
+    with distributed.session():  # under torchrun: this process joins the run's process group
+        main_rank = distributed.is_main()  # rank 0 alone logs to the run folder and prints
+        if main_rank:
+            _log_to_file(Path(args.out) / "train.log")
+        else:
+            logging.getLogger("lungdx").setLevel(max(logging.getLogger("lungdx").level, logging.WARNING))
+        result = fit(config, args.out, resume=args.resume, progress=not args.quiet)
+    if not main_rank:
+        return 0
     print(f"Run written to {result.run_dir}: best epoch {result.best_epoch} of {len(result.history)}, "
           f"threshold {result.threshold:.4f} (chosen on validation).")
     if args.evaluate:
@@ -694,26 +712,41 @@ def _cmd_predict(args) -> int:
     from dataclasses import asdict
 
     from lungdx.predict import Predictor
+    from lungdx.report import NOT_FOR_CLINICAL_USE
+    from lungdx.wording import state_result
 
     predictor = Predictor.from_path(args.run, device=args.device, policy=_policy(args))
     predictions = predictor.predict_files(args.images)
     for prediction in predictions:
+        statement = state_result(prediction.probability, predictor.checkpoint) if prediction.probability is not None else None
         if args.json:
             row = asdict(prediction)
             row.pop("meta")
+            row["statement"] = statement.as_dict() if statement else None
             print(json.dumps(row))
         elif prediction.refusal:  # one line: the file, the verdict, the policy's reason (no probability)
             print(f"{prediction.source}\tREFUSED\t{prediction.error.removeprefix(prediction.source + ': ')}")
         elif prediction.error:
             print(f"{prediction.source}\tERROR\t{prediction.error}")
         else:
-            warning = "".join(f"\tWARNING: {text}" for text in prediction.warnings)
-            found = prediction.location
-            where = (f"\tmap peak at x={found['x']:.0f} y={found['y']:.0f} px (P(nodule) {found['presence']:.3f}, "
-                     f"P(malignant | nodule) {found['malignancy']:.3f})" if found else "")
-            print(f"{prediction.source}\tp={prediction.probability:.4f}\t{prediction.class_name}"
-                  f"\t(threshold {prediction.threshold:.4f}){where}{warning}")
+            print(_prediction_line(prediction, statement))
+    if not args.json and any(p.probability is not None for p in predictions):
+        print(NOT_FOR_CLINICAL_USE)
     return 1 if any(p.error for p in predictions) else 0
+
+
+def _prediction_line(prediction, statement) -> str:
+    """One line of ``lungdx predict``: the file, p, the decision (with the near-threshold flag), threshold, location."""
+    warning = "".join(f"\tWARNING: {text}" for text in prediction.warnings)
+    found = prediction.location
+    where = (f"\tmap peak at x={found['x']:.0f} y={found['y']:.0f} px (P(nodule) {found['presence']:.3f}, "
+             f"P(malignant | nodule) {found['malignancy']:.3f})" if found else "")
+    if statement.threshold is None:
+        return f"{prediction.source}\tp={prediction.probability:.4f}\t(no threshold){where}{warning}"
+    near = " (near the threshold: uncertain)" if statement.near_threshold else ""
+    band = f"; 95% interval {statement.band[0]:.4f}-{statement.band[1]:.4f}" if statement.band else ""
+    return (f"{prediction.source}\tp={prediction.probability:.4f}\t{statement.decision}{near}"
+            f"\t(threshold {statement.threshold:.4f}, {statement.threshold_method} on validation{band}){where}{warning}")
 
 
 def _cmd_models(args) -> int:

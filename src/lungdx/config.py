@@ -176,6 +176,8 @@ class NoduleConfig:
         insert_prob: chance that a training normal gets a real training nodule blended into its lungs.
         judge_jitter: the judge's crop centre moves by up to this many nodule radii (the detector's error).
         batch_size: images per detector and segmentation step (the judge uses ``train.batch_size``).
+        det_ema: decay per step of an exponential moving average of the detector's weights, which is what
+            is validated and kept (0 = off: the weights of the best epoch's last step).
     """
 
     seg_epochs: int = 30
@@ -189,6 +191,7 @@ class NoduleConfig:
     insert_prob: float = 0.7
     judge_jitter: float = 0.5
     batch_size: int = 16
+    det_ema: float = 0.0
 
 
 @dataclass(frozen=True)

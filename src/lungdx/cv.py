@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from lungdx import metrics
+from lungdx import distributed, metrics
 from lungdx.config import ConfigError, RunConfig, from_dict, to_dict
 from lungdx.data.split import check_leakage, kfold_patients, split_train_val
 from lungdx.evaluate import PAPER_CLAIMS, evaluate_run, format_number
@@ -86,24 +86,28 @@ def cross_validate(config: RunConfig, out_dir: str | Path, plan: CVPlan = CVPlan
     """
     out_dir = Path(out_dir)
     stratifiers = [parse_by(spec) for spec in by]  # a typo fails here, not after hours of training
-    _check_plan_file(out_dir, config, plan)
-    data = prepare_data(config, progress=progress)
+    distributed.run_on_main(_check_plan_file, out_dir, config, plan)
+    data = prepare_data(config, progress=progress and distributed.is_main())
     plan_rows = plan_folds(data.frame, plan)
-    plan_rows.to_csv(out_dir / "folds.csv", index=False)
+    distributed.run_on_main(_write_plan, out_dir, plan_rows)
     train_fraction, val_fraction, _ = config.data.split
     val_share = val_fraction / (train_fraction + val_fraction)
-    (out_dir / "splits").mkdir(exist_ok=True)
     for repeat in range(plan.repeats):
         rows = plan_rows[plan_rows["repeat"] == repeat]
         for fold in range(plan.folds):
             name = fold_name(repeat, fold)
             split_path = out_dir / "splits" / f"{name}.csv"
             seed = config.data.split_seed + 1000 * repeat + fold
-            fold_split(rows, fold, val_share, seed).to_csv(split_path, index=False)
+            distributed.run_on_main(fold_split(rows, fold, val_share, seed).to_csv, split_path, index=False)
             fold_config = replace(config, data=replace(config.data, split_file=str(split_path)))
             logger.info("fold %s (%d of %d)", name, repeat * plan.folds + fold + 1, plan.folds * plan.repeats)
             _run_fold(fold_config, out_dir / "runs" / name, device, progress)
-    return summarise(out_dir, plan, config, stratifiers=stratifiers, dataset=data.frame)
+    return distributed.run_on_main(summarise, out_dir, plan, config, stratifiers=stratifiers, dataset=data.frame)
+
+
+def _write_plan(out_dir: Path, plan_rows: pd.DataFrame) -> None:
+    plan_rows.to_csv(out_dir / "folds.csv", index=False)
+    (out_dir / "splits").mkdir(exist_ok=True)
 
 
 def _check_plan_file(out_dir: Path, config: RunConfig, plan: CVPlan) -> None:
@@ -131,14 +135,30 @@ def _same_plan(saved: dict, settings: dict) -> bool:
 
 
 def _run_fold(config: RunConfig, run_dir: Path, device: str, progress: bool) -> None:
-    if (run_dir / "evaluation" / "table1.json").is_file():
+    """Train (every rank, under torchrun) and evaluate (rank 0) one fold, or what is left of it."""
+    step = distributed.run_on_main(_fold_step, run_dir)
+    if step == "done":
         return
-    if not (run_dir / "model.pt").is_file():
-        resume = (run_dir / "last.pt").is_file()
-        if run_dir.exists() and not resume:
-            shutil.rmtree(run_dir)  # stopped before its first epoch ended: nothing worth keeping
-        fit(config, run_dir, resume=resume, progress=progress)
-    evaluate_run(run_dir, config.eval, device=device)
+    if step in ("new", "resume"):
+        fit(config, run_dir, resume=step == "resume", progress=progress)
+    distributed.run_on_main(_evaluate_fold, run_dir, config, device)
+
+
+def _evaluate_fold(run_dir: Path, config: RunConfig, device: str) -> None:
+    evaluate_run(run_dir, config.eval, device=device)  # the tables stay on disk: nothing to send to the other ranks
+
+
+def _fold_step(run_dir: Path) -> str:
+    """What a fold still needs: ``done``, ``evaluate``, ``resume`` or ``new``."""
+    if (run_dir / "evaluation" / "table1.json").is_file():
+        return "done"
+    if (run_dir / "model.pt").is_file():
+        return "evaluate"
+    if (run_dir / "last.pt").is_file():
+        return "resume"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # stopped before its first epoch ended: nothing worth keeping
+    return "new"
 
 
 def summarise(out_dir: str | Path, plan: CVPlan, config: RunConfig, *, stratifiers: list[Stratifier] | None = None,

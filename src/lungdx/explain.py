@@ -3,7 +3,9 @@
 Heatmaps are computed once (``compute_heatmaps``, ``explain_levelled``, ``explain_file``) and plotted
 separately (``plot_overlay``). Every heatmap is a float32 array in [0, 1] with the input's height and
 width, computed in evaluation mode and fp32, so that it is deterministic and the same for a batch as
-for its images one by one.
+for its images one by one. One rule (``heatmap_problem``) says when a map is empty or near-empty, and
+every place that shows one (``lungdx explain``, the review gallery, the service, the Secondary
+Capture) writes its ``heatmap_notice`` beside it instead of a blank overlay.
 
 - Grad-CAM (Selvaraju et al. 2017) and Grad-CAM++ (Chattopadhay et al. 2018) explain the model's
   single logit (before the sigmoid) at the module named by the model's ``gradcam_layer``.
@@ -28,7 +30,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,6 +228,125 @@ def _normalise(maps: torch.Tensor) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# Empty maps: one rule for every place that shows a heatmap
+# --------------------------------------------------------------------------------------------
+
+
+VISIBLE_LEVEL = 0.05
+"""Heat below this, on the [0, 1] scale every overlay draws, is all but invisible: ``plot_overlay`` and the
+Secondary Capture blend with alpha 0.55 * heat ** 0.7 (under 7% here, in jet's darkest blue), the web
+page with alpha = heat times its opacity slider (2.5% at the default 50%)."""
+MIN_VISIBLE_SHARE = 1e-4
+"""Share of a map's pixels below which "some pixels reach the level" still means "nothing to see".
+One in 10 000 keeps the smallest honest maps on a 256 px grid: one 4 px cell of nodule_net's map (16 px,
+2.4e-4) and the disc of a 5 mm JSRT nodule (about 10 px, 1.5e-4); a lone hot pixel (1.5e-5) counts as empty."""
+NOTICE_COLOUR = "#b91c1c"  # the red of the web page's positive decision and warnings
+METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "occlusion": "occlusion", "nodule_map": "nodule map"}
+
+
+def heatmap_problem(heatmap: np.ndarray) -> str | None:
+    """Why a heatmap shows nothing a reader can use (a short phrase), or None when it does.
+
+    Judged on the map as every overlay draws it, clipped to [0, 1], in this order:
+
+    - ``not finite``: a NaN or infinite value (nothing downstream can draw it honestly);
+    - ``all zero``: no pixel carries any weight (Grad-CAM of a weak model: its ReLUs pass no positive
+      evidence; occlusion where no patch lowers the logit);
+    - ``near-empty``: fewer than ``MIN_VISIBLE_SHARE`` of the pixels reach ``VISIBLE_LEVEL``, so the
+      overlay is transparent to the eye (a nodule map of probabilities all under 5%);
+    - ``flat``: fewer than ``MIN_VISIBLE_SHARE`` of the pixels lie ``VISIBLE_LEVEL`` or more below the
+      peak, so the overlay is one even tint that points nowhere.
+
+    Both shares are fractions of the pixels, not counts, so the verdict does not depend on the pixel
+    order and hardly on the grid (upsampling by a whole factor, nearest-neighbour, keeps it exactly):
+    the model's grid, the image's and the preview's agree. The last two rules mirror each other: a map
+    with its peak at 1 is flat exactly when ``1 - map`` is all zero or near-empty.
+    The levels are absolute because the overlays are: Grad-CAM and occlusion maps are scaled to a peak
+    of 1, a nodule map's values are probabilities and a low one is honestly near-empty.
+    """
+    heatmap = np.asarray(heatmap, dtype=np.float64)
+    if heatmap.size == 0:
+        return "no pixels"
+    finite = np.isfinite(heatmap)
+    if not finite.all():
+        return f"not finite ({heatmap.size - int(finite.sum())} of {heatmap.size} values NaN or infinite)"
+    shown = np.clip(heatmap, 0.0, 1.0)
+    peak = shown.max()
+    if peak <= 0:
+        return "all zero"
+    visible = np.count_nonzero(shown >= VISIBLE_LEVEL)
+    if visible < MIN_VISIBLE_SHARE * shown.size:
+        share = f"only {100 * visible / shown.size:.2g}% of pixels reach" if visible else "no pixel reaches"
+        return f"near-empty ({share} {VISIBLE_LEVEL:g})"
+    below_peak = np.count_nonzero(shown <= peak - VISIBLE_LEVEL)
+    if below_peak < MIN_VISIBLE_SHARE * shown.size:
+        share = f"all but {100 * below_peak / shown.size:.2g}% of pixels" if below_peak else "every pixel"
+        return f"flat ({share} within {VISIBLE_LEVEL:g} of its peak)"
+    return None
+
+
+def heatmap_notice(heatmap: np.ndarray, method: str | None = None) -> str | None:
+    """The line to show beside an empty or near-empty heatmap (``heatmap_problem``), or None when it is fine.
+
+    For example ``"heatmap empty (Grad-CAM): all zero"``: short enough to burn into an overlay.
+    """
+    problem = heatmap_problem(heatmap)
+    if problem is None:
+        return None
+    return f"heatmap empty ({METHOD_TITLES.get(method, method)}): {problem}" if method else f"heatmap empty: {problem}"
+
+
+def fallback_method(method: str, model: nn.Module) -> str | None:
+    """The method to try when ``method``'s map is empty, or None when no other is left.
+
+    The model's own nodule map where it has one, occlusion (model-agnostic) otherwise, Grad-CAM after an
+    empty occlusion.
+    """
+    candidates = ("nodule_map",) if hasattr(model, "analyse") else ()
+    candidates += ("occlusion",) + (("gradcam",) if getattr(model, "gradcam_layer", None) else ())
+    return next((candidate for candidate in candidates if candidate != method), None)
+
+
+@dataclass
+class HonestHeatmap:
+    """A heatmap chosen so that an empty one is never shown as if it were a map (:func:`choose_heatmap`)."""
+
+    method: str
+    heatmap: np.ndarray
+    problem: str | None
+    """``heatmap_problem`` of the map shown (None: it shows something)."""
+    requested: str
+    fallback: str | None
+    """The method tried because ``requested``'s map was empty, or None."""
+    notice: str | None
+    """One sentence for the reader when the requested map was empty, else None."""
+
+
+def choose_heatmap(compute: Callable[[str], np.ndarray], requested: str, model: nn.Module) -> HonestHeatmap:
+    """The requested method's map, or one fallback's (``fallback_method``) when it is empty, with the notice to show.
+
+    ``compute(method)`` returns the map on the grid it will be drawn on (emptiness is judged there).
+    The service, the review page and the Secondary Capture all choose and word it through this.
+    """
+    method, heatmap = requested, compute(requested)
+    first = problem = heatmap_problem(heatmap)
+    fallback = None if first is None else fallback_method(requested, model)
+    if fallback is not None:
+        method, heatmap = fallback, compute(fallback)
+        problem = heatmap_problem(heatmap)
+
+    def named(name: str) -> str:
+        return "the model's nodule map" if name == "nodule_map" else f"the {METHOD_TITLES[name]} heatmap"
+
+    notice = None if first is None else f"Heatmap empty: {named(requested)} is {first}"
+    if first is not None and fallback is not None:
+        notice += f"; showing {named(fallback)} instead." if problem is None else f", and {named(fallback)} is {problem}"
+    if problem is not None:
+        notice += "; no overlay to show."
+    return HonestHeatmap(method, heatmap, problem, requested, fallback, notice)
+
+
+# --------------------------------------------------------------------------------------------
 # With a Predictor: the same pixels the prediction sees
 # --------------------------------------------------------------------------------------------
 
@@ -257,6 +379,7 @@ class Explanation:
     threshold: float | None
     class_name: str | None
     warnings: list[str] = field(default_factory=list)
+    notice: str | None = None  # ``heatmap_notice`` of the image-grid heatmap: set when it is empty or near-empty
 
 
 def explain_file(predictor: Predictor, path: str | Path, method: str = "gradcam", **options) -> Explanation:
@@ -273,11 +396,11 @@ def explain_file(predictor: Predictor, path: str | Path, method: str = "gradcam"
     probability = float(predictor.probabilities(levelled[None])[0])
     threshold = predictor.threshold
     class_name = None if threshold is None else predictor.class_names[int(probability >= threshold)]
+    heatmap_original = to_original_grid(heatmap, image.pixels.shape, predictor.preprocess_config)
     return Explanation(
         source=str(path), method=method, pixels=image.pixels, levelled=levelled, heatmap=heatmap,
-        heatmap_original=to_original_grid(heatmap, image.pixels.shape, predictor.preprocess_config),
-        probability=probability, threshold=threshold, class_name=class_name,
-        warnings=list(image.meta.get("warnings", [])))
+        heatmap_original=heatmap_original, probability=probability, threshold=threshold, class_name=class_name,
+        warnings=list(image.meta.get("warnings", [])), notice=heatmap_notice(heatmap_original, method))
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,9 +420,13 @@ def to_original_grid(heatmap: np.ndarray, shape: Sequence[int], config: Preproce
 
 def plot_overlay(image: np.ndarray, heatmap: np.ndarray, path: str | Path, *, probability: float | None = None,
                  threshold: float | None = None, class_name: str | None = None,
-                 circle: tuple[float, float, float] | None = None, title: str = "", width_in: float = 3.6,
-                 dpi: int = 100) -> Path:
-    """Heatmap over the radiograph with a colour bar, the probability and threshold, and the nodule circle."""
+                 circle: tuple[float, float, float] | None = None, title: str = "", notice: str | None = None,
+                 width_in: float = 3.6, dpi: int = 100) -> Path:
+    """Heatmap over the radiograph with a colour bar, the probability and threshold, and the nodule circle.
+
+    ``notice`` (``heatmap_notice``: the map is empty) is written in white on red across the foot of the
+    image, where the heat would be, so an empty overlay never passes for a map that found nothing.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Circle
@@ -317,6 +444,10 @@ def plot_overlay(image: np.ndarray, heatmap: np.ndarray, path: str | Path, *, pr
         axes.add_patch(Circle(circle[:2], circle[2], fill=False, edgecolor="lime", linewidth=1.4))
     axes.set_axis_off()
     axes.set_title(title, fontsize=8)
+    if notice:  # wrapped to the image's width: about 0.6 em a character at 7 pt, on some 80% of the figure
+        lines = textwrap.fill(notice, max(20, round(width_in * 1.25 * 72 * 0.8 / (7 * 0.6))))
+        axes.text(0.5, 0.03, lines, transform=axes.transAxes, ha="center", va="bottom", fontsize=7, color="white",
+                  bbox={"boxstyle": "square,pad=0.4", "facecolor": NOTICE_COLOUR, "edgecolor": "none"})
     if probability is not None:
         caption = f"p = {probability:.3f}"
         caption += f"   threshold {threshold:.3f}" if threshold is not None else "   (no threshold)"
@@ -334,7 +465,8 @@ def write_explanation(explanation: Explanation, path: str | Path) -> tuple[Path,
     path = Path(path)
     title = f"{Path(explanation.source).name}: {explanation.method}"
     plot_overlay(explanation.pixels, explanation.heatmap_original, path, probability=explanation.probability,
-                 threshold=explanation.threshold, class_name=explanation.class_name, title=title)
+                 threshold=explanation.threshold, class_name=explanation.class_name, title=title,
+                 notice=explanation.notice)
     npy = path.with_suffix(".npy")
     np.save(npy, explanation.heatmap_original)
     return path, npy
@@ -377,7 +509,8 @@ def review_gallery(run_dir: str | Path, predictions: pd.DataFrame, out_dir: str 
 
     Returns:
         One dict per overlay, in category order: ``category``, ``case_id``, ``probability``,
-        ``target``, ``label``, ``path`` (the PNG) and ``nodule`` (whether a circle is drawn).
+        ``target``, ``label``, ``path`` (the PNG), ``nodule`` (whether a circle is drawn) and ``notice``
+        (``heatmap_notice``, also written on the PNG; None when the map shows something).
     """
     from lungdx.data.manifest import load_dataset
 
@@ -407,11 +540,13 @@ def _gallery_entry(row, levelled: np.ndarray, heatmap: np.ndarray, shape, case: 
         circle = GridMap.of(shape, predictor.preprocess_config).point_to_grid(*circle)
     label = int(row.label)
     title = f"{row.category.replace('_', ' ')}: {row.case_id} (target {int(row.target)}, {method})"
+    notice = heatmap_notice(heatmap, method)
     path = plot_overlay(levelled, heatmap, out_dir / f"{row.category}_{row.case_id}_{method}.png",
                         probability=float(row.probability), threshold=predictor.threshold,
-                        class_name=predictor.class_names[label], circle=circle, title=title, dpi=dpi)
+                        class_name=predictor.class_names[label], circle=circle, title=title, notice=notice, dpi=dpi)
     return {"category": row.category, "case_id": row.case_id, "probability": float(row.probability),
-            "target": int(row.target), "label": label, "path": str(path), "nodule": circle is not None}
+            "target": int(row.target), "label": label, "path": str(path), "nodule": circle is not None,
+            "notice": notice}
 
 
 # --------------------------------------------------------------------------------------------

@@ -567,6 +567,25 @@ def json_safe(value: Any) -> Any:
 # Operating points chosen on validation, applied to test
 # --------------------------------------------------------------------------------------------
 
+def threshold_band(
+    y_val: ArrayLike, p_val: ArrayLike, method: str = "youden", target: float | None = None, *,
+    groups: ArrayLike | None = None, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+) -> tuple[float, float]:
+    """How uncertain the operating threshold is: a percentile bootstrap interval of :func:`choose_threshold`.
+
+    The validation cases (patients, with ``groups``) are resampled and the threshold re-chosen the same way
+    on each resample; a probability inside the interval is "near the threshold": another draw of
+    validation cases would have put the threshold on its other side about as easily. Resamples with
+    one class only are skipped; ``(nan, nan)`` when more than half are.
+    """
+    def rechosen(y_true, y_score, _threshold):
+        if np.all(y_true == y_true[0]):
+            return float("nan")
+        return choose_threshold(y_true, y_score, method, target)
+
+    return bootstrap_ci(y_val, p_val, rechosen, groups=groups, n_resamples=n_resamples, confidence=confidence, seed=seed)
+
+
 OPERATING_POINTS = (("youden", None), ("sensitivity", 0.90), ("sensitivity", 0.95), ("specificity", 0.90))
 """The operating points every evaluation reports: Youden's J and fixed sensitivity / specificity."""
 

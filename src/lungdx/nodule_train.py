@@ -12,6 +12,7 @@ validation rows decide stopping and the threshold, test rows are only predicted 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from lungdx import metrics
@@ -279,6 +281,10 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
     val_target = target_map(torch.from_numpy(targets["val"].circles), size)
     val_has = np.isfinite(targets["val"].circles[:, 0]).astype(int)
     stopper = _Stopper(settings.det_patience)
+    # An exponential moving average of the weights: validated, kept and returned instead of the last step's
+    # weights, it smooths the epoch-to-epoch swings that ~25 validation images make of the map loss.
+    ema = AveragedModel(model.detector, multi_avg_fn=get_ema_multi_avg_fn(settings.det_ema), use_buffers=True) \
+        if settings.det_ema else None
     for epoch in tqdm(range(1, settings.det_epochs + 1), desc="detector", leave=False, disable=not progress):
         model.detector.train()
         order = torch.randperm(len(images["train"]), generator=generator).numpy()
@@ -289,12 +295,19 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model.detector)
             total += float(loss.detach()) * len(index)
+        live = copy.deepcopy(model.detector.state_dict()) if ema is not None else None
+        if ema is not None:
+            model.detector.load_state_dict(ema.module.state_dict())
         maps = _detector_outputs(model, images["val"], lung_logits["val"], config, hardware)
         inside = (maps > -29).float()
         val_loss = float(focal_loss(maps, val_target, inside)) if len(maps) else math.nan
         presence = F.avg_pool2d(maps, 3, 1, 1, count_include_pad=False).flatten(1).max(1).values.numpy()
         stopper.step(val_loss, epoch, model.detector)
+        if live is not None:
+            model.detector.load_state_dict(live)
         history.append({"stage": "detector", "epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss,
                         "val_auc": metrics.roc_auc(val_has, presence) if 0 < val_has.sum() < len(val_has) else math.nan,
                         "seconds": round(time.perf_counter() - started, 2),
@@ -500,11 +513,14 @@ def _finish_localiser(run_dir, config, data, model, hardware, targets, best, his
     y_val = val["target"].to_numpy()
     threshold = metrics.choose_threshold(y_val, val_probability, config.train.threshold_method, config.train.threshold_target)
     val_metrics = metrics.binary_metrics(y_val, val_probability, threshold)
+    band = metrics.threshold_band(y_val, val_probability, config.train.threshold_method, config.train.threshold_target,
+                                  groups=val["patient_id"].to_numpy(), seed=config.eval.seed)
     kwargs = localiser_kwargs(config)
     save_checkpoint(run_dir / "model.pt", model, model_name=config.model.name, model_kwargs=kwargs,
                     preprocess=to_dict(config.preprocess), task=config.data.task,
                     class_names=list(class_names(config.data.task)), threshold=threshold, data_fingerprint=fingerprint,
                     epoch=best["detector"], threshold_method=config.train.threshold_method,
+                    threshold_band=metrics.json_safe(list(band)),
                     val_metrics=metrics.json_safe(val_metrics), best_epochs=best,
                     val_reference=build_reference(val_probability, val["path"].tolist(),
                                                   source=f"validation split at training time ({run_dir.name})"))

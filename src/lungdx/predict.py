@@ -214,7 +214,8 @@ class Predictor:
                 pending.append((len(results), self.level(image.pixels), image.pixels.shape[:2]))
                 results.append(Prediction(source=str(path), meta=image.meta))
             except (ImageReadError, ValueError) as err:
-                logger.warning("cannot predict: %s", err)
+                # a refusal is the policy's verdict, reported in the Prediction; an unreadable file is a warning
+                logger.log(logging.INFO if isinstance(err, Refused) else logging.WARNING, "cannot predict: %s", err)
                 results.append(Prediction(source=str(path), error=str(err),
                                           refusal=err.kind if isinstance(err, Refused) else None))
         if pending:

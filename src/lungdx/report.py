@@ -197,8 +197,9 @@ def _gallery_html(items: list[dict]) -> str:
     cards = []
     for item in items:
         caption = f"{item['category'].replace('_', ' ')}: {item['case_id']}, p = {item['probability']:.3f}"
+        notice = f'<p class="notice">{html.escape(item["notice"])}</p>' if item.get("notice") else ""
         cards.append(f'<figure><img alt="{html.escape(caption)}" src="{_data_uri(Path(item["path"]))}">'
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+                     f"<figcaption>{html.escape(caption)}{notice}</figcaption></figure>")
     return ("<h2>Review gallery (test split)</h2><p>The most confident true positives, false positives, false negatives "
             "and true negatives, with the model's heatmap; circles mark the ground-truth nodule where the dataset "
             f"gives it.</p><div class=\"figures\">{''.join(cards)}</div>")
@@ -221,4 +222,5 @@ figure img{max-width:480px;height:auto;display:block}
 figcaption{font-size:.85rem;color:#4a5568;margin-top:.3rem}
 code{background:#eef2f7;padding:0 .2rem}
 .alert{background:#fde8e8}.ok{background:#e8f6ec}
+.notice{margin:.3rem 0 0;padding:.2rem .4rem;background:#b91c1c;color:#fff;font-weight:600}
 """

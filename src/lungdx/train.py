@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lungdx import metrics
+from lungdx import distributed, metrics
 from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, versions
 from lungdx.config import RunConfig, load_config, save_config, to_dict
 from lungdx.data.augment import augment
@@ -128,14 +128,22 @@ class EarlyStopping:
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, data: PreparedData,
                     config: RunConfig, hardware: Hardware, generator: torch.Generator,
                     scaler: torch.amp.GradScaler | None = None, progress: bool = False,
-                    eval_layers: Sequence[nn.Module] = ()) -> dict[str, float]:
+                    eval_layers: Sequence[nn.Module] = (), augment_generator: torch.Generator | None = None,
+                    ) -> dict[str, float]:
     """One pass over the training split in random order, with augmentation; returns loss/accuracy/AUC.
 
     ``eval_layers`` stay in evaluation mode (a frozen backbone's batch norm and dropout).
+    ``augment_generator`` draws the augmentation (default: ``generator``, which also draws the order).
+
+    Under torch.distributed (``model`` wrapped in DDP) every rank draws the same order from
+    ``generator`` and takes its share of each batch of ``train.batch_size`` images (rank r: the
+    batch's images r, r + W, ...); the returned metrics are over the whole epoch, all ranks together.
     """
     model.train()
     for layer in eval_layers:
         layer.eval()
+    rank, world = distributed.rank(), distributed.world_size()
+    augment_generator = generator if augment_generator is None else augment_generator
     rows = data.rows("train")
     order = torch.randperm(len(rows), generator=generator).numpy()
     indices, targets = rows["cache_index"].to_numpy()[order], rows["target"].to_numpy()[order]
@@ -143,21 +151,45 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
     all_logits, total_loss = [], 0.0
     for start in tqdm(range(0, len(order), batch_size), desc="train", leave=False, disable=not progress):
         # Sorted reads are sequential in the memory-mapped cache; the order inside a batch is irrelevant.
-        chunk = slice(start, start + batch_size)
+        global_count = min(batch_size, len(order) - start)
+        chunk = slice(start + rank, start + global_count, world)
         in_order = np.argsort(indices[chunk])
         batch_index, batch_target = indices[chunk][in_order], targets[chunk][in_order]
         levelled = torch.from_numpy(data.cache.batch(batch_index))[:, None].to(hardware.device)
-        images = model_input(augment(levelled, config.augment, generator), config.preprocess, hardware)
+        if len(batch_index):
+            images = model_input(augment(levelled, config.augment, augment_generator), config.preprocess, hardware)
+        else:  # a rank's empty share of a small last batch: nothing to augment or normalise, but it joins the step
+            images = levelled.contiguous(memory_format=torch.channels_last) if hardware.channels_last else levelled
         target = torch.as_tensor(batch_target, dtype=torch.float32, device=hardware.device)[:, None]
         with hardware.autocast():
             logits = model(images)
-        loss = loss_fn(logits.float(), target)
+        loss = shard_loss(loss_fn, logits.float(), target, global_count, world)
         optimizer_step(loss, optimizer, scaler)
-        total_loss += float(loss.detach()) * len(batch_index)
+        total_loss += float(loss.detach()) * global_count / world  # this rank's sum of per-image losses
         all_logits.append((batch_target, logits.detach().float().cpu().reshape(-1).numpy()))
     y_true = np.concatenate([t for t, _ in all_logits])
-    y_score = sigmoid(np.concatenate([s for _, s in all_logits]))
-    return _epoch_metrics(total_loss / len(order), y_true, y_score)
+    scores = np.concatenate([s for _, s in all_logits])
+    if world > 1:
+        shares = distributed.all_gather_object((total_loss, y_true, scores))
+        total_loss = sum(share[0] for share in shares)
+        y_true, scores = np.concatenate([share[1] for share in shares]), np.concatenate([share[2] for share in shares])
+    return _epoch_metrics(total_loss / len(order), y_true, sigmoid(scores))
+
+
+def shard_loss(loss_fn: nn.Module, logits: torch.Tensor, target: torch.Tensor, global_count: int, world: int) -> torch.Tensor:
+    """This rank's loss, such that DDP's mean of the ranks' gradients is the gradient of the global batch's mean loss.
+
+    ``loss_fn`` averages over this rank's images; times their count it is their sum, and
+    ``sum * world / global_count`` averaged over ``world`` ranks is the mean over the global batch.
+    A rank left without images (a last batch smaller than the world) still joins the step with a
+    zero loss over the whole graph, so DDP's all-reduce is never waited for in vain. In a single
+    process this is ``loss_fn(logits, target)``, unchanged.
+    """
+    if world == 1:
+        return loss_fn(logits, target)
+    if len(target) == 0:
+        return logits.sum() * 0.0
+    return loss_fn(logits, target) * (len(target) * world / global_count)
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
@@ -205,19 +237,28 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
         on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``config.model`` on ``config.data`` and write the run folder.
 
+    Under torchrun (a process group set up by ``lungdx.distributed``) every rank calls ``fit``: the
+    training split is sharded per batch (see ``train_one_epoch``), rank 0 alone writes the run folder,
+    validates each epoch and chooses the threshold, and every rank gets the same rows and result.
+
     Args:
         config: the run's configuration (saved as ``config.yaml``).
         run_dir: output folder; must be new or empty unless ``resume``.
         resume: continue from ``run_dir/last.pt`` (the saved config is used and must match).
-        progress: show progress bars on stderr.
-        on_epoch: called with each epoch's history row once it is saved; an exception it raises
-            (a tuner pruning the trial, say) stops training and propagates, ``last.pt`` kept.
+        progress: show progress bars on stderr (rank 0 only).
+        on_epoch: called with each epoch's history row once it is saved (on every rank, with the same
+            row); an exception it raises (a tuner pruning the trial, say) stops training and
+            propagates, ``last.pt`` kept.
     """
     run_dir = Path(run_dir)
-    config = _prepare_run_dir(config, run_dir, resume)
+    if not resume:
+        _check_distributable(config)
+    config = distributed.run_on_main(_prepare_run_dir, config, run_dir, resume)
+    _check_distributable(config)
+    progress = progress and distributed.is_main()
     data = prepare_data(_with_saved_split(config, run_dir, resume), progress=progress)
-    _write_data_files(data, run_dir)
-    hardware = Hardware.resolve(config.train.device, config.train.precision, config.train.channels_last)
+    distributed.run_on_main(_write_data_files, data, run_dir)
+    hardware = _rank_hardware(Hardware.resolve(config.train.device, config.train.precision, config.train.channels_last))
     torch.manual_seed(config.train.seed)
     if localises(config.model.name):  # nodule_net: its own staged training, the same run folder
         from lungdx.nodule_train import fit_localiser, localiser_kwargs
@@ -228,6 +269,8 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
     if config.model.weights and not resume:  # a resumed run has its weights in last.pt
         load_weights(model, config.model.weights, keep_head=config.model.keep_head)
     model = hardware.prepare(model)
+    if distributed.active():
+        model = distributed.sync_batch_norm(model, hardware.device)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     freezer = BackboneFreezer(model, config.train.freeze_epochs)
@@ -238,9 +281,13 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
     history: list[dict] = []
     if resume:
         history = _load_state(run_dir / "last.pt", model, optimizer, stopper, generator, scheduler)
-    fingerprint = data_fingerprint(data.frame)
-    logger.info("training %s on %s, %s, autocast %s, channels_last %s", config.model.name, hardware.device,
-                describe_classes(data.rows("train")), hardware.amp_dtype, hardware.channels_last)
+    fingerprint = _same_on_all_ranks(data_fingerprint(data.frame))
+    # DDP reduces the gradients of the parameters that need them; a frozen backbone's get none.
+    trained = (distributed.data_parallel(model, hardware.device, find_unused_parameters=config.train.freeze_epochs > 0)
+               if distributed.active() else model)
+    logger.info("training %s on %s, %s, autocast %s, channels_last %s, %d process(es)", config.model.name,
+                hardware.device, describe_classes(data.rows("train")), hardware.amp_dtype, hardware.channels_last,
+                distributed.world_size())
     epochs = tqdm(range(len(history) + 1, config.train.epochs + 1), desc="epochs", disable=not progress,
                   initial=len(history), total=config.train.epochs)
     for epoch in epochs:
@@ -249,24 +296,67 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
         frozen = freezer.set_epoch(epoch)
         lr = max(group["lr"] for group in optimizer.param_groups)
         started = time.perf_counter()
-        train_row = train_one_epoch(model, optimizer, loss_fn, data, config, hardware, generator, scaler, progress,
-                                    eval_layers=freezer.eval_layers)
+        train_row = train_one_epoch(trained, optimizer, loss_fn, data, config, hardware, generator, scaler, progress,
+                                    eval_layers=freezer.eval_layers, augment_generator=_rank_generator(config, epoch))
         train_seconds = time.perf_counter() - started
-        val_row, _ = evaluate_epoch(model, loss_fn, data, "val", config, hardware)
-        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_row.items()},
-               **{f"val_{k}": v for k, v in val_row.items()}, "seconds": round(time.perf_counter() - started, 2),
-               "train_images_per_s": round(len(data.rows("train")) / train_seconds, 1), "lr": lr, "frozen": frozen}
+        val_row = distributed.run_on_main(lambda: evaluate_epoch(model, loss_fn, data, "val", config, hardware)[0])
+        row = distributed.broadcast_object(
+            {"epoch": epoch, **{f"train_{k}": v for k, v in train_row.items()},
+             **{f"val_{k}": v for k, v in val_row.items()}, "seconds": round(time.perf_counter() - started, 2),
+             "train_images_per_s": round(len(data.rows("train")) / train_seconds, 1), "lr": lr, "frozen": frozen})
         history.append(row)
         step_scheduler(scheduler, val_row["loss"])
-        if stopper.step(val_row["loss"], epoch):
-            _save_model(run_dir / "best.pt", model, config, data, fingerprint, epoch=epoch, threshold=None)
-        _save_state(run_dir / "last.pt", model, optimizer, stopper, generator, history, scheduler)
-        _write_history(history, run_dir)
+        improved = stopper.step(val_row["loss"], epoch)
+        if distributed.is_main():
+            if improved:
+                _save_model(run_dir / "best.pt", model, config, data, fingerprint, epoch=epoch, threshold=None)
+            _save_state(run_dir / "last.pt", model, optimizer, stopper, generator, history, scheduler)
+            _write_history(history, run_dir)
         epochs.set_postfix(train_loss=f"{train_row['loss']:.3f}", val_loss=f"{val_row['loss']:.3f}",
                            val_auc=f"{val_row['auc']:.3f}")
         if on_epoch is not None:
             on_epoch(row)
-    return _finish(run_dir, config, data, hardware, loss_fn, fingerprint, stopper, history)
+    return distributed.run_on_main(_finish, run_dir, config, data, hardware, loss_fn, fingerprint, stopper, history)
+
+
+def _check_distributable(config: RunConfig) -> None:
+    if distributed.active() and localises(config.model.name):
+        raise ValueError(f"{config.model.name}: distributed training (torchrun) supports the single-stage models for "
+                         "now; train this localising model's staged training in one process, without torchrun")
+
+
+def _rank_hardware(hardware: Hardware) -> Hardware:
+    """Under torch.distributed, ``cuda`` means this rank's GPU (set from LOCAL_RANK by ``distributed.init``)."""
+    if not distributed.active() or hardware.device.type != "cuda":
+        return hardware
+    own = torch.device("cuda", torch.cuda.current_device())
+    if hardware.device.index is not None and hardware.device != own:
+        logger.warning("train.device %s ignored under torchrun: rank %d trains on %s", hardware.device,
+                       distributed.rank(), own)
+    return replace(hardware, device=own)
+
+
+def _rank_generator(config: RunConfig, epoch: int) -> torch.Generator | None:
+    """Under torch.distributed: this rank's augmentation generator for ``epoch``; None (the shared one) otherwise.
+
+    Each rank augments (and drops out) other images than the others, so it draws from its own
+    stream, seeded from (seed, rank, epoch): a resumed run draws what the uninterrupted one would
+    have without saving every rank's state. torch's global generator (dropout) is reseeded alike.
+    """
+    if not distributed.active():
+        return None
+    seed = int(np.random.SeedSequence([config.train.seed, distributed.rank(), epoch]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _same_on_all_ranks(fingerprint: str) -> str:
+    """The data fingerprint, checked to be the same on every rank (same files, targets and split)."""
+    fingerprints = distributed.all_gather_object(fingerprint)
+    if len(set(fingerprints)) > 1:
+        raise ValueError(f"the ranks see different data or splits (fingerprints {fingerprints}): every machine needs "
+                         "the same data files at the same path")
+    return fingerprint
 
 
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
@@ -403,11 +493,16 @@ def _save_state(path: Path, model, optimizer, stopper: EarlyStopping, generator:
     partial.replace(path)
 
 
-def _load_state(path: Path, model, optimizer, stopper: EarlyStopping, generator: torch.Generator,
-                scheduler=None) -> list[dict]:
+def _read_state(path: Path) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path}: not a lungdx training state")
+    return state
+
+
+def _load_state(path: Path, model, optimizer, stopper: EarlyStopping, generator: torch.Generator,
+                scheduler=None) -> list[dict]:
+    state = distributed.run_on_main(_read_state, path)  # the run folder need only be on rank 0's machine
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
@@ -437,8 +532,11 @@ def _finish(run_dir: Path, config: RunConfig, data: PreparedData, hardware: Hard
     threshold = metrics.choose_threshold(y_val, probabilities, config.train.threshold_method,
                                          config.train.threshold_target)
     val_metrics = metrics.binary_metrics(y_val, probabilities, threshold)
+    band = metrics.threshold_band(y_val, probabilities, config.train.threshold_method, config.train.threshold_target,
+                                  groups=data.rows("val")["patient_id"].to_numpy(), seed=config.eval.seed)
     _save_model(run_dir / "model.pt", model, config, data, fingerprint, epoch=best["epoch"], threshold=threshold,
-                threshold_method=config.train.threshold_method, val_metrics=metrics.json_safe(val_metrics),
+                threshold_method=config.train.threshold_method, threshold_band=metrics.json_safe(list(band)),
+                val_metrics=metrics.json_safe(val_metrics),
                 val_loss=val_row["loss"],
                 val_reference=build_reference(probabilities, data.rows("val")["path"].tolist(),
                                               source=f"validation split at training time ({run_dir.name})"))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lungdx import distributed
 from lungdx.config import PreprocessConfig
 from lungdx.io import ImageReadError, read_image
 from lungdx.io.acceptance import Refused, information_problem
@@ -95,6 +96,8 @@ def build_cache(paths: Sequence[str], config: PreprocessConfig, cache_dir: str |
                 workers: int | None = None, progress: Callable[[int], None] | None = None) -> ImageCache:
     """Load the cache for ``paths`` or build it (in parallel threads) when missing.
 
+    Under torch.distributed, rank 0 builds it while the other ranks wait, then every rank opens it.
+
     Args:
         paths: image files, in the order of the manifest rows.
         config: preprocessing settings (only the levelling stage is cached).
@@ -104,6 +107,20 @@ def build_cache(paths: Sequence[str], config: PreprocessConfig, cache_dir: str |
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = root / cache_key(paths, config)
+    if not distributed.active():
+        return _open_or_build(folder, paths, config, workers, progress)
+    # Under torchrun the ranks must not decode N times into the same folder: rank 0 builds (with all
+    # of its machine's cores) while the others wait; then each other machine's first process opens
+    # that cache on a shared disk or builds its own; then every rank opens it.
+    distributed.run_where(distributed.is_main(), _open_or_build, folder, paths, config, workers, progress)
+    distributed.run_where(distributed.is_local_main() and not distributed.is_main(), _open_or_build, folder, paths,
+                          config, workers, progress)
+    return open_cache(folder)
+
+
+def _open_or_build(folder: Path, paths: Sequence[str], config: PreprocessConfig, workers: int | None,
+                   progress: Callable[[int], None] | None) -> ImageCache:
+    root = folder.parent
     if (folder / "index.json").is_file():
         logger.info("using cached images in %s", folder)
         return open_cache(folder)

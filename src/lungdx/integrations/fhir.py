@@ -18,17 +18,23 @@ from datetime import UTC, datetime
 import httpx
 
 from lungdx.integrations.outbox import DeliveryError
+from lungdx.wording import ResultStatement
 
 _LOINC_RADIOLOGY = {"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}
 _DICOM_UID = "urn:dicom:uid"
 _UCUM = "http://unitsofmeasure.org"
 
 
-def make_bundle(probability: float, label: int | None, class_name: str | None, threshold: float | None,
-                identity: dict, study_uid: str, patient_id: str | None = None) -> dict:
+def make_bundle(statement: ResultStatement, identity: dict, study_uid: str, patient_id: str | None = None) -> dict:
     """A transaction Bundle (dict) holding the Observation and the DiagnosticReport, validated as FHIR.
 
+    The statement (``lungdx.wording``) gives the report's conclusion word for word (decision, threshold and
+    how it was chosen, near-threshold uncertainty, active alerts, not for clinical use); the Observation
+    carries the probability, the threshold and its bootstrap band as components, the decision as its
+    interpretation and the disclaimer as a note.
+
     Args:
+        statement: ``wording.state_result`` of the prediction.
         identity: ``checkpoint.model_identity`` of the model.
         study_uid: the Study Instance UID (0020,000D): the ImagingStudy is referred to by identifier.
         patient_id: Patient ID (0010,0020) for ``subject``, when the EHR is to link the result.
@@ -44,31 +50,41 @@ def make_bundle(probability: float, label: int | None, class_name: str | None, t
                                   "code": "imaging"}]}],
         "code": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "111047",
                              "display": "Probability of cancer"}], "text": "Lung nodule malignancy probability"},
-        "valueQuantity": {"value": float(probability), "unit": "1", "system": _UCUM, "code": "1"},
+        "valueQuantity": _unitless(statement.probability),
         "method": {"text": device},
         "device": {"display": device, "identifier": {"system": "urn:lungdx:model-version",
                                                      "value": identity["version"]}},
         "derivedFrom": [study],
-        "note": [{"text": "Computed by an AI model; not a diagnosis."}],
+        "note": [{"text": f"Computed by an AI model; not a diagnosis. {statement.disclaimer}"},
+                 *({"text": f"Monitoring alert: {alert}"} for alert in statement.alerts)],
     }
-    if label is not None:
-        observation["interpretation"] = [{"text": f"{class_name} (threshold {threshold:.4f})"}]
-        observation["component"] = [{"code": {"text": "operating threshold"},
-                                     "valueQuantity": {"value": float(threshold), "unit": "1", "system": _UCUM,
-                                                       "code": "1"}}]
+    if statement.threshold is not None:
+        observation["interpretation"] = [{"text": statement.headline}]
+        observation["component"] = [_quantity("operating threshold", statement.threshold)]
+        if statement.band is not None:
+            observation["component"].append({"code": {"text": "operating threshold, 95% bootstrap interval on validation"},
+                                             "valueRange": {"low": _unitless(statement.band[0]),
+                                                            "high": _unitless(statement.band[1])}})
     report = {
         "resourceType": "DiagnosticReport", "status": "preliminary", **subject, "issued": now,
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
         "code": {"coding": [_LOINC_RADIOLOGY], "text": "lungdx chest radiograph lung nodule analysis"},
         "result": [{"reference": observation_url}], "imagingStudy": [study],
-        "conclusion": (f"Lung nodule malignancy probability {probability:.3f}"
-                       + (f": {class_name}" if class_name else "") + f" ({device})."),
+        "conclusion": " ".join([*statement.sentences[:-1], f"Model: {device}.", statement.disclaimer]),
     }
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": observation_url, "resource": observation, "request": {"method": "POST", "url": "Observation"}},
         {"fullUrl": report_url, "resource": report, "request": {"method": "POST", "url": "DiagnosticReport"}}]}
     validate(bundle)
     return bundle
+
+
+def _unitless(value: float) -> dict:
+    return {"value": float(value), "unit": "1", "system": _UCUM, "code": "1"}
+
+
+def _quantity(text: str, value: float) -> dict:
+    return {"code": {"text": text}, "valueQuantity": _unitless(value)}
 
 
 def validate(bundle: dict) -> None:

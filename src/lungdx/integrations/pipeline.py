@@ -23,10 +23,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
@@ -34,6 +35,7 @@ from lungdx.integrations import uid_digest
 from lungdx.integrations.outbox import Outbox, RetryPolicy, write_atomic
 from lungdx.io import ImageReadError, sniff_format
 from lungdx.predict import Prediction, Predictor
+from lungdx.wording import state_result
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +69,10 @@ class Results:
     fhir_bundle: dict
 
 
-def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto") -> Results:
+def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", alerts: Sequence[str] = ()) -> Results:
     """Predict and explain one DICOM file and make its SR, Secondary Capture and FHIR Bundle.
+
+    All three word the result as ``wording.state_result`` does (``alerts``: monitoring alerts active now).
 
     The file goes through the predictor's acceptance policy (``lungdx.io.acceptance``), as in
     ``lungdx predict`` and the service, so it gets the verdict and the reason it gets there.
@@ -77,7 +81,7 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto") -
         Skipped: not a DICOM file, refused by the acceptance policy, or pixels that cannot be read (the
             reason says which).
     """
-    from lungdx.explain import explain_levelled, resolve_method, to_original_grid
+    from lungdx.explain import choose_heatmap, explain_levelled, resolve_method, to_original_grid
     from lungdx.integrations.fhir import make_bundle
     from lungdx.integrations.results import make_secondary_capture, make_sr, overlay_rgb
 
@@ -90,19 +94,20 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto") -
     source = pydicom.dcmread(path, stop_before_pixels=True)
     levelled = predictor.level(image.pixels)  # once, for the prediction and the heatmap
     prediction = predictor.predict_levelled(levelled, image.pixels.shape[:2], str(path), image.meta)
-    heatmap = explain_levelled(predictor, levelled[None], resolve_method(method, predictor.model))[0]
+    chosen = choose_heatmap(lambda name: to_original_grid(explain_levelled(predictor, levelled[None], name)[0],
+                                                          image.pixels.shape, predictor.preprocess_config),
+                            resolve_method(method, predictor.model), predictor.model)
     identity = predictor.identity
-    caption = f"{identity['name']} {identity['version']}: p = {prediction.probability:.3f}" + (
-        f" -> {prediction.class_name}" if prediction.class_name else "")
-    overlay = overlay_rgb(image.pixels, to_original_grid(heatmap, image.pixels.shape, predictor.preprocess_config),
-                          caption, prediction.location)
+    statement = state_result(prediction.probability, predictor.checkpoint, alerts)
+    caption = [f"{identity['name']} {identity['version']}: {statement.headline}", statement.threshold_text,
+               *([statement.uncertainty_text] if statement.near_threshold else []), *([chosen.notice] if chosen.notice else [])]
+    heat = chosen.heatmap if chosen.problem is None else np.zeros(image.pixels.shape, np.float32)
+    overlay = overlay_rgb(image.pixels, heat, caption, prediction.location)
     return Results(
         prediction=prediction,
-        sr=make_sr(source, prediction.probability, prediction.label, identity, prediction.location),
+        sr=make_sr(source, statement, identity, prediction.location),
         secondary_capture=make_secondary_capture(source, overlay, identity),
-        fhir_bundle=make_bundle(prediction.probability, prediction.label, prediction.class_name,
-                                prediction.threshold, identity, str(source.StudyInstanceUID),
-                                str(source.get("PatientID", "")) or None))
+        fhir_bundle=make_bundle(statement, identity, str(source.StudyInstanceUID), str(source.get("PatientID", "")) or None))
 
 
 def to_bytes(dataset: Dataset) -> bytes:

@@ -20,11 +20,14 @@ import contextlib
 import re
 import uuid
 import warnings
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
+
+from lungdx.wording import ResultStatement
 
 MANUFACTURER = "lungdx"
 SR_SERIES_NUMBER = 9901
@@ -60,16 +63,26 @@ def _codes():
         "probability": CodedConcept("111047", "DCM", "Probability of cancer"),
         "unit": CodedConcept("1", "UCUM", "no units"),
         "procedure": CodedConcept("399208008", "SCT", "Plain chest X-ray"),
+        "threshold": CodedConcept("LD-0004", _PRIVATE, "Operating threshold"),
+        "near": CodedConcept("LD-0005", _PRIVATE, "Probability near the operating threshold"),
+        "yes": CodedConcept("373066001", "SCT", "Yes"),
+        "no": CodedConcept("373067005", "SCT", "No"),
+        "evaluations": CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
+        "comment": CodedConcept("121106", "DCM", "Comment"),
     }
 
 
-def make_sr(source: Dataset, probability: float, label: int | None, identity: dict, location: dict | None = None) -> Dataset:
+def make_sr(source: Dataset, statement: ResultStatement, identity: dict, location: dict | None = None) -> Dataset:
     """A Comprehensive SR (TID 1500) holding one image's result, in the source's study.
+
+    The measurement group holds the probability and the operating threshold (numeric), the likelihood
+    (high or low at the threshold) and whether the probability is near the threshold (coded); the
+    report's Qualitative Evaluations container (TID 1500 row 12) holds the statement's sentences
+    (``lungdx.wording``): threshold and how it was chosen, uncertainty, active alerts, not for clinical use.
 
     Args:
         source: the analysed instance (its patient, study and SOP references are copied).
-        probability: the ``Predictor``'s probability.
-        label: 1 at or above the operating threshold, 0 below, None without a threshold.
+        statement: ``wording.state_result`` of the prediction.
         identity: ``checkpoint.model_identity`` of the model.
         location: a localising model's ``Prediction.location``: added as a second measurement group
             (TID 1410 planar ROI) whose image region is a SCOORD CIRCLE on the source image.
@@ -83,14 +96,19 @@ def make_sr(source: Dataset, probability: float, label: int | None, identity: di
 
     algorithm = hd.sr.AlgorithmIdentification(name=identity["name"], version=identity["version"],
                                               manufacturer=MANUFACTURER)
-    evaluations = [] if label is None else [
-        hd.sr.QualitativeEvaluation(name=codes["likelihood"], value=codes["high" if label else "low"])]
-    measurement = hd.sr.Measurement(name=codes["probability"], value=float(probability), unit=codes["unit"],
-                                    algorithm_id=algorithm)
+    measurements = [hd.sr.Measurement(name=codes["probability"], value=float(statement.probability), unit=codes["unit"],
+                                      algorithm_id=algorithm)]
+    evaluations = []
+    if statement.threshold is not None:
+        high = statement.probability >= statement.threshold
+        measurements.append(hd.sr.Measurement(name=codes["threshold"], value=statement.threshold, unit=codes["unit"],
+                                              algorithm_id=algorithm))
+        evaluations = [hd.sr.QualitativeEvaluation(name=codes["likelihood"], value=codes["high" if high else "low"]),
+                       hd.sr.QualitativeEvaluation(name=codes["near"], value=codes["yes" if statement.near_threshold else "no"])]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid("finding"), identifier="lungdx finding 1"),
         finding_type=codes["finding"], algorithm_id=algorithm,
-        finding_sites=[hd.sr.FindingSite(codes["site"])], measurements=[measurement],
+        finding_sites=[hd.sr.FindingSite(codes["site"])], measurements=measurements,
         qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
     device = hd.sr.DeviceObserverIdentifyingAttributes(
@@ -101,6 +119,10 @@ def make_sr(source: Dataset, probability: float, label: int | None, identity: di
     groups = [group] if location is None else [group, _location_group(source, location, algorithm, codes, uid("location"))]
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes["procedure"],
                                      imaging_measurements=groups)
+    statements = hd.sr.ContainerContentItem(name=codes["evaluations"], relationship_type="CONTAINS")
+    statements.ContentSequence = [hd.sr.TextContentItem(name=codes["comment"], value=sentence, relationship_type="CONTAINS")
+                                  for sentence in statement.sentences if sentence]
+    report[0].ContentSequence.append(statements)
     with _quiet_names():
         return hd.sr.ComprehensiveSR(
             evidence=[evidence_header(source)], content=report, series_instance_uid=uid("sr_series"), series_number=SR_SERIES_NUMBER,
@@ -182,10 +204,13 @@ def read_sr_probability(sr: Dataset) -> float:
     raise ValueError("the SR holds no 'Probability of cancer' measurement")
 
 
-def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, caption: str, location: dict | None = None) -> np.ndarray:
+def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, caption: Sequence[str], location: dict | None = None) -> np.ndarray:
     """The radiograph (H, W) in [0, 1] with the heatmap blended over it and the caption burnt in: uint8 RGB.
 
-    ``location`` (a localising model's ``Prediction.location``) is drawn as a yellow circle.
+    The caption (``NOT_FOR_DIAGNOSIS``, then each line of ``caption``, wrapped to the image's width) is
+    drawn once, in yellow on an opaque black band across the top, so no outline has to line up with its
+    text and no line overlaps the next. ``location`` (a localising model's ``Prediction.location``) is
+    drawn as a yellow circle.
     """
     scale = min(1.0, SC_MAX_SIDE_PX / max(pixels.shape))
     size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
@@ -201,12 +226,37 @@ def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, caption: str, location:
         radius = max(3, round(location["radius"] * scale))
         cv2.circle(image, centre, radius, (0, 0, 0), 4, cv2.LINE_AA)
         cv2.circle(image, centre, radius, (255, 255, 0), 2, cv2.LINE_AA)
-    font_scale = max(0.4, size[0] / 900)
-    for row, text in enumerate((NOT_FOR_DIAGNOSIS, caption)):
-        origin = (10, round(30 * font_scale * (row + 1)))
-        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 4, cv2.LINE_AA)
-        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 0), 1, cv2.LINE_AA)
+    _caption_band(image, [NOT_FOR_DIAGNOSIS, *caption])
     return np.ascontiguousarray(image)
+
+
+def _caption_band(image: np.ndarray, lines: Sequence[str]) -> None:
+    """Draw ``lines`` (word-wrapped to the width) in yellow on a black band across the top of ``image``, in place."""
+    width = image.shape[1]
+    font, font_scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, width / 1600)
+    thickness = max(1, round(font_scale * 1.5))
+    (_, height), baseline = cv2.getTextSize("Ag", font, font_scale, thickness)
+    step, margin = height + baseline + 4, 6
+    wrapped = [piece for line in lines for piece in _wrap(line, font, font_scale, thickness, width - 2 * margin)]
+    bottom = min(image.shape[0], margin + step * len(wrapped))
+    image[:bottom] = 0
+    for row, text in enumerate(wrapped):
+        origin = (margin, margin + height + row * step)
+        if origin[1] + baseline > image.shape[0]:
+            break
+        cv2.putText(image, text, origin, font, font_scale, (255, 255, 0), thickness, cv2.LINE_AA)
+
+
+def _wrap(text: str, font, font_scale: float, thickness: int, width: int) -> list[str]:
+    """Greedy word wrap of one line so each piece is at most ``width`` pixels wide (a long word stays whole)."""
+    pieces, current = [], ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if current and cv2.getTextSize(candidate, font, font_scale, thickness)[0][0] > width:
+            pieces.append(current)
+            candidate = word
+        current = candidate
+    return [*pieces, current] if current else pieces
 
 
 def make_secondary_capture(source: Dataset, overlay: np.ndarray, identity: dict) -> Dataset:

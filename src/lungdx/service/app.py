@@ -36,11 +36,13 @@ from lungdx.service.errors import install_error_handlers
 from lungdx.service.inputs import UploadRejected, case_hash, read_upload
 from lungdx.service.security import require_api_key
 from lungdx.service.settings import ServiceSettings
+from lungdx.wording import state_result
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 HEATMAP_NOTES = {
     "gradcam": "Grad-CAM: where the last convolutional layer's evidence for the positive class lies.",
+    "gradcampp": "Grad-CAM++: Grad-CAM with weights that let several separate regions show, not only the strongest.",
     "occlusion": "Occlusion: how much the probability drops when each patch is hidden.",
     "nodule_map": ("The model's own nodule map: P(nodule) per 4-pixel cell inside the segmented lungs, the output it "
                    "was trained to give around each nodule (not Grad-CAM; ?heatmap with --heatmap-method gradcam for that)."),
@@ -179,6 +181,10 @@ def _add_routes(app: FastAPI) -> None:
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # where browsers and bookmarks look by default; the page itself links the same file
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
     @app.get("/healthz", response_model=schemas.Health, summary="the process answers", responses=schemas.error_responses({}))
     async def healthz():
         return {"status": "ok"}
@@ -238,6 +244,8 @@ async def _predict(loaded: Services, file: UploadFile, want_heatmap: bool, want_
 
 def _prediction_body(loaded: Services, prediction_id, prediction: Prediction, heatmap, preview, elapsed_ms) -> dict:
     meta = prediction.meta
+    alerts = loaded.monitor.active_alerts() if loaded.monitor is not None else []
+    statement = state_result(prediction.probability, loaded.predictor.checkpoint, [alert["message"] for alert in alerts])
     rows, columns = meta.get("original_shape") or (0, 0)
     return {"id": prediction_id, "probability": prediction.probability, "label": prediction.class_name,
             "label_index": prediction.label, "threshold": prediction.threshold,
@@ -246,6 +254,8 @@ def _prediction_body(loaded: Services, prediction_id, prediction: Prediction, he
             "input": {"format": meta.get("format", "unknown"), "rows": rows, "columns": columns, "bits": meta.get("bits"),
                       **{key: meta.get(key) for key in ("modality", "body_part", "view_position", "photometric_interpretation")}},
             "location": _location_body(prediction.location), "heatmap": heatmap, "preview": preview,
+            "statement": statement.as_dict(), "alerts": [{key: alert.get(key) for key in ("check", "message", "since")}
+                                                         for alert in alerts],
             "elapsed_ms": round(elapsed_ms, 1),
             "not_for_clinical_use": NOT_FOR_CLINICAL_USE}
 
@@ -276,17 +286,37 @@ def _preview_png(pixels: np.ndarray, shape: tuple[int, int]) -> str:
 
 
 def _heatmap(loaded: Services, levelled: np.ndarray, original: tuple[int, int], shape: tuple[int, int]) -> dict:
-    from lungdx.explain import explain_levelled, resolve_method, to_original_grid
+    """The configured method's heatmap on the preview's grid; when its map is empty, one fallback's, saying so.
 
-    method = resolve_method(loaded.settings.heatmap_method, loaded.predictor.model)
+    Empty is ``explain.heatmap_problem`` of the map as the page would draw it (``explain.choose_heatmap``).
+    When the fallback's map is empty too, the body carries the notice and no overlay: a transparent PNG
+    would pass for a map.
+    """
+    from lungdx.explain import choose_heatmap, resolve_method
+
+    model = loaded.predictor.model
+    chosen = choose_heatmap(lambda method: _heat_on_preview(loaded, levelled, original, shape, method),
+                            resolve_method(loaded.settings.heatmap_method, model), model)
+    png = None
+    if chosen.problem is None:
+        heat = chosen.heatmap
+        colours = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR, as imencode wants
+        png = _png_data_uri(np.dstack([colours, np.round(heat * 255).astype(np.uint8)]))  # alpha: the heat
+    caveat = "" if chosen.method == "nodule_map" else HEATMAP_CAVEAT
+    return {"method": chosen.method, "png": png, "note": HEATMAP_NOTES[chosen.method] + caveat,
+            "empty": chosen.problem is not None, "fallback_from": chosen.requested if chosen.fallback else None,
+            "notice": chosen.notice}
+
+
+def _heat_on_preview(loaded: Services, levelled: np.ndarray, original: tuple[int, int], shape: tuple[int, int],
+                     method: str) -> np.ndarray:
+    """One method's heatmap mapped onto the uploaded image and resized to the preview: (rows, columns) in [0, 1]."""
+    from lungdx.explain import explain_levelled, to_original_grid
+
     with loaded.model_lock:
         heat = explain_levelled(loaded.predictor, levelled[None], method)[0]
     on_image = to_original_grid(heat, original, loaded.predictor.preprocess_config)
-    heat = np.clip(cv2.resize(on_image, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
-    colours = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR, as imencode wants
-    rgba = np.dstack([colours, np.round(heat * 255).astype(np.uint8)])  # transparent where there is no heat
-    caveat = "" if method == "nodule_map" else HEATMAP_CAVEAT
-    return {"method": method, "png": _png_data_uri(rgba), "note": HEATMAP_NOTES[method] + caveat}
+    return np.clip(cv2.resize(on_image, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
 
 
 def _model_card(run: Path, predictor: Predictor) -> dict:

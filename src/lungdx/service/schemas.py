@@ -29,9 +29,18 @@ class InputSummary(BaseModel):
 
 
 class Heatmap(BaseModel):
-    method: str
-    png: str = Field(description="RGBA PNG data URI on the preview's grid; alpha follows the heat")
-    note: str
+    """The heatmap overlay, or, when every method tried gives an empty map, the notice that says so instead."""
+
+    method: str = Field(description="the method of the map shown (the last one tried when none is shown)")
+    png: str | None = Field(None, description="RGBA PNG data URI on the preview's grid; alpha follows the heat; "
+                                              "null when the map is empty")
+    note: str = Field(description="what the method's map means")
+    empty: bool = Field(False, description="the map of `method` is empty or near-empty (lungdx.explain.heatmap_problem), "
+                                           "so no overlay is sent")
+    fallback_from: str | None = Field(None, description="the service's configured method, when its map was empty and "
+                                                        "`method` was tried instead; null otherwise")
+    notice: str | None = Field(None, description="plain words to show where the overlay would be whenever a map "
+                                                 "tried was empty; null when the configured method's map is shown")
 
 
 class NoduleLocationOut(BaseModel):
@@ -47,6 +56,28 @@ class NoduleLocationOut(BaseModel):
     note: str
 
 
+class Statement(BaseModel):
+    """The result in words, as ``lungdx.wording.state_result`` gives it to every door (page, SR, SC, FHIR, CLI)."""
+
+    probability: float
+    threshold: float | None
+    threshold_method: str | None
+    decision: str | None = Field(description="class name at the threshold")
+    near_threshold: bool = Field(description="the probability lies inside the threshold's 95% bootstrap interval on validation")
+    band: list[float] | None = Field(description="that interval, [low, high]; null for checkpoints without one")
+    headline: str
+    threshold_text: str
+    uncertainty_text: str
+    alerts: list[str] = Field(description="monitoring alerts active when the result was made, in plain words")
+    disclaimer: str
+
+
+class ActiveAlert(BaseModel):
+    check: str
+    message: str = Field(description="one plain sentence")
+    since: str | None = None
+
+
 class PredictionOut(BaseModel):
     id: str | None = Field(description="prediction id for feedback; null when monitoring is off")
     probability: float
@@ -60,6 +91,8 @@ class PredictionOut(BaseModel):
     location: NoduleLocationOut | None = Field(None, description="the nodule map's peak (localising models only)")
     heatmap: Heatmap | None = None
     preview: str | None = Field(None, description="grayscale PNG data URI of the radiograph, for display")
+    statement: Statement
+    alerts: list[ActiveAlert] = Field(description="monitoring alerts (drift, performance) active at this moment")
     elapsed_ms: float
     not_for_clinical_use: str
 

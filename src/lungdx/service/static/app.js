@@ -91,22 +91,35 @@ async function assess(file) {
 
 function showResult(result) {
   $("radiograph").src = result.preview;
-  $("heatmap").src = result.heatmap ? result.heatmap.png : "";
-  $("heatmap-note").textContent = result.heatmap ? result.heatmap.note : "";
+  showHeatmap(result.heatmap);
   $("viewer").hidden = false;
   applyHeatmapControls();
   $("probability").textContent = percent(result.probability);
   $("threshold").textContent = result.threshold === null ? "(none)" : percent(result.threshold);
   const decision = $("decision");
-  decision.textContent = result.label === null ? "no threshold in this model" : result.label;
-  decision.className = result.label_index === 1 ? "positive" : "negative";
+  const statement = result.statement;  // the one wording (lungdx.wording), as in the SR, the SC and FHIR
+  decision.textContent = result.label === null ? "no threshold in this model"
+    : result.label + (statement.near_threshold ? " (near the threshold: uncertain)" : "");
+  decision.className = statement.near_threshold ? "uncertain" : result.label_index === 1 ? "positive" : "negative";
+  $("statement").textContent = [statement.threshold_text, statement.uncertainty_text].filter(Boolean).join(" ");
+  $("alerts").replaceChildren(...statement.alerts.map((text) => {
+    const li = document.createElement("li"); li.textContent = `Monitoring alert: ${text}`; return li; }));
   showLocation(result);
   const warnings = $("warnings");
   warnings.replaceChildren(...result.warnings.map((text) => { const li = document.createElement("li"); li.textContent = text; return li; }));
-  $("model-line").textContent = `${result.model.name}, version ${result.model.version}. ${result.not_for_clinical_use}`;
+  $("model-line").textContent = `${result.model.name}, version ${result.model.version}. ${statement.disclaimer}`;
   $("feedback").hidden = !result.id;
   $("feedback-status").textContent = "";
   $("result").hidden = false;
+}
+
+function showHeatmap(heatmap) {
+  // An empty map comes without a PNG: the notice takes the overlay's place, so a blank never passes for a map.
+  const image = $("heatmap"), notice = $("heatmap-notice");
+  if (heatmap && heatmap.png) image.src = heatmap.png; else image.removeAttribute("src");
+  $("heatmap-note").textContent = heatmap ? heatmap.note : "";
+  notice.textContent = heatmap && heatmap.notice ? heatmap.notice : "";
+  notice.hidden = !notice.textContent;
 }
 
 function showLocation(result) {
