@@ -49,3 +49,38 @@ def test_train_without_data_explains(capsys, tmp_path):
 def test_bad_override_is_a_clear_error(capsys, tmp_path):
     assert main(["train", "--data", ".", "--set", "train.learning_rate=1", "--out", str(tmp_path / "x")]) == 2
     assert "unknown key 'train.learning_rate'" in capsys.readouterr().err
+
+
+def test_servers_cap_the_malloc_arenas(monkeypatch):
+    """``serve`` and ``listen`` ask glibc for 2 arenas (runtime.tune_allocator); other commands leave the default."""
+    import lungdx.cli as cli
+    import lungdx.runtime as runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "tune_allocator", lambda max_arenas=None: calls.append(max_arenas) or True)
+    for argv, expected in ((["models"], None), (["serve", "run"], cli.SERVER_ARENAS), (["listen", "run"], cli.SERVER_ARENAS)):
+        parser = cli.build_parser()
+        monkeypatch.setattr(cli, "build_parser", lambda parser=parser: _returning_zero(parser))
+        assert cli.main(argv) == 0
+        assert calls[-1] == expected
+
+
+def _returning_zero(parser):
+    real = parser.parse_args
+
+    def parse_args(argv=None):
+        args = real(argv)
+        args.handler = lambda _args: 0
+        return args
+
+    parser.parse_args = parse_args
+    return parser
+
+
+def test_tune_allocator_accepts_an_arena_cap():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "from lungdx.runtime import tune_allocator; print(tune_allocator(max_arenas=2))"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "True", done.stderr

@@ -763,6 +763,10 @@ def _log_to_file(path: Path) -> None:
     logging.getLogger("lungdx").addHandler(handler)
 
 
+SERVER_ARENAS = 2
+"""glibc malloc arenas for the long-running servers (``runtime.tune_allocator``)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lungdx`` console script."""
     args = build_parser().parse_args(argv)
@@ -773,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lungdx").setLevel(level)
     from lungdx.runtime import tune_allocator
 
-    tune_allocator()
+    tune_allocator(max_arenas=SERVER_ARENAS if args.command in ("serve", "listen") else None)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -66,18 +66,24 @@ def use_channels_last(setting: str | bool = "auto") -> bool:
     return str(setting).lower() not in ("off", "false", "no", "0")
 
 
-def tune_allocator() -> bool:
+def tune_allocator(max_arenas: int | None = None) -> bool:
     """Keep freed memory in the process (glibc ``mallopt``); returns False where unsupported.
 
     Sets M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to 2^31-1 and M_TOP_PAD to 1 GiB, so that large
     activation buffers are reused rather than unmapped and page-faulted back in every step.
-    Call once at program start (the CLI does); it changes process-wide behaviour.
+    ``max_arenas`` caps glibc's malloc arenas (M_ARENA_MAX): a server's many request threads would
+    otherwise each get an arena (up to 8 per core) that keeps its peak for good, and with the
+    thresholds above none is ever trimmed (``lungdx serve`` passes 2: the first concurrent round of
+    ``bench/serve_load.py`` grew resident memory by 79 MB with 2 arenas against 137 MB without).
+    Call once at program start, before threads start (the CLI does); it changes process-wide behaviour.
     """
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_arena_max = -1, -2, -3, -8
+    options = [(m_mmap_threshold, 2**31 - 1), (m_trim_threshold, 2**31 - 1), (m_top_pad, 2**30)]
+    if max_arenas is not None:
+        options.append((m_arena_max, int(max_arenas)))
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = all(libc.mallopt(option, value) == 1 for option, value in (
-            (m_mmap_threshold, 2**31 - 1), (m_trim_threshold, 2**31 - 1), (m_top_pad, 2**30)))
+        ok = all(libc.mallopt(option, value) == 1 for option, value in options)
     except (OSError, AttributeError):
         return False
     logger.debug("glibc allocator tuned: %s", ok)
