@@ -163,6 +163,32 @@ def test_warp_moves_circles_where_the_image_content_moves():
     assert abs(x - column) <= 0.5 and abs(y - row) <= 0.5
 
 
+def test_hard_negatives_are_the_maps_peaks_off_the_nodule_and_crops_centre_on_them(monkeypatch):
+    from lungdx import nodule_train
+
+    maps = torch.full((2, 1, 32, 32), -10.0)
+    maps[0, 0, 8:11, 20:23] = 5.0    # on image 0's nodule (centre cell 9, 21 -> 85.5, 37.5 px): a hit
+    maps[0, 0, 24:27, 3:6] = 2.0     # off the nodule: a false positive
+    maps[1, 0, 14:17, 14:17] = 1.0   # image 1 has no nodule: its peak is a false positive
+    monkeypatch.setattr(nodule_train, "_detector_outputs", lambda *args, **kwargs: maps)
+    circles = np.array([[85.0, 38.0, 6.0], [np.nan, np.nan, np.nan]], np.float32)
+    points = nodule_train.false_positive_peaks(None, np.zeros((2, 1, 128, 128), np.float32), None, circles, None, None,
+                                               count=1)
+    np.testing.assert_allclose(points[0], [[17.5, 101.5]], atol=1e-4)
+    np.testing.assert_allclose(points[1], [[61.5, 61.5]], atol=1e-4)
+
+    config = load_config(None, ["nodule.hard_negatives=1.0", "nodule.nodule_in_crop=0.0", "augment.enabled=false"])
+    no_nodule = np.full((2, 3), np.nan, np.float32)
+    batches = nodule_train._DetectorBatches(np.zeros((2, 128, 128), np.float32), torch.full((2, 1, 32, 32), 1.0),
+                                            None, no_nodule, np.full(2, np.nan), None, config, torch.Generator().manual_seed(0))
+    batches.hard_points = points
+    *_, hard = batches.sample(np.arange(2))
+    np.testing.assert_allclose(hard[:, :2].numpy(), np.concatenate(points), atol=1e-4)
+    for (left, top), point in zip(batches.crop_offsets(torch.from_numpy(no_nodule), torch.ones(2, 1, 32, 32), 128, 64, hard),
+                                  np.concatenate(points), strict=True):
+        assert left <= point[0] < left + 64 and top <= point[1] < top + 64
+
+
 def test_inserted_nodule_lands_inside_the_lungs_and_changes_nothing_far_from_it():
     rng = np.random.default_rng(0)
     image = np.full((128, 128), 0.3, np.float32)

@@ -178,6 +178,10 @@ class NoduleConfig:
         batch_size: images per detector and segmentation step (the judge uses ``train.batch_size``).
         det_ema: decay per step of an exponential moving average of the detector's weights, which is what
             is validated and kept (0 = off: the weights of the best epoch's last step).
+        hard_negatives: share of the crops not centred on a nodule that are centred on one of the detector's
+            own false-positive peaks on the training image instead of a random lung pixel (0 = off).
+        hard_every: epochs between two refreshes of those peaks (the current detector on the whole,
+            unaugmented training images); the first refresh comes after ``hard_every`` epochs.
     """
 
     seg_epochs: int = 30
@@ -192,6 +196,8 @@ class NoduleConfig:
     judge_jitter: float = 0.5
     batch_size: int = 16
     det_ema: float = 0.0
+    hard_negatives: float = 0.0
+    hard_every: int = 2
 
 
 @dataclass(frozen=True)

@@ -190,9 +190,22 @@ class _DetectorBatches:
         self.circles, self.malignant, self.bank, self.config = circles, malignant, bank, config
         self.generator = generator
         self.rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        self.hard_points: list[np.ndarray] | None = None  # per image: the detector's false-positive peaks (K, 2)
+
+    def _hard_circles(self, index: np.ndarray) -> np.ndarray:
+        """(B, 3): one of each row's false-positive peaks (radius 1) with chance ``hard_negatives``, else NaN."""
+        picked = np.full((len(index), 3), np.nan, np.float32)
+        if self.hard_points is None:
+            return picked
+        for row, image_index in enumerate(index):
+            points = self.hard_points[image_index]
+            if len(points) and self.rng.random() < self.config.nodule.hard_negatives:
+                picked[row] = (*points[self.rng.integers(len(points))], 1.0)
+        return picked
 
     def sample(self, index: np.ndarray):
-        """(levelled (B,1,S,S), lung logits (B,1,S/4,S/4), circles (B,3), malignant (B,)) after insertion + warp."""
+        """(levelled (B,1,S,S), lung logits (B,1,S/4,S/4), circles (B,3), malignant (B,), hard (B,3)) after
+        insertion + warp; ``hard`` is a false-positive peak to centre a crop on (NaN: none)."""
         settings = self.config.nodule
         levelled = self.images[index].copy()
         circles = self.circles[index].copy()
@@ -207,22 +220,28 @@ class _DetectorBatches:
                 malignant[row] = patch.malignant
         batch = torch.from_numpy(levelled)[:, None]
         logits = self.lung_logits[index]
-        circles_t = torch.from_numpy(circles)
+        circles_t, hard = torch.from_numpy(circles), torch.from_numpy(self._hard_circles(index))
         if self.config.augment.enabled:
             theta = random_affine(len(index), self.config.augment, self.generator)
             batch = warp(batch, theta)
             logits = warp(logits, theta, "nearest")
             logits = torch.where(logits == 0, torch.full_like(logits, -1.0), logits)  # outside the film: no lung
             circles_t = warp_circles(circles_t, theta, batch.shape[-1])
+            hard = warp_circles(hard, theta, batch.shape[-1])
             intensity = replace(self.config.augment, rotation_deg=0.0, scale=0.0, translate=0.0)
             batch = augment(batch, intensity, self.generator)
-        return batch, logits, circles_t, torch.from_numpy(malignant)
+        return batch, logits, circles_t, torch.from_numpy(malignant), hard
 
-    def crop_offsets(self, circles: torch.Tensor, lung_logits: torch.Tensor, size: int, crop: int) -> list[tuple[int, int]]:
+    def crop_offsets(self, circles: torch.Tensor, lung_logits: torch.Tensor, size: int, crop: int,
+                     hard: torch.Tensor | None = None) -> list[tuple[int, int]]:
+        """Crop corners: near the nodule, else on a false-positive peak (``hard``), else on a random lung pixel."""
         offsets = []
-        for circle, logits in zip(circles.tolist(), lung_logits, strict=True):
+        hard_list = hard.tolist() if hard is not None else [[math.nan] * 3] * len(circles)
+        for circle, logits, point in zip(circles.tolist(), lung_logits, hard_list, strict=True):
             if math.isfinite(circle[0]) and self.rng.random() < self.config.nodule.nodule_in_crop:
                 centre = np.array(circle[:2]) + self.rng.uniform(-crop / 3, crop / 3, 2)
+            elif math.isfinite(point[0]):
+                centre = np.array(point[:2]) + self.rng.uniform(-crop / 4, crop / 4, 2)
             else:
                 rows, columns = torch.nonzero(logits[0] > 0, as_tuple=True)
                 stride = size / logits.shape[-1]
@@ -237,14 +256,14 @@ class _DetectorBatches:
 
 
 def _detector_step(model, batches: _DetectorBatches, index, config, hardware):
-    batch, lung_logits, circles, _ = batches.sample(index)
+    batch, lung_logits, circles, _, hard = batches.sample(index)
     size, crop = batch.shape[-1], config.nodule.crop or batch.shape[-1]
     inputs = model_input(batch, config.preprocess, hardware)
     masked, _ = model.mask_image(inputs, lung_logits.to(hardware.device))
     target = target_map(circles, size)
     weight = F.max_pool2d((F.interpolate((lung_logits > 0).float(), size=target.shape[-2:], mode="nearest")), 3, 1, 1)
     crops, crop_targets, crop_weights = [], [], []
-    for row, (left, top) in enumerate(batches.crop_offsets(circles, lung_logits, size, crop)):
+    for row, (left, top) in enumerate(batches.crop_offsets(circles, lung_logits, size, crop, hard)):
         crops.append(masked[row, :, top : top + crop, left : left + crop])
         cell = slice(top // 4, (top + crop) // 4), slice(left // 4, (left + crop) // 4)
         crop_targets.append(target[row, :, cell[0], cell[1]])
@@ -314,14 +333,38 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
                         "train_images_per_s": round(len(order) / (time.perf_counter() - started), 1)})
         if stopper.stop:
             break
+        if settings.hard_negatives and epoch % max(1, settings.hard_every) == 0:
+            batches.hard_points = false_positive_peaks(model, images["train"], lung_logits["train"],
+                                                      targets["train"].circles, config, hardware)
     model.detector.load_state_dict(stopper.state)
     return stopper.best_epoch
+
+
+def false_positive_peaks(model, levelled: np.ndarray, lung_logits: torch.Tensor, circles: np.ndarray, config, hardware,
+                         count: int = 5) -> list[np.ndarray]:
+    """Per training image, the current detector's highest map peaks that are not on the image's nodule.
+
+    A peak within the pointing game's distance (radius + 1/32 of the side) of the nodule is a hit, not a
+    false positive. These are the hard negatives: rib crossings, vessels and hila that the map mistakes for
+    a nodule, which random lung crops show too rarely.
+    """
+    from lungdx.localisation import POINTING_TOLERANCE
+
+    size = levelled.shape[-1]
+    maps = _detector_outputs(model, levelled, lung_logits, config, hardware)
+    points = []
+    for candidates, circle in zip(map_peaks(maps, size, count=count + 1), circles, strict=True):
+        xy = candidates[:, :2].numpy()
+        if math.isfinite(circle[0]):
+            xy = xy[np.hypot(*(xy - circle[:2]).T) > circle[2] + POINTING_TOLERANCE * size]
+        points.append(xy[:count].astype(np.float32))
+    return points
 
 
 def _judge_samples(model, batches: _DetectorBatches, index, config, hardware, jitter: float, augmented: bool):
     """Crops around the (possibly inserted, jittered) nodules of rows ``index`` and their labels."""
     if augmented:
-        batch, lung_logits, circles, malignant = batches.sample(index)
+        batch, lung_logits, circles, malignant, _ = batches.sample(index)
     else:
         batch = torch.from_numpy(batches.images[index])[:, None]
         lung_logits = batches.lung_logits[index]
