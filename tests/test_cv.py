@@ -1,6 +1,14 @@
 """Patient-level cross-validation: fold plans, inner validation splits, resume, summary."""
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
@@ -9,6 +17,8 @@ from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lungdx.claims import Claims
+from lungdx.config import save_config
 from lungdx.cv import CVPlan, cross_validate, fold_split, plan_folds
 
 
@@ -103,3 +113,89 @@ def test_cv_resumes_without_refitting_and_refuses_other_settings(cv_run):
     (out / "plan.yaml").write_text(yaml.safe_dump(saved))
     cross_validate(config, out, CVPlan(folds=3, repeats=1, seed=0))
     assert model.stat().st_mtime_ns == before
+
+
+def _claim_records(folder):
+    return {path.name: json.loads(path.read_text()) for path in sorted(folder.glob("*.*")) if not path.name.startswith(".")}
+
+
+def test_two_workers_share_the_folds_and_write_the_summary_of_one_process(cv_run, tmp_path):
+    config, single, _ = cv_run
+    save_config(config, tmp_path / "config.yaml")
+    out = tmp_path / "cv"
+    command = [sys.executable, "-m", "lungdx", "--quiet", "cv", "--config", str(tmp_path / "config.yaml"),
+               "--folds", "3", "--seed", "0", "--by", "subtlety", "--out", str(out)]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    claims = _claim_records(out / "claims")
+    worker_ids = {f"{socket.gethostname()}:{worker.pid}" for worker in workers}
+    for fold in range(3):  # each fold claimed once, by one of the two, and trained once
+        name = f"r0-f{fold:02d}"
+        assert f"{name}.0" in claims and f"{name}.1" not in claims
+        assert claims[f"{name}.0"]["state"] == "released" and claims[f"{name}.0"]["worker"] in worker_ids
+        assert len(pd.read_csv(out / "runs" / name / "history.csv")) == config.train.epochs
+    # Exactly one worker wrote (and printed) the summary; the other said where it would come from.
+    assert sum("# 3-fold patient-level cross-validation" in stdout for stdout, _ in outputs) == 1
+    # The same out-of-fold cases, each from the same fold, as the single-process CV of the same plan.
+    shared = pd.read_csv(out / "oof_predictions.csv", dtype={"case_id": str}).sort_values("case_id", ignore_index=True)
+    alone = pd.read_csv(single / "oof_predictions.csv", dtype={"case_id": str}).sort_values("case_id", ignore_index=True)
+    assert shared["case_id"].tolist() == alone["case_id"].tolist() and shared["fold"].tolist() == alone["fold"].tolist()
+    assert shared["probability"].to_numpy() == pytest.approx(alone["probability"].to_numpy(), abs=1e-5)
+    summary, summary_alone = (json.loads((folder / "cv.json").read_text()) for folder in (out, single))
+    pd.testing.assert_frame_equal(pd.DataFrame(summary["per_fold"]), pd.DataFrame(summary_alone["per_fold"]), atol=1e-5)
+    assert summary["pooled"][0]["roc_auc"]["value"] == pytest.approx(summary_alone["pooled"][0]["roc_auc"]["value"])
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _plant_claim(folder, name, worker, heartbeat):
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"worker": worker, "pid_ns": os.readlink("/proc/self/ns/pid") if os.path.exists("/proc/self/ns/pid") else "",
+              "state": "held", "heartbeat": heartbeat}
+    (folder / f"{name}.0").write_text(json.dumps(record))
+
+
+def test_a_stale_claim_is_taken_over_and_a_live_one_left_alone(cv_run, tmp_path):
+    config, single, _ = cv_run
+    out = tmp_path / "cv"
+    shutil.copytree(single, out)
+    shutil.rmtree(out / "claims")  # as a CV from before claims; then two interrupted folds
+    for fold in (1, 2):
+        (out / "runs" / f"r0-f{fold:02d}" / "evaluation" / "table1.json").unlink()
+    # Fold 1: a live worker on another machine (fresh heartbeat). Fold 2: a crashed one here (dead pid, old heartbeat).
+    _plant_claim(out / "claims", "r0-f01", "elsewhere.example.org:4242", time.time())
+    _plant_claim(out / "claims", "r0-f02", f"{socket.gethostname()}:{_dead_pid()}", time.time() - 3600)
+    assert cross_validate(config, out, CVPlan(folds=3, repeats=1, seed=0)) is None  # fold 1 is in other hands
+    assert (out / "runs" / "r0-f02" / "evaluation" / "table1.json").is_file()
+    assert not (out / "runs" / "r0-f01" / "evaluation" / "table1.json").exists()
+    claims = _claim_records(out / "claims")
+    assert claims["r0-f02.1"]["worker"] == f"{socket.gethostname()}:{os.getpid()}"
+    assert claims["r0-f02.1"]["state"] == "released" and "r0-f01.1" not in claims
+    # Once that worker's heartbeat is older than the timeout, its fold is taken over and the summary written.
+    results = cross_validate(config, out, CVPlan(folds=3, repeats=1, seed=0), stale_after_s=0.5)
+    assert results is not None and len(results["per_fold"]) == 3
+    assert (out / "runs" / "r0-f01" / "evaluation" / "table1.json").is_file()
+
+
+def test_of_workers_racing_for_a_fold_exactly_one_claims_it(tmp_path):
+    boards = [Claims(tmp_path / "claims") for _ in range(8)]
+    start = threading.Barrier(len(boards))
+
+    def race(board):
+        start.wait()
+        return board.acquire("r0-f00")
+
+    with ThreadPoolExecutor(len(boards)) as pool:
+        won = [claim is not None for claim in pool.map(race, boards)]
+    assert sum(won) == 1
+    winner = boards[won.index(True)]
+    assert boards[0].holder("r0-f00") == winner.worker
+    winner.release("r0-f00")
+    assert boards[0].holder("r0-f00") is None and boards[1].acquire("r0-f00") is not None
+    assert sorted(path.name for path in (tmp_path / "claims").iterdir()) == ["r0-f00.0", "r0-f00.1"]
+    boards[1].release("r0-f00")

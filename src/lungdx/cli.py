@@ -146,7 +146,10 @@ def _add_cv(commands) -> None:
                                          "validation split for early stopping and the threshold comes from the other "
                                          "folds. Reports per-fold Table 1, mean +/- SD across folds and the pooled "
                                          "out-of-fold ROC AUC with a patient-level bootstrap CI. Rerun the same "
-                                         "command to resume an interrupted CV.")
+                                         "command to resume an interrupted CV. Folds in parallel: start the same "
+                                         "command several times (processes or machines, one shared --out); each "
+                                         "worker claims a fold before training it, and the one that finishes the "
+                                         "last fold writes the summary.")
     _add_run_config(cv)
     cv.add_argument("--folds", type=int, default=10, help="number of folds (default: %(default)s)")
     cv.add_argument("--repeats", type=int, default=1, help="repeats with re-drawn folds (default: %(default)s)")
@@ -154,7 +157,7 @@ def _add_cv(commands) -> None:
     cv.add_argument("--device", default="auto", help="device for evaluation: auto, cpu or cuda (default: %(default)s)")
     cv.add_argument("--by", action="append", default=[], metavar="COLUMN[:EDGES]",
                     help="pooled out-of-fold metrics per stratum, e.g. --by subtlety --by size_mm:0,10,20,30,60")
-    cv.add_argument("--out", required=True, help="CV folder to create or resume")
+    cv.add_argument("--out", required=True, help="CV folder to create, resume or share with other workers")
     cv.set_defaults(handler=_cmd_cv)
 
 
@@ -169,11 +172,16 @@ def _cmd_cv(args) -> int:
             _log_to_file(Path(args.out) / "cv.log")
         else:
             logging.getLogger("lungdx").setLevel(max(logging.getLogger("lungdx").level, logging.WARNING))
-        cross_validate(config, args.out, CVPlan(args.folds, args.repeats, args.seed), device=args.device,
-                       progress=not args.quiet, by=tuple(args.by))
+        results = cross_validate(config, args.out, CVPlan(args.folds, args.repeats, args.seed), device=args.device,
+                                 progress=not args.quiet, by=tuple(args.by))
     if not main_rank:
         return 0
     out = Path(args.out)
+    if results is None:
+        print(f"This worker has no fold left to train; the rest are in other workers' hands, and the one that "
+              f"finishes the last fold writes {out / 'cv.md'} (rerun this command to take over a crashed worker's "
+              "fold, see cv.log).")
+        return 0
     print((out / "cv.md").read_text())
     print(f"Written: {out / 'cv.md'}, {out / 'cv.json'}, {out / 'oof_predictions.csv'}, {out / 'roc_pooled.png'}")
     return 0

@@ -7,10 +7,14 @@ patients influence its model. Every fold is an ordinary run folder (config, spli
 
 Reported as the literature does: test metrics per fold, their mean and standard deviation, and the
 pooled out-of-fold ROC and AUC with a patient-level bootstrap CI.
+
+Several workers (processes or machines, each possibly a torchrun job) may share one CV folder: a
+worker claims a fold (``claims/``) before it trains it, so each fold is trained once; see ``Claims``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -22,6 +26,7 @@ import pandas as pd
 import yaml
 
 from lungdx import distributed, metrics
+from lungdx.claims import STALE_AFTER_S, ClaimLost, Claims, publish
 from lungdx.config import ConfigError, RunConfig, from_dict, to_dict
 from lungdx.data.split import check_leakage, kfold_patients, split_train_val
 from lungdx.evaluate import PAPER_CLAIMS, evaluate_run, format_number
@@ -69,20 +74,27 @@ def fold_name(repeat: int, fold: int) -> str:
 
 
 def cross_validate(config: RunConfig, out_dir: str | Path, plan: CVPlan = CVPlan(), *, device: str = "auto",
-                   progress: bool = False, by: tuple[str, ...] = ()) -> dict:
+                   progress: bool = False, by: tuple[str, ...] = (),
+                   stale_after_s: float = STALE_AFTER_S) -> dict | None:
     """Train and evaluate one run per fold (resuming finished or interrupted folds), then summarise.
+
+    Safe to run as several workers on one ``out_dir`` at once: each claims a fold before training it
+    and skips folds other live workers hold; a worker that finds no fold left to claim returns. The
+    summary is written by the worker that finishes the last fold (or by a rerun on a finished CV).
 
     Args:
         config: the run configuration every fold uses (its ``data.split`` fractions set the
             share of the training folds used for validation).
-        out_dir: the CV folder: ``plan.yaml``, ``folds.csv``, ``splits/``, ``runs/<fold>/`` and
-            the summary (``cv.json``, ``cv.md``, ``oof_predictions.csv``, ``roc_pooled.png``).
+        out_dir: the CV folder: ``plan.yaml``, ``folds.csv``, ``splits/``, ``claims/``, ``runs/<fold>/``
+            and the summary (``cv.json``, ``cv.md``, ``oof_predictions.csv``, ``roc_pooled.png``).
         plan: folds, repeats and seed.
         by: subgroup specifications (``subtlety``, ``size_mm:0,10,20,30,60``) for pooled out-of-fold
             metrics per stratum.
+        stale_after_s: how old a claim's heartbeat must be before another worker takes its fold over.
 
     Returns:
-        The summary (also written to ``cv.json``).
+        The summary (also written to ``cv.json``); None when this worker leaves the summary to
+        another: folds are still held by other workers, or another worker has just written it.
     """
     out_dir = Path(out_dir)
     stratifiers = [parse_by(spec) for spec in by]  # a typo fails here, not after hours of training
@@ -90,37 +102,117 @@ def cross_validate(config: RunConfig, out_dir: str | Path, plan: CVPlan = CVPlan
     data = prepare_data(config, progress=progress and distributed.is_main())
     plan_rows = plan_folds(data.frame, plan)
     distributed.run_on_main(_write_plan, out_dir, plan_rows)
+    units = {fold_name(r, f): (r, f) for r in range(plan.repeats) for f in range(plan.folds)}
+    claims = Claims(out_dir / "claims", stale_after_s)  # claimed on rank 0; the other ranks follow
+    finished_at_start = not distributed.run_on_main(_unfinished, claims, out_dir, units)
+    while (name := distributed.run_on_main(_claim_next, claims, out_dir, units)) is not None:
+        repeat, fold = units[name]
+        logger.info("fold %s (%d of %d), worker %s", name, repeat * plan.folds + fold + 1, len(units), claims.worker)
+        try:
+            _train_fold(config, out_dir, plan_rows[plan_rows["repeat"] == repeat], repeat, fold, claims, device, progress)
+        except ClaimLost as err:
+            logger.warning("%s", err)
+        finally:
+            claims.release(name)  # a no-op on the ranks that hold nothing
+    left = distributed.run_on_main(_unfinished, claims, out_dir, units)
+    if left:
+        logger.info("%s: %d fold(s) in other workers' hands (%s); the worker that finishes the last writes the "
+                    "summary, or rerun to take over a crashed worker's fold", out_dir, len(left), ", ".join(left))
+        return None
+    return distributed.run_on_main(_summarise_once, claims, out_dir, plan, config, list(units), force=finished_at_start,
+                                   stratifiers=stratifiers, dataset=data.frame)
+
+
+def _train_fold(config: RunConfig, out_dir: Path, rows: pd.DataFrame, repeat: int, fold: int, claims: Claims,
+                device: str, progress: bool) -> None:
     train_fraction, val_fraction, _ = config.data.split
-    val_share = val_fraction / (train_fraction + val_fraction)
-    for repeat in range(plan.repeats):
-        rows = plan_rows[plan_rows["repeat"] == repeat]
-        for fold in range(plan.folds):
-            name = fold_name(repeat, fold)
-            split_path = out_dir / "splits" / f"{name}.csv"
-            seed = config.data.split_seed + 1000 * repeat + fold
-            distributed.run_on_main(fold_split(rows, fold, val_share, seed).to_csv, split_path, index=False)
-            fold_config = replace(config, data=replace(config.data, split_file=str(split_path)))
-            logger.info("fold %s (%d of %d)", name, repeat * plan.folds + fold + 1, plan.folds * plan.repeats)
-            _run_fold(fold_config, out_dir / "runs" / name, device, progress)
-    return distributed.run_on_main(summarise, out_dir, plan, config, stratifiers=stratifiers, dataset=data.frame)
+    name = fold_name(repeat, fold)
+    split_path = out_dir / "splits" / f"{name}.csv"
+    seed = config.data.split_seed + 1000 * repeat + fold
+    split = fold_split(rows, fold, val_fraction / (train_fraction + val_fraction), seed)
+    distributed.run_on_main(split.to_csv, split_path, index=False)
+    fold_config = replace(config, data=replace(config.data, split_file=str(split_path)))
+
+    def check_claim(_row: dict) -> None:  # a worker taken for dead stops at the end of an epoch
+        distributed.run_on_main(claims.check, name)
+
+    _run_fold(fold_config, out_dir / "runs" / name, device, progress, on_epoch=check_claim)
+
+
+def _claim_next(claims: Claims, out_dir: Path, units: dict) -> str | None:
+    """The first unfinished fold this worker could claim, now claimed; None when there is none."""
+    for name in units:
+        if _fold_step(out_dir / "runs" / name, clean=False) == "done" or not claims.acquire(name):
+            continue
+        if _fold_step(out_dir / "runs" / name, clean=False) != "done":  # another worker may have finished it meanwhile
+            return name
+        claims.release(name)
+    return None
+
+
+def _unfinished(claims: Claims, out_dir: Path, units: dict) -> list[str]:
+    """Folds not yet evaluated, or held by a live worker (which may be writing their evaluation now)."""
+    return [name for name in units
+            if _fold_step(out_dir / "runs" / name, clean=False) != "done" or claims.holder(name) is not None]
+
+
+def _summarise_once(claims: Claims, out_dir: Path, plan: CVPlan, config: RunConfig, names: list[str], *, force: bool,
+                    stratifiers: list[Stratifier], dataset: pd.DataFrame) -> dict | None:
+    """``summarise`` unless another worker is writing, or has written, the summary of these very folds.
+
+    ``force`` (every fold was finished before this worker started: a rerun) writes it again.
+    """
+    claim = claims.acquire("summary")
+    if claim is None:
+        logger.info("%s: the summary is being written by worker %s", out_dir, claims.holder("summary"))
+        return None
+    record = {}
+    try:
+        inputs = _summary_inputs(out_dir, names, stratifiers)
+        if not force and claim.previous.get("inputs") == inputs and (out_dir / "cv.json").is_file():
+            logger.info("%s: the summary of these folds was written by worker %s", out_dir, claim.previous.get("worker"))
+            record = {"inputs": inputs}
+            return None
+        results = summarise(out_dir, plan, config, stratifiers=stratifiers, dataset=dataset)
+        record = {"inputs": inputs}
+        return results
+    finally:
+        claims.release("summary", **record)
+
+
+def _summary_inputs(out_dir: Path, names: list[str], stratifiers: list[Stratifier]) -> str:
+    """A digest of what the summary is made of: every fold's evaluation, and the subgroups asked for."""
+    digest = hashlib.sha256(repr(stratifiers).encode())
+    for name in names:
+        for part in ("table1.json", "predictions.csv"):
+            digest.update((out_dir / "runs" / name / "evaluation" / part).read_bytes())
+    return digest.hexdigest()
 
 
 def _write_plan(out_dir: Path, plan_rows: pd.DataFrame) -> None:
-    plan_rows.to_csv(out_dir / "folds.csv", index=False)
+    path = out_dir / "folds.csv"
+    if not publish(path, plan_rows.to_csv(index=False)):
+        if not _fold_assignment(pd.read_csv(path, dtype={"case_id": str})).equals(_fold_assignment(plan_rows)):
+            raise FileExistsError(f"{path}: assigns other folds than this data gives (has the dataset changed?); "
+                                  "use a new --out")
     (out_dir / "splits").mkdir(exist_ok=True)
+
+
+def _fold_assignment(plan_rows: pd.DataFrame) -> pd.DataFrame:
+    rows = plan_rows[["repeat", "case_id", "fold"]].astype({"repeat": int, "case_id": str, "fold": int})
+    return rows.sort_values(["repeat", "case_id"], ignore_index=True)
 
 
 def _check_plan_file(out_dir: Path, config: RunConfig, plan: CVPlan) -> None:
     settings = {"folds": plan.folds, "repeats": plan.repeats, "seed": plan.seed, "config": to_dict(config)}
     path = out_dir / "plan.yaml"
-    if path.is_file():
-        if not _same_plan(yaml.safe_load(path.read_text()), settings):
-            raise FileExistsError(f"{out_dir}: holds a cross-validation with other settings (plan.yaml); "
-                                  "use a new --out, or the same settings to resume it")
-        logger.info("%s: resuming the cross-validation", out_dir)
-        return
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    if publish(path, yaml.safe_dump(settings, sort_keys=False)):
+        return
+    if not _same_plan(yaml.safe_load(path.read_text()), settings):
+        raise FileExistsError(f"{out_dir}: holds a cross-validation with other settings (plan.yaml); "
+                              "use a new --out, or the same settings to resume it")
+    logger.info("%s: resuming the cross-validation (or joining its other workers)", out_dir)
 
 
 def _same_plan(saved: dict, settings: dict) -> bool:
@@ -134,13 +226,13 @@ def _same_plan(saved: dict, settings: dict) -> bool:
     return same_plan and saved_config == yaml.safe_load(yaml.safe_dump(settings["config"]))
 
 
-def _run_fold(config: RunConfig, run_dir: Path, device: str, progress: bool) -> None:
+def _run_fold(config: RunConfig, run_dir: Path, device: str, progress: bool, *, on_epoch=None) -> None:
     """Train (every rank, under torchrun) and evaluate (rank 0) one fold, or what is left of it."""
     step = distributed.run_on_main(_fold_step, run_dir)
     if step == "done":
         return
     if step in ("new", "resume"):
-        fit(config, run_dir, resume=step == "resume", progress=progress)
+        fit(config, run_dir, resume=step == "resume", progress=progress, on_epoch=on_epoch)
     distributed.run_on_main(_evaluate_fold, run_dir, config, device)
 
 
@@ -148,15 +240,18 @@ def _evaluate_fold(run_dir: Path, config: RunConfig, device: str) -> None:
     evaluate_run(run_dir, config.eval, device=device)  # the tables stay on disk: nothing to send to the other ranks
 
 
-def _fold_step(run_dir: Path) -> str:
-    """What a fold still needs: ``done``, ``evaluate``, ``resume`` or ``new``."""
+def _fold_step(run_dir: Path, *, clean: bool = True) -> str:
+    """What a fold still needs: ``done``, ``evaluate``, ``resume`` or ``new``.
+
+    ``clean`` removes a folder stopped before its first epoch ended (only under the fold's claim).
+    """
     if (run_dir / "evaluation" / "table1.json").is_file():
         return "done"
     if (run_dir / "model.pt").is_file():
         return "evaluate"
     if (run_dir / "last.pt").is_file():
         return "resume"
-    if run_dir.exists():
+    if clean and run_dir.exists():
         shutil.rmtree(run_dir)  # stopped before its first epoch ended: nothing worth keeping
     return "new"
 
