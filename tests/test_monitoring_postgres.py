@@ -1,18 +1,14 @@
 """The monitoring log on a real PostgreSQL server (a throw-away cluster on a loopback port), not only SQLite."""
 
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("sqlalchemy")
 pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (pip install -e '.[postgres]')")
 
+from postgres import postgres_cluster  # noqa: E402
 from test_monitoring import WRITER, phantoms  # noqa: E402
 
 from lungdx.checkpoint import load_checkpoint  # noqa: E402
@@ -20,37 +16,12 @@ from lungdx.monitoring import Monitor, MonitorSettings  # noqa: E402
 from lungdx.predict import Predictor  # noqa: E402
 
 
-def _pg_bin() -> Path:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not found and shutil.which("initdb") is None:
-        pytest.skip("PostgreSQL server binaries not found: apt-get install postgresql (.ci/run installs it)")
-    return found[-1].parent if found else Path(shutil.which("initdb")).parent
-
-
 @pytest.fixture(scope="module")
 def postgres_url():
-    """A fresh cluster in a temporary folder; as root, its programs run as the postgres user (initdb refuses root)."""
-    pg_bin = _pg_bin()
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    folder = Path(tempfile.mkdtemp(prefix="lungdx-pg-"))
-    if as_postgres:
-        shutil.chown(folder, "postgres")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    data, options = folder / "data", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
-
-    def run(*command):
-        subprocess.run([*as_postgres, *command], check=True, capture_output=True, text=True, timeout=120)
-
-    run(str(pg_bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "lungdx")
-    run(str(pg_bin / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
-    try:
-        run(str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "lungdx", "monitor")
-        yield f"postgresql+psycopg://lungdx@127.0.0.1:{port}/monitor"
-    finally:
-        run(str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "fast", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
+    """A fresh cluster (tests/postgres.py) with one database, ``monitor``, owned by its superuser."""
+    with postgres_cluster() as server:
+        server.client("createdb", "monitor")
+        yield server.url("monitor")
 
 
 def test_log_feedback_drift_and_reopen_on_postgresql(postgres_url, trained_run):

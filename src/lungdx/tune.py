@@ -313,6 +313,8 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     if url.startswith("sqlite:"):
         _sqlite_wal(url)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    else:  # a server restart or a cut idle connection during a long study: reconnect instead of failing a trial
+        engine_kwargs = {"pool_pre_ping": True}
     from sqlalchemy.exc import SQLAlchemyError
 
     for attempt in range(1, attempts + 1):
