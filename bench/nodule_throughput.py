@@ -1,7 +1,7 @@
 """How much of this machine nodule_net's training uses: each stage's training step against the matmul ceiling.
 
 Measured in one run on the same threads: the matmul rate (2048 x 2048, fp32 and, where the CPU has
-native bf16, bf16), then a training step (forward, backward, Adam) of each nodule_net stage at the
+native bf16, bf16; `bench/ceiling.py`), then a training step (forward, backward, Adam) of each nodule_net stage at the
 sizes `configs/nodule.yaml` trains with: the lung U-Net at 128 px, the detector on 256 px crops, the
 judge on 64 px crops. FLOPs per step are counted by torch's FlopCounterMode (convolutions and matmuls,
 forward and backward); the share is achieved FLOP/s over the ceiling of the precision the step runs in.
@@ -12,36 +12,13 @@ forward and backward); the share is achieved FLOP/s over the ceiling of the prec
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from ceiling import count_flops, cpu_model, measure_ceilings, precision_name
 
 from lungdx.models import create_model
 from lungdx.runtime import Hardware, tune_allocator
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a square matmul in ``dtype`` (median of ``repeats``)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / sorted(times)[len(times) // 2]
 
 
 def step_rate(module: torch.nn.Module, batch: torch.Tensor, hardware: Hardware, steps: int) -> tuple[float, float]:
@@ -56,9 +33,7 @@ def step_rate(module: torch.nn.Module, batch: torch.Tensor, hardware: Hardware, 
         loss.backward()
         optimizer.step()
 
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops() / len(batch)
+    flops = count_flops(step) / len(batch)
     step()
     start = time.perf_counter()
     for _ in range(steps):
@@ -74,10 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     tune_allocator()
     hardware = Hardware.resolve("cpu", "auto", "auto")
-    ceilings = {"fp32": matmul_rate(torch.float32)}
-    if hardware.amp_dtype == torch.bfloat16:
-        ceilings["bf16"] = matmul_rate(torch.bfloat16)
-    precision = "bf16" if hardware.amp_dtype == torch.bfloat16 else "fp32"
+    ceilings = measure_ceilings(hardware.amp_dtype)
+    precision = precision_name(hardware.amp_dtype)
     model = create_model("nodule_net", input_size=512)
     stages = {"lungs (U-Net, 128 px, batch 16)": (model.lungs, (16, 1, 128, 128)),
               "detector (FPN, 256 px crops, batch 16)": (model.detector, (16, 1, 256, 256)),

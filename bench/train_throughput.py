@@ -13,6 +13,14 @@ inherit it), on the same image files:
   memory format and autocast that ``lungdx.runtime`` picks for ``auto`` on this machine, after
   ``tune_allocator`` (as the CLI does).
 
+The lungdx process also measures the machine's ceiling on its threads: the rate of a 2048 x 2048
+matmul in fp32 and, where the CPU has native bf16, bf16 (``bench/ceiling.py``, shared with
+``nodule_throughput.py``). FLOPs per training and per inference image are counted by torch's
+FlopCounterMode; lungdx's training step (timed apart from the data inside the same steps), its
+end-to-end training, its batch inference and its batch-1 latency are reported as GFLOP/s and as a
+share of the ceiling of the precision ``lungdx.runtime`` runs them in (bf16 where it picks bf16
+autocast, fp32 otherwise).
+
 A third part times lungdx's model step alone (normalise, forward, BCE, Adam step; and a batch
 inference) for every combination of the levers: allocator, memory format and bf16 autocast, so
 that the ``auto`` defaults of ``lungdx.runtime`` can be checked on the CPU at hand.
@@ -26,6 +34,7 @@ Usage::
     python bench/train_throughput.py                       # 1024 px 8-bit PNG phantoms, made in a temp folder
     python bench/train_throughput.py --data ../shared/data/jsrt/images
     python bench/train_throughput.py --steps 5 --lever-batch 64 --skip-baseline
+    python bench/train_throughput.py --images 8 --batch-size 4 --size 64 --steps 1 --skip-baseline --skip-levers  # smoke test
 """
 
 from __future__ import annotations
@@ -135,16 +144,16 @@ def _median_rate(seconds: list[float], images_per_step: int) -> float:
     return images_per_step / statistics.median(seconds)
 
 
+def _median_seconds(run, repeats: int) -> float:
+    """Median seconds of ``run()`` over ``repeats`` calls after one warm-up call."""
+    run()
+    return statistics.median(_seconds(run) for _ in range(repeats))
+
+
 def _time_inference(model, run_batch, spec: dict) -> float:
     """Median images/s of ``run_batch()`` (one batch) after one warm-up call."""
     model.eval()
-    run_batch()
-    seconds = []
-    for _ in range(spec["inference_repeats"]):
-        started = time.perf_counter()
-        run_batch()
-        seconds.append(time.perf_counter() - started)
-    return _median_rate(seconds, spec["batch_size"])
+    return spec["batch_size"] / _median_seconds(run_batch, spec["inference_repeats"])
 
 
 def worker_baseline(spec: dict) -> dict:
@@ -193,7 +202,13 @@ def worker_baseline(spec: dict) -> dict:
 
 
 def worker_lungdx(spec: dict) -> dict:
-    """lungdx's pipeline: decode once into the cache, then augment + model step from the cache."""
+    """lungdx's pipeline: decode once into the cache, then augment + model step from the cache.
+
+    Also measures, in this process and on its threads, the matmul ceiling and the FLOPs per image,
+    and times the model step apart from the data (inside the same steps) and a one-image inference.
+    """
+    from ceiling import measure_ceilings
+
     from lungdx import runtime
 
     allocator_tuned = runtime.tune_allocator()  # first, like the CLI
@@ -213,24 +228,30 @@ def worker_lungdx(spec: dict) -> dict:
     if not cache.valid.all():
         raise RuntimeError(f"unreadable images: {cache.errors}")
 
+    flops = _flops_per_image(torch, spec, hardware, preprocess, cache.batch(np.arange(min(2, len(paths)))))
+    ceilings = measure_ceilings(hardware.amp_dtype)
     model, optimizer, loss_fn = _train_tools(torch, spec["size"])
     model = hardware.prepare(model)
     model.train()
     generator = torch.Generator().manual_seed(1)
     targets = np.asarray(labels, dtype=np.float32)
-    batch_size, step_seconds = spec["batch_size"], []
+    batch_size, step_seconds, model_seconds = spec["batch_size"], [], []
     while len(step_seconds) < spec["warmup"] + spec["steps"]:
         order = torch.randperm(len(paths), generator=generator).numpy()
         for start in range(0, len(order) - batch_size + 1, batch_size):  # drop_last, like the baseline
             started = time.perf_counter()
             batch_index = np.sort(order[start:start + batch_size])
             levelled = torch.from_numpy(cache.batch(batch_index))[:, None]
-            images = model_input(augment(levelled, augmentation, generator), preprocess, hardware)
+            augmented = augment(levelled, augmentation, generator)
+            prepared = time.perf_counter()  # the model step (as in the lever table) starts at model_input
+            images = model_input(augmented, preprocess, hardware)
             with hardware.autocast():
                 logits = model(images)
             loss = loss_fn(logits.float(), torch.from_numpy(targets[batch_index])[:, None])
             optimizer_step(loss, optimizer, None)
-            step_seconds.append(time.perf_counter() - started)
+            finished = time.perf_counter()
+            step_seconds.append(finished - started)
+            model_seconds.append(finished - prepared)
             if len(step_seconds) == spec["warmup"] + spec["steps"]:
                 break
 
@@ -239,11 +260,63 @@ def worker_lungdx(spec: dict) -> dict:
     def run_batch():
         compute_logits(model, levelled, preprocess, hardware, batch_size)
 
-    return {"train_img_s": _median_rate(step_seconds[spec["warmup"]:], batch_size),
-            "infer_img_s": _time_inference(model, run_batch, spec),
-            "cache_s": cache_seconds, "images": len(paths), "step_s": step_seconds,
-            "autocast": str(hardware.amp_dtype), "channels_last": hardware.channels_last, "allocator_tuned": allocator_tuned,
-            "native_bf16": runtime.cpu_has_native_bf16()}
+    def run_one():
+        compute_logits(model, levelled[:1], preprocess, hardware, 1)
+
+    result = {"train_img_s": _median_rate(step_seconds[spec["warmup"]:], batch_size),
+              "model_step_img_s": _median_rate(model_seconds[spec["warmup"]:], batch_size),
+              "infer_img_s": _time_inference(model, run_batch, spec),
+              "latency_ms": 1000 * _median_seconds(run_one, max(3, spec["inference_repeats"])),
+              "cache_s": cache_seconds, "images": len(paths), "step_s": step_seconds, "model_step_s": model_seconds,
+              "autocast": str(hardware.amp_dtype), "channels_last": hardware.channels_last, "allocator_tuned": allocator_tuned,
+              "native_bf16": runtime.cpu_has_native_bf16()}
+    return {**result, **_ceiling_shares(result, flops, ceilings, hardware.amp_dtype)}
+
+
+def _flops_per_image(torch, spec: dict, hardware, preprocess, levelled: np.ndarray) -> dict[str, float]:
+    """FLOPs per training image and per inference image of lungdx's steps, on a fresh copy of the model.
+
+    Counted over ``levelled`` (two images keep it cheap: the counts grow linearly with the batch);
+    they depend on the shapes only, not on the precision or memory format.
+    """
+    from ceiling import count_flops
+
+    from lungdx.predict import compute_logits, model_input
+    from lungdx.train import optimizer_step
+
+    model, optimizer, loss_fn = _train_tools(torch, spec["size"])
+    model = hardware.prepare(model)
+    target = torch.zeros(len(levelled), 1)
+
+    def train_step():
+        model.train()
+        with hardware.autocast():
+            logits = model(model_input(torch.from_numpy(levelled), preprocess, hardware))
+        optimizer_step(loss_fn(logits.float(), target), optimizer, None)
+
+    def infer():
+        compute_logits(model, levelled, preprocess, hardware, len(levelled))
+
+    return {"train": count_flops(train_step) / len(levelled), "inference": count_flops(infer) / len(levelled)}
+
+
+CEILING_FLOPS = {"train_step": "train", "train_end_to_end": "train", "inference": "inference", "latency": "inference"}
+"""Row of the ceiling table -> which FLOP count per image (training or inference) its images cost."""
+
+
+def _ceiling_shares(result: dict, flops: dict[str, float], ceilings: dict[str, float], amp_dtype) -> dict:
+    """Achieved GFLOP/s of each part and its share of the matmul ceiling of the precision it runs in."""
+    from ceiling import cpu_model, precision_name
+
+    precision = precision_name(amp_dtype)
+    images_s = {"train_step": result["model_step_img_s"], "train_end_to_end": result["train_img_s"],
+                "inference": result["infer_img_s"], "latency": 1000 / result["latency_ms"]}
+    achieved = {part: rate * flops[CEILING_FLOPS[part]] / 1e9 for part, rate in images_s.items()}
+    return {"cpu": cpu_model(), "precision": precision,
+            "matmul_gflop_s": {name: rate / 1e9 for name, rate in ceilings.items()},
+            "gflop_per_image": {name: count / 1e9 for name, count in flops.items()},
+            "achieved_gflop_s": achieved,
+            "ceiling_share": {part: value * 1e9 / ceilings[precision] for part, value in achieved.items()}}
 
 
 LAYOUTS = ((False, False), (True, False), (False, True), (True, True))
@@ -394,16 +467,6 @@ def run_levers(common: dict, args) -> dict:
     return merged
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -443,6 +506,31 @@ def pipeline_table(baseline: dict | None, lungdx: dict, args) -> list[str]:
     notes.append("1st epoch for lungdx = images / (cache build + images / steady rate); "
                  "the baseline decodes every epoch, so its 1st epoch equals its steady rate.")
     return [*rows, "", *notes]
+
+
+def ceiling_table(lungdx: dict, args) -> list[str]:
+    """lungdx's training step, end-to-end training, inference and latency as GFLOP/s and shares of the ceiling."""
+    precision, achieved, share = lungdx["precision"], lungdx["achieved_gflop_s"], lungdx["ceiling_share"]
+    flops = lungdx["gflop_per_image"]
+    ceilings = ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in lungdx["matmul_gflop_s"].items())
+    layout = "channels_last" if lungdx["channels_last"] else "contiguous"
+    batch = args.batch_size
+    parts = {"train_step": (f"training step alone (model_input, forward, BCE, Adam; batch {batch})",
+                            lungdx["model_step_img_s"]),
+             "train_end_to_end": (f"training end to end (cache read, augment, step; batch {batch})", lungdx["train_img_s"]),
+             "inference": (f"batch inference (`compute_logits`, batch {batch})", lungdx["infer_img_s"]),
+             "latency": ("batch-1 latency (`compute_logits`, 1 image)", 1000 / lungdx["latency_ms"])}
+    rows = [f"Matmul ceiling (2048x2048, {args.threads} threads, in the lungdx process): {ceilings}; native bf16: "
+            f"{lungdx['native_bf16']}. lungdx runs {layout} in {precision} (`lungdx.runtime`'s choice for "
+            f"--precision {args.precision}). paper_cnn at {args.size} px: {flops['train']:.2f} GFLOP per training image, "
+            f"{flops['inference']:.2f} per inference image (FlopCounterMode: convolutions and matmuls).",
+            "",
+            f"| lungdx part | img/s | latency ms | GFLOP/s | share of the {precision} ceiling |",
+            "|---|---:|---:|---:|---:|"]
+    for part, (name, images_s) in parts.items():
+        latency = f"{lungdx['latency_ms']:.1f}" if part == "latency" else "-"
+        rows.append(f"| {name} | {images_s:.2f} | {latency} | {achieved[part]:.1f} | {share[part]:.0%} |")
+    return rows
 
 
 def lever_table(merged: dict, args) -> list[str]:
@@ -530,7 +618,7 @@ def report(args, source: str, baseline: dict | None, lungdx: dict, levers: dict 
     lines = [
         f"# paper_cnn throughput at {args.size} px",
         "",
-        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, torch capability "
+        f"CPU: {lungdx['cpu']} ({os.cpu_count()} logical CPUs, torch capability "
         f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {lungdx['native_bf16']}); "
         f"torch {torch.__version__}, {args.threads} threads; Python {platform.python_version()}.",
         f"Data: {source}. Batch {args.batch_size}, 1 warm-up + {args.steps} timed steps, medians.",
@@ -540,6 +628,10 @@ def report(args, source: str, baseline: dict | None, lungdx: dict, levers: dict 
         "## Pipelines (training: data + augmentation + model step)",
         "",
         *pipeline_table(baseline, lungdx, args),
+        "",
+        "## Against the machine's ceiling (lungdx)",
+        "",
+        *ceiling_table(lungdx, args),
     ]
     if levers:
         lines += ["", f"## Levers: lungdx's model step alone, batch {args.lever_batch}", "",
