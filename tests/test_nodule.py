@@ -60,8 +60,18 @@ def nodule_run(nodule_phantoms, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ImageCache, "batch", batch)
         patch.setattr(nodule_train, "_finish_localiser", finish)
-        result = fit(_config(nodule_phantoms, folder / "cache"), folder / "run")
+        seen: list[dict] = []  # train.fit's on_epoch hook (a CV worker's claim check) sees every stage epoch
+        result = fit(_config(nodule_phantoms, folder / "cache"), folder / "run", on_epoch=seen.append)
+    (folder / "on_epoch.json").write_text(json.dumps([[row["stage"], row["epoch"]] for row in seen]))
     return result.run_dir, set(reads)
+
+
+def test_every_stage_epoch_reaches_the_on_epoch_hook(nodule_run):
+    run_dir, _ = nodule_run
+    history = pd.read_csv(run_dir / "history.csv")
+    seen = json.loads((run_dir.parent / "on_epoch.json").read_text())
+    assert seen == history[["stage", "epoch"]].values.tolist()
+    assert {stage for stage, _ in seen} == {"lungs", "detector", "judge"}
 
 
 def test_a_model_trained_on_phantoms_puts_its_peak_on_held_out_nodules(nodule_run):

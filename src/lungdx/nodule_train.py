@@ -45,15 +45,18 @@ STAGES = ("lungs", "detector", "judge")
 
 
 class _History(list):
-    """The stage epochs so far, written to ``history.csv`` as each one ends (progress is visible during a run)."""
+    """The stage epochs so far, written to ``history.csv`` as each one ends (progress is visible during a run);
+    ``on_epoch`` (``train.fit``'s hook: a CV worker's claim check) is called with each row once it is saved."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_epoch=None):
         super().__init__()
-        self.path = path
+        self.path, self.on_epoch = path, on_epoch
 
     def append(self, row: dict) -> None:
         super().append(row)
         pd.DataFrame(self).to_csv(self.path, index=False)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
 
 
 class _Stopper:
@@ -514,8 +517,12 @@ def load_detector_weights(model: nn.Module, source: str) -> None:
     logger.info("detector encoder: %d ImageNet tensors of EfficientNet-Lite0", len(encoder))
 
 
-def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hardware: Hardware, *, progress: bool = False):
-    """Train the three stages on ``data`` (a ``PreparedData``), then write the run folder's products."""
+def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hardware: Hardware, *, progress: bool = False,
+                  on_epoch=None):
+    """Train the three stages on ``data`` (a ``PreparedData``), then write the run folder's products.
+
+    ``on_epoch`` is called with each stage epoch's history row, as ``train.fit`` calls it.
+    """
     from lungdx.train import data_fingerprint
 
     frame = data.frame
@@ -530,7 +537,7 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
     if config.model.weights:
         load_detector_weights(model, config.model.weights)
     model = hardware.prepare(model)
-    history = _History(run_dir / "history.csv")
+    history = _History(run_dir / "history.csv", on_epoch)
     started = time.perf_counter()
     seg_images = {"train": images["train"][has_mask], "val": images["val"][targets["val"].has_mask]}
     seg_masks = {"train": targets["train"].lung_masks[has_mask], "val": targets["val"].lung_masks[targets["val"].has_mask]}
