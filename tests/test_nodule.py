@@ -245,6 +245,16 @@ def test_black_out_borders_keeps_the_centre():
     assert images.min() == 1  # the input is untouched
 
 
+def test_blacked_lung_share_is_zero_for_central_lungs_and_counts_what_the_black_out_covers():
+    from lungdx.nodule_train import blacked_lung_share
+
+    masks = np.zeros((3, 100, 100), np.uint8)
+    masks[0, 30:70, 30:70] = 1          # central: untouched
+    masks[1, 0:20, 30:70] = 1           # upper band: the 6 px border takes 6 of its 20 rows
+    shares = blacked_lung_share(masks)
+    assert shares[0] == 0 and shares[1] == pytest.approx(6 / 20) and math.isnan(shares[2])
+
+
 def _outputs(rows):
     frame = pd.DataFrame(rows)
     frame["patient_id"] = [f"p{i}" for i in range(len(frame))]
@@ -283,7 +293,18 @@ def test_localisation_summary_fields(tmp_path):
                                            torch.tensor(outputs["malignancy_logit"].to_numpy())).numpy()
     outputs["shortcut_task_logit"] = outputs["task_logit"]
     result = summarise_localisation(outputs, 256, n_resamples=100)
+    assert "lungs_untouched" not in result["shortcut"]  # outputs of runs made before the column existed
     assert result["pointing_game"]["value"] == 1.0 and result["n_nodules"] == 20
+    # The untouched-lungs check: only the rows with no lung blacked out, their shortcut AUC against their own AUC.
+    outputs["blacked_lung_share"] = np.where(np.arange(40) < 10, 0.1, 0.0)
+    outputs.loc[outputs.index < 10, "shortcut_presence_logit"] = -5.0  # lung lost: these nodules vanish
+    untouched = summarise_localisation(outputs, 256, n_resamples=100)["shortcut"]["lungs_untouched"]
+    kept = outputs.iloc[10:]
+    from sklearn.metrics import roc_auc_score
+
+    assert untouched["n"] == 30 and untouched["n_pos"] == 15
+    assert untouched["change"] == pytest.approx(roc_auc_score(kept["has_nodule"], kept["shortcut_presence_logit"])
+                                                - roc_auc_score(kept["has_nodule"], kept["presence_logit"]))
     assert result["lung_dice"]["value"] == pytest.approx(0.95)
     assert result["shortcut"]["malignant_vs_rest_change"] == 0.0
     entry = result["nodule_vs_normal_auc"]
@@ -371,7 +392,7 @@ def test_the_page_circles_the_nodule_map_peak_in_a_real_browser(nodule_run, nodu
     image = nodule_phantoms / labels[labels["has_nodule"] == 1].iloc[0]["image"]
     bench = load_bench()
     port = bench.free_port()
-    process = bench.start_server(run_dir, port, max_batch=1, timeout_s=60, extra=["--db", "none"])
+    process = bench.start_server(run_dir, port, max_batch=1, extra=["--db", "none"])
     try:
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])

@@ -290,14 +290,14 @@ def summarise(out_dir: str | Path, plan: CVPlan, config: RunConfig, *, stratifie
                "synthetic": all(synthetic)}
     if stratifiers:
         results["subgroups"] = _oof_subgroups(oof, dataset, stratifiers, config)
-    localisation = _oof_localisation(out_dir, plan, config)
+    localisation = _oof_localisation(out_dir, plan, config, dataset)
     if localisation is not None:
         results["localisation"] = localisation
     _write_summary(out_dir, results, oof)
     return results
 
 
-def _oof_localisation(out_dir: Path, plan: CVPlan, config: RunConfig) -> dict | None:
+def _oof_localisation(out_dir: Path, plan: CVPlan, config: RunConfig, dataset: pd.DataFrame | None = None) -> dict | None:
     """A localising model's pooled out-of-fold localisation results (first repeat), or None for other models."""
     from lungdx.localisation import summarise_localisation
 
@@ -306,9 +306,22 @@ def _oof_localisation(out_dir: Path, plan: CVPlan, config: RunConfig) -> dict | 
         return None
     outputs = pd.concat([pd.read_csv(path, dtype={"case_id": str, "patient_id": str}) for path in paths], ignore_index=True)
     outputs = outputs[outputs["split"] == "test"].reset_index(drop=True)
+    if "blacked_lung_share" not in outputs and dataset is not None and "lung_mask" in dataset:
+        outputs["blacked_lung_share"] = _blacked_lung_share(outputs, dataset, config)  # runs made before the column
     (out_dir / "oof_nodule_outputs.csv").write_text(outputs.to_csv(index=False))
     return summarise_localisation(outputs, config.preprocess.size, n_resamples=config.eval.n_bootstrap,
                                   confidence=config.eval.confidence, seed=config.eval.seed)
+
+
+def _blacked_lung_share(outputs: pd.DataFrame, dataset: pd.DataFrame, config: RunConfig) -> np.ndarray:
+    """What ``nodule_train.nodule_outputs`` records now, from the dataset's lung masks: the share of each
+    image's lungs that the shortcut check's black-out covers."""
+    from lungdx.data.nodules import localisation_targets
+    from lungdx.nodule_train import blacked_lung_share
+
+    rows = dataset.astype({"case_id": str}).drop_duplicates("case_id").set_index("case_id").loc[outputs["case_id"]]
+    targets = localisation_targets(rows.reset_index(), config.preprocess)
+    return np.where(targets.has_mask, blacked_lung_share(targets.lung_masks), np.nan)
 
 
 def _none_to_nan(value) -> float:

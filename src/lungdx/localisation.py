@@ -143,7 +143,24 @@ def summarise_localisation(outputs: pd.DataFrame, size: int, *, n_resamples: int
         result["shortcut"]["malignant_vs_rest_auc"] = _auc_entry(malignant, shortcut_rest, groups, settings)
         result["shortcut"]["malignant_vs_rest_change"] = (result["shortcut"]["malignant_vs_rest_auc"]["value"]
                                                           - result["malignant_vs_rest_auc"]["value"])
+    if "blacked_lung_share" in outputs:
+        result["shortcut"]["lungs_untouched"] = _untouched_shortcut(outputs, has, groups, settings)
     return result
+
+
+def _untouched_shortcut(outputs: pd.DataFrame, has: np.ndarray, groups: np.ndarray, settings: dict) -> dict:
+    """The shortcut check on the images whose lung field (JSRT's mask) the black-out leaves whole.
+
+    On the other images the black-out also removes lung, and a nodule there, which lowers the AUC
+    without any shortcut; on these a change can only come from what lies outside the lungs.
+    """
+    keep = (outputs["blacked_lung_share"] == 0).to_numpy()
+    entry = {"n": int(keep.sum()), "n_pos": int(has[keep].sum())}
+    if 0 < entry["n_pos"] < entry["n"]:
+        before = _auc_entry(has[keep], outputs["presence_logit"][keep], groups[keep], settings)
+        after = _auc_entry(has[keep], outputs["shortcut_presence_logit"][keep], groups[keep], settings)
+        entry.update(nodule_vs_normal_auc=before, shortcut_auc=after, change=after["value"] - before["value"])
+    return entry
 
 
 def localisation_markdown(result: dict, confidence: float = 0.95) -> str:
@@ -166,6 +183,11 @@ def localisation_markdown(result: dict, confidence: float = 0.95) -> str:
     if "malignant_vs_rest_auc" in result["shortcut"]:
         lines.append(f"| Shortcut check: malignant_vs_rest AUC, same images | {fmt(result['shortcut']['malignant_vs_rest_auc'])} "
                      f"(change {result['shortcut']['malignant_vs_rest_change']:+.3f}) |")
+    untouched = result["shortcut"].get("lungs_untouched", {})
+    if "change" in untouched:
+        lines.append(f"| Shortcut check on the {untouched['n']} images whose lungs the black-out leaves whole: "
+                     f"nodule_vs_normal AUC | {fmt(untouched['nodule_vs_normal_auc'])} -> {fmt(untouched['shortcut_auc'])} "
+                     f"(change {untouched['change']:+.3f}) |")
     lines += ["", f"{result['n_images']} images, {result['n_nodules']} nodules. FROC: a candidate (local maximum of the map, "
               "at least 24 px from a higher one, 5 per image) hits a nodule within its radius (at least "
               f"{MIN_HIT_RADIUS * result['image_size']:g} px); scores are pooled across folds.", ""]

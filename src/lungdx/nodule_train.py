@@ -444,6 +444,15 @@ def black_out_borders(levelled: np.ndarray, border: float = 0.06, corner: float 
     return images
 
 
+def blacked_lung_share(lung_masks: np.ndarray) -> np.ndarray:
+    """(N,) share of each lung mask (N, S, S) that ``black_out_borders`` blacks out (NaN without a mask)."""
+    masks = np.asarray(lung_masks, np.float32)
+    total = masks.sum(axis=(-2, -1))
+    kept = black_out_borders(masks).sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 1 - kept / total, np.nan)
+
+
 @torch.inference_mode()
 def analyse_levelled(model, levelled, config: RunConfig, hardware: Hardware, batch: int = 16) -> dict[str, np.ndarray]:
     """Per image: presence, malignancy and task logits, peak, top candidates, lung mask and fraction."""
@@ -474,6 +483,7 @@ def nodule_outputs(model, frame: pd.DataFrame, levelled_view, targets, config: R
     found = analyse_levelled(model, levelled, config, hardware)
     shortcut = analyse_levelled(model, black_out_borders(levelled), config, hardware)
     small = _small_masks(targets.lung_masks, model.seg_size).numpy()[:, 0] > 0.5
+    blacked = blacked_lung_share(targets.lung_masks)
     rows = []
     for i, row in enumerate(frame.itertuples()):
         circle = targets.circles[i]
@@ -485,7 +495,8 @@ def nodule_outputs(model, frame: pd.DataFrame, levelled_view, targets, config: R
                      "candidates": json.dumps(np.round(found["candidates"][i], 2).tolist()),
                      "lung_fraction": found["lung_fraction"][i], "lung_ok": bool(found["lung_ok"][i]),
                      "lung_dice": dice(found["lung_small"][i], small[i]) if targets.has_mask[i] else math.nan,
-                     "shortcut_presence_logit": shortcut["presence"][i], "shortcut_task_logit": shortcut["task"][i]})
+                     "shortcut_presence_logit": shortcut["presence"][i], "shortcut_task_logit": shortcut["task"][i],
+                     "blacked_lung_share": blacked[i] if targets.has_mask[i] else math.nan})
     return pd.DataFrame(rows)
 
 
