@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,16 +28,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _load() -> str:
@@ -100,9 +89,10 @@ def main() -> None:
         load_after = _load()
 
     import torch
+    from ceiling import cpu_model  # bench/ceiling.py: a script's own folder is on sys.path
 
     base = runs[0]["img_s"]
-    print(f"CPU: {_cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; "
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; "
           f"load average {load_before} before, {load_after} after")
     print(f"paper_cnn at {args.size} px, global batch {args.batch_size}, {args.epochs} epochs, "
           f"{'phantoms' if not args.data else args.data}; img/s = median of epochs 2..{args.epochs}\n")
