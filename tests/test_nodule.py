@@ -255,6 +255,52 @@ def test_blacked_lung_share_is_zero_for_central_lungs_and_counts_what_the_black_
     assert shares[0] == 0 and shares[1] == pytest.approx(6 / 20) and math.isnan(shares[2])
 
 
+def _gaussian_maps(sigmas_px, size=256):
+    """Map logits (N, 1, size/4, size/4) of a Gaussian blob of each sigma (input px) at the centre."""
+    cells = size // 4
+    yy, xx = np.mgrid[:cells, :cells] * 4 + 1.5
+    prob = [0.9 * np.exp(-((xx - size / 2) ** 2 + (yy - size / 2) ** 2) / (2 * s**2)) + 1e-4 for s in sigmas_px]
+    return torch.logit(torch.tensor(np.array(prob), dtype=torch.float32)[:, None])
+
+
+def test_blob_diameter_grows_with_the_nodule_and_matches_a_gaussians_half_maximum():
+    from lungdx.models.nodule_net import blob_diameter
+
+    diameters = blob_diameter(_gaussian_maps([4.0, 8.0, 12.0]), 256)
+    assert diameters[0] < diameters[1] < diameters[2]
+    # The half-maximum diameter of a Gaussian is 2.355 sigma (smoothing and the 4 px grid widen it a little).
+    assert diameters[2].item() == pytest.approx(2.355 * 12, rel=0.2)
+
+
+def test_the_size_judge_is_fitted_on_training_nodules_and_served_through_the_checkpoint(monkeypatch, tmp_path):
+    from lungdx import nodule_train
+    from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from lungdx.data.nodules import LocalisationTargets
+    from lungdx.runtime import Hardware
+
+    model = create_model("nodule_net", input_size=256, task="malignant_vs_benign", judge="size")
+    sigmas = {"train": np.array([4, 5, 6, 10, 11, 12], float), "val": np.array([4.5, 11.5], float)}
+    malignant = {"train": np.array([0, 0, 0, 1, 1, 1], np.float32), "val": np.array([0, 1], np.float32)}
+    monkeypatch.setattr(nodule_train, "_detector_outputs", lambda m, levelled, *a, **k: _gaussian_maps(levelled[:, 0, 0], 256))
+    images = {split: np.broadcast_to(sigmas[split][:, None, None], (len(sigmas[split]), 256, 256)).astype(np.float32)
+              for split in sigmas}
+    targets = {split: LocalisationTargets(np.zeros((len(sigmas[split]), 256, 256), np.uint8), np.ones(len(sigmas[split]), bool),
+                                          np.tile([[128.0, 128.0, 10.0]], (len(sigmas[split]), 1)).astype(np.float32),
+                                          malignant[split]) for split in sigmas}
+    history = []
+    config = load_config(None, ["train.precision=fp32"])
+    hardware = Hardware.resolve("cpu", "fp32", False)
+    lung_logits = {split: torch.ones(len(sigmas[split]), 1, 64, 64) for split in sigmas}
+    nodule_train.fit_size_judge(model, images, lung_logits, targets, config, hardware, history)
+    assert model.judge.coef[1] > 0 and history[-1]["val_auc"] == 1.0  # bigger blobs: more malignant
+    save_checkpoint(tmp_path / "model.pt", model, model_name="nodule_net",
+                    model_kwargs={"input_size": 256, "task": "malignant_vs_benign", "judge": "size"},
+                    preprocess={}, task="malignant_vs_benign", class_names=["benign", "malignant"], threshold=0.5)
+    restored = model_from_checkpoint(load_checkpoint(tmp_path / "model.pt"))
+    torch.testing.assert_close(restored.judge.coef, model.judge.coef)
+    assert restored.judge(torch.tensor([30.0])) > restored.judge(torch.tensor([10.0]))
+
+
 def _outputs(rows):
     frame = pd.DataFrame(rows)
     frame["patient_id"] = [f"p{i}" for i in range(len(frame))]

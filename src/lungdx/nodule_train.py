@@ -34,7 +34,7 @@ from lungdx.config import RunConfig, to_dict
 from lungdx.data.augment import augment
 from lungdx.data.manifest import class_names, describe_classes
 from lungdx.data.nodules import NoduleBank, dice, focal_loss, insert_nodule, localisation_targets, target_map
-from lungdx.models.nodule_net import TASKS, map_peaks
+from lungdx.models.nodule_net import TASKS, blob_diameter, map_peaks
 from lungdx.predict import model_input, sigmoid
 from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
@@ -428,6 +428,49 @@ def train_judge(model, images, lung_logits, targets, bank, config, hardware, gen
     return stopper.best_epoch
 
 
+def _nodule_sizes(model, levelled, lung_logits, targets, config, hardware) -> tuple[np.ndarray, np.ndarray]:
+    """Blob diameters at the map's peak (input px) and malignancy labels of the rows with a labelled nodule."""
+    rows = np.flatnonzero(np.isfinite(targets.circles[:, 0]) & np.isfinite(targets.malignant))
+    if not len(rows):
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    maps = _detector_outputs(model, levelled[rows], lung_logits[rows], config, hardware)
+    return blob_diameter(maps, levelled.shape[-1]).numpy(), targets.malignant[rows]
+
+
+def fit_size_judge(model, images, lung_logits, targets, config, hardware, history) -> int:
+    """Stage 3 with ``judge=size``: a logistic regression of malignancy on the found nodule's blob diameter.
+
+    Fitted on the training split's real nodules (inserted ones carry their donor's size, not new
+    information), measured where the finished detector puts its peak, as at inference.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    started = time.perf_counter()
+    sizes, labels = _nodule_sizes(model, images["train"], lung_logits["train"], targets["train"], config, hardware)
+    coef = torch.zeros(2)
+    if len(np.unique(labels)) == 2:
+        fitted = LogisticRegression().fit(sizes[:, None] / 100, labels)
+        coef = torch.tensor([float(fitted.intercept_[0]), float(fitted.coef_[0, 0])])
+    else:
+        logger.warning("size judge: the training split's nodules are not both malignant and benign; it says 0.5")
+    model.judge.coef.copy_(coef.to(model.judge.coef.device))
+    row = {"stage": "judge", "epoch": 1, "train_loss": _log_loss(labels, model.judge(torch.from_numpy(sizes))),
+           "seconds": round(time.perf_counter() - started, 2)}
+    val_sizes, val_labels = _nodule_sizes(model, images["val"], lung_logits["val"], targets["val"], config, hardware)
+    val_logits = model.judge(torch.from_numpy(val_sizes))
+    row["val_loss"] = _log_loss(val_labels, val_logits) if len(val_labels) else math.nan
+    row["val_auc"] = metrics.roc_auc(val_labels, val_logits.numpy()) if 0 < val_labels.sum() < len(val_labels) else math.nan
+    history.append(row)
+    logger.info("size judge: logit = %.3f + %.3f x diameter / 100 px, from %d training nodules", *coef.tolist(), len(sizes))
+    return 1
+
+
+def _log_loss(labels: np.ndarray, logits: torch.Tensor) -> float:
+    if not len(labels):
+        return math.nan
+    return float(F.binary_cross_entropy_with_logits(logits.float(), torch.from_numpy(np.asarray(labels, np.float32))))
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs for evaluation
 # ---------------------------------------------------------------------------------------------
@@ -558,7 +601,11 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
     logger.info("nodule bank: %d patches from %d training images", len(bank), len(bank.case_ids))
     best["detector"] = train_detector(model, images, lung_logits, targets, bank, config, hardware, generator, history,
                                       progress)
-    best["judge"] = train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress)
+    if model.judge_kind == "size":
+        best["judge"] = fit_size_judge(model, images, lung_logits, targets, config, hardware, history)
+    else:
+        best["judge"] = train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history,
+                                    progress)
     train_seconds = time.perf_counter() - started
     return _finish_localiser(run_dir, config, data, model, hardware, every, best, history, train_seconds,
                              data_fingerprint(frame), bank)
