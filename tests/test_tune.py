@@ -121,7 +121,10 @@ def test_two_workers_share_one_study_and_run_disjoint_trials(phantom_dir, cache_
                "--set", "model.kwargs={widths: [8, 8, 16, 16, 16], hidden: 16}"]
     workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [worker.communicate(timeout=900)[0] for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    # The whole output of each worker, not pytest's shortened repr of the list: a traceback must be readable in CI.
+    report = "\n".join(f"--- worker {index} (exit {worker.returncode}) ---\n{text}"
+                       for index, (worker, text) in enumerate(zip(workers, outputs, strict=True)))
+    assert [worker.returncode for worker in workers] == [0, 0], report
     trials = load_study(out).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4, outputs
     points = [(t.params["train.lr"], t.params["train.batch_size"]) for t in trials]
