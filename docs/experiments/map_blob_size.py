@@ -34,7 +34,12 @@ MM_PER_PX_512 = 0.175 * 2048 / 512  # JSRT: 0.175 mm per pixel at 2048
 
 
 def blob_diameter_px(nodule_map: torch.Tensor, input_size: int) -> np.ndarray:
-    """Equivalent diameter (input px) of the connected blob at each map's peak (prob >= peak prob / 2)."""
+    """Equivalent diameter (input px) of the connected blob at each map's peak (prob >= peak prob / 2).
+
+    Written before ``nodule_net.blob_diameter`` (the size judge's measure), which counts the cells
+    of half the peak within 48 px instead of the connected component; kept as it was, since the
+    figures in docs/results.md were measured with it.
+    """
     prob = torch.sigmoid(F.avg_pool2d(nodule_map.float(), 3, 1, 1, count_include_pad=False))[:, 0].numpy()
     stride = input_size / prob.shape[-1]
     sizes = []

@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from lungdx.io.files import write_atomic
+
 logger = logging.getLogger(__name__)
 
 STALE_AFTER_S = 600.0
@@ -84,7 +86,7 @@ class Claims:
         claim.stop.set()
         claim.thread.join()
         if not self._lost(claim):
-            replace_text(claim.path, json.dumps({**self._content("released"), **record}))
+            write_atomic(claim.path, json.dumps({**self._content("released"), **record}))
 
     def check(self, name: str) -> None:
         """Raise ``ClaimLost`` when another worker has taken ``name`` over."""
@@ -128,7 +130,7 @@ class Claims:
     def _beat(self, path: Path, stop: threading.Event) -> None:
         while not stop.wait(min(30.0, self.stale_after_s / 4)):
             try:
-                replace_text(path, json.dumps(self._content("held")))
+                write_atomic(path, json.dumps(self._content("held")))
             except OSError as err:  # a passing file-server hiccup must not end the training
                 logger.warning("%s: heartbeat not written: %s", path, err)
 
@@ -182,10 +184,3 @@ def publish(path: Path, text: str) -> bool:
     with os.fdopen(fd, "w") as file:
         file.write(text)
     return True
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Replace ``path``'s content at once: a reader sees the old file or the new, never a part."""
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    temp.write_text(text)
-    os.replace(temp, path)

@@ -171,10 +171,10 @@ def _summarise_once(claims: Claims, out_dir: Path, plan: CVPlan, config: RunConf
         inputs = _summary_inputs(out_dir, names, stratifiers)
         if not force and claim.previous.get("inputs") == inputs and (out_dir / "cv.json").is_file():
             logger.info("%s: the summary of these folds was written by worker %s", out_dir, claim.previous.get("worker"))
-            record = {"inputs": inputs}
-            return None
-        results = summarise(out_dir, plan, config, stratifiers=stratifiers, dataset=dataset)
-        record = {"inputs": inputs}
+            results = None
+        else:
+            results = summarise(out_dir, plan, config, stratifiers=stratifiers, dataset=dataset)
+        record = {"inputs": inputs}  # kept only once the summary of these inputs exists
         return results
     finally:
         claims.release("summary", **record)

@@ -34,7 +34,8 @@ from lungdx.config import RunConfig, to_dict
 from lungdx.data.augment import augment
 from lungdx.data.manifest import class_names, describe_classes
 from lungdx.data.nodules import NoduleBank, dice, focal_loss, insert_nodule, localisation_targets, target_map
-from lungdx.models.nodule_net import TASKS, blob_diameter, map_peaks
+from lungdx.localisation import POINTING_TOLERANCE
+from lungdx.models.nodule_net import TASKS, blob_diameter, map_peak, map_peaks
 from lungdx.predict import model_input, sigmoid
 from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
@@ -236,11 +237,11 @@ class _DetectorBatches:
         return batch, logits, circles_t, torch.from_numpy(malignant), hard
 
     def crop_offsets(self, circles: torch.Tensor, lung_logits: torch.Tensor, size: int, crop: int,
-                     hard: torch.Tensor | None = None) -> list[tuple[int, int]]:
-        """Crop corners: near the nodule, else on a false-positive peak (``hard``), else on a random lung pixel."""
+                     hard: torch.Tensor) -> list[tuple[int, int]]:
+        """Crop corners: near the nodule, else on a false-positive peak (``hard``, NaN: none), else on a random
+        lung pixel."""
         offsets = []
-        hard_list = hard.tolist() if hard is not None else [[math.nan] * 3] * len(circles)
-        for circle, logits, point in zip(circles.tolist(), lung_logits, hard_list, strict=True):
+        for circle, logits, point in zip(circles.tolist(), lung_logits, hard.tolist(), strict=True):
             if math.isfinite(circle[0]) and self.rng.random() < self.config.nodule.nodule_in_crop:
                 centre = np.array(circle[:2]) + self.rng.uniform(-crop / 3, crop / 3, 2)
             elif math.isfinite(point[0]):
@@ -326,7 +327,7 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
         maps = _detector_outputs(model, images["val"], lung_logits["val"], config, hardware)
         inside = (maps > -29).float()
         val_loss = float(focal_loss(maps, val_target, inside)) if len(maps) else math.nan
-        presence = F.avg_pool2d(maps, 3, 1, 1, count_include_pad=False).flatten(1).max(1).values.numpy()
+        presence = map_peak(maps, size)[0].numpy()
         stopper.step(val_loss, epoch, model.detector)
         if live is not None:
             model.detector.load_state_dict(live)
@@ -351,8 +352,6 @@ def false_positive_peaks(model, levelled: np.ndarray, lung_logits: torch.Tensor,
     false positive. These are the hard negatives: rib crossings, vessels and hila that the map mistakes for
     a nodule, which random lung crops show too rarely.
     """
-    from lungdx.localisation import POINTING_TOLERANCE
-
     size = levelled.shape[-1]
     maps = _detector_outputs(model, levelled, lung_logits, config, hardware)
     points = []
@@ -489,11 +488,11 @@ def black_out_borders(levelled: np.ndarray, border: float = 0.06, corner: float 
 
 def blacked_lung_share(lung_masks: np.ndarray) -> np.ndarray:
     """(N,) share of each lung mask (N, S, S) that ``black_out_borders`` blacks out (NaN without a mask)."""
-    masks = np.asarray(lung_masks, np.float32)
+    masks = np.asarray(lung_masks) != 0
+    blacked = black_out_borders(np.ones(masks.shape[-2:], np.float32)) == 0  # the region, drawn once
     total = masks.sum(axis=(-2, -1))
-    kept = black_out_borders(masks).sum(axis=(-2, -1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, 1 - kept / total, np.nan)
+        return np.where(total > 0, masks[:, blacked].sum(axis=-1) / total, np.nan)
 
 
 @torch.inference_mode()

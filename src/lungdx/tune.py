@@ -32,6 +32,7 @@ import yaml
 
 from lungdx.config import ConfigError, RunConfig, apply_overrides, to_dict
 from lungdx.data.split import kfold_patients
+from lungdx.io.files import write_atomic
 from lungdx.train import SPLIT_COLUMNS, FitResult, fit, prepare_data
 
 try:
@@ -295,7 +296,7 @@ def _claim_out_dir(out_dir: Path, name: str, storage_url: str) -> None:
                              f"{name!r} in {record['storage']}: a changed search is a new study; use a new --out "
                              "(or the same settings, or --study-name, to continue that one)")
         return
-    _write_atomic(path, json.dumps(record, indent=2))
+    write_atomic(path, json.dumps(record, indent=2))
 
 
 def _masked(url: str) -> str:
@@ -491,7 +492,7 @@ def write_folds(config: RunConfig, folder: Path, n_folds: int) -> list[Path]:
     for fold in range(n_folds):
         rows = development.assign(split=np.where(development["fold"] == fold, "val", "train"))
         path = folder / f"fold{fold}.csv"
-        _write_atomic(path, pd.concat([rows[SPLIT_COLUMNS], test[SPLIT_COLUMNS]]).to_csv(index=False))
+        write_atomic(path, pd.concat([rows[SPLIT_COLUMNS], test[SPLIT_COLUMNS]]).to_csv(index=False))
         paths.append(path)
     return paths
 
@@ -529,9 +530,9 @@ class _Outputs:
     def write(self, study: optuna.Study, *, plots: bool, storage_url: str = "") -> TuneResult:
         table = trials_table(study, self.objective)
         files = {"trials_csv": self.out_dir / "trials.csv", "trials_md": self.out_dir / "trials.md"}
-        _write_atomic(files["trials_csv"], table.to_csv(index=False))
+        write_atomic(files["trials_csv"], table.to_csv(index=False))
         importances = param_importances(study) if plots else {}
-        _write_atomic(files["trials_md"], trials_markdown(study, table, self.objective, importances))
+        write_atomic(files["trials_md"], trials_markdown(study, table, self.objective, importances))
         best = _best_trial(study)
         params = {}
         if best is not None:
@@ -550,7 +551,7 @@ class _Outputs:
         header = (f"# Best trial of study {study.study_name!r}: trial {best.number}, {self.objective} {best.value:.6g}\n"
                   f"# searched: {', '.join(f'{key}={value}' for key, value in params.items())}\n"
                   f"# retrain, then test once: lungdx train --config {path} --out RUN --evaluate\n")
-        _write_atomic(path, header + yaml.safe_dump(to_dict(config), sort_keys=False))
+        write_atomic(path, header + yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def _best_trial(study: optuna.Study):
@@ -647,13 +648,6 @@ def plot_study(study: optuna.Study, importances: dict[str, float], out_dir: Path
         figure.savefig(files["importances_png"])
         plt.close(figure)
     return files
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # Workers sharing an output folder write the same files; a reader never sees half of one.
-    partial = path.with_name(f".{path.name}.{WORKER.replace(':', '-')}.partial")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def _encode(value: Any) -> Any:

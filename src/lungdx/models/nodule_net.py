@@ -178,7 +178,7 @@ def blob_diameter(nodule_map: torch.Tensor, input_size: int, window_px: float = 
     peak's (the 3x3-smoothed map, as ``map_peak`` reads it): a nodule's map is about a Gaussian of
     sigma = radius / 2, so the half-maximum width grows with the nodule.
     """
-    prob = torch.sigmoid(F.avg_pool2d(nodule_map.float(), 3, stride=1, padding=1, count_include_pad=False))[:, 0]
+    prob = torch.sigmoid(smooth_map(nodule_map))[:, 0]
     stride = input_size / prob.shape[-1]
     cells = max(1, round(window_px / stride))
     padded = F.pad(prob, (cells, cells, cells, cells))
@@ -339,12 +339,17 @@ def standardise(images: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     return (images - mean) / (var.sqrt() + 1e-6)
 
 
+def smooth_map(nodule_map: torch.Tensor) -> torch.Tensor:
+    """The map as its peak and candidates are read: a 3x3 mean, so one noisy cell does not outvote a blob."""
+    return F.avg_pool2d(nodule_map.float(), 3, stride=1, padding=1, count_include_pad=False)
+
+
 def map_peak(nodule_map: torch.Tensor, input_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(logit at the peak (N,), peak (N, 2) as column, row in input pixels) of map logits (N, 1, h, w).
 
     The map is smoothed by a 3x3 mean first, so one noisy cell does not outvote a nodule's blob.
     """
-    smoothed = F.avg_pool2d(nodule_map.float(), 3, stride=1, padding=1, count_include_pad=False)
+    smoothed = smooth_map(nodule_map)
     flat = smoothed.flatten(1)
     value, index = flat.max(dim=1)
     height, width = nodule_map.shape[-2:]
@@ -368,7 +373,7 @@ def map_peaks(nodule_map: torch.Tensor, input_size: int, count: int = 5, min_dis
     For FROC: each candidate is a location with a score; candidates closer than ``min_distance_px``
     to a higher one are suppressed.
     """
-    smoothed = F.avg_pool2d(nodule_map.float(), 3, stride=1, padding=1, count_include_pad=False)
+    smoothed = smooth_map(nodule_map)
     stride = input_size / nodule_map.shape[-1]
     radius = max(1, int(math.ceil(min_distance_px / stride)))
     pooled = F.max_pool2d(smoothed, 2 * radius + 1, stride=1, padding=radius)
