@@ -173,6 +173,52 @@ def test_warp_moves_circles_where_the_image_content_moves():
     assert abs(x - column) <= 0.5 and abs(y - row) <= 0.5
 
 
+def test_mirrored_samples_keep_the_nodule_the_lungs_and_the_target_together():
+    from lungdx.nodule_train import mirror
+
+    image = torch.zeros(2, 1, 128, 128)
+    image[:, 0, 40, 90] = 1.0  # a dot at column 90, row 40 in both images
+    lungs = torch.full((2, 1, 32, 32), -1.0)
+    lungs[:, 0, 8:12, 20:24] = 1.0  # the lung cells under the dot (columns 80-95)
+    circles = torch.tensor([[90.0, 40.0, 5.0], [90.0, 40.0, 5.0]])
+    hard = torch.tensor([[10.0, 20.0, 1.0], [float("nan")] * 3])
+    flipped, flipped_lungs, moved, moved_hard = mirror(torch.tensor([True, False]), image, lungs, circles, hard)
+    assert flipped[0, 0, 40, 128 - 1 - 90] == 1 and flipped[0].sum() == 1 and torch.equal(flipped[1], image[1])
+    assert (flipped_lungs[0, 0, 8:12, 32 - 24 : 32 - 20] == 1).all() and torch.equal(flipped_lungs[1], lungs[1])
+    assert moved.tolist() == [[37.0, 40.0, 5.0], [90.0, 40.0, 5.0]]
+    assert moved_hard[0].tolist() == [117.0, 20.0, 1.0] and torch.isnan(moved_hard[1]).all()
+    assert circles[0, 0] == 90  # the inputs are not changed in place
+    target = target_map(moved[:1], 128)[0, 0]
+    assert divmod(int(target.argmax()), 32) == (40 // 4, 37 // 4)
+
+
+def test_hflip_mirrors_about_half_of_the_samples_and_det_repeats_multiplies_the_steps(monkeypatch):
+    from lungdx import nodule_train
+
+    config = load_config(None, ["nodule.hflip=true", "augment.enabled=false"])
+    circles = np.tile(np.array([[30.0, 64.0, 6.0]], np.float32), (200, 1))
+    batches = nodule_train._DetectorBatches(np.zeros((200, 128, 128), np.float32), torch.full((200, 1, 32, 32), 1.0),
+                                            None, circles, np.ones(200, np.float32), None, config,
+                                            torch.Generator().manual_seed(0))
+    _, _, moved, _, _ = batches.sample(np.arange(200))
+    mirrored = int((moved[:, 0] == 127 - 30).sum())
+    assert 70 <= mirrored <= 130 and mirrored + int((moved[:, 0] == 30).sum()) == 200
+
+    steps = []
+    monkeypatch.setattr(nodule_train, "_detector_step", lambda model, batches, index, config, hardware:
+                        steps.append(len(index)) or torch.zeros((), requires_grad=True))
+    monkeypatch.setattr(nodule_train, "_detector_outputs", lambda *args, **kwargs: torch.zeros(0, 1, 32, 32))
+    model = torch.nn.Module()
+    model.detector = torch.nn.Linear(1, 1)
+    config = load_config(None, ["nodule.det_repeats=3", "nodule.det_epochs=1", "nodule.batch_size=4"])
+    targets = {split: type("T", (), {"lung_masks": None, "circles": np.full((n, 3), np.nan, np.float32),
+                                     "malignant": np.full(n, np.nan, np.float32)})() for split, n in (("train", 10), ("val", 0))}
+    images = {"train": np.zeros((10, 128, 128), np.float32), "val": np.zeros((0, 128, 128), np.float32)}
+    nodule_train.train_detector(model, images, {"train": None, "val": None}, targets, None, config, None,
+                                torch.Generator().manual_seed(0), [], False)
+    assert sum(steps) == 30 and max(steps) == 4
+
+
 def test_hard_negatives_are_the_maps_peaks_off_the_nodule_and_crops_centre_on_them(monkeypatch):
     from lungdx import nodule_train
 

@@ -182,6 +182,11 @@ class NoduleConfig:
             own false-positive peaks on the training image instead of a random lung pixel (0 = off).
         hard_every: epochs between two refreshes of those peaks (the current detector on the whole,
             unaugmented training images); the first refresh comes after ``hard_every`` epochs.
+        det_repeats: crops drawn from each training image per detector epoch (each a new insertion,
+            augmentation and crop position): more steps between two validations.
+        hflip: mirror the detector's and the judge's training samples left-right with chance 0.5 (image,
+            lung field and nodule together). Unlike ``augment.hflip`` for whole-image models, the
+            nodule stages see lung crops, where a nodule looks the same on either side.
     """
 
     seg_epochs: int = 30
@@ -198,6 +203,8 @@ class NoduleConfig:
     det_ema: float = 0.0
     hard_negatives: float = 0.0
     hard_every: int = 2
+    det_repeats: int = 1
+    hflip: bool = False
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,20 @@ def warp_circles(circles: torch.Tensor, theta: torch.Tensor, size: int) -> torch
     return torch.cat([((out + 1) * size - 1) / 2, circles[:, 2:] / scale[:, None]], 1)
 
 
+def mirror(rows: torch.Tensor, images: torch.Tensor, lung_logits: torch.Tensor, *circles: torch.Tensor):
+    """``images`` (N, 1, S, S) and ``lung_logits`` (N, 1, s, s) mirrored left-right on the ``rows`` (N,) bool,
+    and each (N, 3) circle tensor's column moved with them (pixel centres at integers: c -> S - 1 - c)."""
+    size = images.shape[-1]
+    images = torch.where(rows[:, None, None, None], images.flip(-1), images)
+    lung_logits = torch.where(rows[:, None, None, None], lung_logits.flip(-1), lung_logits)
+    moved = []
+    for circle in circles:
+        circle = circle.clone()
+        circle[rows, 0] = size - 1 - circle[rows, 0]
+        moved.append(circle)
+    return (images, lung_logits, *moved)
+
+
 # ---------------------------------------------------------------------------------------------
 # The stages
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +248,9 @@ class _DetectorBatches:
             hard = warp_circles(hard, theta, batch.shape[-1])
             intensity = replace(self.config.augment, rotation_deg=0.0, scale=0.0, translate=0.0)
             batch = augment(batch, intensity, self.generator)
+        if settings.hflip:
+            batch, logits, circles_t, hard = mirror(torch.rand(len(index), generator=self.generator) < 0.5, batch, logits,
+                                                    circles_t, hard)
         return batch, logits, circles_t, torch.from_numpy(malignant), hard
 
     def crop_offsets(self, circles: torch.Tensor, lung_logits: torch.Tensor, size: int, crop: int,
@@ -310,7 +327,8 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
         if settings.det_ema else None
     for epoch in tqdm(range(1, settings.det_epochs + 1), desc="detector", leave=False, disable=not progress):
         model.detector.train()
-        order = torch.randperm(len(images["train"]), generator=generator).numpy()
+        order = torch.cat([torch.randperm(len(images["train"]), generator=generator)
+                           for _ in range(max(1, settings.det_repeats))]).numpy()
         started, total = time.perf_counter(), 0.0
         for start in range(0, len(order), settings.batch_size):
             index = np.sort(order[start : start + settings.batch_size])
