@@ -51,18 +51,23 @@ def test_bad_override_is_a_clear_error(capsys, tmp_path):
     assert "unknown key 'train.learning_rate'" in capsys.readouterr().err
 
 
-def test_servers_cap_the_malloc_arenas(monkeypatch):
-    """``serve`` and ``listen`` ask glibc for 2 arenas (runtime.tune_allocator); other commands leave the default."""
+def test_servers_cap_the_malloc_arenas_and_numpys_blas_threads(monkeypatch):
+    """``serve`` and ``listen`` ask glibc for 2 arenas (runtime.tune_allocator); other commands leave the default.
+    The servers and ``pacs-run`` run numpy's BLAS on one thread (runtime.limit_blas_threads)."""
     import lungdx.cli as cli
     import lungdx.runtime as runtime
 
-    calls = []
+    calls, blas = [], []
     monkeypatch.setattr(runtime, "tune_allocator", lambda max_arenas=None: calls.append(max_arenas) or True)
-    for argv, expected in ((["models"], None), (["serve", "run"], cli.SERVER_ARENAS), (["listen", "run"], cli.SERVER_ARENAS)):
+    monkeypatch.setattr(runtime, "limit_blas_threads", lambda threads=1: blas.append(threads) or True)
+    cases = ((["models"], None, []), (["serve", "run"], cli.SERVER_ARENAS, [1]), (["listen", "run"], cli.SERVER_ARENAS, [1]),
+             (["pacs-run", "--study", "1.2", "run"], None, [1]))
+    for argv, expected, blas_threads in cases:
         parser = cli.build_parser()
         monkeypatch.setattr(cli, "build_parser", lambda parser=parser: _returning_zero(parser))
+        blas.clear()
         assert cli.main(argv) == 0
-        assert calls[-1] == expected
+        assert calls[-1] == expected and blas == blas_threads, argv
 
 
 def _returning_zero(parser):
@@ -75,6 +80,18 @@ def _returning_zero(parser):
 
     parser.parse_args = parse_args
     return parser
+
+
+def test_limit_blas_threads_leaves_numpys_blas_one_thread():
+    import os
+    import subprocess
+    import sys
+
+    code = ("from lungdx.runtime import limit_blas_threads; from threadpoolctl import threadpool_info; "
+            "print(limit_blas_threads(1), sorted({p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'}))")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}  # two to start from, wherever the test runs
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert done.stdout.strip() == "True [1]", done.stderr
 
 
 def test_tune_allocator_accepts_an_arena_cap():

@@ -599,3 +599,19 @@ def test_reading_a_database_that_is_not_there_says_so_and_creates_nothing(tmp_pa
     with pytest.raises(FileNotFoundError, match="typo.db: no such monitoring database"):
         Monitor.open(sqlite_url(missing))
     assert not missing.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread niceness is a Linux feature (threads are tasks)")
+def test_the_log_writer_thread_runs_at_a_lower_priority_than_the_requests():
+    import os
+
+    from lungdx.monitoring.writer import WriteBehind
+
+    seen = []
+    writer = WriteBehind(lambda batch: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())),
+                         max_pending=10, max_delay_s=5, block_s=5, batch_size=10, max_bytes=2**20, nice=5)
+    writer.put("row")
+    assert writer.flush(10)
+    assert writer.close(10)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [min(19, base + 5)]

@@ -783,9 +783,11 @@ def main(argv: list[str] | None = None) -> int:
     # messages quote UIDs and whole headers, and no patient data may reach a log.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("lungdx").setLevel(level)
-    from lungdx.runtime import tune_allocator
+    from lungdx.runtime import limit_blas_threads, tune_allocator
 
     tune_allocator(max_arenas=SERVER_ARENAS if args.command in ("serve", "listen") else None)
+    if args.command in ("serve", "listen", "pacs-run"):
+        limit_blas_threads(1)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

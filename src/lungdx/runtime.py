@@ -90,6 +90,23 @@ def tune_allocator(max_arenas: int | None = None) -> bool:
     return ok
 
 
+def limit_blas_threads(threads: int = 1) -> bool:
+    """Run numpy's BLAS (OpenBLAS) on ``threads`` threads in this process; False where threadpoolctl finds none.
+
+    For the servers: OpenBLAS's worker threads busy-wait after each call, and a server that calls
+    BLAS between two forward passes (a dot product in the monitor's statistics, a drift check) has
+    them spinning on the cores torch's threads need. ``bench/serve_load.py`` on a 2-core AMD EPYC:
+    monitoring on reached 0.55x of ``--db none``'s requests per second with numpy's default two
+    BLAS threads, 0.74x with one (``OPENBLAS_NUM_THREADS=1``). torch's own kernels do not use numpy's
+    BLAS, so inference is unchanged. Call once at program start (the CLI does for the servers).
+    """
+    import numpy  # noqa: F401  (its BLAS must be loaded to be limited)
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")
+    return any(pool["user_api"] == "blas" for pool in threadpool_info())
+
+
 @dataclass(frozen=True)
 class Hardware:
     """Where and how tensors are computed: device, autocast dtype (None for fp32), memory format."""

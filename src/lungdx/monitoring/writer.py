@@ -17,6 +17,8 @@ bounded by ``max_bytes``.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -26,6 +28,24 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 5.0
+
+
+BACKGROUND_NICE = 5
+"""Niceness of the monitor's background threads (the log writer, the periodic check) on Linux: under load
+they yield to the threads that answer requests, whose torch parallel regions wait for their slowest
+thread, and still get about a quarter of a core each when every core is busy."""
+
+
+def lower_thread_priority(nice: int = BACKGROUND_NICE) -> bool:
+    """Raise the calling thread's niceness by ``nice`` (Linux: threads are tasks); False where not possible."""
+    if not sys.platform.startswith("linux") or nice <= 0:
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 class LogQueueFull(RuntimeError):
@@ -49,11 +69,12 @@ class WriteBehind:
             raising anything else writes the batch's entries one by one and drops (logs, counts)
             those that still fail.
         on_done: called with the payloads of a batch after it is written (or dropped).
+        nice: the writer thread's niceness above the process's (``lower_thread_priority``; 0 = as the process).
     """
 
     def __init__(self, write: Callable[[list], None], *, max_pending: int, max_delay_s: float, block_s: float,
                  batch_size: int, max_bytes: int, transient: tuple[type[BaseException], ...] = (),
-                 on_done: Callable[[list], None] | None = None, name: str = "lungdx-log-writer"):
+                 on_done: Callable[[list], None] | None = None, name: str = "lungdx-log-writer", nice: int = 0):
         self._write, self._on_done, self._transient = write, on_done, transient
         self.max_pending, self.max_delay_s, self.block_s = max_pending, max_delay_s, block_s
         self.batch_size, self.max_bytes = batch_size, max_bytes
@@ -64,6 +85,7 @@ class WriteBehind:
         self.accepted = self.written = self.dropped = self.refused = self.batches = 0
         self._closing = False
         self._give_up_at: float | None = None
+        self._nice = nice
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -136,6 +158,7 @@ class WriteBehind:
     # ------------------------------------------------------------------------------ the writer
 
     def _run(self) -> None:
+        lower_thread_priority(self._nice)
         while True:
             with self._condition:
                 while not self._queue and not self._closing:
