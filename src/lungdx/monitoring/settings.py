@@ -38,7 +38,8 @@ class MonitorSettings:
         log_block_s: how long ``record`` waits on a full queue before it refuses the prediction
             (``LogQueueFull``, a RuntimeError): no answer is given for a prediction that cannot be logged.
         log_batch_size: the most rows one transaction inserts.
-        log_queue_mb: the most image data (copies for ``archive_dir``) the queue holds, in MiB.
+        log_queue_mb: the most image data the queue holds, in MiB: copies for ``archive_dir``, and each
+            record's statistics sample (at most 256 x 256 pixels, 0.25-0.5 MiB) until the writer reads it.
         close_timeout_s: ``close`` waits this long for the queue to be written.
     """
 
