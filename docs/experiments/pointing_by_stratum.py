@@ -1,0 +1,81 @@
+"""Pointing game of nodule_net cross-validations by JSRT subtlety, size and fold, and two CVs paired.
+
+Reads ``oof_nodule_outputs.csv`` of each finished ``lungdx cv`` folder given (every fold's test
+images, scored by that fold's model) and JSRT's ``labels.csv`` (subtlety, size_mm), and prints the
+nodules whose map peak lies within radius + 16 px (``lungdx.localisation.pointing_hits``), by
+stratum and by fold. With two folders (the same folds), it also gives the paired comparison: how
+many nodules only one of them finds, and McNemar's exact test on those.
+
+    python docs/experiments/pointing_by_stratum.py runs/jsrt-cv10-nodule-hard runs/jsrt-cv10-nodule-flip3
+
+Not part of lungdx: an analysis whose result is reported in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy.stats import binomtest
+
+from lungdx.localisation import pointing_hits
+
+SIZE_BINS = [0, 10, 20, 30, 60]
+
+
+def hits(folder: Path) -> tuple[pd.DataFrame, int]:
+    """Per nodule case of a CV folder: case_id, fold, hit (0/1); and the model's input size."""
+    plan = yaml.safe_load((folder / "plan.yaml").read_text())
+    size = int(plan["config"]["preprocess"]["size"])
+    outputs = pd.read_csv(folder / "oof_nodule_outputs.csv")
+    nodules = outputs[outputs["has_nodule"] == 1].copy()
+    nodules["hit"] = pointing_hits(outputs, size)
+    folds = pd.read_csv(folder / "folds.csv")
+    fold_column = next(column for column in folds.columns if column.startswith("fold"))
+    nodules = nodules.merge(folds[["case_id", fold_column]].rename(columns={fold_column: "fold"}), on="case_id", how="left")
+    return nodules[["case_id", "fold", "hit"]], size
+
+
+def labels_of(folder: Path) -> pd.DataFrame:
+    plan = yaml.safe_load((folder / "plan.yaml").read_text())
+    data = Path(plan["config"]["data"]["path"])
+    labels = pd.read_csv(data / "labels.csv")[["case_id", "subtlety", "size_mm"]]
+    return labels.astype({"subtlety": "Int64"})
+
+
+def table(nodules: pd.DataFrame, by: str) -> str:
+    grouped = nodules.groupby(by, observed=True)["hit"].agg(["sum", "count"])
+    return ", ".join(f"{key}: {int(row['sum'])}/{int(row['count'])}" for key, row in grouped.iterrows())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="finished lungdx cv folders of nodule_net (one or two)")
+    args = parser.parse_args()
+    labels = labels_of(args.folders[0])
+    per_folder = {}
+    for folder in args.folders:
+        nodules, _ = hits(folder)
+        nodules = nodules.merge(labels, on="case_id", how="left")
+        nodules["size"] = pd.cut(nodules["size_mm"], SIZE_BINS, right=True)
+        per_folder[folder] = nodules
+        print(f"{folder}: pointing {int(nodules['hit'].sum())} of {len(nodules)} ({nodules['hit'].mean():.3f})")
+        print(f"  by subtlety (1 = extremely subtle ... 5 = obvious): {table(nodules, 'subtlety')}")
+        print(f"  by size (mm): {table(nodules, 'size')}")
+        print(f"  by fold: {table(nodules, 'fold')}")
+    if len(args.folders) == 2:
+        first, second = (per_folder[folder].set_index("case_id")["hit"] for folder in args.folders)
+        first, second = first.align(second, join="inner")
+        only_first, only_second = int(((first == 1) & (second == 0)).sum()), int(((first == 0) & (second == 1)).sum())
+        discordant = only_first + only_second
+        p = binomtest(only_first, discordant, 0.5).pvalue if discordant else float("nan")
+        print(f"paired on {len(first)} nodules: found only by {args.folders[0]}: {only_first}, only by {args.folders[1]}: "
+              f"{only_second}, by both: {int(((first == 1) & (second == 1)).sum())}; McNemar exact p = {p:.3f}")
+        print(f"  difference in pointing: {np.mean(second) - np.mean(first):+.3f}")
+
+
+if __name__ == "__main__":
+    main()
