@@ -204,19 +204,39 @@ def test_hflip_mirrors_about_half_of_the_samples_and_det_repeats_multiplies_the_
     mirrored = int((moved[:, 0] == 127 - 30).sum())
     assert 70 <= mirrored <= 130 and mirrored + int((moved[:, 0] == 30).sum()) == 200
 
+    steps, _ = _detector_epochs_with_fake_steps(monkeypatch, ["nodule.det_repeats=3", "nodule.det_epochs=1", "nodule.batch_size=4"])
+    assert sum(steps) == 30 and max(steps) == 4
+
+
+def _detector_epochs_with_fake_steps(monkeypatch, overrides: list[str]) -> tuple[list[int], list[dict]]:
+    """``train_detector`` on 10 blank training images whose steps only count their rows: (rows per step, history)."""
+    from lungdx import nodule_train
+
     steps = []
     monkeypatch.setattr(nodule_train, "_detector_step", lambda model, batches, index, config, hardware:
                         steps.append(len(index)) or torch.zeros((), requires_grad=True))
     monkeypatch.setattr(nodule_train, "_detector_outputs", lambda *args, **kwargs: torch.zeros(0, 1, 32, 32))
     model = torch.nn.Module()
     model.detector = torch.nn.Linear(1, 1)
-    config = load_config(None, ["nodule.det_repeats=3", "nodule.det_epochs=1", "nodule.batch_size=4"])
     targets = {split: type("T", (), {"lung_masks": None, "circles": np.full((n, 3), np.nan, np.float32),
                                      "malignant": np.full(n, np.nan, np.float32)})() for split, n in (("train", 10), ("val", 0))}
     images = {"train": np.zeros((10, 128, 128), np.float32), "val": np.zeros((0, 128, 128), np.float32)}
-    nodule_train.train_detector(model, images, {"train": None, "val": None}, targets, None, config, None,
-                                torch.Generator().manual_seed(0), [], False)
-    assert sum(steps) == 30 and max(steps) == 4
+    history: list[dict] = []
+    nodule_train.train_detector(model, images, {"train": None, "val": None}, targets, None, load_config(None, overrides), None,
+                                torch.Generator().manual_seed(0), history, False)
+    return steps, history
+
+
+def test_the_cosine_schedule_takes_the_detectors_rate_from_lr_to_a_hundredth(monkeypatch):
+    _, history = _detector_epochs_with_fake_steps(monkeypatch, ["nodule.det_schedule=cosine", "nodule.det_epochs=5",
+                                                                "nodule.det_patience=5", "train.lr=0.001"])
+    rates = [row["lr"] for row in history]
+    expected = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * epoch / 5)) / 2 for epoch in range(5)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+    _, history = _detector_epochs_with_fake_steps(monkeypatch, ["nodule.det_epochs=3"])
+    assert [row["lr"] for row in history] == [0.001] * 3
+    with pytest.raises(ValueError, match="det_schedule"):
+        _detector_epochs_with_fake_steps(monkeypatch, ["nodule.det_schedule=linear"])
 
 
 def test_hard_negatives_are_the_maps_peaks_off_the_nodule_and_crops_centre_on_them(monkeypatch):

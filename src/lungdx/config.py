@@ -182,6 +182,9 @@ class NoduleConfig:
             own false-positive peaks on the training image instead of a random lung pixel (0 = off).
         hard_every: epochs between two refreshes of those peaks (the current detector on the whole,
             unaugmented training images); the first refresh comes after ``hard_every`` epochs.
+        det_schedule: the detector's learning rate over its epochs: ``constant`` (``train.lr`` throughout) or
+            ``cosine`` (from ``train.lr`` down to 1% of it at ``det_epochs``, one step per epoch; pair it
+            with a ``det_patience`` as long as ``det_epochs``, so that the low-rate epochs are reached).
         det_repeats: crops drawn from each training image per detector epoch (each a new insertion,
             augmentation and crop position): more steps between two validations.
         hflip: mirror the detector's and the judge's training samples left-right with chance 0.5 (image,
@@ -204,6 +207,7 @@ class NoduleConfig:
     hard_negatives: float = 0.0
     hard_every: int = 2
     det_repeats: int = 1
+    det_schedule: str = "constant"
     hflip: bool = False
 
 

@@ -321,6 +321,11 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
     val_target = target_map(torch.from_numpy(targets["val"].circles), size)
     val_has = np.isfinite(targets["val"].circles[:, 0]).astype(int)
     stopper = _Stopper(settings.det_patience)
+    if settings.det_schedule not in ("constant", "cosine"):
+        raise ValueError(f"nodule.det_schedule must be constant or cosine; got '{settings.det_schedule}'")
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, settings.det_epochs),
+                                                          eta_min=config.train.lr / 100) \
+        if settings.det_schedule == "cosine" else None
     # An exponential moving average of the weights: validated, kept and returned instead of the last step's
     # weights, it smooths the epoch-to-epoch swings that ~25 validation images make of the map loss.
     ema = AveragedModel(model.detector, multi_avg_fn=get_ema_multi_avg_fn(settings.det_ema), use_buffers=True) \
@@ -352,7 +357,10 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
         history.append({"stage": "detector", "epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss,
                         "val_auc": metrics.roc_auc(val_has, presence) if 0 < val_has.sum() < len(val_has) else math.nan,
                         "seconds": round(time.perf_counter() - started, 2),
-                        "train_images_per_s": round(len(order) / (time.perf_counter() - started), 1)})
+                        "train_images_per_s": round(len(order) / (time.perf_counter() - started), 1),
+                        "lr": optimizer.param_groups[0]["lr"]})
+        if schedule is not None:
+            schedule.step()
         if stopper.stop:
             break
         if settings.hard_negatives and epoch % max(1, settings.hard_every) == 0:
