@@ -529,3 +529,31 @@ def test_the_page_circles_the_nodule_map_peak_in_a_real_browser(nodule_run, nodu
     assert left + width / 2 == pytest.approx(box[0] + (body["location"]["x"] + 0.5) * scale, abs=2.0)
     assert top + height / 2 == pytest.approx(box[1] + (body["location"]["y"] + 0.5) * scale, abs=2.0)
     assert f"x {round(body['location']['x'])}" in text and "Nodule map peak" in text
+
+
+def test_random_black_out_blacks_edges_and_corners_only_and_says_where():
+    from lungdx.nodule_train import random_black_out
+
+    images = torch.rand(64, 1, 96, 96) + 0.5
+    out, kept = random_black_out(images, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(out, images * kept) and set(kept.unique().tolist()) <= {0.0, 1.0}
+    assert (kept[:, :, 24:72, 24:72] == 1).all()  # the centre is never touched (bands up to 8%, corners up to 25%)
+    assert (kept[:, :, 80:88, 8:88] == 1).all()   # nor the lower middle, which no corner square reaches
+    assert 0.03 < float(1 - kept.mean()) < 0.3 and (kept.flatten(1).min(dim=1).values == 0).float().mean() > 0.9
+    unchanged, kept_none = random_black_out(images, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(unchanged, images) and (kept_none == 1).all()
+
+
+def test_seg_loss_ignores_the_pixels_its_weight_leaves_out():
+    from lungdx.nodule_train import _seg_loss
+
+    generator = torch.Generator().manual_seed(1)
+    target = (torch.rand(2, 1, 16, 16, generator=generator) > 0.5).float()
+    logits = torch.randn(2, 1, 16, 16, generator=generator)
+    weight = torch.ones_like(target)
+    weight[:, :, :4] = 0
+    changed = logits.clone()
+    changed[:, :, :4] = -logits[:, :, :4] * 5
+    assert torch.isclose(_seg_loss(logits, target, weight), _seg_loss(changed, target, weight))
+    assert not torch.isclose(_seg_loss(logits, target), _seg_loss(changed, target))
+    assert torch.isclose(_seg_loss(logits, target), _seg_loss(logits, target, torch.ones_like(target)))

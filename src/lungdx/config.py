@@ -182,6 +182,9 @@ class NoduleConfig:
             own false-positive peaks on the training image instead of a random lung pixel (0 = off).
         hard_every: epochs between two refreshes of those peaks (the current detector on the whole,
             unaugmented training images); the first refresh comes after ``hard_every`` epochs.
+        seg_black_out: chance that a lung U-Net training image gets random edge bands and upper corners
+            blacked out (``nodule_train.random_black_out``), with the loss left out there (0 = off): so that
+            its mask does not move when the shortcut check blacks out corners and borders.
         det_schedule: the detector's learning rate over its epochs: ``constant`` (``train.lr`` throughout) or
             ``cosine`` (from ``train.lr`` down to 1% of it at ``det_epochs``, one step per epoch; pair it
             with a ``det_patience`` as long as ``det_epochs``, so that the low-rate epochs are reached).
@@ -208,6 +211,7 @@ class NoduleConfig:
     hard_every: int = 2
     det_repeats: int = 1
     det_schedule: str = "constant"
+    seg_black_out: float = 0.0
     hflip: bool = False
 
 

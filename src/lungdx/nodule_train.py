@@ -131,12 +131,42 @@ def mirror(rows: torch.Tensor, images: torch.Tensor, lung_logits: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _seg_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE + soft Dice; ``weight`` (same shape, 0 / 1) leaves pixels out of both."""
     logits = logits.float()
     prob = torch.sigmoid(logits)
-    overlap = (prob * target).sum(dim=(1, 2, 3))
-    soft_dice = 1 - (2 * overlap + 1) / (prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + soft_dice.mean()
+    if weight is None:
+        weight = torch.ones_like(target)
+    overlap = (prob * target * weight).sum(dim=(1, 2, 3))
+    soft_dice = 1 - (2 * overlap + 1) / ((prob * weight).sum(dim=(1, 2, 3)) + (target * weight).sum(dim=(1, 2, 3)) + 1)
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / weight.sum().clamp_min(1.0)
+    return bce + soft_dice.mean()
+
+
+def random_black_out(images: torch.Tensor, chance: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, kept): with chance ``chance`` per image, a band along each edge (0-8% of the side, each
+    edge its own width) and each upper corner (a square of 0-25% of the side) set to 0, as collimation,
+    film edges and the shortcut check (``black_out_borders``) leave them; ``kept`` is 0 there, 1 elsewhere.
+
+    For the lung U-Net: trained with them and with the loss left out where the image was blacked out,
+    its mask of the lungs that remain visible should not move when the corners go black.
+    """
+    count, size = images.shape[0], images.shape[-1]
+    kept = torch.ones_like(images)
+    draws = torch.rand(count, 7, generator=generator)
+    for row in range(count):
+        if draws[row, 0] >= chance:
+            continue
+        top, bottom, left, right = (int(share * 0.08 * size) for share in draws[row, 1:5].tolist())
+        corner_left, corner_right = (int(share * 0.25 * size) for share in draws[row, 5:7].tolist())
+        mask = kept[row, ..., :, :]
+        mask[..., :top, :] = 0
+        mask[..., size - bottom :, :] = 0
+        mask[..., :, :left] = 0
+        mask[..., :, size - right :] = 0
+        mask[..., :corner_left, :corner_left] = 0
+        mask[..., :corner_right, size - corner_right :] = 0
+    return images * kept, kept
 
 
 def _small_masks(masks: np.ndarray, size: int) -> torch.Tensor:
@@ -163,10 +193,14 @@ def train_lungs(model, images: dict, masks: dict, config: RunConfig, hardware: H
                 theta = random_affine(len(index), config.augment, generator)
                 batch, target = warp(batch, theta), (warp(target, theta, "nearest") > 0.5).float()
                 batch = augment(batch, intensity, generator)
+            weight = None
+            if settings.seg_black_out:
+                batch, kept = random_black_out(batch, settings.seg_black_out, generator)
+                weight = (F.interpolate(kept, size=target.shape[-2:], mode="area") == 1).float().to(hardware.device)
             inputs = model_input(batch, config.preprocess, hardware)
             with hardware.autocast():
                 logits = model.segment(inputs)
-            loss = _seg_loss(logits, target.to(hardware.device))
+            loss = _seg_loss(logits, target.to(hardware.device), weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
