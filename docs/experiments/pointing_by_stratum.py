@@ -26,8 +26,8 @@ from lungdx.localisation import pointing_hits
 SIZE_BINS = [0, 10, 20, 30, 60]
 
 
-def hits(folder: Path) -> tuple[pd.DataFrame, int]:
-    """Per nodule case of a CV folder: case_id, fold, hit (0/1); and the model's input size."""
+def hits(folder: Path) -> pd.DataFrame:
+    """Per nodule case of a CV folder: case_id, fold, hit (0/1)."""
     plan = yaml.safe_load((folder / "plan.yaml").read_text())
     size = int(plan["config"]["preprocess"]["size"])
     outputs = pd.read_csv(folder / "oof_nodule_outputs.csv")
@@ -36,7 +36,7 @@ def hits(folder: Path) -> tuple[pd.DataFrame, int]:
     folds = pd.read_csv(folder / "folds.csv")
     fold_column = next(column for column in folds.columns if column.startswith("fold"))
     nodules = nodules.merge(folds[["case_id", fold_column]].rename(columns={fold_column: "fold"}), on="case_id", how="left")
-    return nodules[["case_id", "fold", "hit"]], size
+    return nodules[["case_id", "fold", "hit"]]
 
 
 def labels_of(folder: Path) -> pd.DataFrame:
@@ -58,7 +58,7 @@ def main() -> None:
     labels = labels_of(args.folders[0])
     per_folder = {}
     for folder in args.folders:
-        nodules, _ = hits(folder)
+        nodules = hits(folder)
         nodules = nodules.merge(labels, on="case_id", how="left")
         nodules["size"] = pd.cut(nodules["size_mm"], SIZE_BINS, right=True)
         per_folder[folder] = nodules

@@ -163,6 +163,10 @@ class TrainConfig:
     backbone_lr_factor: float = 1.0
 
 
+DET_SCHEDULES = ("constant", "cosine")
+"""``nodule.det_schedule``: the detector's learning rate over its epochs."""
+
+
 @dataclass(frozen=True)
 class NoduleConfig:
     """Training stages of the localising model ``nodule_net`` (``lungdx.nodule_train``); other models ignore it.
@@ -213,6 +217,14 @@ class NoduleConfig:
     det_schedule: str = "constant"
     seg_black_out: float = 0.0
     hflip: bool = False
+
+    def __post_init__(self):
+        if self.det_schedule not in DET_SCHEDULES:
+            raise ConfigError(f"nodule.det_schedule must be one of {', '.join(DET_SCHEDULES)}; got '{self.det_schedule}'")
+        if not isinstance(self.det_repeats, int) or self.det_repeats < 1:
+            raise ConfigError(f"nodule.det_repeats must be a whole number of at least 1; got {self.det_repeats!r}")
+        if not 0 <= self.seg_black_out <= 1:
+            raise ConfigError(f"nodule.seg_black_out is a chance between 0 and 1; got {self.seg_black_out!r}")
 
 
 @dataclass(frozen=True)

@@ -151,21 +151,14 @@ def random_black_out(images: torch.Tensor, chance: float, generator: torch.Gener
     For the lung U-Net: trained with them and with the loss left out where the image was blacked out,
     its mask of the lungs that remain visible should not move when the corners go black.
     """
-    count, size = images.shape[0], images.shape[-1]
+    size = images.shape[-1]
     kept = torch.ones_like(images)
-    draws = torch.rand(count, 7, generator=generator)
-    for row in range(count):
-        if draws[row, 0] >= chance:
-            continue
-        top, bottom, left, right = (int(share * 0.08 * size) for share in draws[row, 1:5].tolist())
-        corner_left, corner_right = (int(share * 0.25 * size) for share in draws[row, 5:7].tolist())
-        mask = kept[row, ..., :, :]
-        mask[..., :top, :] = 0
-        mask[..., size - bottom :, :] = 0
-        mask[..., :, :left] = 0
-        mask[..., :, size - right :] = 0
-        mask[..., :corner_left, :corner_left] = 0
-        mask[..., :corner_right, size - corner_right :] = 0
+    draws = torch.rand(images.shape[0], 7, generator=generator)
+    limits = torch.tensor([0.08] * 4 + [0.25] * 2) * size  # edge bands, then corner squares
+    for row, draw in enumerate(draws):
+        if draw[0] < chance:
+            region = black_out_region(size, *(int(value) for value in (draw[1:] * limits).tolist()))
+            kept[row, :, torch.from_numpy(region)] = 0
     return images * kept, kept
 
 
@@ -355,8 +348,6 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
     val_target = target_map(torch.from_numpy(targets["val"].circles), size)
     val_has = np.isfinite(targets["val"].circles[:, 0]).astype(int)
     stopper = _Stopper(settings.det_patience)
-    if settings.det_schedule not in ("constant", "cosine"):
-        raise ValueError(f"nodule.det_schedule must be constant or cosine; got '{settings.det_schedule}'")
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, settings.det_epochs),
                                                           eta_min=config.train.lr / 100) \
         if settings.det_schedule == "cosine" else None
@@ -367,7 +358,7 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
     for epoch in tqdm(range(1, settings.det_epochs + 1), desc="detector", leave=False, disable=not progress):
         model.detector.train()
         order = torch.cat([torch.randperm(len(images["train"]), generator=generator)
-                           for _ in range(max(1, settings.det_repeats))]).numpy()
+                           for _ in range(settings.det_repeats)]).numpy()
         started, total = time.perf_counter(), 0.0
         for start in range(0, len(order), settings.batch_size):
             index = np.sort(order[start : start + settings.batch_size])
@@ -535,21 +526,38 @@ def _log_loss(labels: np.ndarray, logits: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def black_out_borders(levelled: np.ndarray, border: float = 0.06, corner: float = 0.2) -> np.ndarray:
-    """The shortcut check's images: a border band and both upper corners set to 0 (air-dark)."""
-    images = np.array(levelled, dtype=np.float32, copy=True)
-    size = images.shape[-1]
+def black_out_region(size: int, top: int, bottom: int, left: int, right: int, corner_left: int,
+                     corner_right: int) -> np.ndarray:
+    """(size, size) bool, True where a black-out covers: a band of the given pixels along each edge and a
+    square of the given side in each upper corner (0 = none)."""
+    region = np.zeros((size, size), bool)
+    region[:top, :] = True
+    region[size - bottom :, :] = True
+    region[:, :left] = True
+    region[:, size - right :] = True
+    region[:corner_left, :corner_left] = True
+    region[:corner_right, size - corner_right :] = True
+    return region
+
+
+def shortcut_region(size: int, border: float = 0.06, corner: float = 0.2) -> np.ndarray:
+    """The shortcut check's black-out: a band of ``border`` of the side along every edge, and both upper
+    corners as squares of ``corner`` of the side."""
     band, square = max(1, round(border * size)), round(corner * size)
-    images[..., :band, :] = images[..., -band:, :] = 0
-    images[..., :, :band] = images[..., :, -band:] = 0
-    images[..., :square, :square] = images[..., :square, -square:] = 0
+    return black_out_region(size, band, band, band, band, square, square)
+
+
+def black_out_borders(levelled: np.ndarray, border: float = 0.06, corner: float = 0.2) -> np.ndarray:
+    """The shortcut check's images: ``shortcut_region`` set to 0 (air-dark)."""
+    images = np.array(levelled, dtype=np.float32, copy=True)
+    images[..., shortcut_region(images.shape[-1], border, corner)] = 0
     return images
 
 
 def blacked_lung_share(lung_masks: np.ndarray) -> np.ndarray:
     """(N,) share of each lung mask (N, S, S) that ``black_out_borders`` blacks out (NaN without a mask)."""
     masks = np.asarray(lung_masks) != 0
-    blacked = black_out_borders(np.ones(masks.shape[-2:], np.float32)) == 0  # the region, drawn once
+    blacked = shortcut_region(masks.shape[-1])
     total = masks.sum(axis=(-2, -1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, masks[:, blacked].sum(axis=-1) / total, np.nan)
