@@ -367,6 +367,167 @@ def test_the_size_judge_is_fitted_on_training_nodules_and_served_through_the_che
     assert restored.judge(torch.tensor([30.0])) > restored.judge(torch.tensor([10.0]))
 
 
+def _discs(radii, seed, size=256):
+    """Levelled images (N, size, size) of a bright soft disc of each radius on a noisy background, and the circles."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[:size, :size]
+    images, circles = [], []
+    for radius in radii:
+        x, y = rng.uniform(80, size - 80, 2)
+        disc = np.clip(radius + 0.5 - np.hypot(columns - x, rows - y), 0, 1)
+        images.append(0.4 + 0.05 * rng.standard_normal((size, size)) + 0.3 * disc)
+        circles.append((x, y, radius))
+    return np.array(images, np.float32), np.array(circles, np.float32)
+
+
+def test_the_size_cnn_judge_measures_nodules_and_ranks_the_bigger_ones_as_malignant(tmp_path):
+    from lungdx import nodule_train
+    from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from lungdx.data.nodules import LocalisationTargets
+    from lungdx.runtime import Hardware
+
+    torch.manual_seed(0)
+    model = create_model("nodule_net", input_size=256, task="malignant_vs_benign", judge="size_cnn")
+    radii = {"train": np.random.default_rng(1).uniform(4, 18, 96), "val": np.linspace(4.5, 17.5, 16)}
+    images, targets = {}, {}
+    for seed, split in enumerate(radii):
+        images[split], circles = _discs(radii[split], seed)
+        count = len(circles)
+        # Bigger is malignant, with overlap: the logistic prior is fitted on these labels, not on the images.
+        malignant = (circles[:, 2] + np.random.default_rng(seed + 5).normal(0, 2, count) > 11).astype(np.float32)
+        targets[split] = LocalisationTargets(np.ones((count, 256, 256), np.uint8), np.ones(count, bool), circles, malignant)
+    config = load_config(None, ["train.precision=fp32", "nodule.judge_epochs=10", "nodule.judge_patience=10",
+                                "train.batch_size=16"])
+    hardware = Hardware.resolve("cpu", "fp32", False)
+    lung_logits = {split: torch.ones(len(images[split]), 1, 64, 64) for split in images}
+    history = []
+    nodule_train.train_judge(model, images, lung_logits, targets, None, config, hardware, torch.Generator().manual_seed(0),
+                             history, False)
+    assert model.judge.coef[1] > 0  # the labels' own direction: bigger is more malignant
+    assert min(row["val_loss"] for row in history) < 0.5 * history[0]["val_loss"]
+    model.eval()
+    val = nodule_train._DetectorBatches(images["val"], lung_logits["val"], targets["val"].lung_masks, targets["val"].circles,
+                                        targets["val"].malignant, None, config, torch.Generator())
+    val_crops, _, _ = nodule_train._judge_samples(model, val, np.arange(16), config, hardware, 0.0, False)  # as at inference
+    with torch.inference_mode():
+        measured = model.judge.log_diameter(val_crops).exp().numpy()
+    from scipy.stats import spearmanr
+
+    assert spearmanr(measured, 2 * radii["val"]).statistic > 0.8
+    assert np.median(np.abs(measured / (2 * radii["val"]) - 1)) < 0.3
+    save_checkpoint(tmp_path / "model.pt", model, model_name="nodule_net",
+                    model_kwargs={"input_size": 256, "task": "malignant_vs_benign", "judge": "size_cnn"},
+                    preprocess={}, task="malignant_vs_benign", class_names=["benign", "malignant"], threshold=0.5)
+    restored = model_from_checkpoint(load_checkpoint(tmp_path / "model.pt")).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(restored.judge(val_crops), model.judge(val_crops))
+
+
+def test_the_size_prior_is_fitted_on_the_labels_and_says_half_without_both_classes(caplog):
+    from lungdx.models.nodule_net import SizeCNNJudge
+    from lungdx.nodule_train import fit_size_prior
+
+    judge = SizeCNNJudge()
+    fit_size_prior(judge, np.array([3, 4, 5, np.nan, 12, 14, 16], np.float32), np.array([0, 0, 1, 1, 1, 1, 0], np.float32))
+    assert judge.coef[1] > 0
+    fit_size_prior(judge, np.array([3, 4, 5], np.float32), np.array([0, 0, 0], np.float32))
+    assert judge.coef.tolist() == [0.0, 0.0] and "not both malignant and benign" in caplog.text
+
+
+def test_hflip_tta_maps_a_mirrored_image_to_the_mirrored_map_and_only_in_evaluation():
+    torch.manual_seed(0)
+    model = create_model("nodule_net", input_size=128, task="nodule_vs_normal", tta="hflip")
+    images, lungs = torch.randn(2, 1, 128, 128), torch.ones(2, 1, 32, 32)
+    calls = []
+    model.detector.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    model.eval()
+    with torch.inference_mode():
+        both = model.detect(images, lungs)
+        mirrored = model.detect(images.flip(-1), lungs)
+        plain = model.detector(images).float()
+    assert torch.equal(both, mirrored.flip(-1))  # the mean of a map and its mirror's does not depend on the side
+    assert torch.allclose(both, (plain + model.detector(images.flip(-1)).float().flip(-1)) / 2)
+    assert not torch.allclose(both, plain)
+    model.train()
+    calls.clear()
+    model.detect(images, lungs)
+    assert calls == [2]  # training: one pass on the batch as it is
+    with pytest.raises(ValueError, match="tta"):
+        create_model("nodule_net", input_size=128, tta="vflip")
+
+
+class _BrightnessMap(torch.nn.Module):
+    """A stand-in detector that fires on anything bright, its 4x4 means: bars beat discs on the map."""
+
+    def forward(self, images):
+        return 2 * torch.nn.functional.avg_pool2d(images, 4) - 1
+
+
+def _bars_and_discs(count, seed, size=256):
+    """Images with two bright bars each (what the map mistakes for a nodule) and a disc (the nodule) in every
+    other one; the circles (NaN without a disc)."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[:size, :size]
+    images, circles = [], []
+    for index in range(count):
+        image = 0.4 + 0.04 * rng.standard_normal((size, size))
+        bars = rng.integers(50, size - 50, (2, 2))
+        for x, y in bars:
+            image[y - 5 : y + 5, x - 16 : x + 16] += 0.5
+        circle = (np.nan,) * 3
+        if index % 2 == 0:
+            x, y = rng.uniform(50, size - 50, 2)
+            while np.hypot(*(bars - (x, y)).T).min() < 60:  # apart, so the map has a local maximum on it
+                x, y = rng.uniform(50, size - 50, 2)
+            image += 0.3 * np.clip(8.5 - np.hypot(columns - x, rows - y), 0, 1)
+            circle = (x, y, 8.0)
+        images.append(image)
+        circles.append(circle)
+    return np.array(images, np.float32), np.array(circles, np.float32)
+
+
+def test_the_verifier_moves_the_peak_from_what_the_map_mistakes_onto_the_nodule(monkeypatch):
+    from lungdx import nodule_train
+    from lungdx.data.nodules import LocalisationTargets
+    from lungdx.localisation import pointing_hits
+    from lungdx.runtime import Hardware
+
+    torch.manual_seed(0)
+    model = create_model("nodule_net", input_size=256, task="nodule_vs_normal", verifier="cnn", candidates=6)
+    model.detector = _BrightnessMap()
+    monkeypatch.setattr(model, "segment", lambda images: torch.ones(len(images), 1, 64, 64))
+    images, targets = {}, {}
+    for seed, (split, count) in enumerate({"train": 64, "val": 16, "test": 24}.items()):
+        images[split], circles = _bars_and_discs(count, seed)
+        targets[split] = LocalisationTargets(np.ones((count, 256, 256), np.uint8), np.ones(count, bool), circles,
+                                             np.full(count, np.nan, np.float32))
+    config = load_config(None, ["train.precision=fp32", "nodule.judge_epochs=8", "nodule.judge_patience=8",
+                                "augment.enabled=false"])
+    hardware = Hardware.resolve("cpu", "fp32", False)
+    lung_logits = {split: torch.ones(len(images[split]), 1, 64, 64) for split in images}
+    history = []
+    nodule_train.train_verifier(model, images, lung_logits, targets, None, config, hardware, torch.Generator().manual_seed(0),
+                                history, False)
+    assert [row["stage"] for row in history] == ["verifier"] * len(history) and history[-1]["val_candidate_auc"] > 0.9
+
+    def pointing(verifier):
+        model.verifier = verifier
+        found = nodule_train.analyse_levelled(model, images["test"], config, hardware)
+        frame = pd.DataFrame({"has_nodule": np.isfinite(targets["test"].circles[:, 0]).astype(int),
+                              "nodule_x": targets["test"].circles[:, 0], "nodule_y": targets["test"].circles[:, 1],
+                              "nodule_r": targets["test"].circles[:, 2], "peak_x": found["peak"][:, 0],
+                              "peak_y": found["peak"][:, 1]})
+        return pointing_hits(frame, 256).mean(), found
+
+    trained = model.verifier
+    with_verifier, found = pointing(trained)
+    without, _ = pointing(None)
+    assert without < 0.3 and with_verifier > 0.8, (without, with_verifier)
+    # The candidates written for FROC are the re-scored ones, best first, and the first is the peak.
+    assert all(np.all(np.diff(points[:, 2]) <= 0) for points in found["candidates"])
+    np.testing.assert_allclose(np.stack([points[0, :2] for points in found["candidates"]]), found["peak"])
+
+
 def _outputs(rows):
     frame = pd.DataFrame(rows)
     frame["patient_id"] = [f"p{i}" for i in range(len(frame))]

@@ -1,13 +1,28 @@
-"""The size judge (``model.kwargs.judge=size``) on a finished nodule_net CV, without retraining the rest.
+"""Another judge (``model.kwargs.judge``) on a finished nodule_net CV, without retraining the rest.
 
-``judge=size`` changes only stage 3: the lung U-Net and the detector train exactly as with the
-CNN judge. This takes each fold's saved lungs and detector from a ``lungdx cv`` folder, fits the
-size judge on that fold's training split (``nodule_train.fit_size_judge``, the code ``lungdx cv
---set model.kwargs.judge=size`` runs), maps the fold's test images with it, and pools the test
-folds as the CV summary does (``localisation.summarise_localisation``), with DeLong against a
-reference CV on the same cases.
+The judge is stage 3 only: the lung U-Net and the detector train exactly as with the default CNN
+judge. This takes each fold's saved lungs and detector from a ``lungdx cv`` folder, fits or trains
+the chosen judge on that fold's training split (``nodule_train.fit_size_judge`` for ``size``,
+``nodule_train.train_judge`` for ``cnn`` and ``size_cnn``: the code ``lungdx cv --set
+model.kwargs.judge=...`` runs), and maps all of the fold's images with it.
 
-    python docs/experiments/size_judge_refit.py runs/jsrt-cv10-nodule-hard --reference runs/jsrt-cv10-128
+By default it reports the pooled **validation** rows only (each fold's validation split, scored by
+that fold's refitted model; validation rows chose the judge's early-stopping epoch, so they are a
+little optimistic): that is the evidence on which a judge may be chosen for a CV. ``--test`` also
+pools the test folds as the CV summary does (``localisation.summarise_localisation``), with DeLong
+against a reference CV on the same cases; once read, those figures must not choose anything.
+
+    python docs/experiments/size_judge_refit.py runs/jsrt-cv10-nodule-hard --judge size --test --reference runs/jsrt-cv10-128
+    python docs/experiments/size_judge_refit.py runs/jsrt-cv10-nodule-flip3 --judge size_cnn
+    python docs/experiments/size_judge_refit.py runs/jsrt-cv10-nodule-flip3 --judge keep --kwarg tta=hflip
+
+``--judge keep`` keeps the CV's judge: with no other change it scores every image again with the
+CV's own models, built with the ``--kwarg`` model arguments (``tta=hflip``: the mirrored second
+detector pass). ``--kwarg verifier=cnn`` also trains the candidate verifier on each fold's training
+split (``nodule_train.train_verifier``, its candidate weights on the validation split), after the
+saved detector:
+
+    python docs/experiments/size_judge_refit.py runs/jsrt-cv10-nodule-flip3 --judge keep --kwarg verifier=cnn
 
 Not part of lungdx: an experiment whose result is reported in docs/results.md.
 """
@@ -20,22 +35,28 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from lungdx import metrics
 from lungdx.checkpoint import load_checkpoint
 from lungdx.config import load_config
-from lungdx.data.nodules import localisation_targets
-from lungdx.localisation import summarise_localisation
+from lungdx.data.nodules import NoduleBank, localisation_targets
+from lungdx.localisation import froc, pointing_hits, summarise_localisation
 from lungdx.models import create_model
-from lungdx.nodule_train import _History, _lung_logits, fit_size_judge, localiser_kwargs, nodule_outputs
+from lungdx.nodule_train import _History, _lung_logits, fit_size_judge, localiser_kwargs, nodule_outputs, train_judge, train_verifier
 from lungdx.predict import sigmoid
 from lungdx.runtime import Hardware
 from lungdx.train import prepare_data
 
 
-def refit_fold(run_dir: Path, out_dir: Path, hardware: Hardware) -> pd.DataFrame:
+def refit_fold(run_dir: Path, out_dir: Path, hardware: Hardware, judge: str, kwargs: dict) -> pd.DataFrame:
+    """The fold's nodule_outputs.csv (every split) with the judge refitted (``keep``: the saved one) and the
+    model built with ``kwargs`` on top of the run's; kept in ``out_dir`` (reused if there)."""
+    if (out_dir / "nodule_outputs.csv").exists():
+        return pd.read_csv(out_dir / "nodule_outputs.csv", dtype={"case_id": str})
     config = load_config(run_dir / "config.yaml")
-    config = replace(config, model=replace(config.model, kwargs={**config.model.kwargs, "judge": "size"}))
+    kwargs = {**config.model.kwargs, **kwargs, **({} if judge == "keep" else {"judge": judge})}
+    config = replace(config, model=replace(config.model, kwargs=kwargs))
     data = prepare_data(config)
     frame = data.frame
     every = localisation_targets(frame, config.preprocess)
@@ -43,38 +64,79 @@ def refit_fold(run_dir: Path, out_dir: Path, hardware: Hardware) -> pd.DataFrame
     images = {split: data.cache.batch(data.rows(split)["cache_index"].to_numpy()) for split in ("train", "val")}
     model = create_model(config.model.name, **localiser_kwargs(config))
     saved = load_checkpoint(run_dir / "model.pt")["state_dict"]
-    kept = {key: value for key, value in saved.items() if not key.startswith("judge.")}
+    retrained = (() if judge == "keep" else ("judge.",)) + (("verifier.", "verify_coef") if model.verifier is not None else ())
+    kept = {key: value for key, value in saved.items() if not key.startswith(retrained)}
     missing = model.load_state_dict(kept, strict=False)
-    assert set(missing.missing_keys) == {"judge.coef"}, missing
+    assert all(key.startswith(retrained) for key in missing.missing_keys) and not missing.unexpected_keys, missing
     model = hardware.prepare(model)
     lung_logits = {split: _lung_logits(model, images[split], config, hardware) for split in images}
     out_dir.mkdir(parents=True, exist_ok=True)
     history = _History(out_dir / "history.csv")
-    fit_size_judge(model, images, lung_logits, targets, config, hardware, history)
+    bank = NoduleBank(images["train"], data.rows("train"), targets["train"].circles, targets["train"].malignant)
+    generator = torch.Generator().manual_seed(config.train.seed + 3)
+    if model.verifier is not None:
+        train_verifier(model, images, lung_logits, targets, bank, config, hardware, generator, history, True)
+    if judge == "keep":
+        history.append({"stage": "judge", "epoch": 0, "kept": True})
+    elif judge == "size":
+        fit_size_judge(model, images, lung_logits, targets, config, hardware, history)
+    else:
+        train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history, True)
     outputs = nodule_outputs(model, frame, data.cache.view(frame["cache_index"].to_numpy()), every, config, hardware)
-    outputs.to_csv(out_dir / "nodule_outputs.csv", index=False)
-    (out_dir / "judge.json").write_text(json.dumps({"coef": model.judge.coef.tolist(), **history[-1]}, default=float))
-    return outputs[outputs["split"] == "test"]
+    (out_dir / "judge.json").write_text(json.dumps({"coef": getattr(model.judge, "coef", torch.zeros(0)).tolist(),
+                                                    "epochs": len(history), **history[-1]}, default=float))
+    outputs.to_csv(out_dir / "nodule_outputs.csv", index=False)  # last: its presence marks the fold done
+    return outputs
+
+
+def validation_summary(rows: pd.DataFrame) -> dict[str, float]:
+    """AUCs, pointing, FROC at 2 FP and the shortcut check's presence change on pooled validation rows (an
+    image can be a validation row of more than one fold)."""
+    nodules = rows[rows["has_nodule"] == 1]
+    presence = metrics.roc_auc(rows["has_nodule"].to_numpy(), rows["presence_logit"].to_numpy())
+    blacked = metrics.roc_auc(rows["has_nodule"].to_numpy(), rows["shortcut_presence_logit"].to_numpy())
+    rest = (rows["malignant"].fillna(0) == 1).astype(int)
+    return {"rows": len(rows), "images": rows["case_id"].nunique(), "nodule_rows": len(nodules),
+            "malignant_vs_benign_auc": metrics.roc_auc(nodules["malignant"].to_numpy(), nodules["malignancy_logit"].to_numpy()),
+            "nodule_vs_normal_auc": presence, "shortcut_change": blacked - presence,
+            "pointing_game": float(pointing_hits(rows, 512).mean()), "froc_at_2": froc(rows, 512)[2.0],
+            "malignant_vs_rest_auc": metrics.roc_auc(rest.to_numpy(), rows["task_logit"].to_numpy()),
+            "labelled_size_auc": metrics.roc_auc(nodules["malignant"].to_numpy(), nodules["nodule_r"].to_numpy())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cv_dir", type=Path)
     parser.add_argument("--reference", type=Path, help="a CV folder of another model on the same cases (DeLong)")
-    parser.add_argument("--out", type=Path, help="where to write (default: CV_DIR-size-judge)")
+    parser.add_argument("--judge", choices=("size", "size_cnn", "cnn", "keep"), default="size",
+                        help="the judge to fit or train on each fold's training split; keep: the CV's own")
+    parser.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE",
+                        help="a model argument on top of the run's, e.g. tta=hflip (repeatable)")
+    parser.add_argument("--test", action="store_true", help="also pool and print the test folds")
+    parser.add_argument("--out", type=Path, help="where to write (default: CV_DIR-size-judge, CV_DIR-JUDGE-judge otherwise)")
     args = parser.parse_args()
-    out = args.out or args.cv_dir.with_name(args.cv_dir.name + "-size-judge")
+    kwargs = dict(item.split("=", 1) for item in args.kwarg)
+    suffix = "" if args.judge == "keep" else "-size-judge" if args.judge == "size" else f"-{args.judge.replace('_', '-')}-judge"
+    suffix += "".join(f"-{key}-{value}" for key, value in kwargs.items())
+    out = args.out or args.cv_dir.with_name(args.cv_dir.name + (suffix or "-rescored"))
     hardware = Hardware.resolve("auto", "fp32", True)  # fp32: the same arithmetic on every CPU
-    oof = pd.concat([refit_fold(run, out / run.name, hardware) for run in sorted((args.cv_dir / "runs").iterdir())],
-                    ignore_index=True)
+    folds = sorted(path.name for path in (args.cv_dir / "runs").iterdir())
+    every = {fold: refit_fold(args.cv_dir / "runs" / fold, out / fold, hardware, args.judge, kwargs) for fold in folds}
+    val = pd.concat([rows[rows["split"] == "val"].assign(fold=fold) for fold, rows in every.items()], ignore_index=True)
+    summary = validation_summary(val)
+    print("pooled validation rows:", {key: round(float(value), 3) for key, value in summary.items()})
+    (out / "validation_summary.json").write_text(json.dumps(metrics.json_safe(summary), indent=2))
+    if args.judge in ("size", "size_cnn"):
+        coefs = [json.loads((out / fold / "judge.json").read_text())["coef"] for fold in folds]
+        print("size prior per fold (a, b):", [[round(v, 2) for v in c] for c in coefs])
+    if not args.test:
+        return
+    oof = pd.concat([rows[rows["split"] == "test"] for rows in every.values()], ignore_index=True)
     oof.to_csv(out / "oof_nodule_outputs.csv", index=False)
     result = summarise_localisation(oof, 512)
     for key in ("nodule_vs_normal_auc", "malignant_vs_rest_auc", "malignant_vs_benign_auc", "pointing_game"):
         print(f"{key}: {metrics.format_ci(result[key])}")
     print("froc:", {rate: round(entry["value"], 3) for rate, entry in result["froc"].items()})
-    folds = sorted(path.name for path in (args.cv_dir / "runs").iterdir())
-    coefs = [json.loads((out / fold / "judge.json").read_text())["coef"] for fold in folds]
-    print("size judge per fold (a, b per 100 px):", [[round(v, 2) for v in c] for c in coefs])
     if args.reference:
         reference = pd.read_csv(args.reference / "oof_predictions.csv", dtype={"case_id": str})
         merged = oof.merge(reference, on="case_id", suffixes=("", "_ref"))

@@ -42,7 +42,7 @@ from lungdx.runtime import Hardware
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("lungs", "detector", "judge")
+STAGES = ("lungs", "detector", "verifier", "judge")
 
 
 class _History(list):
@@ -236,15 +236,16 @@ class _DetectorBatches:
         self.generator = generator
         self.rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         self.hard_points: list[np.ndarray] | None = None  # per image: the detector's false-positive peaks (K, 2)
+        self.hard_chance = config.nodule.hard_negatives  # chance that a row gets one of them
 
     def _hard_circles(self, index: np.ndarray) -> np.ndarray:
-        """(B, 3): one of each row's false-positive peaks (radius 1) with chance ``hard_negatives``, else NaN."""
+        """(B, 3): one of each row's false-positive peaks (radius 1) with chance ``hard_chance``, else NaN."""
         picked = np.full((len(index), 3), np.nan, np.float32)
         if self.hard_points is None:
             return picked
         for row, image_index in enumerate(index):
             points = self.hard_points[image_index]
-            if len(points) and self.rng.random() < self.config.nodule.hard_negatives:
+            if len(points) and self.rng.random() < self.hard_chance:
                 picked[row] = (*points[self.rng.integers(len(points))], 1.0)
         return picked
 
@@ -414,8 +415,150 @@ def false_positive_peaks(model, levelled: np.ndarray, lung_logits: torch.Tensor,
     return points
 
 
+def _verifier_samples(model, batches: _DetectorBatches, index, config, hardware):
+    """Training crops for the verifier from rows ``index``: around each (real or inserted) nodule, jittered
+    as far as a candidate that hits it can be (half a radius plus half the pointing tolerance), labelled 1;
+    around one of the row's false-positive peaks (``batches.hard_points``), jittered by a map cell, labelled 0.
+    A peak within the pointing distance of the row's nodule (an inserted one can land there) is left out."""
+    batch, lung_logits, circles, _, hard = batches.sample(index)
+    size = batch.shape[-1]
+    inputs = model_input(batch, config.preprocess, hardware)
+    masked, _ = model.mask_image(inputs, lung_logits.to(hardware.device))
+    has_nodule = torch.isfinite(circles[:, 0])
+    reach = circles[:, 2] + POINTING_TOLERANCE * size
+    near = has_nodule & (torch.hypot(hard[:, 0] - circles[:, 0], hard[:, 1] - circles[:, 1]) <= reach)
+    has_hard = torch.isfinite(hard[:, 0]) & ~near
+    spread = torch.cat([config.nodule.judge_jitter * circles[has_nodule, 2:] + POINTING_TOLERANCE * size / 2,
+                        torch.full((int(has_hard.sum()), 1), 4.0)])
+    centres = torch.cat([circles[has_nodule, :2], hard[has_hard, :2]])
+    centres = centres + (torch.rand(len(centres), 2, generator=batches.generator) * 2 - 1) * spread
+    rows = torch.cat([torch.nonzero(has_nodule)[:, 0], torch.nonzero(has_hard)[:, 0]])
+    labels = torch.cat([torch.ones(int(has_nodule.sum())), torch.zeros(int(has_hard.sum()))])
+    if not len(rows):
+        return None, None
+    return model.crops(masked, centres.to(hardware.device), rows.to(hardware.device)), labels.to(hardware.device)
+
+
+def candidate_labels(candidates: list[torch.Tensor], circles: np.ndarray, size: int) -> list[np.ndarray]:
+    """Per image, 1 / 0 per candidate: within the pointing distance (radius + 1/32 of the side) of its nodule."""
+    labels = []
+    for points, circle in zip(candidates, circles, strict=True):
+        xy = points[:, :2].float().cpu().numpy()
+        hit = np.hypot(*(xy - circle[:2]).T) <= circle[2] + POINTING_TOLERANCE * size if math.isfinite(circle[0]) \
+            else np.zeros(len(xy), bool)
+        labels.append(hit.astype(np.float32))
+    return labels
+
+
+@torch.inference_mode()
+def _validation_candidates(model, levelled, lung_logits, circles, config, hardware):
+    """Crops of the finished detector's top candidates on the validation images, their hit labels, each one's
+    image and map logit."""
+    size = levelled.shape[-1]
+    maps = _detector_outputs(model, levelled, lung_logits, config, hardware)
+    found = map_peaks(maps, size, count=model.candidate_count)
+    labels = candidate_labels(found, circles, size)
+    crops = []
+    for start in range(0, len(levelled), 16):
+        inputs = model_input(torch.from_numpy(levelled[start : start + 16]), config.preprocess, hardware)
+        masked, _ = model.mask_image(inputs, lung_logits[start : start + 16].to(hardware.device))
+        points = found[start : start + 16]
+        image_index = torch.repeat_interleave(torch.arange(len(points)), torch.tensor([len(p) for p in points]))
+        if len(image_index):
+            crops.append(model.crops(masked, torch.cat(points)[:, :2].to(hardware.device), image_index.to(hardware.device)))
+    points = torch.cat(found) if found else torch.zeros(0, 3)
+    image = np.repeat(np.arange(len(found)), [len(p) for p in found])
+    return (torch.cat(crops) if crops else None, torch.from_numpy(np.concatenate(labels) if labels else np.zeros(0, np.float32)),
+            image, points[:, 2].numpy())
+
+
+def train_verifier(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress):
+    """Stage 2b (``verifier=cnn``): the candidate verifier, after the detector is final.
+
+    Positives are crops around the training split's nodules (real and inserted into normals, augmented as
+    the detector's samples); negatives are crops around the finished detector's false-positive peaks on the
+    (unaugmented) training images, moved with each sample's warp. It stops early on the validation loss
+    over the detector's top candidates on the validation images.
+    """
+    settings = config.nodule
+    optimizer = torch.optim.Adam(model.verifier.parameters(), lr=config.train.lr)
+    train = _DetectorBatches(images["train"], lung_logits["train"], targets["train"].lung_masks,
+                             targets["train"].circles, targets["train"].malignant, bank, config, generator)
+    train.hard_points = false_positive_peaks(model, images["train"], lung_logits["train"], targets["train"].circles,
+                                             config, hardware, count=model.candidate_count)
+    train.hard_chance = 1.0
+    val_crops, val_labels, val_image, val_map = _validation_candidates(model, images["val"], lung_logits["val"],
+                                                                       targets["val"].circles, config, hardware)
+    val_has = np.isfinite(targets["val"].circles[:, 0]).astype(int)
+    loss_fn = nn.BCEWithLogitsLoss()
+    stopper = _Stopper(settings.judge_patience)
+    for epoch in tqdm(range(1, settings.judge_epochs + 1), desc="verifier", leave=False, disable=not progress):
+        model.verifier.train()
+        order = torch.randperm(len(images["train"]), generator=generator).numpy()
+        started, total, count = time.perf_counter(), 0.0, 0
+        for start in range(0, len(order), settings.batch_size):
+            crops, labels = _verifier_samples(model, train, np.sort(order[start : start + settings.batch_size]), config,
+                                              hardware)
+            if crops is None:
+                continue
+            with hardware.autocast():
+                logits = model.verifier(crops).float().reshape(-1)
+            loss = loss_fn(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + float(loss.detach()) * len(labels), count + len(labels)
+        row = {"stage": "verifier", "epoch": epoch, "train_loss": total / max(count, 1),
+               "seconds": round(time.perf_counter() - started, 2)}
+        if val_crops is not None and len(val_crops):
+            model.verifier.eval()
+            with torch.inference_mode(), hardware.autocast():
+                val_logits = model.verifier(val_crops).float().reshape(-1).cpu()
+            row["val_loss"] = float(loss_fn(val_logits, val_labels))
+            labels_np = val_labels.numpy()
+            row["val_candidate_auc"] = metrics.roc_auc(labels_np, val_logits.numpy()) \
+                if 0 < labels_np.sum() < len(labels_np) else math.nan
+            best = pd.Series(val_map + val_logits.numpy()).groupby(val_image).max()
+            presence = best.reindex(range(len(val_has)), fill_value=-math.inf).to_numpy()
+            row["val_auc"] = metrics.roc_auc(val_has, presence) if 0 < val_has.sum() < len(val_has) else math.nan
+        else:
+            row["val_loss"] = row["train_loss"]
+        stopper.step(row["val_loss"], epoch, model.verifier)
+        history.append(row)
+        if stopper.stop:
+            break
+    model.verifier.load_state_dict(stopper.state)
+    if val_crops is not None and len(val_crops):
+        model.verifier.eval()
+        with torch.inference_mode(), hardware.autocast():
+            val_logits = model.verifier(val_crops).float().reshape(-1).cpu().numpy()
+        fit_candidate_scores(model, val_map, val_logits, val_labels.numpy())
+    return stopper.best_epoch
+
+
+def fit_candidate_scores(model, map_logits: np.ndarray, verifier_logits: np.ndarray, hits: np.ndarray,
+                         min_hits: int = 5) -> None:
+    """``model.verify_coef``: a logistic regression of hit / miss on the validation candidates' map and
+    verifier logits. They are images neither stage trained on (on its training images the detector is
+    over-confident, and so is the verifier on its own crops). With fewer than ``min_hits`` hits or misses
+    the default (the sum of the two logits) stays, with a warning."""
+    from sklearn.linear_model import LogisticRegression
+
+    hits = np.asarray(hits, int)
+    if min(hits.sum(), len(hits) - hits.sum()) < min_hits:
+        logger.warning("verifier: %d of %d validation candidates hit a nodule; the candidate score stays map logit + "
+                       "verifier logit", int(hits.sum()), len(hits))
+        return
+    fitted = LogisticRegression().fit(np.column_stack([map_logits, verifier_logits]), hits)
+    coef = torch.tensor([*fitted.coef_[0].tolist(), float(fitted.intercept_[0])])
+    model.verify_coef.copy_(coef.to(model.verify_coef.device))
+    logger.info("verifier: candidate score = %.3f x map + %.3f x verifier %+.3f, from %d validation candidates (%d hits)",
+                *coef.tolist(), len(hits), int(hits.sum()))
+
+
 def _judge_samples(model, batches: _DetectorBatches, index, config, hardware, jitter: float, augmented: bool):
-    """Crops around the (possibly inserted, jittered) nodules of rows ``index`` and their labels."""
+    """Crops around the (possibly inserted, jittered) nodules of rows ``index``, their malignancy labels and
+    their radii (input px, after any warp); ``(None, None, None)`` when none of the rows has a labelled nodule."""
     if augmented:
         batch, lung_logits, circles, malignant, _ = batches.sample(index)
     else:
@@ -424,37 +567,72 @@ def _judge_samples(model, batches: _DetectorBatches, index, config, hardware, ji
         circles, malignant = torch.from_numpy(batches.circles[index]), torch.from_numpy(batches.malignant[index])
     keep = torch.isfinite(circles[:, 0]) & torch.isfinite(malignant)
     if not keep.any():
-        return None, None
+        return None, None, None
     batch, lung_logits, circles, malignant = batch[keep], lung_logits[keep], circles[keep], malignant[keep]
     inputs = model_input(batch, config.preprocess, hardware)
     masked, _ = model.mask_image(inputs, lung_logits.to(hardware.device))
     centres = circles[:, :2] + (torch.rand(len(circles), 2, generator=batches.generator) * 2 - 1) * jitter * circles[:, 2:]
-    return model.crops(masked, centres.to(hardware.device)), malignant.to(hardware.device)
+    return (model.crops(masked, centres.to(hardware.device)), malignant.to(hardware.device),
+            circles[:, 2].to(hardware.device))
+
+
+def fit_size_prior(judge: nn.Module, radii: np.ndarray, malignant: np.ndarray) -> None:
+    """``SizeCNNJudge.coef``: a logistic regression of malignancy on the labelled log diameters (2 r) of the
+    training split's real nodules (inserted ones repeat their donors). Both classes are needed; without them
+    the judge says 0.5 (a warning)."""
+    from sklearn.linear_model import LogisticRegression
+
+    keep = np.isfinite(radii) & (radii > 0) & np.isfinite(malignant)
+    coef = torch.zeros(2)
+    if len(np.unique(malignant[keep])) == 2:
+        fitted = LogisticRegression().fit(np.log(2 * radii[keep])[:, None], malignant[keep])
+        coef = torch.tensor([float(fitted.intercept_[0]), float(fitted.coef_[0, 0])])
+        logger.info("size_cnn judge: logit = %.3f + %.3f x log(diameter px), from %d training nodules", *coef.tolist(),
+                    int(keep.sum()))
+    else:
+        logger.warning("size_cnn judge: the training split's nodules are not both malignant and benign; it says 0.5")
+    judge.coef.copy_(coef.to(judge.coef.device))
+
+
+def _judge_loss(model, crops: torch.Tensor, malignant: torch.Tensor, radii: torch.Tensor, hardware):
+    """(loss, malignancy logits): the crop CNN's log loss on malignancy, or (``judge=size_cnn``) the smooth-L1
+    error of its log diameter against the labelled one."""
+    with hardware.autocast():
+        if model.judge_kind == "size_cnn":
+            measured = model.judge.log_diameter(crops.to(torch.float32))
+            loss = F.smooth_l1_loss(measured, torch.log(2 * radii.float()), beta=0.2)
+            return loss, (model.judge.coef[0] + model.judge.coef[1] * measured).detach()
+        logits = model.judge(crops.to(torch.float32)).float().reshape(-1)
+    return F.binary_cross_entropy_with_logits(logits, malignant), logits.detach()
 
 
 def train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress):
-    """Stage 3: the malignancy judge on crops around training nodules (real and inserted)."""
+    """Stage 3: the malignancy judge on crops around training nodules (real and inserted).
+
+    With ``judge=size_cnn`` the CNN learns the nodules' diameters instead, and malignancy is the logistic
+    function of the diameter fitted on the training nodules' labels (``fit_size_prior``) first.
+    """
     settings = config.nodule
     optimizer = torch.optim.Adam(model.judge.parameters(), lr=config.train.lr)
     train = _DetectorBatches(images["train"], lung_logits["train"], targets["train"].lung_masks,
                              targets["train"].circles, targets["train"].malignant, bank, config, generator)
     val = _DetectorBatches(images["val"], lung_logits["val"], targets["val"].lung_masks,
                            targets["val"].circles, targets["val"].malignant, None, config, generator)
-    loss_fn = nn.BCEWithLogitsLoss()
+    if model.judge_kind == "size_cnn":
+        fit_size_prior(model.judge, targets["train"].circles[:, 2], targets["train"].malignant)
     stopper = _Stopper(settings.judge_patience)
-    val_crops, val_labels = _judge_samples(model, val, np.arange(len(images["val"])), config, hardware, 0.0, False)
+    val_crops, val_labels, val_radii = _judge_samples(model, val, np.arange(len(images["val"])), config, hardware, 0.0,
+                                                      False)
     for epoch in tqdm(range(1, settings.judge_epochs + 1), desc="judge", leave=False, disable=not progress):
         model.judge.train()
         order = torch.randperm(len(images["train"]), generator=generator).numpy()
         started, total, count = time.perf_counter(), 0.0, 0
         for start in range(0, len(order), config.train.batch_size):
             index = np.sort(order[start : start + config.train.batch_size])
-            crops, labels = _judge_samples(model, train, index, config, hardware, settings.judge_jitter, True)
+            crops, labels, radii = _judge_samples(model, train, index, config, hardware, settings.judge_jitter, True)
             if crops is None:
                 continue
-            with hardware.autocast():
-                logits = model.judge(crops.to(torch.float32)).float().reshape(-1)
-            loss = loss_fn(logits, labels)
+            loss, _ = _judge_loss(model, crops, labels, radii, hardware)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -463,11 +641,12 @@ def train_judge(model, images, lung_logits, targets, bank, config, hardware, gen
                "seconds": round(time.perf_counter() - started, 2)}
         if val_crops is not None:
             model.judge.eval()
-            with torch.inference_mode(), hardware.autocast():
-                val_logits = model.judge(val_crops).float().reshape(-1)
-            row["val_loss"] = float(loss_fn(val_logits, val_labels))
+            with torch.inference_mode():
+                val_loss, val_logits = _judge_loss(model, val_crops, val_labels, val_radii, hardware)
+            row["val_loss"] = float(val_loss)
             labels_np = val_labels.cpu().numpy()
-            row["val_auc"] = metrics.roc_auc(labels_np, val_logits.numpy()) if 0 < labels_np.sum() < len(labels_np) else math.nan
+            row["val_auc"] = metrics.roc_auc(labels_np, val_logits.cpu().numpy()) \
+                if 0 < labels_np.sum() < len(labels_np) else math.nan
         else:
             row["val_loss"] = row["train_loss"]
         stopper.step(row["val_loss"], epoch, model.judge)
@@ -581,7 +760,8 @@ def analyse_levelled(model, levelled, config: RunConfig, hardware: Hardware, bat
         out["lung_fraction"].append(analysis.lung_fraction.cpu().numpy())
         out["lung_ok"].append(analysis.lung_ok.cpu().numpy())
         out["lung_small"].append((analysis.lung_logits.float() > 0).cpu().numpy()[:, 0])
-        out["candidates"] += [c.cpu().numpy() for c in map_peaks(analysis.nodule_map, model.input_size)]
+        found = analysis.candidates if analysis.candidates is not None else map_peaks(analysis.nodule_map, model.input_size)
+        out["candidates"] += [c.float().cpu().numpy() for c in found]
     result = {key: np.concatenate(value) for key, value in out.items() if key != "candidates"}
     result["candidates"] = out["candidates"]
     return result
@@ -668,6 +848,9 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
     logger.info("nodule bank: %d patches from %d training images", len(bank), len(bank.case_ids))
     best["detector"] = train_detector(model, images, lung_logits, targets, bank, config, hardware, generator, history,
                                       progress)
+    if model.verifier is not None:
+        best["verifier"] = train_verifier(model, images, lung_logits, targets, bank, config, hardware, generator, history,
+                                          progress)
     if model.judge_kind == "size":
         best["judge"] = fit_size_judge(model, images, lung_logits, targets, config, hardware, history)
     else:

@@ -13,7 +13,16 @@
 3. ``judge``: a small CNN on a crop around the peak (at the input's resolution) that gives the
    malignancy logit, trained on crops around the training folds' nodules; or (``judge="size"``)
    a logistic function of the found nodule's size, the diameter of the map's blob at the peak,
-   fitted on the training folds' nodules.
+   fitted on the training folds' nodules; or (``judge="size_cnn"``) a CNN that measures the
+   nodule's diameter on that crop, trained on the labelled radii, with malignancy a logistic
+   function of the measured diameter.
+
+With ``verifier="cnn"`` a fourth small CNN re-scores the map's top candidates (``candidates`` local
+maxima): each candidate's score combines its map logit and the verifier's logit on a crop around it
+(weights fitted on the validation split's candidates), and the best one becomes the peak and the
+presence logit. It is trained on the training folds' nodules
+against the detector's own false-positive peaks on the training images (a second-stage false-positive
+reduction, as CAD systems for chest radiographs have).
 
 ``forward`` returns the logit of the model's ``task`` so that every part of lungdx (Predictor,
 evaluation, service) uses it like any other registered model; ``analyse`` returns the map, the
@@ -171,6 +180,36 @@ class SizeJudge(nn.Module):
         return self.coef[0] + self.coef[1] * diameter_px.float() / 100
 
 
+LOG_DIAMETER_PRIOR = math.log(24.0)  # input px: a 17 mm nodule at 0.7 mm per pixel (JSRT at 512 px)
+
+
+class SizeCNNJudge(nn.Module):
+    """(N, 1, C, C) crop around a nodule -> malignancy logit ``a + b * log d``, where ``d`` is the nodule's
+    diameter in input pixels as a CNN (``MalignancyJudge``'s layers) measures it on the crop.
+
+    The CNN is trained to regress the labelled diameters (``labels.csv``'s sizes, a target with an answer
+    on every nodule, inserted ones included); ``coef`` = (a, b) is a logistic regression of the training
+    nodules' malignancy on their labelled log diameters (``nodule_train.train_judge``). On JSRT the
+    labelled size alone ranks malignant vs benign at AUC 0.67, and a size is learnt from far fewer
+    examples than malignancy itself.
+    """
+
+    def __init__(self, dropout: float = 0.2):
+        super().__init__()
+        self.measure = MalignancyJudge(dropout=dropout)
+        self.register_buffer("coef", torch.zeros(2))
+
+    def log_diameter(self, crops: torch.Tensor) -> torch.Tensor:
+        """(N,) the measured log diameter (input px) of the nodule at the crop's centre."""
+        return self.measure(crops).float().reshape(-1) + LOG_DIAMETER_PRIOR
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return (self.coef[0] + self.coef[1] * self.log_diameter(crops))[:, None]
+
+
+JUDGES = ("cnn", "size", "size_cnn")
+
+
 def blob_diameter(nodule_map: torch.Tensor, input_size: int, window_px: float = 48.0) -> torch.Tensor:
     """(N,) equivalent diameter, in input px, of the map's blob at its peak.
 
@@ -206,6 +245,9 @@ class NoduleAnalysis:
         malignancy: (N,) malignancy logit of the crop around the peak.
         lung_ok: (N,) bool, False for a failed segmentation: a lung field outside 5-60% of the image,
             or an input without information (constant), where any mask would be a guess.
+        candidates: with a verifier, per image the re-scored candidates (K, 3) [column, row, score],
+            best first (the first is ``peak`` and ``presence``); None without one (``map_peaks`` of the
+            map gives them).
     """
 
     lung_logits: torch.Tensor
@@ -216,6 +258,7 @@ class NoduleAnalysis:
     presence: torch.Tensor
     malignancy: torch.Tensor
     lung_ok: torch.Tensor
+    candidates: list[torch.Tensor] | None = None
 
 
 class NoduleNet(nn.Module):
@@ -232,8 +275,15 @@ class NoduleNet(nn.Module):
             lung edge keeps its outline.
         detector: ``plain`` (a small FPN trained from scratch) or ``lite0`` (an EfficientNet-Lite0
             encoder, which ``model.weights=imagenet`` starts from ImageNet weights).
-        judge: ``cnn`` (a CNN on the crop around the peak) or ``size`` (a logistic function of the
-            diameter of the map's blob at the peak, ``SizeJudge``).
+        judge: ``cnn`` (a CNN on the crop around the peak), ``size`` (a logistic function of the
+            diameter of the map's blob at the peak, ``SizeJudge``) or ``size_cnn`` (a logistic function
+            of the diameter a CNN measures on the crop around the peak, ``SizeCNNJudge``).
+        tta: ``none``, or ``hflip``: in evaluation mode the nodule map is the mean of the detector's logits
+            on the masked image and on its mirror image (mirrored back), which costs a second detector
+            pass. Training steps never use it; the validation maps that choose the detector's epoch do.
+        verifier: ``none``, or ``cnn``: a crop CNN re-scores the map's top ``candidates`` local maxima
+            (``verify``); the best of them is the peak and the presence logit.
+        candidates: how many of the map's local maxima the verifier re-scores.
     """
 
     gradcam_layer = "detector.smooth"
@@ -241,7 +291,7 @@ class NoduleNet(nn.Module):
 
     def __init__(self, input_size: int = 512, task: str = "malignant_vs_rest", crop_fraction: float = 0.1875,
                  crop_size: int = 64, dilate_px: int = 8, in_channels: int = 1, detector: str = "plain",
-                 judge: str = "cnn"):
+                 judge: str = "cnn", tta: str = "none", verifier: str = "none", candidates: int = 5):
         super().__init__()
         if input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32; got {input_size}")
@@ -255,10 +305,23 @@ class NoduleNet(nn.Module):
         if detector not in ("plain", "lite0"):
             raise ValueError(f"nodule_net detector must be plain or lite0; got '{detector}'")
         self.detector = NoduleDetector() if detector == "plain" else LiteDetector()
-        if judge not in ("cnn", "size"):
-            raise ValueError(f"nodule_net judge must be cnn or size; got '{judge}'")
+        if judge not in JUDGES:
+            raise ValueError(f"nodule_net judge must be one of {', '.join(JUDGES)}; got '{judge}'")
         self.judge_kind = judge
-        self.judge = MalignancyJudge() if judge == "cnn" else SizeJudge()
+        self.judge = {"cnn": MalignancyJudge, "size": SizeJudge, "size_cnn": SizeCNNJudge}[judge]()
+        if tta not in ("none", "hflip"):
+            raise ValueError(f"nodule_net tta must be none or hflip; got '{tta}'")
+        self.tta = tta
+        if verifier not in ("none", "cnn"):
+            raise ValueError(f"nodule_net verifier must be none or cnn; got '{verifier}'")
+        if int(candidates) < 1:
+            raise ValueError(f"nodule_net candidates must be at least 1; got {candidates}")
+        self.verifier = MalignancyJudge() if verifier == "cnn" else None
+        self.candidate_count = int(candidates)
+        if self.verifier is not None:
+            # score = w_map x map logit + w_verifier x verifier logit + bias: fitted on the validation candidates
+            # (``nodule_train.fit_candidate_scores``); the default adds the two logits.
+            self.register_buffer("verify_coef", torch.tensor([1.0, 1.0, 0.0]))
 
     @property
     def seg_size(self) -> int:
@@ -296,18 +359,26 @@ class NoduleNet(nn.Module):
         return standardise(images.float(), mask) * mask, mask
 
     def detect(self, masked: torch.Tensor, lung_logits: torch.Tensor) -> torch.Tensor:
-        """Nodule-map logits, pushed to ``-30`` outside the lungs."""
-        nodule_map = self.detector(masked).float()
+        """Nodule-map logits, pushed to ``-30`` outside the lungs (with ``tta=hflip`` in evaluation mode: the
+        mean of the logits on the image and, mirrored back, on its mirror image)."""
+        if self.tta == "hflip" and not self.training:
+            nodule_map = self.detector(torch.cat([masked, masked.flip(-1)])).float()
+            nodule_map = (nodule_map[: len(masked)] + nodule_map[len(masked) :].flip(-1)) / 2
+        else:
+            nodule_map = self.detector(masked).float()
         inside = F.interpolate((lung_logits.float() > 0).float(), size=nodule_map.shape[-2:], mode="nearest")
         inside = F.max_pool2d(inside, 3, stride=1, padding=1)
         return torch.where(inside > 0, nodule_map, torch.full_like(nodule_map, _OUTSIDE))
 
-    def crops(self, images: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        """(N, 1, crop_size, crop_size) crops of ``images`` centred at ``centres`` (column, row in input px)."""
+    def crops(self, images: torch.Tensor, centres: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, 1, crop_size, crop_size) crops centred at ``centres`` (M, 2: column, row in input px) of
+        ``images[image_index]`` (default: one centre per image, in order)."""
         from torchvision.ops import roi_align
 
         half = self.crop_fraction * self.input_size / 2
-        boxes = torch.cat([torch.arange(len(centres), device=centres.device, dtype=torch.float32)[:, None],
+        if image_index is None:
+            image_index = torch.arange(len(centres), device=centres.device)
+        boxes = torch.cat([image_index.to(centres.device, torch.float32)[:, None],
                            centres[:, :1] - half, centres[:, 1:] - half, centres[:, :1] + half, centres[:, 1:] + half], 1)
         return roi_align(images.float(), boxes, (self.crop_size, self.crop_size), spatial_scale=1.0, sampling_ratio=2,
                          aligned=True)
@@ -320,13 +391,37 @@ class NoduleNet(nn.Module):
         masked, mask = self.mask_image(images, lung_logits)
         nodule_map = self.detect(masked.to(images.dtype), lung_logits)
         presence, peak = map_peak(nodule_map, self.input_size)
+        candidates = None
+        if self.verifier is not None:
+            candidates = self.verify(masked.to(images.dtype), nodule_map)
+            best = [index for index, found in enumerate(candidates) if len(found)]
+            if best:
+                tops = torch.stack([candidates[index][0] for index in best])
+                presence, peak = presence.clone(), peak.clone()
+                presence[best], peak[best] = tops[:, 2], tops[:, :2]
         if self.judge_kind == "size":
             malignancy = self.judge(blob_diameter(nodule_map, self.input_size)).float().reshape(-1)
         else:
             malignancy = self.judge(self.crops(masked, peak).to(images.dtype)).float().reshape(-1)
         informative = images.float().flatten(1).std(dim=1) > 1e-3
         lung_ok = informative & (lung_fraction >= MIN_LUNG_FRACTION) & (lung_fraction <= MAX_LUNG_FRACTION)
-        return NoduleAnalysis(lung_logits, mask, lung_fraction, nodule_map, peak, presence, malignancy, lung_ok)
+        return NoduleAnalysis(lung_logits, mask, lung_fraction, nodule_map, peak, presence, malignancy, lung_ok, candidates)
+
+    def verify(self, masked: torch.Tensor, nodule_map: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, the map's top ``candidates`` local maxima re-scored: (K, 3) [column, row, score], best
+        first; the score is ``verify_coef`` applied to the map logit and the verifier's logit."""
+        found = map_peaks(nodule_map, self.input_size, count=self.candidate_count)
+        counts = [len(points) for points in found]
+        if not sum(counts):
+            return found
+        points = torch.cat(found)
+        image_index = torch.repeat_interleave(torch.arange(len(found), device=points.device),
+                                              torch.tensor(counts, device=points.device))
+        logits = self.verifier(self.crops(masked, points[:, :2], image_index).to(masked.dtype)).float().reshape(-1)
+        weights = self.verify_coef.float()
+        score = weights[0] * points[:, 2] + weights[1] * logits + weights[2]
+        rescored = torch.cat([points[:, :2], score[:, None]], 1)
+        return [part[torch.argsort(part[:, 2], descending=True)] for part in rescored.split(counts)]
 
 
 def standardise(images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
