@@ -20,9 +20,9 @@
 With ``verifier="cnn"`` a fourth small CNN re-scores the map's top candidates (``candidates`` local
 maxima): each candidate's score combines its map logit and the verifier's logit on a crop around it
 (weights fitted on the validation split's candidates), and the best one becomes the peak and the
-presence logit. It is trained on the training folds' nodules
-against the detector's own false-positive peaks on the training images (a second-stage false-positive
-reduction, as CAD systems for chest radiographs have).
+presence logit. It is trained on the training folds' nodules against the detector's own
+false-positive peaks on the training images: a second-stage false-positive reduction, as CAD
+systems for chest radiographs have. (``judge="size"`` still reads the blob at the map's own maximum.)
 
 ``forward`` returns the logit of the model's ``task`` so that every part of lungdx (Predictor,
 evaluation, service) uses it like any other registered model; ``analyse`` returns the map, the
