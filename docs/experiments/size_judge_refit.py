@@ -84,6 +84,7 @@ def refit_fold(run_dir: Path, out_dir: Path, hardware: Hardware, judge: str, kwa
         train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history, True)
     outputs = nodule_outputs(model, frame, data.cache.view(frame["cache_index"].to_numpy()), every, config, hardware)
     (out_dir / "judge.json").write_text(json.dumps({"coef": getattr(model.judge, "coef", torch.zeros(0)).tolist(),
+                                                    "verify_coef": getattr(model, "verify_coef", torch.zeros(0)).tolist(),
                                                     "epochs": len(history), **history[-1]}, default=float))
     outputs.to_csv(out_dir / "nodule_outputs.csv", index=False)  # last: its presence marks the fold done
     return outputs
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE",
                         help="a model argument on top of the run's, e.g. tta=hflip (repeatable)")
     parser.add_argument("--test", action="store_true", help="also pool and print the test folds")
+    parser.add_argument("--only", nargs="+", metavar="FOLD", help="refit these folds (e.g. r0-f09) and stop: a second "
+                        "process sharing the work, from the other end")
     parser.add_argument("--out", type=Path, help="where to write (default: CV_DIR-size-judge, CV_DIR-JUDGE-judge otherwise)")
     args = parser.parse_args()
     kwargs = dict(item.split("=", 1) for item in args.kwarg)
@@ -121,6 +124,10 @@ def main() -> None:
     out = args.out or args.cv_dir.with_name(args.cv_dir.name + (suffix or "-rescored"))
     hardware = Hardware.resolve("auto", "fp32", True)  # fp32: the same arithmetic on every CPU
     folds = sorted(path.name for path in (args.cv_dir / "runs").iterdir())
+    if args.only:  # a second process on the same --out: these folds only, no summary
+        for fold in args.only:
+            refit_fold(args.cv_dir / "runs" / fold, out / fold, hardware, args.judge, kwargs)
+        return
     every = {fold: refit_fold(args.cv_dir / "runs" / fold, out / fold, hardware, args.judge, kwargs) for fold in folds}
     val = pd.concat([rows[rows["split"] == "val"].assign(fold=fold) for fold, rows in every.items()], ignore_index=True)
     summary = validation_summary(val)
