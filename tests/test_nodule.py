@@ -528,6 +528,34 @@ def test_the_verifier_moves_the_peak_from_what_the_map_mistakes_onto_the_nodule(
     np.testing.assert_allclose(np.stack([points[0, :2] for points in found["candidates"]]), found["peak"])
 
 
+def test_train_with_the_verifier_writes_its_stage_and_the_predictor_serves_its_peak(nodule_phantoms, tmp_path):
+    from lungdx.predict import Predictor
+    from lungdx.train import fit
+
+    config = load_config(None, [f"data.path={nodule_phantoms}", "data.task=nodule_vs_normal", f"data.cache_dir={tmp_path / 'cache'}",
+                                "model.name=nodule_net", f"preprocess.size={SIZE}", "train.precision=fp32",
+                                "nodule.seg_epochs=3", "nodule.det_epochs=2", "nodule.judge_epochs=2", "nodule.crop=128",
+                                "model.kwargs.verifier=cnn", "model.kwargs.candidates=3"])
+    run_dir = fit(config, tmp_path / "run").run_dir
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(dict.fromkeys(history["stage"])) == ["lungs", "detector", "verifier", "judge"]
+    assert "verifier" in json.loads((run_dir / "summary.json").read_text())["best_epochs"]
+    outputs = pd.read_csv(run_dir / "nodule_outputs.csv", dtype={"case_id": str})
+    test = outputs[outputs["split"] == "test"]
+    found = [np.array(json.loads(text)) for text in test["candidates"]]
+    assert max(map(len, found)) <= 3
+    row = next(index for index, points in enumerate(found) if len(points))  # a lung field was found
+    first, candidates = test.iloc[row], found[row]
+    assert candidates[0, :2] == pytest.approx([first["peak_x"], first["peak_y"]], abs=0.01)
+    labels = pd.read_csv(nodule_phantoms / "labels.csv").set_index("case_id")
+    predictor = Predictor.from_path(run_dir, precision="fp32")
+    prediction = predictor.predict_files([str(nodule_phantoms / labels.loc[first["case_id"], "image"])])[0]
+    assert prediction.location["x"] == pytest.approx(first["peak_x"], abs=0.01)
+    from lungdx.checkpoint import load_checkpoint
+
+    torch.testing.assert_close(predictor.model.verify_coef.cpu(), load_checkpoint(run_dir / "model.pt")["state_dict"]["verify_coef"])
+
+
 def _outputs(rows):
     frame = pd.DataFrame(rows)
     frame["patient_id"] = [f"p{i}" for i in range(len(frame))]

@@ -519,7 +519,8 @@ def train_verifier(model, images, lung_logits, targets, bank, config, hardware, 
             row["val_candidate_auc"] = metrics.roc_auc(labels_np, val_logits.numpy()) \
                 if 0 < labels_np.sum() < len(labels_np) else math.nan
             best = pd.Series(val_map + val_logits.numpy()).groupby(val_image).max()
-            presence = best.reindex(range(len(val_has)), fill_value=-math.inf).to_numpy()
+            # An image without candidates (no lung field found) ranks below every image with one.
+            presence = best.reindex(range(len(val_has)), fill_value=float(best.min()) - 1 if len(best) else 0.0).to_numpy()
             row["val_auc"] = metrics.roc_auc(val_has, presence) if 0 < val_has.sum() < len(val_has) else math.nan
         else:
             row["val_loss"] = row["train_loss"]
