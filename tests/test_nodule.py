@@ -367,6 +367,13 @@ def test_the_size_judge_is_fitted_on_training_nodules_and_served_through_the_che
     assert restored.judge(torch.tensor([30.0])) > restored.judge(torch.tensor([10.0]))
 
 
+def _whole_lungs(images: dict):
+    """For a stage trained on its own: fp32 CPU, lung logits that keep the whole 256 px image, an empty history."""
+    from lungdx.runtime import Hardware
+
+    return Hardware.resolve("cpu", "fp32", False), {split: torch.ones(len(images[split]), 1, 64, 64) for split in images}, []
+
+
 def _discs(radii, seed, size=256):
     """Levelled images (N, size, size) of a bright soft disc of each radius on a noisy background, and the circles."""
     rng = np.random.default_rng(seed)
@@ -384,7 +391,6 @@ def test_the_size_cnn_judge_measures_nodules_and_ranks_the_bigger_ones_as_malign
     from lungdx import nodule_train
     from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from lungdx.data.nodules import LocalisationTargets
-    from lungdx.runtime import Hardware
 
     torch.manual_seed(0)
     model = create_model("nodule_net", input_size=256, task="malignant_vs_benign", judge="size_cnn")
@@ -398,9 +404,7 @@ def test_the_size_cnn_judge_measures_nodules_and_ranks_the_bigger_ones_as_malign
         targets[split] = LocalisationTargets(np.ones((count, 256, 256), np.uint8), np.ones(count, bool), circles, malignant)
     config = load_config(None, ["train.precision=fp32", "nodule.judge_epochs=10", "nodule.judge_patience=10",
                                 "train.batch_size=16"])
-    hardware = Hardware.resolve("cpu", "fp32", False)
-    lung_logits = {split: torch.ones(len(images[split]), 1, 64, 64) for split in images}
-    history = []
+    hardware, lung_logits, history = _whole_lungs(images)
     nodule_train.train_judge(model, images, lung_logits, targets, None, config, hardware, torch.Generator().manual_seed(0),
                              history, False)
     assert model.judge.coef[1] > 0  # the labels' own direction: bigger is more malignant
@@ -490,7 +494,6 @@ def test_the_verifier_moves_the_peak_from_what_the_map_mistakes_onto_the_nodule(
     from lungdx import nodule_train
     from lungdx.data.nodules import LocalisationTargets
     from lungdx.localisation import pointing_hits
-    from lungdx.runtime import Hardware
 
     torch.manual_seed(0)
     model = create_model("nodule_net", input_size=256, task="nodule_vs_normal", verifier="cnn", candidates=6)
@@ -503,9 +506,7 @@ def test_the_verifier_moves_the_peak_from_what_the_map_mistakes_onto_the_nodule(
                                              np.full(count, np.nan, np.float32))
     config = load_config(None, ["train.precision=fp32", "nodule.judge_epochs=8", "nodule.judge_patience=8",
                                 "augment.enabled=false"])
-    hardware = Hardware.resolve("cpu", "fp32", False)
-    lung_logits = {split: torch.ones(len(images[split]), 1, 64, 64) for split in images}
-    history = []
+    hardware, lung_logits, history = _whole_lungs(images)
     nodule_train.train_verifier(model, images, lung_logits, targets, None, config, hardware, torch.Generator().manual_seed(0),
                                 history, False)
     assert [row["stage"] for row in history] == ["verifier"] * len(history) and history[-1]["val_candidate_auc"] > 0.9

@@ -60,6 +60,12 @@ class _History(list):
             self.on_epoch(row)
 
 
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC, or NaN where the labels are not both classes (a small validation split can lack one)."""
+    labels = np.asarray(labels)
+    return metrics.roc_auc(labels, scores) if 0 < labels.sum() < len(labels) else math.nan
+
+
 class _Stopper:
     def __init__(self, patience: int):
         self.patience, self.best, self.best_epoch, self.bad, self.state = patience, math.inf, 0, 0, None
@@ -381,7 +387,7 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
         if live is not None:
             model.detector.load_state_dict(live)
         history.append({"stage": "detector", "epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss,
-                        "val_auc": metrics.roc_auc(val_has, presence) if 0 < val_has.sum() < len(val_has) else math.nan,
+                        "val_auc": _auc(val_has, presence),
                         "seconds": round(time.perf_counter() - started, 2),
                         "train_images_per_s": round(len(order) / (time.perf_counter() - started), 1),
                         "lr": optimizer.param_groups[0]["lr"]})
@@ -515,13 +521,11 @@ def train_verifier(model, images, lung_logits, targets, bank, config, hardware, 
             with torch.inference_mode(), hardware.autocast():
                 val_logits = model.verifier(val_crops).float().reshape(-1).cpu()
             row["val_loss"] = float(loss_fn(val_logits, val_labels))
-            labels_np = val_labels.numpy()
-            row["val_candidate_auc"] = metrics.roc_auc(labels_np, val_logits.numpy()) \
-                if 0 < labels_np.sum() < len(labels_np) else math.nan
+            row["val_candidate_auc"] = _auc(val_labels.numpy(), val_logits.numpy())
             best = pd.Series(val_map + val_logits.numpy()).groupby(val_image).max()
             # An image without candidates (no lung field found) ranks below every image with one.
             presence = best.reindex(range(len(val_has)), fill_value=float(best.min()) - 1 if len(best) else 0.0).to_numpy()
-            row["val_auc"] = metrics.roc_auc(val_has, presence) if 0 < val_has.sum() < len(val_has) else math.nan
+            row["val_auc"] = _auc(val_has, presence)
         else:
             row["val_loss"] = row["train_loss"]
         stopper.step(row["val_loss"], epoch, model.verifier)
@@ -645,9 +649,7 @@ def train_judge(model, images, lung_logits, targets, bank, config, hardware, gen
             with torch.inference_mode():
                 val_loss, val_logits = _judge_loss(model, val_crops, val_labels, val_radii, hardware)
             row["val_loss"] = float(val_loss)
-            labels_np = val_labels.cpu().numpy()
-            row["val_auc"] = metrics.roc_auc(labels_np, val_logits.cpu().numpy()) \
-                if 0 < labels_np.sum() < len(labels_np) else math.nan
+            row["val_auc"] = _auc(val_labels.cpu().numpy(), val_logits.cpu().numpy())
         else:
             row["val_loss"] = row["train_loss"]
         stopper.step(row["val_loss"], epoch, model.judge)
@@ -689,7 +691,7 @@ def fit_size_judge(model, images, lung_logits, targets, config, hardware, histor
     val_sizes, val_labels = _nodule_sizes(model, images["val"], lung_logits["val"], targets["val"], config, hardware)
     val_logits = model.judge(torch.from_numpy(val_sizes))
     row["val_loss"] = _log_loss(val_labels, val_logits) if len(val_labels) else math.nan
-    row["val_auc"] = metrics.roc_auc(val_labels, val_logits.numpy()) if 0 < val_labels.sum() < len(val_labels) else math.nan
+    row["val_auc"] = _auc(val_labels, val_logits.numpy())
     history.append(row)
     logger.info("size judge: logit = %.3f + %.3f x diameter / 100 px, from %d training nodules", *coef.tolist(), len(sizes))
     return 1
