@@ -22,11 +22,16 @@ MIN_HIT_RADIUS = 1 / 64
 """FROC: a candidate hits a nodule within its radius, at least 8 px at 512 px (5.6 mm on JSRT)."""
 
 
+def pointing_reach(radius, size: int, tolerance: float = POINTING_TOLERANCE):
+    """How far from a nodule's centre a point still finds it: its radius + ``tolerance`` of ``size``."""
+    return radius + tolerance * size
+
+
 def pointing_hits(outputs: pd.DataFrame, size: int, tolerance: float = POINTING_TOLERANCE) -> np.ndarray:
     """1 / 0 per nodule case: is the map's peak within radius + tolerance (a fraction of ``size``)?"""
     nodules = outputs[outputs["has_nodule"] == 1]
     distance = np.hypot(nodules["peak_x"] - nodules["nodule_x"], nodules["peak_y"] - nodules["nodule_y"])
-    return (distance <= nodules["nodule_r"] + tolerance * size).to_numpy(dtype=float)
+    return (distance <= pointing_reach(nodules["nodule_r"], size, tolerance)).to_numpy(dtype=float)
 
 
 def froc_candidates(outputs: pd.DataFrame, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

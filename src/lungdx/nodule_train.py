@@ -34,16 +34,13 @@ from lungdx.config import RunConfig, to_dict
 from lungdx.data.augment import augment
 from lungdx.data.manifest import class_names, describe_classes
 from lungdx.data.nodules import NoduleBank, dice, focal_loss, insert_nodule, localisation_targets, target_map
-from lungdx.localisation import POINTING_TOLERANCE
+from lungdx.localisation import POINTING_TOLERANCE, pointing_reach
 from lungdx.models.nodule_net import TASKS, blob_diameter, map_peak, map_peaks
 from lungdx.predict import model_input, sigmoid
 from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("lungs", "detector", "verifier", "judge")
-
 
 class _History(list):
     """The stage epochs so far, written to ``history.csv`` as each one ends (progress is visible during a run);
@@ -412,13 +409,9 @@ def false_positive_peaks(model, levelled: np.ndarray, lung_logits: torch.Tensor,
     """
     size = levelled.shape[-1]
     maps = _detector_outputs(model, levelled, lung_logits, config, hardware)
-    points = []
-    for candidates, circle in zip(map_peaks(maps, size, count=count + 1), circles, strict=True):
-        xy = candidates[:, :2].numpy()
-        if math.isfinite(circle[0]):
-            xy = xy[np.hypot(*(xy - circle[:2]).T) > circle[2] + POINTING_TOLERANCE * size]
-        points.append(xy[:count].astype(np.float32))
-    return points
+    found = map_peaks(maps, size, count=count + 1)
+    return [points[:, :2].numpy()[hits == 0][:count].astype(np.float32)
+            for points, hits in zip(found, candidate_labels(found, circles, size), strict=True)]
 
 
 def _verifier_samples(model, batches: _DetectorBatches, index, config, hardware):
@@ -431,8 +424,7 @@ def _verifier_samples(model, batches: _DetectorBatches, index, config, hardware)
     inputs = model_input(batch, config.preprocess, hardware)
     masked, _ = model.mask_image(inputs, lung_logits.to(hardware.device))
     has_nodule = torch.isfinite(circles[:, 0])
-    reach = circles[:, 2] + POINTING_TOLERANCE * size
-    near = has_nodule & (torch.hypot(hard[:, 0] - circles[:, 0], hard[:, 1] - circles[:, 1]) <= reach)
+    near = has_nodule & (torch.hypot(hard[:, 0] - circles[:, 0], hard[:, 1] - circles[:, 1]) <= pointing_reach(circles[:, 2], size))
     has_hard = torch.isfinite(hard[:, 0]) & ~near
     spread = torch.cat([config.nodule.judge_jitter * circles[has_nodule, 2:] + POINTING_TOLERANCE * size / 2,
                         torch.full((int(has_hard.sum()), 1), 4.0)])
@@ -450,28 +442,31 @@ def candidate_labels(candidates: list[torch.Tensor], circles: np.ndarray, size: 
     labels = []
     for points, circle in zip(candidates, circles, strict=True):
         xy = points[:, :2].float().cpu().numpy()
-        hit = np.hypot(*(xy - circle[:2]).T) <= circle[2] + POINTING_TOLERANCE * size if math.isfinite(circle[0]) \
+        hit = np.hypot(*(xy - circle[:2]).T) <= pointing_reach(circle[2], size) if math.isfinite(circle[0]) \
             else np.zeros(len(xy), bool)
         labels.append(hit.astype(np.float32))
     return labels
 
 
 @torch.inference_mode()
-def _validation_candidates(model, levelled, lung_logits, circles, config, hardware):
-    """Crops of the finished detector's top candidates on the validation images, their hit labels, each one's
-    image and map logit."""
+def _validation_candidates(model, levelled, lung_logits, circles, config, hardware, batch: int = 16):
+    """The finished detector's top candidates on the validation images, in one pass per batch (mask, map,
+    peaks, crops): (crops or None without any candidate, hit labels, each one's image, map logits)."""
+    model.eval()
     size = levelled.shape[-1]
-    maps = _detector_outputs(model, levelled, lung_logits, config, hardware)
-    found = map_peaks(maps, size, count=model.candidate_count)
+    found, crops = [], []
+    for start in range(0, len(levelled), batch):
+        inputs = model_input(torch.from_numpy(levelled[start : start + batch]), config.preprocess, hardware)
+        logits = lung_logits[start : start + batch].to(hardware.device)
+        masked, _ = model.mask_image(inputs, logits)
+        with hardware.autocast():
+            maps = model.detect(masked.to(inputs.dtype), logits).float()
+        peaks = [points.cpu() for points in map_peaks(maps, size, count=model.candidate_count)]
+        found += peaks
+        part = model.candidate_crops(masked, peaks)
+        if part is not None:
+            crops.append(part)
     labels = candidate_labels(found, circles, size)
-    crops = []
-    for start in range(0, len(levelled), 16):
-        inputs = model_input(torch.from_numpy(levelled[start : start + 16]), config.preprocess, hardware)
-        masked, _ = model.mask_image(inputs, lung_logits[start : start + 16].to(hardware.device))
-        points = found[start : start + 16]
-        image_index = torch.repeat_interleave(torch.arange(len(points)), torch.tensor([len(p) for p in points]))
-        if len(image_index):
-            crops.append(model.crops(masked, torch.cat(points)[:, :2].to(hardware.device), image_index.to(hardware.device)))
     points = torch.cat(found) if found else torch.zeros(0, 3)
     image = np.repeat(np.arange(len(found)), [len(p) for p in found])
     return (torch.cat(crops) if crops else None, torch.from_numpy(np.concatenate(labels) if labels else np.zeros(0, np.float32)),
@@ -496,6 +491,12 @@ def train_verifier(model, images, lung_logits, targets, bank, config, hardware, 
     val_crops, val_labels, val_image, val_map = _validation_candidates(model, images["val"], lung_logits["val"],
                                                                        targets["val"].circles, config, hardware)
     val_has = np.isfinite(targets["val"].circles[:, 0]).astype(int)
+
+    def score_validation() -> torch.Tensor:
+        model.verifier.eval()
+        with torch.inference_mode(), hardware.autocast():
+            return model.verifier(val_crops).float().reshape(-1).cpu()
+
     loss_fn = nn.BCEWithLogitsLoss()
     stopper = _Stopper(settings.judge_patience)
     for epoch in tqdm(range(1, settings.judge_epochs + 1), desc="verifier", leave=False, disable=not progress):
@@ -516,10 +517,8 @@ def train_verifier(model, images, lung_logits, targets, bank, config, hardware, 
             total, count = total + float(loss.detach()) * len(labels), count + len(labels)
         row = {"stage": "verifier", "epoch": epoch, "train_loss": total / max(count, 1),
                "seconds": round(time.perf_counter() - started, 2)}
-        if val_crops is not None and len(val_crops):
-            model.verifier.eval()
-            with torch.inference_mode(), hardware.autocast():
-                val_logits = model.verifier(val_crops).float().reshape(-1).cpu()
+        if val_crops is not None:
+            val_logits = score_validation()
             row["val_loss"] = float(loss_fn(val_logits, val_labels))
             row["val_candidate_auc"] = _auc(val_labels.numpy(), val_logits.numpy())
             best = pd.Series(val_map + val_logits.numpy()).groupby(val_image).max()
@@ -533,11 +532,8 @@ def train_verifier(model, images, lung_logits, targets, bank, config, hardware, 
         if stopper.stop:
             break
     model.verifier.load_state_dict(stopper.state)
-    if val_crops is not None and len(val_crops):
-        model.verifier.eval()
-        with torch.inference_mode(), hardware.autocast():
-            val_logits = model.verifier(val_crops).float().reshape(-1).cpu().numpy()
-        fit_candidate_scores(model, val_map, val_logits, val_labels.numpy())
+    if val_crops is not None:
+        fit_candidate_scores(model, val_map, score_validation().numpy(), val_labels.numpy())
     return stopper.best_epoch
 
 
@@ -606,7 +602,7 @@ def _judge_loss(model, crops: torch.Tensor, malignant: torch.Tensor, radii: torc
         if model.judge_kind == "size_cnn":
             measured = model.judge.log_diameter(crops.to(torch.float32))
             loss = F.smooth_l1_loss(measured, torch.log(2 * radii.float()), beta=0.2)
-            return loss, (model.judge.coef[0] + model.judge.coef[1] * measured).detach()
+            return loss, model.judge.malignancy(measured).detach()
         logits = model.judge(crops.to(torch.float32)).float().reshape(-1)
     return F.binary_cross_entropy_with_logits(logits, malignant), logits.detach()
 

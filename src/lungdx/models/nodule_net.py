@@ -203,8 +203,12 @@ class SizeCNNJudge(nn.Module):
         """(N,) the measured log diameter (input px) of the nodule at the crop's centre."""
         return self.measure(crops).float().reshape(-1) + LOG_DIAMETER_PRIOR
 
+    def malignancy(self, log_diameter: torch.Tensor) -> torch.Tensor:
+        """(N,) malignancy logits of measured log diameters."""
+        return self.coef[0] + self.coef[1] * log_diameter
+
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        return (self.coef[0] + self.coef[1] * self.log_diameter(crops))[:, None]
+        return self.malignancy(self.log_diameter(crops))[:, None]
 
 
 JUDGES = ("cnn", "size", "size_cnn")
@@ -389,11 +393,12 @@ class NoduleNet(nn.Module):
         lung_logits = self.segment(images)
         lung_fraction = (lung_logits.float() > 0).float().mean(dim=(1, 2, 3))
         masked, mask = self.mask_image(images, lung_logits)
-        nodule_map = self.detect(masked.to(images.dtype), lung_logits)
+        masked_input = masked.to(images.dtype)
+        nodule_map = self.detect(masked_input, lung_logits)
         presence, peak = map_peak(nodule_map, self.input_size)
         candidates = None
         if self.verifier is not None:
-            candidates = self.verify(masked.to(images.dtype), nodule_map)
+            candidates = self.verify(masked_input, nodule_map)
             best = [index for index, found in enumerate(candidates) if len(found)]
             if best:
                 tops = torch.stack([candidates[index][0] for index in best])
@@ -411,17 +416,24 @@ class NoduleNet(nn.Module):
         """Per image, the map's top ``candidates`` local maxima re-scored: (K, 3) [column, row, score], best
         first; the score is ``verify_coef`` applied to the map logit and the verifier's logit."""
         found = map_peaks(nodule_map, self.input_size, count=self.candidate_count)
-        counts = [len(points) for points in found]
-        if not sum(counts):
+        crops = self.candidate_crops(masked, found)
+        if crops is None:
             return found
         points = torch.cat(found)
-        image_index = torch.repeat_interleave(torch.arange(len(found), device=points.device),
-                                              torch.tensor(counts, device=points.device))
-        logits = self.verifier(self.crops(masked, points[:, :2], image_index).to(masked.dtype)).float().reshape(-1)
+        logits = self.verifier(crops.to(masked.dtype)).float().reshape(-1)
         weights = self.verify_coef.float()
         score = weights[0] * points[:, 2] + weights[1] * logits + weights[2]
         rescored = torch.cat([points[:, :2], score[:, None]], 1)
-        return [part[torch.argsort(part[:, 2], descending=True)] for part in rescored.split(counts)]
+        return [part[torch.argsort(part[:, 2], descending=True)] for part in rescored.split([len(p) for p in found])]
+
+    def candidate_crops(self, masked: torch.Tensor, found: list[torch.Tensor]) -> torch.Tensor | None:
+        """The crops around every image's candidates (``map_peaks``' per-image (K, 3) lists), in order and
+        flattened; None when there are none."""
+        counts = [len(points) for points in found]
+        if not sum(counts):
+            return None
+        image_index = torch.repeat_interleave(torch.arange(len(found)), torch.tensor(counts)).to(masked.device)
+        return self.crops(masked, torch.cat(found)[:, :2].to(masked.device), image_index)
 
 
 def standardise(images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
