@@ -46,7 +46,7 @@ def nodule_run(nodule_phantoms, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("nodule-run")
     reads, finishing = [], []
-    original_batch, original_finish = ImageCache.batch, nodule_train._finish_localiser
+    original_batch, original_finish = ImageCache.batch, nodule_train.finish_localiser
 
     def batch(self, indices):
         if not finishing:
@@ -59,7 +59,7 @@ def nodule_run(nodule_phantoms, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ImageCache, "batch", batch)
-        patch.setattr(nodule_train, "_finish_localiser", finish)
+        patch.setattr(nodule_train, "finish_localiser", finish)
         seen: list[dict] = []  # train.fit's on_epoch hook (a CV worker's claim check) sees every stage epoch
         result = fit(_config(nodule_phantoms, folder / "cache"), folder / "run", on_epoch=seen.append)
     (folder / "on_epoch.json").write_text(json.dumps([[row["stage"], row["epoch"]] for row in seen]))

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ examples:
   lungdx evaluate runs/jsrt-mal                 # Table 1 (train / validation / test) + ROC figure
   lungdx evaluate runs/jsrt-mal --by subtlety --by size_mm:0,10,20,30,60 --by sex
   lungdx cv --data ../shared/data/jsrt --task malignant_vs_rest --folds 10 --out runs/jsrt-cv
+  lungdx ensemble runs/cv-a runs/cv-b --member tta=hflip --out runs/cv-ab   # nodule_nets averaged, fold by fold
   lungdx report runs/jsrt-mal                   # one offline HTML file + JSON + model card
   lungdx compare runs/A runs/B                  # same test set: is B really better than A?
   lungdx predict runs/jsrt-mal image.png image.dcm
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_evaluate(commands)
     _add_cv(commands)
+    _add_ensemble(commands)
     _add_report(commands)
     _add_tune(commands)
     _add_predict(commands)
@@ -184,6 +187,60 @@ def _cmd_cv(args) -> int:
         return 0
     print((out / "cv.md").read_text())
     print(f"Written: {out / 'cv.md'}, {out / 'cv.json'}, {out / 'oof_predictions.csv'}, {out / 'roc_pooled.png'}")
+    return 0
+
+
+def _add_ensemble(commands) -> None:
+    ensemble = commands.add_parser(
+        "ensemble", help="average finished nodule_net runs (or CVs, fold by fold) into one model",
+        description=textwrap.fill(
+                    "Read two or more nodule_net runs trained on the same rows as one model (nodule_ensemble): the "
+                    "mean of their lung logits gives one mask, the mean of their nodule maps gives the peak and the "
+                    "candidates, the mean of their judges the malignancy. Writes a run folder like `lungdx train` "
+                    "(model.pt with the threshold chosen on the shared validation split, evaluation, nodule_outputs.csv) "
+                    "that predict, serve, listen and pacs-run use unchanged. Given `lungdx cv` folders with the same "
+                    "folds, it assembles each fold from that fold's members only and writes a CV folder (cv.md, "
+                    "pooled out-of-fold figures) that `lungdx compare` reads. Rerun to resume.", 100),
+        epilog="examples:\n"
+               "  lungdx ensemble runs/jsrt-nod-a runs/jsrt-nod-b --out runs/jsrt-nod-ab\n"
+               "  lungdx ensemble runs/jsrt-cv10-nodule-cosine runs/jsrt-cv10-nodule-v5 --member tta=hflip "
+               "--out runs/jsrt-cv10-nodule-ens\n"
+               "  lungdx compare runs/jsrt-cv10-nodule-v5 runs/jsrt-cv10-nodule-ens",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ensemble.add_argument("sources", nargs="+", metavar="RUN_OR_CV",
+                          help="finished nodule_net run folders, or `lungdx cv` folders (all of one kind)")
+    ensemble.add_argument("--member", action="append", default=[], metavar="KEY=VALUE",
+                          help="a nodule_net argument set on every member, e.g. tta=hflip (repeatable)")
+    ensemble.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    ensemble.add_argument("--out", required=True, help="the ensemble's run folder, or CV folder for CV sources")
+    ensemble.set_defaults(handler=_cmd_ensemble)
+
+
+def _cmd_ensemble(args) -> int:
+    import yaml
+
+    from lungdx.ensemble import assemble_cv, assemble_run
+
+    member_kwargs = {}
+    for item in args.member:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--member {item!r}: expected KEY=VALUE, e.g. tta=hflip")
+        member_kwargs[key.strip()] = yaml.safe_load(value)
+    sources = [Path(source) for source in args.sources]
+    kinds = {"cv" if (source / "plan.yaml").is_file() else "run" for source in sources}
+    if len(kinds) > 1:
+        raise ValueError("give either run folders or `lungdx cv` folders, not both")
+    out = Path(args.out)
+    if kinds == {"cv"}:
+        _log_to_file(out / "ensemble.log")
+        assemble_cv(sources, out, member_kwargs=member_kwargs, device=args.device, progress=not args.quiet)
+        print((out / "cv.md").read_text())
+        print(f"Written: {out / 'cv.md'}, {out / 'cv.json'}, {out / 'oof_predictions.csv'}, {out / 'oof_nodule_outputs.csv'}")
+        return 0
+    assemble_run(sources, out, member_kwargs=member_kwargs, device=args.device, progress=not args.quiet)
+    print((out / "evaluation" / "table1.md").read_text())
+    print(f"Written: {out / 'model.pt'}, {out / 'nodule_outputs.csv'}, {out / 'evaluation'}")
     return 0
 
 

@@ -823,7 +823,7 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
 
     ``on_epoch`` is called with each stage epoch's history row, as ``train.fit`` calls it.
     """
-    from lungdx.train import data_fingerprint
+    from lungdx.train import FitResult, data_fingerprint
 
     frame = data.frame
     every = localisation_targets(frame, config.preprocess)  # masks read once, for training and for the outputs
@@ -856,13 +856,18 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
         best["judge"] = train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history,
                                     progress)
     train_seconds = time.perf_counter() - started
-    return _finish_localiser(run_dir, config, data, model, hardware, every, best, history, train_seconds,
-                             data_fingerprint(frame), bank)
+    threshold = finish_localiser(run_dir, config, data, model, hardware, every, best, data_fingerprint(frame),
+                                 epochs_run=len(history), train_seconds=round(train_seconds, 1),
+                                 nodule_bank={"patches": len(bank), "case_ids": sorted(bank.case_ids)})
+    return FitResult(run_dir, best["detector"], threshold, history, True)
 
 
-def _finish_localiser(run_dir, config, data, model, hardware, targets, best, history, train_seconds, fingerprint, bank):
+def finish_localiser(run_dir: Path, config: RunConfig, data, model: nn.Module, hardware: Hardware, targets, best: dict,
+                     fingerprint: str, **summary) -> float:
+    """A finished localiser's products: ``model.pt`` with the threshold chosen on validation, ``nodule_outputs.csv``
+    and ``summary.json`` (with ``summary``'s entries); returns the threshold. ``best["detector"]`` is the epoch the
+    checkpoint names."""
     from lungdx.predict import compute_logits
-    from lungdx.train import FitResult
 
     val = data.rows("val")
     val_probability = sigmoid(compute_logits(model, data.cache.view(val["cache_index"].to_numpy()), config.preprocess,
@@ -885,13 +890,12 @@ def _finish_localiser(run_dir, config, data, model, hardware, targets, best, his
                              hardware)
     outputs.to_csv(run_dir / "nodule_outputs.csv", index=False)
     dice_by_split = {split: float(outputs.loc[outputs["split"] == split, "lung_dice"].mean()) for split in ("train", "val", "test")}
-    summary = {"best_epoch": best["detector"], "best_epochs": best, "epochs_run": len(history), "stopped_early": True,
+    summary = {"best_epoch": best["detector"], "best_epochs": best, **summary, "stopped_early": True,
                "threshold": threshold, "threshold_method": config.train.threshold_method,
                "val_metrics_at_threshold": metrics.json_safe(val_metrics), "data_fingerprint": fingerprint,
-               "device": str(hardware.device), "autocast": str(hardware.amp_dtype), "train_seconds": round(train_seconds, 1),
-               "lung_dice": metrics.json_safe(dice_by_split), "nodule_bank": {"patches": len(bank),
-                                                                             "case_ids": sorted(bank.case_ids)},
+               "device": str(hardware.device), "autocast": str(hardware.amp_dtype),
+               "lung_dice": metrics.json_safe(dice_by_split),
                "images": {split: describe_classes(data.rows(split)) for split in ("train", "val", "test")},
                "excluded_images": len(data.excluded)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return FitResult(run_dir, best["detector"], threshold, history, True)
+    return threshold

@@ -29,7 +29,7 @@ from lungdx.data.cache import ImageCache, build_cache
 from lungdx.data.manifest import apply_task, class_names, describe_classes, load_dataset
 from lungdx.data.split import check_leakage, split_patients
 from lungdx.models import create_model
-from lungdx.models.registry import localises
+from lungdx.models.registry import assembled, localises
 from lungdx.models.weights import head_prefixes, is_head, load_weights, split_parameters
 from lungdx.predict import compute_logits, model_input, sigmoid
 from lungdx.reference import build_reference
@@ -251,6 +251,9 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
             propagates, ``last.pt`` kept.
     """
     run_dir = Path(run_dir)
+    if assembled(config.model.name):
+        raise ValueError(f"{config.model.name} is assembled from finished runs, not trained: train its members (for "
+                         "example --model nodule_net), then `lungdx ensemble RUN RUN ... --out DIR`")
     if not resume:
         _check_distributable(config)
     config = distributed.run_on_main(_prepare_run_dir, config, run_dir, resume)

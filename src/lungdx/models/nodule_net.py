@@ -265,7 +265,82 @@ class NoduleAnalysis:
     candidates: list[torch.Tensor] | None = None
 
 
-class NoduleNet(nn.Module):
+class NoduleReader:
+    """What ``NoduleNet`` and ``NoduleEnsemble`` share: ``analyse`` chains the stages each of them defines
+    (``segment``, ``mask_image``, ``detect``, ``verifies``/``verify``, ``judge_at``), and the task's logit.
+
+    The class needs ``input_size``, ``task``, ``crop_fraction`` and ``crop_size`` attributes.
+    """
+
+    model_name = "nodule_net"
+
+    @property
+    def seg_size(self) -> int:
+        return self.input_size // 4
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.task_logit(self.analyse(images))[:, None]
+
+    def task_logit(self, analysis: NoduleAnalysis) -> torch.Tensor:
+        """(N,) the task's logit from an analysis: presence, malignancy, or their product's logit."""
+        if self.task == "nodule_vs_normal":
+            return analysis.presence
+        if self.task == "malignant_vs_benign":
+            return analysis.malignancy
+        return combine_logits(analysis.presence, analysis.malignancy)
+
+    def _check(self, images: torch.Tensor) -> None:
+        expected = (1, self.input_size, self.input_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"{self.model_name} expects input of shape (N, {', '.join(map(str, expected))}), "
+                             f"got {tuple(images.shape)}")
+
+    def crops(self, images: torch.Tensor, centres: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, 1, crop_size, crop_size) crops centred at ``centres`` (M, 2: column, row in input px) of
+        ``images[image_index]`` (default: one centre per image, in order)."""
+        from torchvision.ops import roi_align
+
+        half = self.crop_fraction * self.input_size / 2
+        if image_index is None:
+            image_index = torch.arange(len(centres), device=centres.device)
+        boxes = torch.cat([image_index.to(centres.device, torch.float32)[:, None],
+                           centres[:, :1] - half, centres[:, 1:] - half, centres[:, :1] + half, centres[:, 1:] + half], 1)
+        return roi_align(images.float(), boxes, (self.crop_size, self.crop_size), spatial_scale=1.0, sampling_ratio=2,
+                         aligned=True)
+
+    def candidate_crops(self, masked: torch.Tensor, found: list[torch.Tensor]) -> torch.Tensor | None:
+        """The crops around every image's candidates (``map_peaks``' per-image (K, 3) lists), in order and
+        flattened; None when there are none."""
+        counts = [len(points) for points in found]
+        if not sum(counts):
+            return None
+        image_index = torch.repeat_interleave(torch.arange(len(found)), torch.tensor(counts)).to(masked.device)
+        return self.crops(masked, torch.cat(found)[:, :2].to(masked.device), image_index)
+
+    def analyse(self, images: torch.Tensor) -> NoduleAnalysis:
+        """Every stage's output for a batch of standardised images (N, 1, S, S)."""
+        self._check(images)
+        lung_logits = self.segment(images)
+        lung_fraction = (lung_logits.float() > 0).float().mean(dim=(1, 2, 3))
+        masked, mask = self.mask_image(images, lung_logits)
+        masked_input = masked.to(images.dtype)
+        nodule_map = self.detect(masked_input, lung_logits)
+        presence, peak = map_peak(nodule_map, self.input_size)
+        candidates = None
+        if self.verifies:
+            candidates = self.verify(masked_input, nodule_map)
+            best = [index for index, found in enumerate(candidates) if len(found)]
+            if best:
+                tops = torch.stack([candidates[index][0] for index in best])
+                presence, peak = presence.clone(), peak.clone()
+                presence[best], peak[best] = tops[:, 2], tops[:, :2]
+        malignancy = self.judge_at(masked, nodule_map, peak, images.dtype)
+        informative = images.float().flatten(1).std(dim=1) > 1e-3
+        lung_ok = informative & (lung_fraction >= MIN_LUNG_FRACTION) & (lung_fraction <= MAX_LUNG_FRACTION)
+        return NoduleAnalysis(lung_logits, mask, lung_fraction, nodule_map, peak, presence, malignancy, lung_ok, candidates)
+
+
+class NoduleNet(NoduleReader, nn.Module):
     """Lung segmentation, nodule map and malignancy judge; ``forward`` gives the ``task``'s logit.
 
     Args:
@@ -327,26 +402,6 @@ class NoduleNet(nn.Module):
             # (``nodule_train.fit_candidate_scores``); the default adds the two logits.
             self.register_buffer("verify_coef", torch.tensor([1.0, 1.0, 0.0]))
 
-    @property
-    def seg_size(self) -> int:
-        return self.input_size // 4
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.task_logit(self.analyse(images))[:, None]
-
-    def task_logit(self, analysis: NoduleAnalysis) -> torch.Tensor:
-        """(N,) the task's logit from an analysis: presence, malignancy, or their product's logit."""
-        if self.task == "nodule_vs_normal":
-            return analysis.presence
-        if self.task == "malignant_vs_benign":
-            return analysis.malignancy
-        return combine_logits(analysis.presence, analysis.malignancy)
-
-    def _check(self, images: torch.Tensor) -> None:
-        expected = (1, self.input_size, self.input_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"nodule_net expects input of shape (N, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """Lung-field logits at a quarter of the input side."""
         small = F.interpolate(images, size=(self.seg_size, self.seg_size), mode="area")
@@ -374,43 +429,10 @@ class NoduleNet(nn.Module):
         inside = F.max_pool2d(inside, 3, stride=1, padding=1)
         return torch.where(inside > 0, nodule_map, torch.full_like(nodule_map, _OUTSIDE))
 
-    def crops(self, images: torch.Tensor, centres: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
-        """(M, 1, crop_size, crop_size) crops centred at ``centres`` (M, 2: column, row in input px) of
-        ``images[image_index]`` (default: one centre per image, in order)."""
-        from torchvision.ops import roi_align
-
-        half = self.crop_fraction * self.input_size / 2
-        if image_index is None:
-            image_index = torch.arange(len(centres), device=centres.device)
-        boxes = torch.cat([image_index.to(centres.device, torch.float32)[:, None],
-                           centres[:, :1] - half, centres[:, 1:] - half, centres[:, :1] + half, centres[:, 1:] + half], 1)
-        return roi_align(images.float(), boxes, (self.crop_size, self.crop_size), spatial_scale=1.0, sampling_ratio=2,
-                         aligned=True)
-
-    def analyse(self, images: torch.Tensor) -> NoduleAnalysis:
-        """Every stage's output for a batch of standardised images (N, 1, S, S)."""
-        self._check(images)
-        lung_logits = self.segment(images)
-        lung_fraction = (lung_logits.float() > 0).float().mean(dim=(1, 2, 3))
-        masked, mask = self.mask_image(images, lung_logits)
-        masked_input = masked.to(images.dtype)
-        nodule_map = self.detect(masked_input, lung_logits)
-        presence, peak = map_peak(nodule_map, self.input_size)
-        candidates = None
-        if self.verifier is not None:
-            candidates = self.verify(masked_input, nodule_map)
-            best = [index for index, found in enumerate(candidates) if len(found)]
-            if best:
-                tops = torch.stack([candidates[index][0] for index in best])
-                presence, peak = presence.clone(), peak.clone()
-                presence[best], peak[best] = tops[:, 2], tops[:, :2]
-        if self.judge_kind == "size":
-            malignancy = self.judge(blob_diameter(nodule_map, self.input_size)).float().reshape(-1)
-        else:
-            malignancy = self.judge(self.crops(masked, peak).to(images.dtype)).float().reshape(-1)
-        informative = images.float().flatten(1).std(dim=1) > 1e-3
-        lung_ok = informative & (lung_fraction >= MIN_LUNG_FRACTION) & (lung_fraction <= MAX_LUNG_FRACTION)
-        return NoduleAnalysis(lung_logits, mask, lung_fraction, nodule_map, peak, presence, malignancy, lung_ok, candidates)
+    @property
+    def verifies(self) -> bool:
+        """True when a verifier re-scores the map's candidates."""
+        return self.verifier is not None
 
     def verify(self, masked: torch.Tensor, nodule_map: torch.Tensor) -> list[torch.Tensor]:
         """Per image, the map's top ``candidates`` local maxima re-scored: (K, 3) [column, row, score], best
@@ -419,21 +441,19 @@ class NoduleNet(nn.Module):
         crops = self.candidate_crops(masked, found)
         if crops is None:
             return found
-        points = torch.cat(found)
-        logits = self.verifier(crops.to(masked.dtype)).float().reshape(-1)
-        weights = self.verify_coef.float()
-        score = weights[0] * points[:, 2] + weights[1] * logits + weights[2]
-        rescored = torch.cat([points[:, :2], score[:, None]], 1)
-        return [part[torch.argsort(part[:, 2], descending=True)] for part in rescored.split([len(p) for p in found])]
+        return rank_candidates(found, self.candidate_score(torch.cat(found)[:, 2], crops.to(masked.dtype)))
 
-    def candidate_crops(self, masked: torch.Tensor, found: list[torch.Tensor]) -> torch.Tensor | None:
-        """The crops around every image's candidates (``map_peaks``' per-image (K, 3) lists), in order and
-        flattened; None when there are none."""
-        counts = [len(points) for points in found]
-        if not sum(counts):
-            return None
-        image_index = torch.repeat_interleave(torch.arange(len(found)), torch.tensor(counts)).to(masked.device)
-        return self.crops(masked, torch.cat(found)[:, :2].to(masked.device), image_index)
+    def candidate_score(self, map_logits: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+        """(M,) the verified score of candidates with these map logits (M,) and crops (M, 1, C, C)."""
+        logits = self.verifier(crops).float().reshape(-1)
+        weights = self.verify_coef.float()
+        return weights[0] * map_logits + weights[1] * logits + weights[2]
+
+    def judge_at(self, masked: torch.Tensor, nodule_map: torch.Tensor, peak: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(N,) malignancy logits of the nodules at ``peak`` (the crop around it, or the map's blob for ``size``)."""
+        if self.judge_kind == "size":
+            return self.judge(blob_diameter(nodule_map, self.input_size)).float().reshape(-1)
+        return self.judge(self.crops(masked, peak).to(dtype)).float().reshape(-1)
 
 
 def standardise(images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -465,6 +485,13 @@ def map_peak(nodule_map: torch.Tensor, input_size: int) -> tuple[torch.Tensor, t
     # Cell centre in input pixels (pixel centres at integers): cell c covers [c*s - 0.5, (c+1)*s - 0.5).
     peak = torch.stack([(columns + 0.5) * stride - 0.5, (rows + 0.5) * stride - 0.5], 1)
     return value, peak
+
+
+def rank_candidates(found: list[torch.Tensor], scores: torch.Tensor) -> list[torch.Tensor]:
+    """``found`` (per image (K_i, 3) [column, row, map logit]) with the logits replaced by ``scores`` (sum K_i,),
+    each image's candidates best first."""
+    rescored = torch.cat([torch.cat(found)[:, :2], scores[:, None]], 1)
+    return [part[torch.argsort(part[:, 2], descending=True)] for part in rescored.split([len(p) for p in found])]
 
 
 def combine_logits(presence: torch.Tensor, malignancy: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,11 @@ def localises(name: str) -> bool:
     return bool(getattr(_REGISTRY.get(name), "localises", False))
 
 
+def assembled(name: str) -> bool:
+    """True for a registered model built from finished runs (``nodule_ensemble``), which ``train`` refuses."""
+    return bool(getattr(_REGISTRY.get(name), "assembled", False))
+
+
 def list_models() -> list[str]:
     """Names of the registered models, sorted."""
     return sorted(_REGISTRY)
