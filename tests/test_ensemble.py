@@ -170,3 +170,17 @@ def test_members_from_different_folds_are_refused_by_name(phantom_cv, tmp_path):
     with pytest.raises(ValueError, match="at least two"):
         assemble_run([phantom_cv / "runs" / "r0-f00"], tmp_path / "ens")
     assert main(["ensemble", str(phantom_cv), str(phantom_cv / "runs" / "r0-f00"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_an_out_folder_holding_something_else_is_refused_and_kept(phantom_cv, tmp_path):
+    from lungdx.ensemble import assemble_cv, assemble_run
+
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("not an ensemble")
+    fold = phantom_cv / "runs" / "r0-f00"
+    with pytest.raises(FileExistsError, match="not an ensemble run"):
+        assemble_run([fold, fold], keep)
+    with pytest.raises(FileExistsError, match="something else"):
+        assemble_cv([phantom_cv, phantom_cv], keep)
+    assert [path.name for path in keep.iterdir()] == ["notes.txt"]

@@ -94,9 +94,11 @@ def assemble_run(members: list[str | Path], out_dir: str | Path, *, member_kwarg
     model.load_state_dict(state)
     hardware = Hardware.resolve(device, config.train.precision, config.train.channels_last)
     model = hardware.prepare(model.eval())
-    if out_dir.exists():
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if _saved_model_name(out_dir) != "nodule_ensemble":
+            raise FileExistsError(f"{out_dir}: exists and is not an ensemble run; use a new --out")
         shutil.rmtree(out_dir)  # an earlier attempt stopped before its evaluation: start it again
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")
     (out_dir / "versions.json").write_text(json.dumps(versions(), indent=2))
     shutil.copyfile(members[0] / "split.csv", out_dir / "split.csv")
@@ -108,6 +110,13 @@ def assemble_run(members: list[str | Path], out_dir: str | Path, *, member_kwarg
                      member_train_seconds=[summary.get("train_seconds") for summary in member_summaries])
     evaluate_run(out_dir, device=device)
     return out_dir
+
+
+def _saved_model_name(run_dir: Path) -> str | None:
+    try:
+        return load_config(run_dir / "config.yaml").model.name
+    except (OSError, ValueError):
+        return None
 
 
 def _read_json(path: Path) -> dict:
@@ -139,10 +148,15 @@ def assemble_cv(cv_dirs: list[str | Path], out_dir: str | Path, *, member_kwargs
                   if not (path / "runs" / name / "model.pt").is_file()]
     if unfinished:
         raise ValueError(f"unfinished folds: {', '.join(unfinished)}; finish those CVs first (rerun their lungdx cv)")
+    recipe = {"members": [str(path) for path in cv_dirs], "member_kwargs": dict(member_kwargs or {})}
+    if out_dir.exists() and any(out_dir.iterdir()):
+        saved = yaml.safe_load((out_dir / "ensemble.yaml").read_text()) if (out_dir / "ensemble.yaml").is_file() else None
+        if saved != recipe:
+            raise FileExistsError(f"{out_dir}: exists and holds " + ("another ensemble (ensemble.yaml)" if saved else
+                                  "something else") + "; use a new --out, or the same sources and --member to resume")
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cv_dirs[0] / "folds.csv", out_dir / "folds.csv")
-    (out_dir / "ensemble.yaml").write_text(yaml.safe_dump({"members": [str(path) for path in cv_dirs],
-                                                           "member_kwargs": dict(member_kwargs or {})}, sort_keys=False))
+    (out_dir / "ensemble.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     for name in tqdm(names, desc="folds", unit="fold", disable=not progress):
         assemble_run([path / "runs" / name for path in cv_dirs], out_dir / "runs" / name, member_kwargs=member_kwargs,
                      device=device)
