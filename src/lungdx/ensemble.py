@@ -149,7 +149,7 @@ def assemble_cv(cv_dirs: list[str | Path], out_dir: str | Path, *, member_kwargs
     if unfinished:
         raise ValueError(f"unfinished folds: {', '.join(unfinished)}; finish those CVs first (rerun their lungdx cv)")
     recipe = {"members": [str(path) for path in cv_dirs], "member_kwargs": dict(member_kwargs or {})}
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(path.name != "ensemble.log" for path in out_dir.iterdir()):  # the CLI's log comes first
         saved = yaml.safe_load((out_dir / "ensemble.yaml").read_text()) if (out_dir / "ensemble.yaml").is_file() else None
         if saved != recipe:
             raise FileExistsError(f"{out_dir}: exists and holds " + ("another ensemble (ensemble.yaml)" if saved else
