@@ -217,8 +217,7 @@ def _add_ensemble(commands) -> None:
 
 
 def _cmd_ensemble(args) -> int:
-    import yaml
-
+    from lungdx.config import _parse_value
     from lungdx.ensemble import assemble_cv, assemble_run
 
     member_kwargs = {}
@@ -226,7 +225,7 @@ def _cmd_ensemble(args) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--member {item!r}: expected KEY=VALUE, e.g. tta=hflip")
-        member_kwargs[key.strip()] = yaml.safe_load(value)
+        member_kwargs[key.strip()] = _parse_value(value)
     sources = [Path(source) for source in args.sources]
     kinds = {"cv" if (source / "plan.yaml").is_file() else "run" for source in sources}
     if len(kinds) > 1:

@@ -1,7 +1,7 @@
 """Assemble finished nodule_net runs into one ``nodule_ensemble`` run, or two or more CVs fold by fold.
 
-``assemble_run`` takes run folders trained on the same rows (same ``split.csv``, same data
-fingerprint), reads their checkpoints as the members of a ``NoduleEnsemble``, chooses the operating
+``assemble_run`` takes run folders trained on the same rows (the same data fingerprint: every row's file,
+target and split), reads their checkpoints as the members of a ``NoduleEnsemble``, chooses the operating
 threshold on the shared validation split (as training does) and writes a run folder like any
 other: ``model.pt`` (served by ``Predictor``, ``serve``, ``listen`` and ``pacs-run`` unchanged),
 ``config.yaml``, ``split.csv``, ``nodule_outputs.csv``, ``summary.json`` and the evaluation.
@@ -49,15 +49,9 @@ def _member_checkpoints(members: list[Path]) -> list[dict]:
     first = payloads[0]
     for run, payload in zip(members[1:], payloads[1:], strict=True):
         for key in ("task", "preprocess", "data_fingerprint"):
-            if payload.get(key) != first.get(key):
+            if payload.get(key) != first.get(key):  # the fingerprint covers every row's file, target and split
                 raise ValueError(f"{run}: its {key} differs from {members[0]}'s; ensemble members must be trained on "
-                                 "the same rows, task and preprocessing")
-    splits = [pd.read_csv(run / "split.csv", dtype={"case_id": str, "patient_id": str}) for run in members]
-    for run, split in zip(members[1:], splits[1:], strict=True):
-        left, right = (frame[["path", "split"]].sort_values("path", ignore_index=True) for frame in (splits[0], split))
-        if not left.equals(right):
-            raise ValueError(f"{run}: split.csv differs from {members[0]}'s; ensemble members must share their "
-                             "training, validation and test rows")
+                                 "the same rows and splits, task and preprocessing")
     return payloads
 
 
@@ -82,6 +76,9 @@ def assemble_run(members: list[str | Path], out_dir: str | Path, *, member_kwarg
     if (out_dir / "evaluation" / "table1.json").is_file():
         logger.info("%s: already assembled and evaluated; kept", out_dir)
         return out_dir
+    partial = out_dir.exists() and any(out_dir.iterdir())
+    if partial and _saved_model_name(out_dir) != "nodule_ensemble":
+        raise FileExistsError(f"{out_dir}: exists and is not an ensemble run; use a new --out")
     payloads = _member_checkpoints(members)
     arguments = [{key: value for key, value in payload["model"]["kwargs"].items() if key not in SHARED_ARGS}
                  | dict(member_kwargs or {}) for payload in payloads]
@@ -94,9 +91,7 @@ def assemble_run(members: list[str | Path], out_dir: str | Path, *, member_kwarg
     model.load_state_dict(state)
     hardware = Hardware.resolve(device, config.train.precision, config.train.channels_last)
     model = hardware.prepare(model.eval())
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if _saved_model_name(out_dir) != "nodule_ensemble":
-            raise FileExistsError(f"{out_dir}: exists and is not an ensemble run; use a new --out")
+    if partial:
         shutil.rmtree(out_dir)  # an earlier attempt stopped before its evaluation: start it again
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")

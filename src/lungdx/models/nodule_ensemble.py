@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lungdx.models.nodule_net import NoduleNet, NoduleReader, map_peaks, rank_candidates
+from lungdx.models.nodule_net import NoduleNet, NoduleReader
 from lungdx.models.registry import register_model
 
 SHARED = ("crop_fraction", "crop_size", "dilate_px")
@@ -49,9 +49,8 @@ class NoduleEnsemble(NoduleReader, nn.Module):
         for index, kwargs in enumerate(members):
             kwargs = dict(kwargs)
             for key, value in (("input_size", input_size), ("task", task), ("in_channels", in_channels)):
-                if kwargs.pop(key, value) != value:
-                    raise ValueError(f"nodule_ensemble member {index}: {key} {kwargs.get(key)} differs from the "
-                                     f"ensemble's {value}")
+                if (own := kwargs.pop(key, value)) != value:
+                    raise ValueError(f"nodule_ensemble member {index}: {key} {own} differs from the ensemble's {value}")
             nets.append(NoduleNet(input_size=input_size, task=task, in_channels=in_channels, **kwargs))
         for key in SHARED:
             values = {getattr(net, key) for net in nets}
@@ -79,15 +78,10 @@ class NoduleEnsemble(NoduleReader, nn.Module):
         """The mean of the members' nodule maps (``-30`` outside the lungs in every member's, so in the mean)."""
         return torch.stack([net.detect(masked, lung_logits) for net in self.members]).mean(0)
 
-    def verify(self, masked: torch.Tensor, nodule_map: torch.Tensor) -> list[torch.Tensor]:
-        """The mean map's top candidates, each scored by the mean of the members' candidate scores, best first."""
-        found = map_peaks(nodule_map, self.input_size, count=self.candidate_count)
-        crops = self.candidate_crops(masked, found)
-        if crops is None:
-            return found
-        crops, map_logits = crops.to(masked.dtype), torch.cat(found)[:, 2]
+    def candidate_score(self, map_logits: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+        """(M,) the mean of the members' candidate scores (a member without a verifier: the mean map's logit)."""
         scores = [net.candidate_score(map_logits, crops) if net.verifies else map_logits for net in self.members]
-        return rank_candidates(found, torch.stack(scores).mean(0))
+        return torch.stack(scores).mean(0)
 
     def judge_at(self, masked: torch.Tensor, nodule_map: torch.Tensor, peak: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The mean of the members' malignancy logits at the common peak."""

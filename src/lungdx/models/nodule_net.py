@@ -267,7 +267,7 @@ class NoduleAnalysis:
 
 class NoduleReader:
     """What ``NoduleNet`` and ``NoduleEnsemble`` share: ``analyse`` chains the stages each of them defines
-    (``segment``, ``mask_image``, ``detect``, ``verifies``/``verify``, ``judge_at``), and the task's logit.
+    (``segment``, ``mask_image``, ``detect``, ``verifies``/``candidate_score``, ``judge_at``), and the task's logit.
 
     The class needs ``input_size``, ``task``, ``crop_fraction`` and ``crop_size`` attributes.
     """
@@ -316,6 +316,15 @@ class NoduleReader:
             return None
         image_index = torch.repeat_interleave(torch.arange(len(found)), torch.tensor(counts)).to(masked.device)
         return self.crops(masked, torch.cat(found)[:, :2].to(masked.device), image_index)
+
+    def verify(self, masked: torch.Tensor, nodule_map: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, the map's top ``candidate_count`` local maxima re-scored by ``candidate_score``: (K, 3)
+        [column, row, score], best first."""
+        found = map_peaks(nodule_map, self.input_size, count=self.candidate_count)
+        crops = self.candidate_crops(masked, found)
+        if crops is None:
+            return found
+        return rank_candidates(found, self.candidate_score(torch.cat(found)[:, 2], crops.to(masked.dtype)))
 
     def analyse(self, images: torch.Tensor) -> NoduleAnalysis:
         """Every stage's output for a batch of standardised images (N, 1, S, S)."""
@@ -434,17 +443,9 @@ class NoduleNet(NoduleReader, nn.Module):
         """True when a verifier re-scores the map's candidates."""
         return self.verifier is not None
 
-    def verify(self, masked: torch.Tensor, nodule_map: torch.Tensor) -> list[torch.Tensor]:
-        """Per image, the map's top ``candidates`` local maxima re-scored: (K, 3) [column, row, score], best
-        first; the score is ``verify_coef`` applied to the map logit and the verifier's logit."""
-        found = map_peaks(nodule_map, self.input_size, count=self.candidate_count)
-        crops = self.candidate_crops(masked, found)
-        if crops is None:
-            return found
-        return rank_candidates(found, self.candidate_score(torch.cat(found)[:, 2], crops.to(masked.dtype)))
-
     def candidate_score(self, map_logits: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
-        """(M,) the verified score of candidates with these map logits (M,) and crops (M, 1, C, C)."""
+        """(M,) the verified score of candidates with these map logits (M,) and crops (M, 1, C, C): ``verify_coef``
+        applied to the map logit and the verifier's logit."""
         logits = self.verifier(crops).float().reshape(-1)
         weights = self.verify_coef.float()
         return weights[0] * map_logits + weights[1] * logits + weights[2]
