@@ -33,7 +33,9 @@ class NoduleEnsemble(NoduleReader, nn.Module):
     """K nodule_nets averaged stage by stage; ``forward`` gives the ``task``'s logit, ``analyse`` the rest.
 
     Args:
-        members: each member's ``NoduleNet`` arguments (without ``input_size`` and ``task``, which all share).
+        members: each member's ``NoduleNet`` arguments (without ``input_size`` and ``task``, which all share);
+            ``None`` gives two default members, so that, like every registered model, it builds from
+            ``input_size`` alone (an untrained shape; real ensembles come from ``lungdx ensemble``).
         input_size: the square input side.
         task: the task every member scores.
     """
@@ -41,8 +43,11 @@ class NoduleEnsemble(NoduleReader, nn.Module):
     model_name = "nodule_ensemble"
     gradcam_layer = "members.0.detector.smooth"
 
-    def __init__(self, members: list[dict], input_size: int = 512, task: str = "malignant_vs_rest", in_channels: int = 1):
+    def __init__(self, members: list[dict] | None = None, input_size: int = 512, task: str = "malignant_vs_rest",
+                 in_channels: int = 1):
         super().__init__()
+        if members is None:
+            members = [{}, {}]
         if not members:
             raise ValueError("nodule_ensemble needs at least one member")
         nets = []
@@ -88,7 +93,7 @@ class NoduleEnsemble(NoduleReader, nn.Module):
         return torch.stack([net.judge_at(masked, nodule_map, peak, dtype) for net in self.members]).mean(0)
 
 
-def nodule_ensemble(members: list[dict], **kwargs) -> NoduleEnsemble:
+def nodule_ensemble(members: list[dict] | None = None, **kwargs) -> NoduleEnsemble:
     """nodule_nets trained on the same data, averaged stage by stage (assembled by ``lungdx ensemble``)."""
     return NoduleEnsemble(members, **kwargs)
 
