@@ -529,14 +529,15 @@ def test_the_verifier_moves_the_peak_from_what_the_map_mistakes_onto_the_nodule(
     np.testing.assert_allclose(np.stack([points[0, :2] for points in found["candidates"]]), found["peak"])
 
 
-def test_train_with_the_verifier_writes_its_stage_and_the_predictor_serves_its_peak(nodule_phantoms, tmp_path):
+def test_train_with_the_verifier_and_black_outs_writes_its_stage_and_the_predictor_serves_its_peak(nodule_phantoms, tmp_path):
     from lungdx.predict import Predictor
     from lungdx.train import fit
 
     config = load_config(None, [f"data.path={nodule_phantoms}", "data.task=nodule_vs_normal", f"data.cache_dir={tmp_path / 'cache'}",
                                 "model.name=nodule_net", f"preprocess.size={SIZE}", "train.precision=fp32",
                                 "nodule.seg_epochs=3", "nodule.det_epochs=2", "nodule.judge_epochs=2", "nodule.crop=128",
-                                "model.kwargs.verifier=cnn", "model.kwargs.candidates=3"])
+                                "model.kwargs.verifier=cnn", "model.kwargs.candidates=3",
+                                "nodule.det_black_out=0.5"])  # black-outs through the detector, verifier and judge
     run_dir = fit(config, tmp_path / "run").run_dir
     history = pd.read_csv(run_dir / "history.csv")
     assert list(dict.fromkeys(history["stage"])) == ["lungs", "detector", "verifier", "judge"]
@@ -732,6 +733,30 @@ def test_random_black_out_blacks_edges_and_corners_only_and_says_where():
     assert 0.03 < float(1 - kept.mean()) < 0.3 and (kept.flatten(1).min(dim=1).values == 0).float().mean() > 0.9
     unchanged, kept_none = random_black_out(images, 0.0, torch.Generator().manual_seed(0))
     assert torch.equal(unchanged, images) and (kept_none == 1).all()
+
+
+def test_det_black_out_blacks_the_training_samples_and_drops_the_nodules_it_hides():
+    from lungdx import nodule_train
+
+    config = load_config(None, ["nodule.det_black_out=1.0", "augment.enabled=false"])
+    circles = np.array([[6.0, 6.0, 4.0], [64.0, 64.0, 5.0]] * 100, np.float32)  # an upper corner; the centre
+    images = np.full((200, 128, 128), 0.5, np.float32)
+    lung_logits = torch.full((200, 1, 32, 32), 1.0)
+    batches = nodule_train._DetectorBatches(images, lung_logits, None, circles, np.ones(200, np.float32), None, config,
+                                            torch.Generator().manual_seed(0))
+    batch, logits, moved, malignant, _ = batches.sample(np.arange(200))
+    blacked = batch == 0
+    assert blacked.flatten(1).any(dim=1).all() and not blacked[:, :, 40:88, 40:88].any()
+    assert torch.equal(logits, lung_logits)  # the lung field is the unblacked image's
+    corner_hidden = blacked[0::2, 0, 6, 6]
+    assert corner_hidden.any() and not corner_hidden.all()  # corner squares of 0-25% of the side cover (6, 6) or not
+    assert torch.equal(torch.isnan(moved[0::2, 0]), corner_hidden) and torch.equal(torch.isnan(malignant[0::2]), corner_hidden)
+    assert torch.isfinite(moved[1::2]).all() and (malignant[1::2] == 1).all()
+    assert (images == 0.5).all() and (circles[0] == [6.0, 6.0, 4.0]).all()  # the sources are not changed in place
+
+    plain = nodule_train._DetectorBatches(images, lung_logits, None, circles, np.ones(200, np.float32), None,
+                                          load_config(None, ["augment.enabled=false"]), torch.Generator().manual_seed(0))
+    assert not (plain.sample(np.arange(200))[0] == 0).any()
 
 
 def test_seg_loss_ignores_the_pixels_its_weight_leaves_out():

@@ -189,6 +189,10 @@ class NoduleConfig:
         seg_black_out: chance that a lung U-Net training image gets random edge bands and upper corners
             blacked out (``nodule_train.random_black_out``), with the loss left out there (0 = off): so that
             its mask does not move when the shortcut check blacks out corners and borders.
+        det_black_out: chance that a training sample of the detector, the verifier and the judge gets random
+            edge bands and upper corners blacked out after its augmentation (0 = off), with the lung field
+            left as it was: the black pixels inside the dilated lung mask are what the shortcut check shows
+            the detector, and a nodule whose centre is blacked out is no longer a target.
         det_schedule: the detector's learning rate over its epochs: ``constant`` (``train.lr`` throughout) or
             ``cosine`` (from ``train.lr`` down to 1% of it at ``det_epochs``, one step per epoch; pair it
             with a ``det_patience`` as long as ``det_epochs``, so that the low-rate epochs are reached).
@@ -216,6 +220,7 @@ class NoduleConfig:
     det_repeats: int = 1
     det_schedule: str = "constant"
     seg_black_out: float = 0.0
+    det_black_out: float = 0.0
     hflip: bool = False
 
     def __post_init__(self):
@@ -223,8 +228,9 @@ class NoduleConfig:
             raise ConfigError(f"nodule.det_schedule must be one of {', '.join(DET_SCHEDULES)}; got '{self.det_schedule}'")
         if not isinstance(self.det_repeats, int) or self.det_repeats < 1:
             raise ConfigError(f"nodule.det_repeats must be a whole number of at least 1; got {self.det_repeats!r}")
-        if not 0 <= self.seg_black_out <= 1:
-            raise ConfigError(f"nodule.seg_black_out is a chance between 0 and 1; got {self.seg_black_out!r}")
+        for name in ("seg_black_out", "det_black_out"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"nodule.{name} is a chance between 0 and 1; got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -151,8 +151,10 @@ def random_black_out(images: torch.Tensor, chance: float, generator: torch.Gener
     edge its own width) and each upper corner (a square of 0-25% of the side) set to 0, as collimation,
     film edges and the shortcut check (``black_out_borders``) leave them; ``kept`` is 0 there, 1 elsewhere.
 
-    For the lung U-Net: trained with them and with the loss left out where the image was blacked out,
-    its mask of the lungs that remain visible should not move when the corners go black.
+    For the lung U-Net (``nodule.seg_black_out``): trained with them and with the loss left out where the
+    image was blacked out, its mask of the lungs that remain visible should not move when the corners go
+    black. For the detector, verifier and judge (``nodule.det_black_out``): black pixels at the lung edge,
+    inside the dilated mask, become something seen in training.
     """
     size = images.shape[-1]
     kept = torch.ones_like(images)
@@ -163,6 +165,17 @@ def random_black_out(images: torch.Tensor, chance: float, generator: torch.Gener
             region = black_out_region(size, *(int(value) for value in (draw[1:] * limits).tolist()))
             kept[row, :, torch.from_numpy(region)] = 0
     return images * kept, kept
+
+
+def blacked_out_centres(kept: torch.Tensor, circles: torch.Tensor) -> torch.Tensor:
+    """(B,) True where a circle's centre (x, y in ``kept``'s pixels) lies on a blacked-out pixel (``kept`` 0)."""
+    size = kept.shape[-1]
+    found = torch.isfinite(circles[:, 0])
+    hidden = torch.zeros(len(circles), dtype=torch.bool)
+    for row in torch.nonzero(found).flatten().tolist():
+        x, y = (min(max(int(round(float(value))), 0), size - 1) for value in circles[row, :2])
+        hidden[row] = bool(kept[row, 0, y, x] == 0)
+    return hidden
 
 
 def _small_masks(masks: np.ndarray, size: int) -> torch.Tensor:
@@ -282,7 +295,12 @@ class _DetectorBatches:
         if settings.hflip:
             batch, logits, circles_t, hard = mirror(torch.rand(len(index), generator=self.generator) < 0.5, batch, logits,
                                                     circles_t, hard)
-        return batch, logits, circles_t, torch.from_numpy(malignant), hard
+        malignant_t = torch.from_numpy(malignant)
+        if settings.det_black_out:  # after every warp: the film's edges, as the shortcut check blacks them out
+            batch, kept = random_black_out(batch, settings.det_black_out, self.generator)
+            hidden = blacked_out_centres(kept, circles_t)
+            circles_t[hidden], malignant_t[hidden] = math.nan, math.nan
+        return batch, logits, circles_t, malignant_t, hard
 
     def crop_offsets(self, circles: torch.Tensor, lung_logits: torch.Tensor, size: int, crop: int,
                      hard: torch.Tensor) -> list[tuple[int, int]]:
