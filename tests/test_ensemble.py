@@ -184,3 +184,28 @@ def test_an_out_folder_holding_something_else_is_refused_and_kept(phantom_cv, tm
     with pytest.raises(FileExistsError, match="something else"):
         assemble_cv([phantom_cv, phantom_cv], keep)
     assert [path.name for path in keep.iterdir()] == ["notes.txt"]
+
+
+def test_a_fold_another_worker_holds_is_left_to_it_and_the_last_worker_writes_the_summary(phantom_cv, tmp_path,
+                                                                                            monkeypatch):
+    from lungdx.claims import Claims
+    from lungdx.ensemble import assemble_cv
+
+    out = tmp_path / "ens"
+    acquire, other = Claims.acquire, Claims(out / "claims")  # another live worker (this process) takes fold 1 first
+    taken = []
+
+    def first_fold_one_to_the_other(self, name):
+        if name == "r0-f01" and not taken:
+            taken.append(acquire(other, name))
+        return acquire(self, name)
+
+    monkeypatch.setattr(Claims, "acquire", first_fold_one_to_the_other)
+    assert assemble_cv([phantom_cv, phantom_cv], out) is None
+    assert (out / "runs" / "r0-f00" / "evaluation" / "table1.json").is_file()
+    assert not (out / "runs" / "r0-f01").exists() and not (out / "cv.json").exists()
+    assert taken[0] is not None
+    other.release("r0-f01")
+    results = assemble_cv([phantom_cv, phantom_cv], out)  # the worker that finds every fold evaluated summarises
+    assert results["model"] == "nodule_ensemble" and len(results["per_fold"]) == 2
+    assert (out / "cv.json").is_file() and (out / "runs" / "r0-f01" / "evaluation" / "table1.json").is_file()

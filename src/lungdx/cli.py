@@ -200,7 +200,8 @@ def _add_ensemble(commands) -> None:
                     "(model.pt with the threshold chosen on the shared validation split, evaluation, nodule_outputs.csv) "
                     "that predict, serve, listen and pacs-run use unchanged. Given `lungdx cv` folders with the same "
                     "folds, it assembles each fold from that fold's members only and writes a CV folder (cv.md, "
-                    "pooled out-of-fold figures) that `lungdx compare` reads. Rerun to resume.", 100),
+                    "pooled out-of-fold figures) that `lungdx compare` reads. Rerun to resume; run it again beside "
+                    "itself (the same command) and the workers share the folds, as with `lungdx cv`.", 100),
         epilog="examples:\n"
                "  lungdx ensemble runs/jsrt-nod-a runs/jsrt-nod-b --out runs/jsrt-nod-ab\n"
                "  lungdx ensemble runs/jsrt-cv10-nodule-cosine runs/jsrt-cv10-nodule-v5 --member tta=hflip "
@@ -233,7 +234,10 @@ def _cmd_ensemble(args) -> int:
     out = Path(args.out)
     if kinds == {"cv"}:
         _log_to_file(out / "ensemble.log")
-        assemble_cv(sources, out, member_kwargs=member_kwargs, device=args.device, progress=not args.quiet)
+        if assemble_cv(sources, out, member_kwargs=member_kwargs, device=args.device, progress=not args.quiet) is None:
+            print(f"{out}: other workers are still assembling folds; the last of them writes the summary "
+                  "(or run this again once they are done)")
+            return 0
         print((out / "cv.md").read_text())
         print(f"Written: {out / 'cv.md'}, {out / 'cv.json'}, {out / 'oof_predictions.csv'}, {out / 'oof_nodule_outputs.csv'}")
         return 0

@@ -10,7 +10,9 @@ other: ``model.pt`` (served by ``Predictor``, ``serve``, ``listen`` and ``pacs-r
 (``folds.csv``): fold k's ensemble reads only fold k's members, each of which never trained on fold
 k's test patients, so the pooled out-of-fold figures stay out-of-fold. The result is a CV folder
 (``cv.md``, ``cv.json``, ``oof_predictions.csv``, ``oof_nodule_outputs.csv``) that ``lungdx compare``
-reads like any other. Both are resumable: a fold or run already evaluated is kept.
+reads like any other. Both are resumable: a fold or run already evaluated is kept. Like ``lungdx cv``,
+several workers may assemble one CV folder at once (the same command, run again): each claims a fold
+(``lungdx.claims``), and the worker that finds every fold evaluated writes the summary.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def assemble_run(members: list[str | Path], out_dir: str | Path, *, member_kwarg
     from lungdx.runtime import Hardware
 
     members, out_dir = [Path(run) for run in members], Path(out_dir)
-    if (out_dir / "evaluation" / "table1.json").is_file():
+    if _evaluated(out_dir):
         logger.info("%s: already assembled and evaluated; kept", out_dir)
         return out_dir
     partial = out_dir.exists() and any(out_dir.iterdir())
@@ -119,12 +121,15 @@ def _read_json(path: Path) -> dict:
 
 
 def assemble_cv(cv_dirs: list[str | Path], out_dir: str | Path, *, member_kwargs: dict | None = None,
-                device: str = "auto", progress: bool = False) -> dict:
+                device: str = "auto", progress: bool = False) -> dict | None:
     """A CV folder whose fold k is the ensemble of fold k of each CV in ``cv_dirs`` (same ``folds.csv``).
 
-    Returns ``cv.summarise``'s results (also written: ``cv.md``, ``cv.json``, ...).
+    Returns ``cv.summarise``'s results (also written: ``cv.md``, ``cv.json``, ...), or None when other
+    workers still hold folds (the last of them to finish writes the summary).
     """
+    from lungdx.claims import Claims
     from lungdx.cv import CVPlan, _fold_assignment, fold_name, summarise
+    from lungdx.io.files import write_atomic
 
     cv_dirs, out_dir = [Path(path) for path in cv_dirs], Path(out_dir)
     plans = []
@@ -150,12 +155,34 @@ def assemble_cv(cv_dirs: list[str | Path], out_dir: str | Path, *, member_kwargs
             raise FileExistsError(f"{out_dir}: exists and holds " + ("another ensemble (ensemble.yaml)" if saved else
                                   "something else") + "; use a new --out, or the same sources and --member to resume")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The recipe first: a worker joining from now on finds it and knows the folder for this ensemble's.
+    write_atomic(out_dir / "ensemble.yaml", yaml.safe_dump(recipe, sort_keys=False))
     shutil.copyfile(cv_dirs[0] / "folds.csv", out_dir / "folds.csv")
-    (out_dir / "ensemble.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    claims = Claims(out_dir / "claims")
     for name in tqdm(names, desc="folds", unit="fold", disable=not progress):
-        assemble_run([path / "runs" / name for path in cv_dirs], out_dir / "runs" / name, member_kwargs=member_kwargs,
-                     device=device)
-    config = load_config(out_dir / "runs" / names[0] / "config.yaml")
-    (out_dir / "plan.yaml").write_text(yaml.safe_dump({"folds": plan.folds, "repeats": plan.repeats, "seed": plan.seed,
-                                                       "config": to_dict(config)}, sort_keys=False))
-    return summarise(out_dir, plan, config)
+        if _evaluated(out_dir / "runs" / name) or claims.acquire(name) is None:
+            continue  # done, or another worker is assembling it
+        try:
+            assemble_run([path / "runs" / name for path in cv_dirs], out_dir / "runs" / name,
+                         member_kwargs=member_kwargs, device=device)
+        finally:
+            claims.release(name)
+    held = [name for name in names if not _evaluated(out_dir / "runs" / name)]
+    if held:
+        logger.info("%s: folds %s are being assembled by other workers; the last of them writes the summary",
+                    out_dir, ", ".join(held))
+        return None
+    if claims.acquire("summary") is None:
+        logger.info("%s: the summary is being written by worker %s", out_dir, claims.holder("summary"))
+        return None
+    try:
+        config = load_config(out_dir / "runs" / names[0] / "config.yaml")
+        (out_dir / "plan.yaml").write_text(yaml.safe_dump({"folds": plan.folds, "repeats": plan.repeats,
+                                                           "seed": plan.seed, "config": to_dict(config)}, sort_keys=False))
+        return summarise(out_dir, plan, config)
+    finally:
+        claims.release("summary")
+
+
+def _evaluated(run_dir: Path) -> bool:
+    return (run_dir / "evaluation" / "table1.json").is_file()
