@@ -209,3 +209,12 @@ def test_a_fold_another_worker_holds_is_left_to_it_and_the_last_worker_writes_th
     results = assemble_cv([phantom_cv, phantom_cv], out)  # the worker that finds every fold evaluated summarises
     assert results["model"] == "nodule_ensemble" and len(results["per_fold"]) == 2
     assert (out / "cv.json").is_file() and (out / "runs" / "r0-f01" / "evaluation" / "table1.json").is_file()
+
+
+def test_the_cli_says_when_other_workers_still_hold_folds(phantom_cv, tmp_path, monkeypatch, capsys):
+    from lungdx import ensemble
+    from lungdx.cli import main
+
+    monkeypatch.setattr(ensemble, "assemble_cv", lambda *args, **kwargs: None)
+    assert main(["ensemble", str(phantom_cv), str(phantom_cv), "--out", str(tmp_path / "ens"), "-q"]) == 0
+    assert "other workers are still assembling folds" in capsys.readouterr().out
