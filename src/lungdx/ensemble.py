@@ -185,4 +185,6 @@ def assemble_cv(cv_dirs: list[str | Path], out_dir: str | Path, *, member_kwargs
 
 
 def _evaluated(run_dir: Path) -> bool:
-    return (run_dir / "evaluation" / "table1.json").is_file()
+    from lungdx.cv import _fold_step
+
+    return _fold_step(run_dir, clean=False) == "done"  # what lungdx cv counts as a finished fold

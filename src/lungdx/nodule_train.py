@@ -169,13 +169,9 @@ def random_black_out(images: torch.Tensor, chance: float, generator: torch.Gener
 
 def blacked_out_centres(kept: torch.Tensor, circles: torch.Tensor) -> torch.Tensor:
     """(B,) True where a circle's centre (x, y in ``kept``'s pixels) lies on a blacked-out pixel (``kept`` 0)."""
-    size = kept.shape[-1]
     found = torch.isfinite(circles[:, 0])
-    hidden = torch.zeros(len(circles), dtype=torch.bool)
-    for row in torch.nonzero(found).flatten().tolist():
-        x, y = (min(max(int(round(float(value))), 0), size - 1) for value in circles[row, :2])
-        hidden[row] = bool(kept[row, 0, y, x] == 0)
-    return hidden
+    x, y = torch.nan_to_num(circles[:, :2]).round().long().clamp(0, kept.shape[-1] - 1).unbind(1)
+    return found & (kept[torch.arange(len(circles)), 0, y, x] == 0)
 
 
 def _small_masks(masks: np.ndarray, size: int) -> torch.Tensor:
