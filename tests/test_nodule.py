@@ -772,3 +772,60 @@ def test_seg_loss_ignores_the_pixels_its_weight_leaves_out():
     assert torch.isclose(_seg_loss(logits, target, weight), _seg_loss(changed, target, weight))
     assert not torch.isclose(_seg_loss(logits, target), _seg_loss(changed, target))
     assert torch.isclose(_seg_loss(logits, target), _seg_loss(logits, target, torch.ones_like(target)))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_staged_run_stopped_mid_stage_resumes_to_the_uninterrupted_result(nodule_phantoms, tmp_path):
+    """last.pt after every stage epoch: stopped in the detector, then in the verifier, the run resumes (as
+    `lungdx train --resume` and `lungdx cv` do) and trains exactly what the uninterrupted run trains."""
+    from lungdx.checkpoint import load_checkpoint
+    from lungdx.train import fit
+
+    config = load_config(None, [f"data.path={nodule_phantoms}", "data.task=nodule_vs_normal", f"data.cache_dir={tmp_path / 'cache'}",
+                                "model.name=nodule_net", f"preprocess.size={SIZE}", "train.precision=fp32",
+                                "nodule.seg_epochs=2", "nodule.det_epochs=3", "nodule.det_patience=3", "nodule.judge_epochs=2",
+                                "nodule.crop=128", "model.kwargs.verifier=cnn", "model.kwargs.candidates=3",
+                                "nodule.det_schedule=cosine", "nodule.det_ema=0.9", "nodule.hard_negatives=0.5",
+                                "nodule.hard_every=1", "nodule.det_black_out=0.5"])
+    whole = fit(config, tmp_path / "whole")
+    assert not (whole.run_dir / "last.pt").exists()  # nothing to resume once model.pt is written
+
+    stops, seen = [("detector", 2), ("verifier", 1)], []
+
+    def stop_at(row):  # a CV worker's claim check that fails: the epoch's row is written, its state is not
+        seen[-1].append((row["stage"], row["epoch"]))
+        if stops and seen[-1][-1] == stops[0]:
+            stops.pop(0)
+            raise _Stop
+
+    for resume in (False, True, True):
+        seen.append([])
+        if stops:
+            with pytest.raises(_Stop):
+                fit(config, tmp_path / "stopped", resume=resume, on_epoch=stop_at)
+            assert (tmp_path / "stopped" / "last.pt").is_file() and not (tmp_path / "stopped" / "model.pt").exists()
+        else:
+            resumed = fit(config, tmp_path / "stopped", resume=resume, on_epoch=stop_at)
+    # Each session trained only what the one before had not finished, and the stopped epoch again.
+    assert [rows[0] for rows in seen] == [("lungs", 1), ("detector", 2), ("verifier", 1)]
+    assert seen[1][-1] == ("verifier", 1) and seen[2][-1] == ("judge", 2)
+
+    columns = ["stage", "epoch", "train_loss", "val_loss", "val_auc"]
+    pd.testing.assert_frame_equal(pd.read_csv(resumed.run_dir / "history.csv")[columns],
+                                  pd.read_csv(whole.run_dir / "history.csv")[columns])
+    expected, got = (load_checkpoint(run.run_dir / "model.pt") for run in (whole, resumed))
+    assert got["best_epochs"] == expected["best_epochs"] and got["threshold"] == expected["threshold"]
+    for name, tensor in expected["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_resume_refuses_a_last_pt_that_is_not_a_staged_state(nodule_phantoms, tmp_path):
+    from lungdx.nodule_train import _Checkpoints
+
+    torch.save({"format": "lungdx-state/1"}, tmp_path / "last.pt")
+    checkpoints = _Checkpoints(tmp_path / "last.pt", torch.nn.Linear(1, 1), torch.Generator(), [])
+    with pytest.raises(ValueError, match="last.pt: not a staged training state"):
+        checkpoints.load()

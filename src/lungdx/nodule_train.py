@@ -8,6 +8,10 @@ logit, and the logit on the same image with its corners and borders blacked out 
 
 Each stage stops early on its own validation loss. Only training-split rows reach a gradient:
 validation rows decide stopping and the threshold, test rows are only predicted at the end.
+
+``last.pt`` is written after every stage epoch (``_Checkpoints``): a run stopped anywhere resumes from
+its last finished epoch (``lungdx train --resume``, or ``lungdx cv`` run again) and trains what the
+uninterrupted run would have. It is removed once ``model.pt`` is written.
 """
 
 from __future__ import annotations
@@ -52,9 +56,114 @@ class _History(list):
 
     def append(self, row: dict) -> None:
         super().append(row)
-        pd.DataFrame(self).to_csv(self.path, index=False)
+        self._write()
         if self.on_epoch is not None:
             self.on_epoch(row)
+
+    def restore(self, rows: list[dict]) -> None:
+        """The rows of a resumed run's finished epochs (the hook has seen them before)."""
+        self[:] = rows
+        self._write()
+
+    def _write(self) -> None:
+        pd.DataFrame(self).to_csv(self.path, index=False)
+
+
+LOCALISER_STATE = "lungdx-localiser-state/1"
+
+
+class _Checkpoints:
+    """``last.pt`` of a staged run, rewritten after every stage epoch that does not end its stage and after every stage.
+
+    It holds the whole model, the finished stages' best epochs, the history, the random states and the seconds
+    trained so far; while a stage is under way, also that stage's module and loop state (``parts``: its optimizer,
+    early stopping, schedule, weight average and sampler, anything with ``state_dict``/``load_state_dict``).
+    A stage resumed from it draws the same random numbers as it would have without the stop.
+    """
+
+    def __init__(self, path: Path, model: nn.Module, generator: torch.Generator, history: _History):
+        self.path, self.model, self.generator, self.history = path, model, generator, history
+        self.best: dict[str, int] = {}
+        self.current: dict | None = None  # the stage under way when last.pt was written
+        self.random: tuple | None = None  # the random states when last.pt was written, while a stage is to resume
+        self.seconds_before, self.started = 0.0, time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        """Seconds trained so far, over every session of the run."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def load(self) -> None:
+        """Put the saved run back: the model, finished stages, history and random states."""
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != LOCALISER_STATE:
+            raise ValueError(f"{self.path}: not a staged training state (a nodule_net run's last.pt); "
+                             "start a new run instead")
+        self.model.load_state_dict(state["model"])
+        self.best, self.current, self.seconds_before = dict(state["best"]), state["current"], float(state["seconds"])
+        self.random = (state["generator"], state["torch_rng"])
+        self._set_random()
+        self.history.restore(list(state["history"]))
+        where = f"{self.current['stage']} epoch {self.current['epoch']}" if self.current else "the stage boundary"
+        logger.info("%s: resuming after %s (finished stages: %s)", self.path.parent, where, ", ".join(self.best) or "none")
+
+    def done(self, stage: str) -> bool:
+        return stage in self.best
+
+    def finished(self, stage: str, best_epoch: int) -> int:
+        """Record that ``stage`` ended (its module holds its kept weights); returns ``best_epoch``."""
+        self.best[stage], self.current = best_epoch, None
+        self._save()
+        return best_epoch
+
+    def epoch(self, stage: str, epoch: int, module: nn.Module, **parts) -> None:
+        """After ``epoch`` of ``stage`` when the stage goes on."""
+        self.current = {"stage": stage, "epoch": epoch, "module": _on_cpu(module.state_dict()),
+                        **{name: part.state_dict() for name, part in parts.items() if part is not None}}
+        self._save()
+
+    def resume(self, stage: str, module: nn.Module, **parts) -> int:
+        """Put ``stage``'s saved state back into ``module`` and ``parts``; returns the first epoch to train."""
+        if self.current is None or self.current["stage"] != stage:
+            return 1
+        module.load_state_dict(self.current["module"])
+        for name, part in parts.items():
+            if part is not None:
+                part.load_state_dict(self.current[name])
+        self._set_random()  # after the stage's set-up, which draws from the generator as it did the first time
+        return self.current["epoch"] + 1
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _set_random(self) -> None:
+        self.generator.set_state(self.random[0])
+        torch.set_rng_state(self.random[1])
+
+    def _save(self) -> None:
+        state = {"format": LOCALISER_STATE, "model": _on_cpu(self.model.state_dict()), "best": self.best,
+                 "current": self.current, "seconds": self.seconds, "history": list(self.history),
+                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        partial.replace(self.path)
+
+
+class _NoCheckpoints:
+    """A stage trained on its own (tests, experiments): nothing is written, nothing resumes."""
+
+    def epoch(self, *args, **kwargs) -> None:
+        pass
+
+    def resume(self, *args, **kwargs) -> int:
+        return 1
+
+
+_NO_CHECKPOINTS = _NoCheckpoints()
+
+
+def _on_cpu(state: dict) -> dict:
+    return {key: value.detach().cpu() if torch.is_tensor(value) else value for key, value in state.items()}
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -66,6 +175,13 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
 class _Stopper:
     def __init__(self, patience: int):
         self.patience, self.best, self.best_epoch, self.bad, self.state = patience, math.inf, 0, 0, None
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad": self.bad,
+                "state": None if self.state is None else _on_cpu(self.state)}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.best, self.best_epoch, self.bad, self.state = saved["best"], saved["best_epoch"], saved["bad"], saved["state"]
 
     def step(self, loss: float, epoch: int, module: nn.Module) -> None:
         if not math.isfinite(loss):  # no validation rows for this stage: keep the last epoch
@@ -174,19 +290,26 @@ def blacked_out_centres(kept: torch.Tensor, circles: torch.Tensor) -> torch.Tens
     return found & (kept[torch.arange(len(circles)), 0, y, x] == 0)
 
 
+def _epochs(first: int, last: int, stage: str, progress: bool):
+    """Epochs ``first`` ... ``last`` of ``stage``, with a progress bar that counts the ones a resumed run had done."""
+    return tqdm(range(first, last + 1), desc=stage, leave=False, disable=not progress, initial=first - 1, total=last)
+
+
 def _small_masks(masks: np.ndarray, size: int) -> torch.Tensor:
     tensor = torch.from_numpy(masks.astype(np.float32))[:, None]
     return (F.interpolate(tensor, size=(size, size), mode="area") > 0.5).float()
 
 
-def train_lungs(model, images: dict, masks: dict, config: RunConfig, hardware: Hardware, generator, history, progress):
+def train_lungs(model, images: dict, masks: dict, config: RunConfig, hardware: Hardware, generator, history, progress,
+                checkpoints=_NO_CHECKPOINTS):
     """Stage 1: the lung U-Net on the training rows' masks; stops on validation loss."""
     lungs, settings = model.lungs, config.nodule
     optimizer = torch.optim.Adam(lungs.parameters(), lr=config.train.lr)
     targets = {split: _small_masks(masks[split], model.seg_size) for split in masks}
     stopper = _Stopper(settings.seg_patience)
     intensity = replace(config.augment, rotation_deg=0.0, scale=0.0, translate=0.0)
-    for epoch in tqdm(range(1, settings.seg_epochs + 1), desc="lungs", leave=False, disable=not progress):
+    first = checkpoints.resume("lungs", lungs, optimizer=optimizer, stopper=stopper)
+    for epoch in _epochs(first, settings.seg_epochs, "lungs", progress):
         lungs.train()
         order = torch.randperm(len(images["train"]), generator=generator).numpy()
         started, total = time.perf_counter(), 0.0
@@ -216,6 +339,7 @@ def train_lungs(model, images: dict, masks: dict, config: RunConfig, hardware: H
                         "val_dice": val_dice, "seconds": round(time.perf_counter() - started, 2)})
         if stopper.stop:
             break
+        checkpoints.epoch("lungs", epoch, lungs, optimizer=optimizer, stopper=stopper)
     lungs.load_state_dict(stopper.state)
     return stopper.best_epoch
 
@@ -249,6 +373,16 @@ class _DetectorBatches:
         self.rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         self.hard_points: list[np.ndarray] | None = None  # per image: the detector's false-positive peaks (K, 2)
         self.hard_chance = config.nodule.hard_negatives  # chance that a row gets one of them
+
+    def state_dict(self) -> dict:
+        """What sampling has changed: the numpy generator and the false-positive peaks (for a resumed stage)."""
+        hard = None if self.hard_points is None else [torch.from_numpy(points) for points in self.hard_points]
+        return {"rng": self.rng.bit_generator.state, "hard_points": hard}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.rng.bit_generator.state = saved["rng"]
+        hard = saved["hard_points"]
+        self.hard_points = None if hard is None else [points.numpy() for points in hard]
 
     def _hard_circles(self, index: np.ndarray) -> np.ndarray:
         """(B, 3): one of each row's false-positive peaks (radius 1) with chance ``hard_chance``, else NaN."""
@@ -356,7 +490,8 @@ def _detector_outputs(model, levelled: np.ndarray, lung_logits: torch.Tensor, co
     return torch.cat(parts)
 
 
-def train_detector(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress):
+def train_detector(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress,
+                   checkpoints=_NO_CHECKPOINTS):
     """Stage 2: the nodule-map detector on augmented training crops; stops on the validation map loss."""
     settings = config.nodule
     optimizer = torch.optim.Adam(model.detector.parameters(), lr=config.train.lr)
@@ -373,7 +508,9 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
     # weights, it smooths the epoch-to-epoch swings that ~25 validation images make of the map loss.
     ema = AveragedModel(model.detector, multi_avg_fn=get_ema_multi_avg_fn(settings.det_ema), use_buffers=True) \
         if settings.det_ema else None
-    for epoch in tqdm(range(1, settings.det_epochs + 1), desc="detector", leave=False, disable=not progress):
+    first = checkpoints.resume("detector", model.detector, optimizer=optimizer, stopper=stopper, schedule=schedule, ema=ema,
+                               batches=batches)
+    for epoch in _epochs(first, settings.det_epochs, "detector", progress):
         model.detector.train()
         order = torch.cat([torch.randperm(len(images["train"]), generator=generator)
                            for _ in range(settings.det_repeats)]).numpy()
@@ -409,6 +546,8 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
         if settings.hard_negatives and epoch % max(1, settings.hard_every) == 0:
             batches.hard_points = false_positive_peaks(model, images["train"], lung_logits["train"],
                                                       targets["train"].circles, config, hardware)
+        checkpoints.epoch("detector", epoch, model.detector, optimizer=optimizer, stopper=stopper, schedule=schedule,
+                          ema=ema, batches=batches)
     model.detector.load_state_dict(stopper.state)
     return stopper.best_epoch
 
@@ -487,7 +626,8 @@ def _validation_candidates(model, levelled, lung_logits, circles, config, hardwa
             image, points[:, 2].numpy())
 
 
-def train_verifier(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress):
+def train_verifier(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress,
+                   checkpoints=_NO_CHECKPOINTS):
     """Stage 2b (``verifier=cnn``): the candidate verifier, after the detector is final.
 
     Positives are crops around the training split's nodules (real and inserted into normals, augmented as
@@ -513,7 +653,8 @@ def train_verifier(model, images, lung_logits, targets, bank, config, hardware, 
 
     loss_fn = nn.BCEWithLogitsLoss()
     stopper = _Stopper(settings.judge_patience)
-    for epoch in tqdm(range(1, settings.judge_epochs + 1), desc="verifier", leave=False, disable=not progress):
+    first = checkpoints.resume("verifier", model.verifier, optimizer=optimizer, stopper=stopper, batches=train)
+    for epoch in _epochs(first, settings.judge_epochs, "verifier", progress):
         model.verifier.train()
         order = torch.randperm(len(images["train"]), generator=generator).numpy()
         started, total, count = time.perf_counter(), 0.0, 0
@@ -545,6 +686,7 @@ def train_verifier(model, images, lung_logits, targets, bank, config, hardware, 
         history.append(row)
         if stopper.stop:
             break
+        checkpoints.epoch("verifier", epoch, model.verifier, optimizer=optimizer, stopper=stopper, batches=train)
     model.verifier.load_state_dict(stopper.state)
     if val_crops is not None:
         fit_candidate_scores(model, val_map, score_validation().numpy(), val_labels.numpy())
@@ -621,7 +763,8 @@ def _judge_loss(model, crops: torch.Tensor, malignant: torch.Tensor, radii: torc
     return F.binary_cross_entropy_with_logits(logits, malignant), logits.detach()
 
 
-def train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress):
+def train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history, progress,
+                checkpoints=_NO_CHECKPOINTS):
     """Stage 3: the malignancy judge on crops around training nodules (real and inserted).
 
     With ``judge=size_cnn`` the CNN learns the nodules' diameters instead, and malignancy is the logistic
@@ -638,7 +781,8 @@ def train_judge(model, images, lung_logits, targets, bank, config, hardware, gen
     stopper = _Stopper(settings.judge_patience)
     val_crops, val_labels, val_radii = _judge_samples(model, val, np.arange(len(images["val"])), config, hardware, 0.0,
                                                       False)
-    for epoch in tqdm(range(1, settings.judge_epochs + 1), desc="judge", leave=False, disable=not progress):
+    first = checkpoints.resume("judge", model.judge, optimizer=optimizer, stopper=stopper, batches=train)
+    for epoch in _epochs(first, settings.judge_epochs, "judge", progress):
         model.judge.train()
         order = torch.randperm(len(images["train"]), generator=generator).numpy()
         started, total, count = time.perf_counter(), 0.0, 0
@@ -666,6 +810,7 @@ def train_judge(model, images, lung_logits, targets, bank, config, hardware, gen
         history.append(row)
         if stopper.stop:
             break
+        checkpoints.epoch("judge", epoch, model.judge, optimizer=optimizer, stopper=stopper, batches=train)
     model.judge.load_state_dict(stopper.state)
     return stopper.best_epoch
 
@@ -832,10 +977,12 @@ def load_detector_weights(model: nn.Module, source: str) -> None:
 
 
 def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hardware: Hardware, *, progress: bool = False,
-                  on_epoch=None):
+                  on_epoch=None, resume: bool = False):
     """Train the three stages on ``data`` (a ``PreparedData``), then write the run folder's products.
 
-    ``on_epoch`` is called with each stage epoch's history row, as ``train.fit`` calls it.
+    ``on_epoch`` is called with each stage epoch's history row, as ``train.fit`` calls it. ``resume``
+    continues from ``run_dir/last.pt``: finished stages are kept, the stage under way goes on from its
+    last finished epoch.
     """
     from lungdx.train import FitResult, data_fingerprint
 
@@ -848,31 +995,38 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
     images = {split: data.cache.batch(data.rows(split)["cache_index"].to_numpy()) for split in ("train", "val")}
     has_mask = targets["train"].has_mask
     generator = torch.Generator().manual_seed(config.train.seed + 1)
-    if config.model.weights:
+    if config.model.weights and not resume:  # a resumed run has its weights in last.pt
         load_detector_weights(model, config.model.weights)
     model = hardware.prepare(model)
     history = _History(run_dir / "history.csv", on_epoch)
-    started = time.perf_counter()
+    checkpoints = _Checkpoints(run_dir / "last.pt", model, generator, history)
+    if resume:
+        checkpoints.load()
+
+    def stage(name: str, train) -> None:  # a stage that a resumed run finished before is not trained again
+        if not checkpoints.done(name):
+            checkpoints.finished(name, train())
+
     seg_images = {"train": images["train"][has_mask], "val": images["val"][targets["val"].has_mask]}
     seg_masks = {"train": targets["train"].lung_masks[has_mask], "val": targets["val"].lung_masks[targets["val"].has_mask]}
-    best = {"lungs": train_lungs(model, seg_images, seg_masks, config, hardware, generator, history, progress)}
+    stage("lungs", lambda: train_lungs(model, seg_images, seg_masks, config, hardware, generator, history, progress,
+                                       checkpoints))
     lung_logits = {split: _lung_logits(model, images[split], config, hardware) for split in images}
     bank = NoduleBank(images["train"], data.rows("train"), targets["train"].circles, targets["train"].malignant)
     logger.info("nodule bank: %d patches from %d training images", len(bank), len(bank.case_ids))
-    best["detector"] = train_detector(model, images, lung_logits, targets, bank, config, hardware, generator, history,
-                                      progress)
+    common = (model, images, lung_logits, targets, bank, config, hardware, generator, history, progress, checkpoints)
+    stage("detector", lambda: train_detector(*common))
     if model.verifier is not None:
-        best["verifier"] = train_verifier(model, images, lung_logits, targets, bank, config, hardware, generator, history,
-                                          progress)
+        stage("verifier", lambda: train_verifier(*common))
     if model.judge_kind == "size":
-        best["judge"] = fit_size_judge(model, images, lung_logits, targets, config, hardware, history)
+        stage("judge", lambda: fit_size_judge(model, images, lung_logits, targets, config, hardware, history))
     else:
-        best["judge"] = train_judge(model, images, lung_logits, targets, bank, config, hardware, generator, history,
-                                    progress)
-    train_seconds = time.perf_counter() - started
+        stage("judge", lambda: train_judge(*common))
+    best = checkpoints.best
     threshold = finish_localiser(run_dir, config, data, model, hardware, every, best, data_fingerprint(frame),
-                                 epochs_run=len(history), train_seconds=round(train_seconds, 1),
+                                 epochs_run=len(history), train_seconds=round(checkpoints.seconds, 1),
                                  nodule_bank={"patches": len(bank), "case_ids": sorted(bank.case_ids)})
+    checkpoints.remove()
     return FitResult(run_dir, best["detector"], threshold, history, True)
 
 

@@ -267,7 +267,7 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
         from lungdx.nodule_train import fit_localiser, localiser_kwargs
 
         model = create_model(config.model.name, **localiser_kwargs(config))
-        return fit_localiser(config, run_dir, data, model, hardware, progress=progress, on_epoch=on_epoch)
+        return fit_localiser(config, run_dir, data, model, hardware, progress=progress, on_epoch=on_epoch, resume=resume)
     model = create_model(config.model.name, **model_kwargs(config))
     if config.model.weights and not resume:  # a resumed run has its weights in last.pt
         load_weights(model, config.model.weights, keep_head=config.model.keep_head)
