@@ -829,3 +829,42 @@ def test_resume_refuses_a_last_pt_that_is_not_a_staged_state(nodule_phantoms, tm
     checkpoints = _Checkpoints(tmp_path / "last.pt", torch.nn.Linear(1, 1), torch.Generator(), [])
     with pytest.raises(ValueError, match="last.pt: not a staged training state"):
         checkpoints.load()
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_judge_keep_last_trains_every_epoch_and_keeps_the_last_weights(keep):
+    """judge_keep=last: no early stop and no rollback to the best validation epoch; best: the default."""
+    from lungdx import nodule_train
+    from lungdx.data.nodules import LocalisationTargets
+
+    torch.manual_seed(0)
+    model = create_model("nodule_net", input_size=256, task="malignant_vs_benign")
+    images, targets = {}, {}
+    for seed, (split, count) in enumerate((("train", 32), ("val", 8))):
+        images[split], circles = _discs(np.full(count, 10.0), seed)
+        # Labels the crops cannot explain: the validation loss worsens as the judge fits the training rows.
+        malignant = np.random.default_rng(seed + 7).integers(0, 2, count).astype(np.float32)
+        targets[split] = LocalisationTargets(np.ones((count, 256, 256), np.uint8), np.ones(count, bool), circles, malignant)
+    config = load_config(None, ["train.precision=fp32", "nodule.judge_epochs=8", "nodule.judge_patience=1",
+                                "train.batch_size=16", "train.lr=0.01", f"nodule.judge_keep={keep}"])
+    hardware, lung_logits, _ = _whole_lungs(images)
+    kept_after = []  # the judge's weights at the end of each epoch
+
+    class History(list):
+        def append(self, row):
+            super().append(row)
+            kept_after.append({k: v.clone() for k, v in model.judge.state_dict().items()})
+
+    history = History()
+    best = nodule_train.train_judge(model, images, lung_logits, targets, None, config, hardware,
+                                    torch.Generator().manual_seed(0), history, False)
+    losses = [row["val_loss"] for row in history]
+    if keep == "last":
+        assert len(history) == 8 and best == 8
+        assert int(np.argmin(losses)) < 7  # the best validation epoch is not the last: a rollback would show
+        expected = kept_after[-1]
+    else:
+        assert best == 1 + int(np.argmin(losses)) and len(history) <= best + 1
+        expected = kept_after[best - 1]
+    for name, tensor in model.judge.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)

@@ -20,9 +20,14 @@ against a reference CV on the same cases; once read, those figures must not choo
 CV's own models, built with the ``--kwarg`` model arguments (``tta=hflip``: the mirrored second
 detector pass). ``--kwarg verifier=cnn`` also trains the candidate verifier on each fold's training
 split (``nodule_train.train_verifier``, its candidate weights on the validation split), after the
-saved detector:
+saved detector; without it a CV's own verifier is kept:
 
     python docs/experiments/size_judge_refit.py runs/jsrt-cv10-nodule-flip3 --judge keep --kwarg verifier=cnn
+
+``--set`` changes the CV's saved config for the refit (``nodule.judge_keep=last``, say), as
+``lungdx cv --set`` would have:
+
+    python docs/experiments/size_judge_refit.py runs/jsrt-cv10-nodule-v5-dbo --judge cnn --set nodule.judge_keep=last
 
 Not part of lungdx: an experiment whose result is reported in docs/results.md.
 """
@@ -49,12 +54,15 @@ from lungdx.runtime import Hardware
 from lungdx.train import prepare_data
 
 
-def refit_fold(run_dir: Path, out_dir: Path, hardware: Hardware, judge: str, kwargs: dict) -> pd.DataFrame:
-    """The fold's nodule_outputs.csv (every split) with the judge refitted (``keep``: the saved one) and the
-    model built with ``kwargs`` on top of the run's; kept in ``out_dir`` (reused if there)."""
+def refit_fold(run_dir: Path, out_dir: Path, hardware: Hardware, judge: str, kwargs: dict,
+               overrides: list[str] = ()) -> pd.DataFrame:
+    """The fold's nodule_outputs.csv (every split) with the judge refitted (``keep``: the saved one), the
+    model built with ``kwargs`` on top of the run's and the config changed by ``overrides``; kept in
+    ``out_dir`` (reused if there)."""
     if (out_dir / "nodule_outputs.csv").exists():
         return pd.read_csv(out_dir / "nodule_outputs.csv", dtype={"case_id": str})
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", list(overrides))
+    retrain_verifier = "verifier" in kwargs  # asked for: trained again after the saved detector; else the CV's kept
     kwargs = {**config.model.kwargs, **kwargs, **({} if judge == "keep" else {"judge": judge})}
     config = replace(config, model=replace(config.model, kwargs=kwargs))
     data = prepare_data(config)
@@ -64,7 +72,8 @@ def refit_fold(run_dir: Path, out_dir: Path, hardware: Hardware, judge: str, kwa
     images = {split: data.cache.batch(data.rows(split)["cache_index"].to_numpy()) for split in ("train", "val")}
     model = create_model(config.model.name, **localiser_kwargs(config))
     saved = load_checkpoint(run_dir / "model.pt")["state_dict"]
-    retrained = (() if judge == "keep" else ("judge.",)) + (("verifier.", "verify_coef") if model.verifier is not None else ())
+    new_verifier = model.verifier is not None and retrain_verifier
+    retrained = (() if judge == "keep" else ("judge.",)) + (("verifier.", "verify_coef") if new_verifier else ())
     kept = {key: value for key, value in saved.items() if not key.startswith(retrained)}
     missing = model.load_state_dict(kept, strict=False)
     assert all(key.startswith(retrained) for key in missing.missing_keys) and not missing.unexpected_keys, missing
@@ -74,7 +83,7 @@ def refit_fold(run_dir: Path, out_dir: Path, hardware: Hardware, judge: str, kwa
     history = _History(out_dir / "history.csv")
     bank = NoduleBank(images["train"], data.rows("train"), targets["train"].circles, targets["train"].malignant)
     generator = torch.Generator().manual_seed(config.train.seed + 3)
-    if model.verifier is not None:
+    if new_verifier:
         train_verifier(model, images, lung_logits, targets, bank, config, hardware, generator, history, True)
     if judge == "keep":
         history.append({"stage": "judge", "epoch": 0, "kept": True})
@@ -113,6 +122,8 @@ def main() -> None:
                         help="the judge to fit or train on each fold's training split; keep: the CV's own")
     parser.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE",
                         help="a model argument on top of the run's, e.g. tta=hflip (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a config change on top of the CV's saved config, e.g. nodule.judge_keep=last (repeatable)")
     parser.add_argument("--test", action="store_true", help="also pool and print the test folds")
     parser.add_argument("--only", nargs="+", metavar="FOLD", help="refit these folds (e.g. r0-f09) and stop: a second "
                         "process sharing the work, from the other end")
@@ -126,9 +137,9 @@ def main() -> None:
     folds = sorted(path.name for path in (args.cv_dir / "runs").iterdir())
     if args.only:  # a second process on the same --out: these folds only, no summary
         for fold in args.only:
-            refit_fold(args.cv_dir / "runs" / fold, out / fold, hardware, args.judge, kwargs)
+            refit_fold(args.cv_dir / "runs" / fold, out / fold, hardware, args.judge, kwargs, args.overrides)
         return
-    every = {fold: refit_fold(args.cv_dir / "runs" / fold, out / fold, hardware, args.judge, kwargs) for fold in folds}
+    every = {fold: refit_fold(args.cv_dir / "runs" / fold, out / fold, hardware, args.judge, kwargs, args.overrides) for fold in folds}
     val = pd.concat([rows[rows["split"] == "val"].assign(fold=fold) for fold, rows in every.items()], ignore_index=True)
     summary = validation_summary(val)
     print("pooled validation rows:", {key: round(float(value), 3) for key, value in summary.items()})

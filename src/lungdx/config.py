@@ -164,6 +164,7 @@ class TrainConfig:
 
 
 DET_SCHEDULES = ("constant", "cosine")
+JUDGE_KEEPS = ("best", "last")
 """``nodule.det_schedule``: the detector's learning rate over its epochs."""
 
 
@@ -174,7 +175,11 @@ class NoduleConfig:
     Attributes:
         seg_epochs, seg_patience: the lung U-Net (early stopping on validation loss).
         det_epochs, det_patience: the nodule-map detector.
-        judge_epochs, judge_patience: the malignancy judge.
+        judge_epochs, judge_patience: the malignancy judge (and the candidate verifier).
+        judge_keep: which of the judge's epochs is kept: ``best`` (the lowest validation loss, stopping
+            early after ``judge_patience`` epochs without a better one) or ``last`` (all ``judge_epochs``
+            are trained and the last is kept; validation is only watched, so its figures are not chosen
+            on it).
         crop: side in input pixels of the detector's training crops (a multiple of 32; 0 = whole image).
         nodule_in_crop: share of crops centred near a nodule when the image has one.
         insert_prob: chance that a training normal gets a real training nodule blended into its lungs.
@@ -209,6 +214,7 @@ class NoduleConfig:
     det_patience: int = 12
     judge_epochs: int = 60
     judge_patience: int = 12
+    judge_keep: str = "best"
     crop: int = 256
     nodule_in_crop: float = 0.7
     insert_prob: float = 0.7
@@ -224,6 +230,8 @@ class NoduleConfig:
     hflip: bool = False
 
     def __post_init__(self):
+        if self.judge_keep not in JUDGE_KEEPS:
+            raise ConfigError(f"nodule.judge_keep must be one of {', '.join(JUDGE_KEEPS)}; got '{self.judge_keep}'")
         if self.det_schedule not in DET_SCHEDULES:
             raise ConfigError(f"nodule.det_schedule must be one of {', '.join(DET_SCHEDULES)}; got '{self.det_schedule}'")
         if not isinstance(self.det_repeats, int) or self.det_repeats < 1:

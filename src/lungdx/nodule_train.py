@@ -808,9 +808,11 @@ def train_judge(model, images, lung_logits, targets, bank, config, hardware, gen
             row["val_loss"] = row["train_loss"]
         stopper.step(row["val_loss"], epoch, model.judge)
         history.append(row)
-        if stopper.stop:
+        if stopper.stop and settings.judge_keep == "best":
             break
         checkpoints.epoch("judge", epoch, model.judge, optimizer=optimizer, stopper=stopper, batches=train)
+    if settings.judge_keep == "last":
+        return settings.judge_epochs
     model.judge.load_state_dict(stopper.state)
     return stopper.best_epoch
 
