@@ -1,0 +1,85 @@
+"""Can the CNN judge memorise one fold's training nodule crops? A check of the judge's pipeline.
+
+The crops are those the judge sees at inference (the fold's own lung mask, centred on the labelled
+nodule), without augmentation, inserted nodules or dropout. A fresh ``MalignancyJudge`` is trained
+on the training split's crops (Adam 1e-3, batches of 32) and scored on them and on the validation
+split's every 50 steps. If it cannot memorise them, the crops or the labels are broken; if it can,
+the recipe's judge fails to learn for other reasons (augmentation, steps).
+
+    python docs/experiments/judge_memorise.py runs/jsrt-cv10-nodule-v5-dbo/runs/r0-f00
+
+Not part of lungdx: an analysis whose result is reported in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lungdx import metrics
+from lungdx.checkpoint import load_checkpoint
+from lungdx.config import load_config
+from lungdx.data.nodules import localisation_targets
+from lungdx.models import create_model
+from lungdx.models.nodule_net import MalignancyJudge
+from lungdx.nodule_train import _lung_logits, localiser_kwargs
+from lungdx.predict import model_input
+from lungdx.runtime import Hardware
+from lungdx.train import prepare_data
+
+
+def nodule_crops(run_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per split (train, val): the crops around the labelled nodules and their malignancy labels."""
+    config = load_config(run_dir / "config.yaml")
+    data = prepare_data(config)
+    every = localisation_targets(data.frame, config.preprocess)
+    hardware = Hardware.resolve("cpu", "fp32", False)
+    model = create_model("nodule_net", **localiser_kwargs(config))
+    model.load_state_dict(load_checkpoint(run_dir / "model.pt")["state_dict"])
+    model.eval()
+    found = {}
+    for split in ("train", "val"):
+        targets = every.subset((data.frame["split"] == split).to_numpy())
+        images = data.cache.batch(data.rows(split)["cache_index"].to_numpy())
+        keep = np.isfinite(targets.circles[:, 0]) & np.isfinite(targets.malignant)
+        with torch.inference_mode():
+            inputs = model_input(torch.from_numpy(images[keep])[:, None], config.preprocess, hardware)
+            masked, _ = model.mask_image(inputs, _lung_logits(model, images[keep], config, hardware))
+            crops = model.crops(masked, torch.from_numpy(targets.circles[keep, :2]))
+        found[split] = crops, torch.from_numpy(targets.malignant[keep])
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a finished nodule_net fold (its lung U-Net draws the masks)")
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    crops = nodule_crops(args.run_dir)
+    (train_x, train_y), (val_x, val_y) = crops["train"], crops["val"]
+    print(f"{len(train_y)} training nodules, {len(val_y)} validation nodules")
+    judge = MalignancyJudge(dropout=0.0)
+    optimizer = torch.optim.Adam(judge.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for step in range(1, args.steps + 1):
+        judge.train()
+        rows = torch.randperm(len(train_x))[:32]
+        loss = loss_fn(judge(train_x[rows]).reshape(-1), train_y[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0:
+            judge.eval()
+            with torch.no_grad():
+                train_logits, val_logits = judge(train_x).reshape(-1), judge(val_x).reshape(-1)
+            print(f"step {step}: training loss {float(loss_fn(train_logits, train_y)):.3f}, "
+                  f"training AUC {metrics.roc_auc(train_y.numpy(), train_logits.numpy()):.3f}, "
+                  f"validation AUC {metrics.roc_auc(val_y.numpy(), val_logits.numpy()):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
