@@ -822,12 +822,15 @@ def test_a_staged_run_stopped_mid_stage_resumes_to_the_uninterrupted_result(nodu
         torch.testing.assert_close(got["state_dict"][name], tensor, rtol=0, atol=0, msg=name)
 
 
-def test_resume_refuses_a_last_pt_that_is_not_a_staged_state(nodule_phantoms, tmp_path):
+def test_resume_refuses_a_last_pt_that_is_not_a_staged_state(tmp_path):
     from lungdx.nodule_train import _Checkpoints
 
     torch.save({"format": "lungdx-state/1"}, tmp_path / "last.pt")
     checkpoints = _Checkpoints(tmp_path / "last.pt", torch.nn.Linear(1, 1), torch.Generator(), [])
     with pytest.raises(ValueError, match="last.pt: not a staged training state"):
+        checkpoints.load()
+    (tmp_path / "last.pt").write_bytes(b"cut short")
+    with pytest.raises(ValueError, match="last.pt: cannot be read as a training state"):
         checkpoints.load()
 
 

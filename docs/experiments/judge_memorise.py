@@ -25,14 +25,14 @@ from lungdx.config import load_config
 from lungdx.data.nodules import localisation_targets
 from lungdx.models import create_model
 from lungdx.models.nodule_net import MalignancyJudge
-from lungdx.nodule_train import _lung_logits, localiser_kwargs
-from lungdx.predict import model_input
+from lungdx.nodule_train import _DetectorBatches, _judge_samples, _lung_logits, localiser_kwargs
 from lungdx.runtime import Hardware
 from lungdx.train import prepare_data
 
 
 def nodule_crops(run_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per split (train, val): the crops around the labelled nodules and their malignancy labels."""
+    """Per split (train, val): the crops around the labelled nodules and their malignancy labels, cut as
+    the judge's validation crops are (``nodule_train._judge_samples``: no jitter, no augmentation)."""
     config = load_config(run_dir / "config.yaml")
     data = prepare_data(config)
     every = localisation_targets(data.frame, config.preprocess)
@@ -44,12 +44,11 @@ def nodule_crops(run_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     for split in ("train", "val"):
         targets = every.subset((data.frame["split"] == split).to_numpy())
         images = data.cache.batch(data.rows(split)["cache_index"].to_numpy())
-        keep = np.isfinite(targets.circles[:, 0]) & np.isfinite(targets.malignant)
+        rows = _DetectorBatches(images, _lung_logits(model, images, config, hardware), targets.lung_masks, targets.circles,
+                                targets.malignant, None, config, torch.Generator())
         with torch.inference_mode():
-            inputs = model_input(torch.from_numpy(images[keep])[:, None], config.preprocess, hardware)
-            masked, _ = model.mask_image(inputs, _lung_logits(model, images[keep], config, hardware))
-            crops = model.crops(masked, torch.from_numpy(targets.circles[keep, :2]))
-        found[split] = crops, torch.from_numpy(targets.malignant[keep])
+            crops, labels, _ = _judge_samples(model, rows, np.arange(len(images)), config, hardware, 0.0, False)
+        found[split] = crops, labels
     return found
 
 

@@ -62,7 +62,7 @@ def refit_fold(run_dir: Path, out_dir: Path, hardware: Hardware, judge: str, kwa
     if (out_dir / "nodule_outputs.csv").exists():
         return pd.read_csv(out_dir / "nodule_outputs.csv", dtype={"case_id": str})
     config = load_config(run_dir / "config.yaml", list(overrides))
-    retrain_verifier = "verifier" in kwargs  # asked for: trained again after the saved detector; else the CV's kept
+    new_verifier = kwargs.get("verifier", "none") != "none"  # asked for: trained after the saved detector; else the CV's kept
     kwargs = {**config.model.kwargs, **kwargs, **({} if judge == "keep" else {"judge": judge})}
     config = replace(config, model=replace(config.model, kwargs=kwargs))
     data = prepare_data(config)
@@ -72,7 +72,6 @@ def refit_fold(run_dir: Path, out_dir: Path, hardware: Hardware, judge: str, kwa
     images = {split: data.cache.batch(data.rows(split)["cache_index"].to_numpy()) for split in ("train", "val")}
     model = create_model(config.model.name, **localiser_kwargs(config))
     saved = load_checkpoint(run_dir / "model.pt")["state_dict"]
-    new_verifier = model.verifier is not None and retrain_verifier
     retrained = (() if judge == "keep" else ("judge.",)) + (("verifier.", "verify_coef") if new_verifier else ())
     kept = {key: value for key, value in saved.items() if not key.startswith(retrained)}
     missing = model.load_state_dict(kept, strict=False)

@@ -164,8 +164,10 @@ class TrainConfig:
 
 
 DET_SCHEDULES = ("constant", "cosine")
-JUDGE_KEEPS = ("best", "last")
 """``nodule.det_schedule``: the detector's learning rate over its epochs."""
+
+JUDGE_KEEPS = ("best", "last")
+"""``nodule.judge_keep``: which of the judge's epochs is kept."""
 
 
 @dataclass(frozen=True)
@@ -230,10 +232,9 @@ class NoduleConfig:
     hflip: bool = False
 
     def __post_init__(self):
-        if self.judge_keep not in JUDGE_KEEPS:
-            raise ConfigError(f"nodule.judge_keep must be one of {', '.join(JUDGE_KEEPS)}; got '{self.judge_keep}'")
-        if self.det_schedule not in DET_SCHEDULES:
-            raise ConfigError(f"nodule.det_schedule must be one of {', '.join(DET_SCHEDULES)}; got '{self.det_schedule}'")
+        for name, choices in (("det_schedule", DET_SCHEDULES), ("judge_keep", JUDGE_KEEPS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"nodule.{name} must be one of {', '.join(choices)}; got '{getattr(self, name)}'")
         if not isinstance(self.det_repeats, int) or self.det_repeats < 1:
             raise ConfigError(f"nodule.det_repeats must be a whole number of at least 1; got {self.det_repeats!r}")
         for name in ("seg_black_out", "det_black_out"):

@@ -17,6 +17,7 @@ uninterrupted run would have. It is removed once ``model.pt`` is written.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from lungdx.config import RunConfig, to_dict
 from lungdx.data.augment import augment
 from lungdx.data.manifest import class_names, describe_classes
 from lungdx.data.nodules import NoduleBank, dice, focal_loss, insert_nodule, localisation_targets, target_map
+from lungdx.io.files import write_atomic
 from lungdx.localisation import POINTING_TOLERANCE, pointing_reach
 from lungdx.models.nodule_net import TASKS, blob_diameter, map_peak, map_peaks
 from lungdx.predict import model_input, sigmoid
@@ -75,17 +77,18 @@ LOCALISER_STATE = "lungdx-localiser-state/1"
 class _Checkpoints:
     """``last.pt`` of a staged run, rewritten after every stage epoch that does not end its stage and after every stage.
 
-    It holds the whole model, the finished stages' best epochs, the history, the random states and the seconds
-    trained so far; while a stage is under way, also that stage's module and loop state (``parts``: its optimizer,
-    early stopping, schedule, weight average and sampler, anything with ``state_dict``/``load_state_dict``).
-    A stage resumed from it draws the same random numbers as it would have without the stop.
+    It holds the whole model (the stage under way's module with its weights of that epoch), the finished stages'
+    best epochs, the history, the random states and the seconds trained so far; while a stage is under way, also
+    its loop state (``parts``: its optimizer, early stopping, schedule, weight average and sampler, anything with
+    ``state_dict``/``load_state_dict``). A stage resumed from it draws the same random numbers as it would have
+    without the stop.
     """
 
     def __init__(self, path: Path, model: nn.Module, generator: torch.Generator, history: _History):
         self.path, self.model, self.generator, self.history = path, model, generator, history
         self.best: dict[str, int] = {}
         self.current: dict | None = None  # the stage under way when last.pt was written
-        self.random: tuple | None = None  # the random states when last.pt was written, while a stage is to resume
+        self.saved: dict | None = None  # last.pt as loaded, while a stage is to resume
         self.seconds_before, self.started = 0.0, time.perf_counter()
 
     @property
@@ -95,13 +98,16 @@ class _Checkpoints:
 
     def load(self) -> None:
         """Put the saved run back: the model, finished stages, history and random states."""
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for corrupt or foreign files
+            raise ValueError(f"{self.path}: cannot be read as a training state ({error}); start a new run instead") from error
         if not isinstance(state, dict) or state.get("format") != LOCALISER_STATE:
             raise ValueError(f"{self.path}: not a staged training state (a nodule_net run's last.pt); "
                              "start a new run instead")
         self.model.load_state_dict(state["model"])
         self.best, self.current, self.seconds_before = dict(state["best"]), state["current"], float(state["seconds"])
-        self.random = (state["generator"], state["torch_rng"])
+        self.saved = state
         self._set_random()
         self.history.restore(list(state["history"]))
         where = f"{self.current['stage']} epoch {self.current['epoch']}" if self.current else "the stage boundary"
@@ -110,15 +116,14 @@ class _Checkpoints:
     def done(self, stage: str) -> bool:
         return stage in self.best
 
-    def finished(self, stage: str, best_epoch: int) -> int:
-        """Record that ``stage`` ended (its module holds its kept weights); returns ``best_epoch``."""
+    def finished(self, stage: str, best_epoch: int) -> None:
+        """Record that ``stage`` ended (its module holds its kept weights)."""
         self.best[stage], self.current = best_epoch, None
         self._save()
-        return best_epoch
 
-    def epoch(self, stage: str, epoch: int, module: nn.Module, **parts) -> None:
+    def epoch(self, stage: str, epoch: int, **parts) -> None:
         """After ``epoch`` of ``stage`` when the stage goes on."""
-        self.current = {"stage": stage, "epoch": epoch, "module": _on_cpu(module.state_dict()),
+        self.current = {"stage": stage, "epoch": epoch,
                         **{name: part.state_dict() for name, part in parts.items() if part is not None}}
         self._save()
 
@@ -126,7 +131,10 @@ class _Checkpoints:
         """Put ``stage``'s saved state back into ``module`` and ``parts``; returns the first epoch to train."""
         if self.current is None or self.current["stage"] != stage:
             return 1
-        module.load_state_dict(self.current["module"])
+        # Again after the stage's set-up, which may have changed the module (the size_cnn judge's prior).
+        prefix = next(name for name, child in self.model.named_modules() if child is module) + "."
+        module.load_state_dict({key[len(prefix):]: value for key, value in self.saved["model"].items()
+                                if key.startswith(prefix)})
         for name, part in parts.items():
             if part is not None:
                 part.load_state_dict(self.current[name])
@@ -137,16 +145,16 @@ class _Checkpoints:
         self.path.unlink(missing_ok=True)
 
     def _set_random(self) -> None:
-        self.generator.set_state(self.random[0])
-        torch.set_rng_state(self.random[1])
+        self.generator.set_state(self.saved["generator"])
+        torch.set_rng_state(self.saved["torch_rng"])
 
     def _save(self) -> None:
         state = {"format": LOCALISER_STATE, "model": _on_cpu(self.model.state_dict()), "best": self.best,
                  "current": self.current, "seconds": self.seconds, "history": list(self.history),
                  "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
-        partial = self.path.with_suffix(".partial")
-        torch.save(state, partial)
-        partial.replace(self.path)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomic(self.path, buffer.getvalue())
 
 
 class _NoCheckpoints:
@@ -339,7 +347,7 @@ def train_lungs(model, images: dict, masks: dict, config: RunConfig, hardware: H
                         "val_dice": val_dice, "seconds": round(time.perf_counter() - started, 2)})
         if stopper.stop:
             break
-        checkpoints.epoch("lungs", epoch, lungs, optimizer=optimizer, stopper=stopper)
+        checkpoints.epoch("lungs", epoch, optimizer=optimizer, stopper=stopper)
     lungs.load_state_dict(stopper.state)
     return stopper.best_epoch
 
@@ -546,7 +554,7 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
         if settings.hard_negatives and epoch % max(1, settings.hard_every) == 0:
             batches.hard_points = false_positive_peaks(model, images["train"], lung_logits["train"],
                                                       targets["train"].circles, config, hardware)
-        checkpoints.epoch("detector", epoch, model.detector, optimizer=optimizer, stopper=stopper, schedule=schedule,
+        checkpoints.epoch("detector", epoch, optimizer=optimizer, stopper=stopper, schedule=schedule,
                           ema=ema, batches=batches)
     model.detector.load_state_dict(stopper.state)
     return stopper.best_epoch
@@ -686,7 +694,7 @@ def train_verifier(model, images, lung_logits, targets, bank, config, hardware, 
         history.append(row)
         if stopper.stop:
             break
-        checkpoints.epoch("verifier", epoch, model.verifier, optimizer=optimizer, stopper=stopper, batches=train)
+        checkpoints.epoch("verifier", epoch, optimizer=optimizer, stopper=stopper, batches=train)
     model.verifier.load_state_dict(stopper.state)
     if val_crops is not None:
         fit_candidate_scores(model, val_map, score_validation().numpy(), val_labels.numpy())
@@ -810,7 +818,7 @@ def train_judge(model, images, lung_logits, targets, bank, config, hardware, gen
         history.append(row)
         if stopper.stop and settings.judge_keep == "best":
             break
-        checkpoints.epoch("judge", epoch, model.judge, optimizer=optimizer, stopper=stopper, batches=train)
+        checkpoints.epoch("judge", epoch, optimizer=optimizer, stopper=stopper, batches=train)
     if settings.judge_keep == "last":
         return settings.judge_epochs
     model.judge.load_state_dict(stopper.state)
