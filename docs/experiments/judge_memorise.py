@@ -6,7 +6,12 @@ on the training split's crops (Adam 1e-3, batches of 32) and scored on them and 
 split's every 50 steps. If it cannot memorise them, the crops or the labels are broken; if it can,
 the recipe's judge fails to learn for other reasons (augmentation, steps).
 
+Given a whole CV folder (or several folds), it trains one judge per fold and also prints the
+validation AUC pooled over the folds at each check: whether what a judge learns from one fold's
+training nodules carries over to other patients at any number of steps.
+
     python docs/experiments/judge_memorise.py runs/jsrt-cv10-nodule-v5-dbo/runs/r0-f00
+    python docs/experiments/judge_memorise.py runs/jsrt-cv10-nodule-v5-dbo --steps 400
 
 Not part of lungdx: an analysis whose result is reported in docs/results.md.
 """
@@ -52,32 +57,59 @@ def nodule_crops(run_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return found
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a finished nodule_net fold (its lung U-Net draws the masks)")
-    parser.add_argument("--steps", type=int, default=300)
-    args = parser.parse_args()
+def fold_dirs(paths: list[Path]) -> list[Path]:
+    """The finished folds named: a fold folder itself, or every fold of a CV folder (``runs/*/model.pt``)."""
+    found = []
+    for path in paths:
+        found += [path] if (path / "model.pt").is_file() else sorted(p.parent for p in path.glob("runs/*/model.pt"))
+    if not found:
+        raise SystemExit(f"no finished nodule_net fold (model.pt) in {', '.join(map(str, paths))}")
+    return found
+
+
+def memorise(run_dir: Path, steps: int, every: int, dropout: float) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Train a fresh judge on one fold's training crops; the validation (labels, logits) at each check."""
     torch.manual_seed(0)
-    crops = nodule_crops(args.run_dir)
+    crops = nodule_crops(run_dir)
     (train_x, train_y), (val_x, val_y) = crops["train"], crops["val"]
-    print(f"{len(train_y)} training nodules, {len(val_y)} validation nodules")
-    judge = MalignancyJudge(dropout=0.0)
+    print(f"{run_dir}: {len(train_y)} training nodules, {len(val_y)} validation nodules", flush=True)
+    judge = MalignancyJudge(dropout=dropout)
     optimizer = torch.optim.Adam(judge.parameters(), lr=1e-3)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    for step in range(1, args.steps + 1):
+    checks = {}
+    for step in range(1, steps + 1):
         judge.train()
         rows = torch.randperm(len(train_x))[:32]
         loss = loss_fn(judge(train_x[rows]).reshape(-1), train_y[rows])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 50 == 0:
+        if step % every == 0:
             judge.eval()
             with torch.no_grad():
                 train_logits, val_logits = judge(train_x).reshape(-1), judge(val_x).reshape(-1)
+            checks[step] = val_y.numpy(), val_logits.numpy()
             print(f"step {step}: training loss {float(loss_fn(train_logits, train_y)):.3f}, "
                   f"training AUC {metrics.roc_auc(train_y.numpy(), train_logits.numpy()):.3f}, "
                   f"validation AUC {metrics.roc_auc(val_y.numpy(), val_logits.numpy()):.3f}", flush=True)
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="finished nodule_net folds, or CV folders (their lung U-Nets "
+                        "draw the masks)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=50, help="steps between two checks")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    args = parser.parse_args()
+    folds = [memorise(run_dir, args.steps, args.every, args.dropout) for run_dir in fold_dirs(args.runs)]
+    if len(folds) > 1:
+        print(f"pooled over {len(folds)} folds' validation nodules (each fold's logits as they are):")
+        for step in folds[0]:
+            labels = np.concatenate([fold[step][0] for fold in folds])
+            logits = np.concatenate([fold[step][1] for fold in folds])
+            print(f"step {step}: {len(labels)} nodules, malignant vs benign AUC {metrics.roc_auc(labels, logits):.3f}")
 
 
 if __name__ == "__main__":
