@@ -10,6 +10,9 @@ is a little optimistic), scored by that fold's own model (``nodule_outputs.csv``
 insertions): how closely the detectors fit what they were trained on. ``--split test`` pools the
 test folds, for use only after a rule has decided.
 
+``--by-subtlety LABELS_CSV`` (JSRT's ``labels.csv``, read at run time) adds the presence AUC of each
+subtlety group's nodule rows against all normal rows: where the presence AUC is lost.
+
 Not part of lungdx: an experiment whose result is reported in docs/results.md.
 """
 
@@ -19,10 +22,30 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
 from size_judge_refit import validation_summary  # noqa: E402
+
+from lungdx import metrics  # noqa: E402
+
+SUBTLETY_GROUPS = {"1-2 (most subtle)": (1, 2), "3": (3,), "4-5 (obvious)": (4, 5)}
+
+
+def presence_by_subtlety(rows: pd.DataFrame, labels: pd.DataFrame) -> dict[str, tuple[int, float]]:
+    """Per subtlety group: (nodule rows, presence AUC of those rows against every normal row)."""
+    subtlety = rows["case_id"].map(labels.set_index("case_id")["subtlety"])
+    if subtlety[rows["has_nodule"] == 1].isna().any():
+        raise SystemExit("some nodule rows have no subtlety in the labels file: is it JSRT's labels.csv?")
+    normals = rows[rows["has_nodule"] == 0]
+    found = {}
+    for name, levels in SUBTLETY_GROUPS.items():
+        nodules = rows[(rows["has_nodule"] == 1) & subtlety.isin(levels)]
+        truth = np.r_[np.ones(len(nodules)), np.zeros(len(normals))]
+        scores = np.r_[nodules["presence_logit"].to_numpy(), normals["presence_logit"].to_numpy()]
+        found[name] = len(nodules), metrics.roc_auc(truth, scores)
+    return found
 
 
 def main() -> None:
@@ -30,13 +53,19 @@ def main() -> None:
     parser.add_argument("cv_dirs", type=Path, nargs="+")
     parser.add_argument("--split", choices=("val", "train", "test"), default="val",
                         help="whose rows to pool: validation (default), the folds' own training images, or test")
+    parser.add_argument("--by-subtlety", type=Path, metavar="LABELS_CSV",
+                        help="JSRT's labels.csv: also the presence AUC per subtlety group against the normals")
     args = parser.parse_args()
+    labels = pd.read_csv(args.by_subtlety, dtype={"case_id": str}) if args.by_subtlety else None
     for cv_dir in args.cv_dirs:
         folds = sorted((cv_dir / "runs").glob("*/nodule_outputs.csv"))
         rows = pd.concat([pd.read_csv(path, dtype={"case_id": str}).assign(fold=path.parent.name) for path in folds],
                          ignore_index=True)
         summary = validation_summary(rows[rows["split"] == args.split])
         print(f"{cv_dir} ({len(folds)} folds, {args.split}):", {key: round(float(value), 3) for key, value in summary.items()})
+        if labels is not None:
+            for name, (count, auc) in presence_by_subtlety(rows[rows["split"] == args.split], labels).items():
+                print(f"  subtlety {name}: {count} nodule rows, presence AUC against the normals {auc:.3f}")
 
 
 if __name__ == "__main__":
