@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from lungdx.config import (
@@ -49,10 +51,11 @@ def test_unknown_yaml_key(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
-def test_shipped_configs_load():
-    from pathlib import Path
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+
+def test_shipped_configs_load():
+    for path in sorted(CONFIGS.glob("*.yaml")):
         config = load_config(path)
         expected = "nodule_net" if path.name.startswith("nodule") else "paper_cnn"
         assert config.model.name == expected, path
@@ -60,13 +63,10 @@ def test_shipped_configs_load():
 
 def test_the_blackout_config_is_the_recipe_of_the_blackout_cvs():
     """configs/nodule-blackout.yaml must stay what the command in docs/results.md gives."""
-    from pathlib import Path
-
-    configs = Path(__file__).resolve().parents[1] / "configs"
     command = ["nodule.hard_negatives=0.5", "nodule.det_repeats=3", "nodule.hflip=true", "nodule.det_epochs=50",
                "nodule.det_patience=50", "nodule.det_schedule=cosine", "nodule.seg_black_out=0.5",
                "model.kwargs.verifier=cnn", "model.kwargs.tta=hflip", "nodule.det_black_out=0.5"]
-    assert to_dict(load_config(configs / "nodule-blackout.yaml")) == to_dict(load_config(configs / "nodule.yaml", command))
+    assert to_dict(load_config(CONFIGS / "nodule-blackout.yaml")) == to_dict(load_config(CONFIGS / "nodule.yaml", command))
 
 
 def test_nodule_settings_out_of_range_are_refused_when_the_config_is_read():

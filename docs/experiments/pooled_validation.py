@@ -10,8 +10,9 @@ is a little optimistic), scored by that fold's own model (``nodule_outputs.csv``
 insertions): how closely the detectors fit what they were trained on. ``--split test`` pools the
 test folds, for use only after a rule has decided.
 
-``--by-subtlety LABELS_CSV`` (JSRT's ``labels.csv``, read at run time) adds the presence AUC of each
-subtlety group's nodule rows against all normal rows: where the presence AUC is lost.
+``--by-subtlety`` adds the presence AUC of each subtlety group's nodule rows against all normal rows
+(subtlety from the ``labels.csv`` of the CV's data folder, as ``pointing_by_stratum.py`` reads it):
+where the presence AUC is lost.
 
 Not part of lungdx: an experiment whose result is reported in docs/results.md.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
+from pointing_by_stratum import labels_of  # noqa: E402
 from size_judge_refit import validation_summary  # noqa: E402
 
 from lungdx import metrics  # noqa: E402
@@ -36,8 +38,10 @@ SUBTLETY_GROUPS = {"1-2 (most subtle)": (1, 2), "3": (3,), "4-5 (obvious)": (4, 
 def presence_by_subtlety(rows: pd.DataFrame, labels: pd.DataFrame) -> dict[str, tuple[int, float]]:
     """Per subtlety group: (nodule rows, presence AUC of those rows against every normal row)."""
     subtlety = rows["case_id"].map(labels.set_index("case_id")["subtlety"])
-    if subtlety[rows["has_nodule"] == 1].isna().any():
-        raise SystemExit("some nodule rows have no subtlety in the labels file: is it JSRT's labels.csv?")
+    missing = rows.loc[(rows["has_nodule"] == 1) & subtlety.isna(), "case_id"]
+    if len(missing):
+        raise SystemExit(f"labels.csv of the CV's data folder gives no subtlety for nodule cases {', '.join(missing[:5])}: "
+                         "is it JSRT's?")
     normals = rows[rows["has_nodule"] == 0]
     found = {}
     for name, levels in SUBTLETY_GROUPS.items():
@@ -53,18 +57,18 @@ def main() -> None:
     parser.add_argument("cv_dirs", type=Path, nargs="+")
     parser.add_argument("--split", choices=("val", "train", "test"), default="val",
                         help="whose rows to pool: validation (default), the folds' own training images, or test")
-    parser.add_argument("--by-subtlety", type=Path, metavar="LABELS_CSV",
-                        help="JSRT's labels.csv: also the presence AUC per subtlety group against the normals")
+    parser.add_argument("--by-subtlety", action="store_true",
+                        help="also the presence AUC per JSRT subtlety group against the normals")
     args = parser.parse_args()
-    labels = pd.read_csv(args.by_subtlety, dtype={"case_id": str}) if args.by_subtlety else None
     for cv_dir in args.cv_dirs:
         folds = sorted((cv_dir / "runs").glob("*/nodule_outputs.csv"))
         rows = pd.concat([pd.read_csv(path, dtype={"case_id": str}).assign(fold=path.parent.name) for path in folds],
                          ignore_index=True)
-        summary = validation_summary(rows[rows["split"] == args.split])
+        rows = rows[rows["split"] == args.split]
+        summary = validation_summary(rows)
         print(f"{cv_dir} ({len(folds)} folds, {args.split}):", {key: round(float(value), 3) for key, value in summary.items()})
-        if labels is not None:
-            for name, (count, auc) in presence_by_subtlety(rows[rows["split"] == args.split], labels).items():
+        if args.by_subtlety:
+            for name, (count, auc) in presence_by_subtlety(rows, labels_of(cv_dir)).items():
                 print(f"  subtlety {name}: {count} nodule rows, presence AUC against the normals {auc:.3f}")
 
 
