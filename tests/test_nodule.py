@@ -280,6 +280,44 @@ def test_inserted_nodule_lands_inside_the_lungs_and_changes_nothing_far_from_it(
     assert insert_nodule(image, np.zeros_like(lungs), patch, rng) is None
 
 
+def test_a_fainter_insertion_scales_the_nodule_against_its_new_surroundings():
+    image = np.full((128, 128), 0.5, np.float32)
+    lungs = np.zeros((128, 128), bool)
+    lungs[30:100, 20:60] = True
+    yy, xx = np.mgrid[:21, :21]
+    # The donor sits on a darker level (0.3) than the recipient (0.5): only its 0.4 of contrast moves.
+    patch = NodulePatch((0.3 + 0.4 * (np.hypot(xx - 10, yy - 10) < 6)).astype(np.float32), 6.0, 1.0, "donor")
+    for contrast in (1.0, 0.5, 0.25):
+        inserted, (x, y, _) = insert_nodule(image, lungs, patch, np.random.default_rng(0), contrast=contrast)
+        assert inserted[int(y), int(x)] == pytest.approx(0.5 + contrast * 0.4, abs=0.01)
+    with pytest.raises(ValueError, match="contrast"):
+        insert_nodule(image, lungs, patch, np.random.default_rng(0), contrast=0.0)
+
+
+def test_the_detectors_batches_insert_nodules_as_faint_as_insert_contrast_allows():
+    from lungdx import nodule_train
+
+    yy, xx = np.mgrid[:128, :128]
+    donor = (0.3 + 0.4 * (np.hypot(xx - 64, yy - 64) < 6)).astype(np.float32)[None]  # a 0.4-contrast disc
+    bank = NoduleBank(donor, pd.DataFrame({"split": ["train"], "case_id": ["donor"]}), np.array([[64.0, 64.0, 6.0]]),
+                      np.ones(1))
+    lungs = np.zeros((8, 128, 128), bool)
+    lungs[:, 30:100, 20:60] = True
+    no_nodule = np.full((8, 3), np.nan, np.float32)
+
+    def centre_contrasts(insert_contrast):
+        config = load_config(None, ["nodule.insert_prob=1.0", "augment.enabled=false", f"nodule.insert_contrast={insert_contrast}"])
+        batches = nodule_train._DetectorBatches(np.full((8, 128, 128), 0.5, np.float32), torch.ones(8, 1, 32, 32), lungs,
+                                                no_nodule, np.full(8, np.nan), bank, config, torch.Generator().manual_seed(0))
+        levelled, _, circles, *_ = batches.sample(np.arange(8))
+        assert torch.isfinite(circles).all()  # every normal got its nodule
+        return np.array([float(levelled[i, 0, int(y), int(x)]) - 0.5 for i, (x, y, _) in enumerate(circles.tolist())])
+
+    np.testing.assert_allclose(centre_contrasts(1.0), 0.4, atol=0.01)  # as cut
+    faint = centre_contrasts(0.25)
+    assert (faint >= 0.25 * 0.4 - 0.01).all() and (faint <= 0.4 + 0.01).all() and faint.max() - faint.min() > 0.05
+
+
 def test_combined_logit_is_the_product_of_the_two_probabilities():
     presence, malignancy = torch.tensor([-2.0, 0.5, 3.0]), torch.tensor([1.0, -1.0, 2.0])
     expected = torch.sigmoid(presence) * torch.sigmoid(malignancy)

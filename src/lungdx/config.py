@@ -185,6 +185,9 @@ class NoduleConfig:
         crop: side in input pixels of the detector's training crops (a multiple of 32; 0 = whole image).
         nodule_in_crop: share of crops centred near a nodule when the image has one.
         insert_prob: chance that a training normal gets a real training nodule blended into its lungs.
+        insert_contrast: an inserted nodule's contrast against its new surroundings is its donor's times a
+            factor drawn uniformly from [``insert_contrast``, 1] (1 = as cut): fainter nodules, like the
+            subtle ones the detector misses most. Below 1 it draws one more random number per insertion.
         judge_jitter: the judge's crop centre moves by up to this many nodule radii (the detector's error).
         batch_size: images per detector and segmentation step (the judge uses ``train.batch_size``).
         det_ema: decay per step of an exponential moving average of the detector's weights, which is what
@@ -220,6 +223,7 @@ class NoduleConfig:
     crop: int = 256
     nodule_in_crop: float = 0.7
     insert_prob: float = 0.7
+    insert_contrast: float = 1.0
     judge_jitter: float = 0.5
     batch_size: int = 16
     det_ema: float = 0.0
@@ -237,6 +241,8 @@ class NoduleConfig:
                 raise ConfigError(f"nodule.{name} must be one of {', '.join(choices)}; got '{getattr(self, name)}'")
         if not isinstance(self.det_repeats, int) or self.det_repeats < 1:
             raise ConfigError(f"nodule.det_repeats must be a whole number of at least 1; got {self.det_repeats!r}")
+        if not 0 < self.insert_contrast <= 1:
+            raise ConfigError(f"nodule.insert_contrast is a factor in (0, 1]; got {self.insert_contrast!r}")
         for name in ("seg_black_out", "det_black_out"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"nodule.{name} is a chance between 0 and 1; got {getattr(self, name)!r}")

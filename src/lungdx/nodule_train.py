@@ -414,7 +414,9 @@ class _DetectorBatches:
             if math.isfinite(circles[row, 0]) or self.bank is None or not len(self.bank) or self.rng.random() >= settings.insert_prob:
                 continue
             patch = self.bank.patches[self.rng.integers(len(self.bank))]
-            inserted = insert_nodule(levelled[row], self.gt_masks[image_index], patch, self.rng)
+            # Only a contrast below 1 draws its factor: the random stream of the recipes without it is unchanged.
+            contrast = self.rng.uniform(settings.insert_contrast, 1.0) if settings.insert_contrast < 1 else 1.0
+            inserted = insert_nodule(levelled[row], self.gt_masks[image_index], patch, self.rng, contrast=contrast)
             if inserted is not None:
                 levelled[row], circles[row] = inserted[0], inserted[1]
                 malignant[row] = patch.malignant

@@ -233,14 +233,17 @@ def _ring_mean(pixels: np.ndarray, radius: float) -> float:
     return float(pixels[ring].mean()) if ring.any() else float(pixels.mean())
 
 
-def insert_nodule(image: np.ndarray, lung_mask: np.ndarray, patch: NodulePatch,
-                  rng: np.random.Generator, tries: int = 30) -> tuple[np.ndarray, tuple[float, float, float]] | None:
+def insert_nodule(image: np.ndarray, lung_mask: np.ndarray, patch: NodulePatch, rng: np.random.Generator,
+                  tries: int = 30, contrast: float = 1.0) -> tuple[np.ndarray, tuple[float, float, float]] | None:
     """Blend ``patch`` into ``image`` at a random place where the nodule lies inside ``lung_mask``.
 
-    The patch is shifted to the recipient's local level (mean of a ring around the nodule) and
-    blended with a soft circular alpha. Returns the new image and the circle (column, row, radius),
+    The patch is shifted to the recipient's local level (mean of a ring around the nodule), its
+    difference from that level scaled by ``contrast`` (below 1: a fainter nodule than the donor's),
+    and blended with a soft circular alpha. Returns the new image and the circle (column, row, radius),
     or None when no place inside the lungs fits.
     """
+    if not 0 < contrast <= 1:
+        raise ValueError(f"contrast must be in (0, 1]; got {contrast}")
     side = patch.pixels.shape[0]
     half = side // 2
     radius = patch.radius_px
@@ -257,7 +260,7 @@ def insert_nodule(image: np.ndarray, lung_mask: np.ndarray, patch: NodulePatch,
         if not lung_mask[points[:, 1], points[:, 0]].all():
             continue
         region = image[row - half : row + half + 1, column - half : column + half + 1]
-        shifted = patch.pixels - _ring_mean(patch.pixels, radius) + _ring_mean(region, radius)
+        shifted = contrast * (patch.pixels - _ring_mean(patch.pixels, radius)) + _ring_mean(region, radius)
         alpha = _alpha(side, radius)
         result = image.copy()
         result[row - half : row + half + 1, column - half : column + half + 1] = np.clip(
