@@ -265,13 +265,23 @@ def test_hard_negatives_are_the_maps_peaks_off_the_nodule_and_crops_centre_on_th
         assert left <= point[0] < left + 64 and top <= point[1] < top + 64
 
 
+def _disc_donor(side: int = 21) -> np.ndarray:
+    """A 0.4-contrast disc of radius 6 px on a 0.3 level, centred in a side x side image."""
+    yy, xx = np.mgrid[:side, :side]
+    return (0.3 + 0.4 * (np.hypot(xx - side // 2, yy - side // 2) < 6)).astype(np.float32)
+
+
+def _box_lungs(*leading: int) -> np.ndarray:
+    lungs = np.zeros((*leading, 128, 128), bool)
+    lungs[..., 30:100, 20:60] = True
+    return lungs
+
+
 def test_inserted_nodule_lands_inside_the_lungs_and_changes_nothing_far_from_it():
     rng = np.random.default_rng(0)
     image = np.full((128, 128), 0.3, np.float32)
-    lungs = np.zeros((128, 128), bool)
-    lungs[30:100, 20:60] = True
-    yy, xx = np.mgrid[:21, :21]
-    patch = NodulePatch((0.3 + 0.4 * (np.hypot(xx - 10, yy - 10) < 6)).astype(np.float32), 6.0, 1.0, "donor")
+    lungs = _box_lungs()
+    patch = NodulePatch(_disc_donor(), 6.0, 1.0, "donor")
     inserted, (x, y, radius) = insert_nodule(image, lungs, patch, rng)
     assert lungs[int(y), int(x)] and radius == 6.0
     assert inserted[int(y), int(x)] == pytest.approx(0.7, abs=0.01)
@@ -282,11 +292,9 @@ def test_inserted_nodule_lands_inside_the_lungs_and_changes_nothing_far_from_it(
 
 def test_a_fainter_insertion_scales_the_nodule_against_its_new_surroundings():
     image = np.full((128, 128), 0.5, np.float32)
-    lungs = np.zeros((128, 128), bool)
-    lungs[30:100, 20:60] = True
-    yy, xx = np.mgrid[:21, :21]
+    lungs = _box_lungs()
     # The donor sits on a darker level (0.3) than the recipient (0.5): only its 0.4 of contrast moves.
-    patch = NodulePatch((0.3 + 0.4 * (np.hypot(xx - 10, yy - 10) < 6)).astype(np.float32), 6.0, 1.0, "donor")
+    patch = NodulePatch(_disc_donor(), 6.0, 1.0, "donor")
     for contrast in (1.0, 0.5, 0.25):
         inserted, (x, y, _) = insert_nodule(image, lungs, patch, np.random.default_rng(0), contrast=contrast)
         assert inserted[int(y), int(x)] == pytest.approx(0.5 + contrast * 0.4, abs=0.01)
@@ -297,12 +305,9 @@ def test_a_fainter_insertion_scales_the_nodule_against_its_new_surroundings():
 def test_the_detectors_batches_insert_nodules_as_faint_as_insert_contrast_allows():
     from lungdx import nodule_train
 
-    yy, xx = np.mgrid[:128, :128]
-    donor = (0.3 + 0.4 * (np.hypot(xx - 64, yy - 64) < 6)).astype(np.float32)[None]  # a 0.4-contrast disc
-    bank = NoduleBank(donor, pd.DataFrame({"split": ["train"], "case_id": ["donor"]}), np.array([[64.0, 64.0, 6.0]]),
-                      np.ones(1))
-    lungs = np.zeros((8, 128, 128), bool)
-    lungs[:, 30:100, 20:60] = True
+    bank = NoduleBank(_disc_donor(128)[None], pd.DataFrame({"split": ["train"], "case_id": ["donor"]}),
+                      np.array([[64.0, 64.0, 6.0]]), np.ones(1))
+    lungs = _box_lungs(8)
     no_nodule = np.full((8, 3), np.nan, np.float32)
 
     def centre_contrasts(insert_contrast):
