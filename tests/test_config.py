@@ -63,8 +63,8 @@ def test_shipped_configs_load():
 
 def test_the_blackout_config_is_the_recipe_of_the_blackout_cvs():
     """configs/nodule-blackout.yaml must stay what the command in docs/results.md gives."""
-    command = ["nodule.hard_negatives=0.5", "nodule.det_repeats=3", "nodule.hflip=true", "nodule.det_epochs=50",
-               "nodule.det_patience=50", "nodule.det_schedule=cosine", "nodule.seg_black_out=0.5",
+    command = ["nodule.hard_negatives=0.5", "nodule.det_repeats=3", "nodule.hflip=true", "nodule.det_epochs=100",
+               "nodule.det_patience=100", "nodule.det_schedule=cosine", "nodule.seg_black_out=0.5",
                "model.kwargs.verifier=cnn", "model.kwargs.tta=hflip", "nodule.det_black_out=0.5"]
     assert to_dict(load_config(CONFIGS / "nodule-blackout.yaml")) == to_dict(load_config(CONFIGS / "nodule.yaml", command))
 
