@@ -62,7 +62,8 @@ def test_shipped_configs_load():
 
 
 def test_the_blackout_config_is_the_recipe_of_the_blackout_cvs():
-    """configs/nodule-blackout.yaml must stay what the command in docs/results.md gives."""
+    """configs/nodule-blackout.yaml must stay the black-out CVs' command in docs/results.md with the long-detector CV's
+    100 detector epochs."""
     command = ["nodule.hard_negatives=0.5", "nodule.det_repeats=3", "nodule.hflip=true", "nodule.det_epochs=100",
                "nodule.det_patience=100", "nodule.det_schedule=cosine", "nodule.seg_black_out=0.5",
                "model.kwargs.verifier=cnn", "model.kwargs.tta=hflip", "nodule.det_black_out=0.5"]
