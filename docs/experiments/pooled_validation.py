@@ -14,12 +14,18 @@ test folds, for use only after a rule has decided.
 (subtlety from the ``labels.csv`` of the CV's data folder, as ``pointing_by_stratum.py`` reads it):
 where the presence AUC is lost.
 
+``--candidate-rank`` adds, per subtlety group, the rank (1-5) of the first of the map's candidates
+that lies within the pointing game's reach of the nodule (radius + 1/32 of the side), or "none":
+how many missed nodules a better ranking of the candidates could still find, and how many the map
+does not offer at all.
+
 Not part of lungdx: an experiment whose result is reported in docs/results.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,6 +37,7 @@ from pointing_by_stratum import labels_of  # noqa: E402
 from size_judge_refit import validation_summary  # noqa: E402
 
 from lungdx import metrics  # noqa: E402
+from lungdx.localisation import pointing_reach  # noqa: E402
 
 SUBTLETY_GROUPS = {"1-2 (most subtle)": (1, 2), "3": (3,), "4-5 (obvious)": (4, 5)}
 
@@ -52,6 +59,21 @@ def presence_by_subtlety(rows: pd.DataFrame, labels: pd.DataFrame) -> dict[str, 
     return found
 
 
+def candidate_ranks(rows: pd.DataFrame, labels: pd.DataFrame, size: int = 512) -> dict[str, dict[str, int]]:
+    """Per subtlety group: how many nodule rows have their first hitting candidate at rank 1, 2, ... or none."""
+    nodules = rows[rows["has_nodule"] == 1]
+    subtlety = nodules["case_id"].map(labels.set_index("case_id")["subtlety"])
+    ranks = []
+    for row in nodules.itertuples():
+        candidates = np.asarray(json.loads(row.candidates), dtype=float).reshape(-1, 3)
+        distance = np.hypot(candidates[:, 0] - row.nodule_x, candidates[:, 1] - row.nodule_y)
+        hit = np.flatnonzero(distance <= pointing_reach(row.nodule_r, size))
+        ranks.append(str(hit[0] + 1) if len(hit) else "none")
+    ranks = pd.Series(ranks, index=nodules.index)
+    return {name: ranks[subtlety.isin(levels)].value_counts().reindex([*map(str, range(1, 6)), "none"], fill_value=0)
+            .loc[lambda counts: counts > 0].to_dict() for name, levels in SUBTLETY_GROUPS.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cv_dirs", type=Path, nargs="+")
@@ -59,6 +81,8 @@ def main() -> None:
                         help="whose rows to pool: validation (default), the folds' own training images, or test")
     parser.add_argument("--by-subtlety", action="store_true",
                         help="also the presence AUC per JSRT subtlety group against the normals")
+    parser.add_argument("--candidate-rank", action="store_true",
+                        help="also, per subtlety group, the rank of the first candidate on the nodule (or none)")
     args = parser.parse_args()
     for cv_dir in args.cv_dirs:
         folds = sorted((cv_dir / "runs").glob("*/nodule_outputs.csv"))
@@ -70,6 +94,9 @@ def main() -> None:
         if args.by_subtlety:
             for name, (count, auc) in presence_by_subtlety(rows, labels_of(cv_dir)).items():
                 print(f"  subtlety {name}: {count} nodule rows, presence AUC against the normals {auc:.3f}")
+        if args.candidate_rank:
+            for name, counts in candidate_ranks(rows, labels_of(cv_dir)).items():
+                print(f"  subtlety {name}: first candidate on the nodule at rank", counts)
 
 
 if __name__ == "__main__":
