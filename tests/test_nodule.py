@@ -914,3 +914,68 @@ def test_judge_keep_last_trains_every_epoch_and_keeps_the_last_weights(keep):
         expected = kept_after[best - 1]
     for name, tensor in model.judge.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
+def _two_lungs(side: int) -> torch.Tensor:
+    """(1, 1, side, side) lung logits: two lungs with a gap (the mediastinum) between them and domed bases that
+    reach lower at the sides (the costophrenic angles) than in the middle."""
+    yy, xx = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij")
+    base = 0.7 * side + 0.15 * side * (abs(xx - side / 2) / (side / 2))  # lower towards the sides
+    right = (xx > 0.12 * side) & (xx < 0.42 * side)
+    left = (xx > 0.58 * side) & (xx < 0.88 * side)
+    lungs = (right | left) & (yy > 0.15 * side) & (yy < base)
+    return torch.where(lungs, 1.0, -1.0)[None, None]
+
+
+def test_lung_hull_fills_the_mediastinum_and_below_the_dome_but_not_the_corners():
+    from lungdx.models.nodule_net import lung_hull
+
+    lungs = (_two_lungs(64) > 0).float()
+    hull = lung_hull(lungs)
+    assert (hull >= lungs).all() and torch.equal(lung_hull(hull), hull)
+    assert lungs[0, 0, 30, 32] == 0 and hull[0, 0, 30, 32] == 1  # between the lungs: the heart's shadow
+    assert lungs[0, 0, 50, 20] == 0 and hull[0, 0, 50, 20] == 1  # below the dome, above the costophrenic angle
+    assert hull[0, 0, 2, 2] == 0 and hull[0, 0, 62, 32] == 0 and hull[0, 0, 30, 2] == 0  # corners, below, film edge
+    assert lung_hull(torch.zeros(1, 1, 8, 8)).sum() == 0
+
+
+@pytest.mark.parametrize("region", ["lungs", "hull"])
+def test_the_hull_region_keeps_a_nodule_behind_the_heart_in_the_image_and_the_map(region):
+    model = create_model("nodule_net", input_size=256, region=region).eval()
+    lung_logits = _two_lungs(64)
+    images = torch.rand(1, 1, 256, 256)
+    masked, mask = model.mask_image(images, lung_logits)
+    nodule_map = model.detect(masked, lung_logits)
+    heart = (120, 128)  # row, column (input px): between the lungs
+    kept = region == "hull"
+    assert (masked[0, 0, heart[0], heart[1]] != 0) == kept and (mask[0, 0, heart[0], heart[1]] == 1) == kept
+    assert (nodule_map[0, 0, heart[0] // 4, heart[1] // 4] > -29) == kept
+    assert mask[0, 0, 5, 5] == 0 and nodule_map[0, 0, 1, 1] == -30  # the corners stay out either way
+    analysis = model.analyse(images)
+    assert torch.isclose(analysis.lung_fraction, (analysis.lung_logits.float() > 0).float().mean()).all()  # the lungs', not the hull's
+
+
+def test_the_detectors_loss_counts_the_hull_when_the_region_is_the_hull(monkeypatch):
+    from lungdx import nodule_train
+    from lungdx.runtime import Hardware
+
+    seen = {}
+    monkeypatch.setattr(nodule_train, "focal_loss", lambda logits, target, weight: seen.setdefault("weight", weight).sum())
+    config = load_config(None, ["augment.enabled=false", "nodule.hflip=false", "nodule.crop=128", "train.precision=fp32"])
+    circles = np.array([[64.0, 60.0, 5.0]], np.float32)  # between the lungs
+    batches = nodule_train._DetectorBatches(np.zeros((1, 128, 128), np.float32), _two_lungs(32), None, circles,
+                                            np.ones(1, np.float32), None, config, torch.Generator().manual_seed(0))
+    hardware = Hardware.resolve("cpu", "fp32", "off")
+    for region, counted in (("lungs", 0), ("hull", 1)):
+        seen.clear()
+        nodule_train._detector_step(create_model("nodule_net", input_size=128, region=region), batches, np.arange(1), config,
+                                    hardware)
+        assert seen["weight"][0, 0, 60 // 4, 64 // 4] == counted
+
+
+def test_nodule_net_refuses_an_unknown_region_and_an_ensemble_refuses_members_that_disagree_on_it():
+    with pytest.raises(ValueError, match="region must be one of lungs, hull"):
+        create_model("nodule_net", input_size=256, region="thorax")
+    with pytest.raises(ValueError, match="disagree on region"):
+        create_model("nodule_ensemble", input_size=256, members=[{"region": "lungs"}, {"region": "hull"}])
+    assert create_model("nodule_ensemble", input_size=256, members=[{"region": "hull"}] * 2).region == "hull"

@@ -471,7 +471,7 @@ def _detector_step(model, batches: _DetectorBatches, index, config, hardware):
     inputs = model_input(batch, config.preprocess, hardware)
     masked, _ = model.mask_image(inputs, lung_logits.to(hardware.device))
     target = target_map(circles, size)
-    weight = F.max_pool2d((F.interpolate((lung_logits > 0).float(), size=target.shape[-2:], mode="nearest")), 3, 1, 1)
+    weight = model.map_region(lung_logits, target.shape[-2:])
     crops, crop_targets, crop_weights = [], [], []
     for row, (left, top) in enumerate(batches.crop_offsets(circles, lung_logits, size, crop, hard)):
         crops.append(masked[row, :, top : top + crop, left : left + crop])

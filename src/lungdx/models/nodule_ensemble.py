@@ -13,7 +13,7 @@
 
 Members are built from their own checkpoints' arguments, so they may differ in training recipe,
 verifier or judge, but not in the geometry that ties the stages together (input size, task, crop,
-mask dilation). An ensemble is assembled from finished runs (``lungdx ensemble``, ``lungdx.ensemble``),
+mask dilation and region). An ensemble is assembled from finished runs (``lungdx ensemble``, ``lungdx.ensemble``),
 never trained as a whole.
 """
 
@@ -25,7 +25,7 @@ from torch import nn
 from lungdx.models.nodule_net import NoduleNet, NoduleReader
 from lungdx.models.registry import register_model
 
-SHARED = ("crop_fraction", "crop_size", "dilate_px")
+SHARED = ("crop_fraction", "crop_size", "dilate_px", "region")
 """Member arguments that must agree: the stages of different members meet on one mask and one crop."""
 
 
@@ -65,6 +65,7 @@ class NoduleEnsemble(NoduleReader, nn.Module):
         self.input_size, self.task, self.in_channels = input_size, task, in_channels
         first = nets[0]
         self.crop_fraction, self.crop_size, self.dilate_px = first.crop_fraction, first.crop_size, first.dilate_px
+        self.region = first.region
         self.candidate_count = max((net.candidate_count for net in nets if net.verifies), default=first.candidate_count)
 
     @property
@@ -79,8 +80,11 @@ class NoduleEnsemble(NoduleReader, nn.Module):
     def mask_image(self, images: torch.Tensor, lung_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.members[0].mask_image(images, lung_logits)
 
+    def map_region(self, lung_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.members[0].map_region(lung_logits, size)
+
     def detect(self, masked: torch.Tensor, lung_logits: torch.Tensor) -> torch.Tensor:
-        """The mean of the members' nodule maps (``-30`` outside the lungs in every member's, so in the mean)."""
+        """The mean of the members' nodule maps (``-30`` outside the lung region in every member's, so in the mean)."""
         return torch.stack([net.detect(masked, lung_logits) for net in self.members]).mean(0)
 
     def candidate_score(self, map_logits: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
