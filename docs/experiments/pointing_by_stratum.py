@@ -3,7 +3,8 @@
 Reads ``oof_nodule_outputs.csv`` of each finished ``lungdx cv`` folder given (every fold's test
 images, scored by that fold's model) and JSRT's ``labels.csv`` (subtlety, size_mm), and prints the
 nodules whose map peak lies within radius + 16 px (``lungdx.localisation.pointing_hits``), by
-stratum and by fold. With two folders (the same folds), it also gives the paired comparison: how
+stratum and by fold; ``--by-lung-mask`` also splits them by whether the nodule's centre lies on the
+dataset's lung mask. With two folders (the same folds), it also gives the paired comparison: how
 many nodules only one of them finds, and McNemar's exact test on those.
 
     python docs/experiments/pointing_by_stratum.py runs/jsrt-cv10-nodule-hard runs/jsrt-cv10-nodule-flip3
@@ -46,6 +47,23 @@ def labels_of(folder: Path) -> pd.DataFrame:
     return labels.astype({"subtlety": "Int64"})
 
 
+def centre_in_lung_mask(folder: Path) -> pd.Series:
+    """Per nodule case_id: does the nodule's labelled centre lie on the dataset's lung mask (``labels.csv``'s
+    ``lung_mask``, ``nodule_x``/``nodule_y`` in the mask's pixels)? JSRT's masks leave out the lung behind the
+    heart and below the diaphragm's dome."""
+    from PIL import Image
+
+    plan = yaml.safe_load((folder / "plan.yaml").read_text())
+    data = Path(plan["config"]["data"]["path"])
+    labels = pd.read_csv(data / "labels.csv")
+    labels = labels[labels["has_nodule"] == 1]
+    inside = {}
+    for row in labels.itertuples():
+        mask = np.asarray(Image.open(data / row.lung_mask))
+        inside[row.case_id] = "inside" if mask[int(round(row.nodule_y)), int(round(row.nodule_x))] else "outside"
+    return pd.Series(inside, name="lung_mask")
+
+
 def table(nodules: pd.DataFrame, by: str) -> str:
     grouped = nodules.groupby(by, observed=True)["hit"].agg(["sum", "count"])
     return ", ".join(f"{key}: {int(row['sum'])}/{int(row['count'])}" for key, row in grouped.iterrows())
@@ -54,6 +72,8 @@ def table(nodules: pd.DataFrame, by: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="finished lungdx cv folders of nodule_net (one or two)")
+    parser.add_argument("--by-lung-mask", action="store_true",
+                        help="also by whether the nodule's centre lies on the dataset's lung mask (lung_mask in labels.csv)")
     args = parser.parse_args()
     labels = labels_of(args.folders[0])
     per_folder = {}
@@ -65,6 +85,9 @@ def main() -> None:
         print(f"{folder}: pointing {int(nodules['hit'].sum())} of {len(nodules)} ({nodules['hit'].mean():.3f})")
         print(f"  by subtlety (1 = extremely subtle ... 5 = obvious): {table(nodules, 'subtlety')}")
         print(f"  by size (mm): {table(nodules, 'size')}")
+        if args.by_lung_mask:
+            nodules["lung_mask"] = nodules["case_id"].map(centre_in_lung_mask(folder))
+            print(f"  by the centre's place on the lung mask: {table(nodules, 'lung_mask')}")
         print(f"  by fold: {table(nodules, 'fold')}")
     if len(args.folders) == 2:
         first, second = (per_folder[folder].set_index("case_id")["hit"] for folder in args.folders)
