@@ -261,9 +261,9 @@ class NoduleAnalysis:
 
     Attributes:
         lung_logits: (N, 1, S/4, S/4) lung-field logits.
-        lung_mask: (N, 1, S, S) the (dilated) mask applied to the image.
+        lung_mask: (N, 1, S, S) the (dilated) lung region applied to the image (the lungs, or their hull).
         lung_fraction: (N,) share of the image inside the lung field (before dilation).
-        nodule_map: (N, 1, S/4, S/4) nodule-map logits, ``-30`` outside the lungs.
+        nodule_map: (N, 1, S/4, S/4) nodule-map logits, ``-30`` outside the lung region.
         peak: (N, 2) the map's peak in model-input pixels (column, row; pixel centres at integers).
         presence: (N,) "nodule present" logit (the map at its peak).
         malignancy: (N,) malignancy logit of the crop around the peak.
