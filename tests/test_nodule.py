@@ -937,6 +937,9 @@ def test_lung_hull_fills_the_mediastinum_and_below_the_dome_but_not_the_corners(
     assert lungs[0, 0, 50, 20] == 0 and hull[0, 0, 50, 20] == 1  # below the dome, above the costophrenic angle
     assert hull[0, 0, 2, 2] == 0 and hull[0, 0, 62, 32] == 0 and hull[0, 0, 30, 2] == 0  # corners, below, film edge
     assert lung_hull(torch.zeros(1, 1, 8, 8)).sum() == 0
+    speck = lungs.clone()
+    speck[0, 0, 1, 1] = 1  # a stray lung pixel in a corner, on no row or column of the lungs
+    assert torch.equal(lung_hull(speck), torch.maximum(hull, speck))
 
 
 @pytest.mark.parametrize("region", ["lungs", "hull"])

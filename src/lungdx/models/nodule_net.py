@@ -57,7 +57,8 @@ def lung_hull(mask: torch.Tensor) -> torch.Tensor:
 
     For a pair of lungs this adds the mediastinum and heart between them and, below the diaphragm's dome, the
     band down to the costophrenic angles: the lung that projects behind the heart and the dome. Every JSRT
-    nodule's centre lies inside it (140 of 154 inside the lung masks themselves).
+    nodule's centre lies inside it (140 of 154 inside the lung masks themselves). It never leaves the mask's
+    bounding box, and a stray speck that shares no row or column with the lungs stays a speck.
     """
     def fill(values: torch.Tensor, dim: int) -> torch.Tensor:
         after_first = values.cumsum(dim) > 0
