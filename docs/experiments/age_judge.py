@@ -21,24 +21,27 @@ Not part of lungdx: an experiment whose result is reported in docs/results.md.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from lungdx import metrics
-from lungdx.predict import sigmoid
+sys.path.insert(0, str(Path(__file__).parent))
+from pointing_by_stratum import data_folder  # noqa: E402
+
+from lungdx import metrics  # noqa: E402
+from lungdx.predict import sigmoid  # noqa: E402
 
 
 def ages_of(cv_dir: Path) -> pd.Series:
     """Age in years by case_id, from ``labels.csv`` of the CV's data folder (NaN where unknown)."""
-    plan = yaml.safe_load((cv_dir / "plan.yaml").read_text())
-    labels = pd.read_csv(Path(plan["config"]["data"]["path"]) / "labels.csv", dtype={"case_id": str})
+    path = data_folder(cv_dir) / "labels.csv"
+    labels = pd.read_csv(path, dtype={"case_id": str})
     if "age" not in labels.columns:
-        raise SystemExit(f"{cv_dir}: labels.csv of its data folder has no age column")
+        raise SystemExit(f"{path} (the data of {cv_dir}): no age column")
     return pd.to_numeric(labels.set_index("case_id")["age"], errors="coerce")
 
 

@@ -40,28 +40,15 @@ def hits(folder: Path) -> pd.DataFrame:
     return nodules[["case_id", "fold", "hit"]]
 
 
+def data_folder(folder: Path) -> Path:
+    """The data folder a ``lungdx cv`` folder was made from (its ``plan.yaml``)."""
+    plan = yaml.safe_load((folder / "plan.yaml").read_text())
+    return Path(plan["config"]["data"]["path"])
+
+
 def labels_of(folder: Path) -> pd.DataFrame:
-    plan = yaml.safe_load((folder / "plan.yaml").read_text())
-    data = Path(plan["config"]["data"]["path"])
-    labels = pd.read_csv(data / "labels.csv")[["case_id", "subtlety", "size_mm"]]
+    labels = pd.read_csv(data_folder(folder) / "labels.csv")[["case_id", "subtlety", "size_mm"]]
     return labels.astype({"subtlety": "Int64"})
-
-
-def centre_in_lung_mask(folder: Path) -> pd.Series:
-    """Per nodule case_id: does the nodule's labelled centre lie on the dataset's lung mask (``labels.csv``'s
-    ``lung_mask``, ``nodule_x``/``nodule_y`` in the mask's pixels)? JSRT's masks leave out the lung behind the
-    heart and below the diaphragm's dome."""
-    from PIL import Image
-
-    plan = yaml.safe_load((folder / "plan.yaml").read_text())
-    data = Path(plan["config"]["data"]["path"])
-    labels = pd.read_csv(data / "labels.csv")
-    labels = labels[labels["has_nodule"] == 1]
-    inside = {}
-    for row in labels.itertuples():
-        mask = np.asarray(Image.open(data / row.lung_mask))
-        inside[row.case_id] = "inside" if mask[int(round(row.nodule_y)), int(round(row.nodule_x))] else "outside"
-    return pd.Series(inside, name="lung_mask")
 
 
 def table(nodules: pd.DataFrame, by: str) -> str:
@@ -76,6 +63,10 @@ def main() -> None:
                         help="also by whether the nodule's centre lies on the dataset's lung mask (lung_mask in labels.csv)")
     args = parser.parse_args()
     labels = labels_of(args.folders[0])
+    if args.by_lung_mask:  # the folders share their data (the same folds): read the masks once
+        from nodule_visibility import lung_mask_places
+
+        places = lung_mask_places(data_folder(args.folders[0]))["on_mask"].map({True: "inside", False: "outside"})
     per_folder = {}
     for folder in args.folders:
         nodules = hits(folder)
@@ -86,7 +77,7 @@ def main() -> None:
         print(f"  by subtlety (1 = extremely subtle ... 5 = obvious): {table(nodules, 'subtlety')}")
         print(f"  by size (mm): {table(nodules, 'size')}")
         if args.by_lung_mask:
-            nodules["lung_mask"] = nodules["case_id"].map(centre_in_lung_mask(folder))
+            nodules["lung_mask"] = nodules["case_id"].map(places)
             print(f"  by the centre's place on the lung mask: {table(nodules, 'lung_mask')}")
         print(f"  by fold: {table(nodules, 'fold')}")
     if len(args.folders) == 2:

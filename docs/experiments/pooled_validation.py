@@ -68,10 +68,14 @@ def candidate_ranks(rows: pd.DataFrame, labels: pd.DataFrame, size: int = 512) -
         candidates = np.asarray(json.loads(row.candidates), dtype=float).reshape(-1, 3)
         distance = np.hypot(candidates[:, 0] - row.nodule_x, candidates[:, 1] - row.nodule_y)
         hit = np.flatnonzero(distance <= pointing_reach(row.nodule_r, size))
-        ranks.append(str(hit[0] + 1) if len(hit) else "none")
+        ranks.append(int(hit[0]) + 1 if len(hit) else 0)  # 0: no candidate on the nodule
     ranks = pd.Series(ranks, index=nodules.index)
-    return {name: ranks[subtlety.isin(levels)].value_counts().reindex([*map(str, range(1, 6)), "none"], fill_value=0)
-            .loc[lambda counts: counts > 0].to_dict() for name, levels in SUBTLETY_GROUPS.items()}
+    found = {}
+    for name, levels in SUBTLETY_GROUPS.items():
+        counts = ranks[subtlety.isin(levels)].value_counts()
+        found[name] = {str(rank): int(counts[rank]) for rank in sorted(counts.index) if rank} | (
+            {"none": int(counts[0])} if 0 in counts.index else {})
+    return found
 
 
 def main() -> None:

@@ -64,8 +64,8 @@ class NoduleEnsemble(NoduleReader, nn.Module):
         self.members = nn.ModuleList(nets)
         self.input_size, self.task, self.in_channels = input_size, task, in_channels
         first = nets[0]
-        self.crop_fraction, self.crop_size, self.dilate_px = first.crop_fraction, first.crop_size, first.dilate_px
-        self.region = first.region
+        for key in SHARED:
+            setattr(self, key, getattr(first, key))
         self.candidate_count = max((net.candidate_count for net in nets if net.verifies), default=first.candidate_count)
 
     @property
