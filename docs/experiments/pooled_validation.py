@@ -19,6 +19,10 @@ that lies within the pointing game's reach of the nodule (radius + 1/32 of the s
 how many missed nodules a better ranking of the candidates could still find, and how many the map
 does not offer at all.
 
+``--against REF`` adds paired DeLong tests against another CV on the same folds (same rows: fold and
+case): the nodule vs normal AUC (presence logits) and the malignant vs rest AUC (task logits),
+difference = this CV less REF.
+
 Not part of lungdx: an experiment whose result is reported in docs/results.md.
 """
 
@@ -78,6 +82,28 @@ def candidate_ranks(rows: pd.DataFrame, labels: pd.DataFrame, size: int = 512) -
     return found
 
 
+def pooled_rows(cv_dir: Path, split: str) -> tuple[pd.DataFrame, int]:
+    """The ``split`` rows of every fold's ``nodule_outputs.csv`` (a ``fold`` column added), and the number of folds."""
+    folds = sorted((cv_dir / "runs").glob("*/nodule_outputs.csv"))
+    if not folds:
+        raise SystemExit(f"{cv_dir}: no runs/*/nodule_outputs.csv (is it a finished nodule_net CV?)")
+    rows = pd.concat([pd.read_csv(path, dtype={"case_id": str}).assign(fold=path.parent.name) for path in folds],
+                     ignore_index=True)
+    return rows[rows["split"] == split], len(folds)
+
+
+def paired_tests(rows: pd.DataFrame, reference: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """DeLong tests of ``rows`` against ``reference`` on the same (fold, case) rows: presence and malignant vs rest."""
+    key = ["fold", "case_id"]
+    joined = rows.merge(reference, on=key, suffixes=("", "_ref"), validate="one_to_one")
+    if len(joined) != len(rows) or len(joined) != len(reference):
+        raise SystemExit(f"the two CVs share {len(joined)} rows of {len(rows)} and {len(reference)}: not the same folds")
+    rest = (joined["malignant"].fillna(0) == 1).astype(int).to_numpy()
+    return {"nodule_vs_normal": metrics.delong_test(joined["has_nodule"].to_numpy(), joined["presence_logit_ref"].to_numpy(),
+                                                    joined["presence_logit"].to_numpy()),
+            "malignant_vs_rest": metrics.delong_test(rest, joined["task_logit_ref"].to_numpy(), joined["task_logit"].to_numpy())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cv_dirs", type=Path, nargs="+")
@@ -87,20 +113,24 @@ def main() -> None:
                         help="also the presence AUC per JSRT subtlety group against the normals")
     parser.add_argument("--candidate-rank", action="store_true",
                         help="also, per subtlety group, the rank of the first candidate on the nodule (or none)")
+    parser.add_argument("--against", type=Path, metavar="REF",
+                        help="also paired DeLong tests against this CV's rows (same folds): presence and malignant vs rest")
     args = parser.parse_args()
+    reference = pooled_rows(args.against, args.split)[0] if args.against else None
     for cv_dir in args.cv_dirs:
-        folds = sorted((cv_dir / "runs").glob("*/nodule_outputs.csv"))
-        rows = pd.concat([pd.read_csv(path, dtype={"case_id": str}).assign(fold=path.parent.name) for path in folds],
-                         ignore_index=True)
-        rows = rows[rows["split"] == args.split]
+        rows, folds = pooled_rows(cv_dir, args.split)
         summary = validation_summary(rows)
-        print(f"{cv_dir} ({len(folds)} folds, {args.split}):", {key: round(float(value), 3) for key, value in summary.items()})
+        print(f"{cv_dir} ({folds} folds, {args.split}):", {key: round(float(value), 3) for key, value in summary.items()})
         if args.by_subtlety:
             for name, (count, auc) in presence_by_subtlety(rows, labels_of(cv_dir)).items():
                 print(f"  subtlety {name}: {count} nodule rows, presence AUC against the normals {auc:.3f}")
         if args.candidate_rank:
             for name, counts in candidate_ranks(rows, labels_of(cv_dir)).items():
                 print(f"  subtlety {name}: first candidate on the nodule at rank", counts)
+        if reference is not None:
+            for name, test in paired_tests(rows, reference).items():
+                print(f"  against {args.against}, {name}: {test['auc_b']:.3f} vs {test['auc_a']:.3f}, difference "
+                      f"{test['difference']:+.3f} [{test['ci_low']:+.3f}, {test['ci_high']:+.3f}], DeLong p = {test['p_value']:.3f}")
 
 
 if __name__ == "__main__":
