@@ -56,6 +56,21 @@ def lung_mask_places(folder: Path) -> pd.DataFrame:
     return pd.DataFrame.from_dict(places, orient="index")
 
 
+def points_on_mask(folder: Path, points: pd.DataFrame, size: int) -> pd.Series:
+    """Whether each point (columns ``case_id``, ``x``, ``y`` in pixels of a ``size`` px image) lies on its
+    image's lung mask in ``labels.csv``: for a model's peaks, where the map looked."""
+    labels = pd.read_csv(folder / "labels.csv").set_index("case_id")
+    masks: dict[str, np.ndarray] = {}
+    found = []
+    for row in points.itertuples():
+        if row.case_id not in masks:
+            masks[row.case_id] = np.asarray(Image.open(folder / labels.loc[row.case_id, "lung_mask"])) > 0
+        mask = masks[row.case_id]
+        scale = mask.shape[0] / size
+        found.append(bool(mask[min(int(row.y * scale), mask.shape[0] - 1), min(int(row.x * scale), mask.shape[1] - 1)]))
+    return pd.Series(found, index=points.index)
+
+
 def region_shares(folder: Path) -> tuple[float, float]:
     """Mean share of the image, at the lung U-Net's grid, inside the lung mask and inside its hull, over every
     image with a mask (normals included)."""

@@ -4,7 +4,9 @@ Reads ``oof_nodule_outputs.csv`` of each finished ``lungdx cv`` folder given (ev
 images, scored by that fold's model) and JSRT's ``labels.csv`` (subtlety, size_mm), and prints the
 nodules whose map peak lies within radius + 16 px (``lungdx.localisation.pointing_hits``), by
 stratum and by fold; ``--by-lung-mask`` also splits them by whether the nodule's centre lies on the
-dataset's lung mask. With two folders (the same folds), it also gives the paired comparison: how
+dataset's lung mask, and counts the map's peaks that lie off it: on the normal images (all, and
+the highest-scoring quarter, the false positives that cost the most) and on the nodules it missed.
+With two folders (the same folds), it also gives the paired comparison: how
 many nodules only one of them finds, and McNemar's exact test on those.
 
     python docs/experiments/pointing_by_stratum.py runs/jsrt-cv10-nodule-hard runs/jsrt-cv10-nodule-flip3
@@ -25,6 +27,22 @@ from scipy.stats import binomtest
 from lungdx.localisation import pointing_hits
 
 SIZE_BINS = [0, 10, 20, 30, 60]
+
+
+def peaks_off_mask(folder: Path, data: Path) -> str:
+    """Where the map's peaks off the lung mask are: on the normal images, the top quarter of them by presence
+    score, and the missed nodules (test folds, ``oof_nodule_outputs.csv``)."""
+    from nodule_visibility import points_on_mask
+
+    plan = yaml.safe_load((folder / "plan.yaml").read_text())
+    size = int(plan["config"]["preprocess"]["size"])
+    outputs = pd.read_csv(folder / "oof_nodule_outputs.csv")
+    off = ~points_on_mask(data, outputs.rename(columns={"peak_x": "x", "peak_y": "y"}), size)
+    normals = outputs["has_nodule"] == 0
+    top = outputs[normals].nlargest(int(normals.sum()) // 4, "presence_logit").index
+    missed = outputs.index[outputs["has_nodule"] == 1][pointing_hits(outputs, size) == 0]
+    return (f"normal images {int(off[normals].sum())} of {int(normals.sum())}, their highest-scoring quarter "
+            f"{int(off[top].sum())} of {len(top)}, missed nodules {int(off[missed].sum())} of {len(missed)}")
 
 
 def hits(folder: Path) -> pd.DataFrame:
@@ -79,6 +97,7 @@ def main() -> None:
         if args.by_lung_mask:
             nodules["lung_mask"] = nodules["case_id"].map(places)
             print(f"  by the centre's place on the lung mask: {table(nodules, 'lung_mask')}")
+            print(f"  peaks off the lung mask: {peaks_off_mask(folder, data_folder(folder))}")
         print(f"  by fold: {table(nodules, 'fold')}")
     if len(args.folders) == 2:
         first, second = (per_folder[folder].set_index("case_id")["hit"] for folder in args.folders)
