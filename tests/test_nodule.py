@@ -982,3 +982,32 @@ def test_nodule_net_refuses_an_unknown_region_and_an_ensemble_refuses_members_th
     with pytest.raises(ValueError, match="disagree on region"):
         create_model("nodule_ensemble", input_size=256, members=[{"region": "lungs"}, {"region": "hull"}])
     assert create_model("nodule_ensemble", input_size=256, members=[{"region": "hull"}] * 2).region == "hull"
+
+
+def test_standardising_inside_the_lungs_keeps_the_hull_but_takes_the_lungs_grey_levels():
+    lung_logits = _two_lungs(64)
+    images = torch.rand(1, 1, 256, 256) * 0.2
+    images[..., 60:200, 110:146] += 0.8  # a bright heart shadow between the lungs
+    hull, lungs_only = (create_model("nodule_net", input_size=256, region="hull", standardise_in=where).eval()
+                        for where in ("region", "lungs"))
+    by_hull, mask = hull.mask_image(images, lung_logits)
+    by_lungs, same_mask = lungs_only.mask_image(images, lung_logits)
+    assert torch.equal(mask, same_mask)  # the region kept is the hull either way
+    assert by_lungs[0, 0, 120, 128] != 0  # the heart stays in the image
+    lung_pixels = create_model("nodule_net", input_size=256).mask_image(images, lung_logits)[1] > 0
+    inside = by_lungs[lung_pixels]
+    assert abs(float(inside.mean())) < 1e-4 and abs(float(inside.std(unbiased=False)) - 1) < 1e-3
+    # Over the hull the heart raises the SD, so the lungs' contrast shrinks: the texture's spread is smaller.
+    assert float(by_hull[lung_pixels].std()) < 0.7 * float(inside.std())
+    # With the lungs as the region the two settings are the same model.
+    lungs = [create_model("nodule_net", input_size=256, standardise_in=where).mask_image(images, lung_logits)[0]
+             for where in ("region", "lungs")]
+    assert torch.equal(lungs[0], lungs[1])
+
+
+def test_standardise_in_is_checked_and_shared_by_an_ensembles_members():
+    with pytest.raises(ValueError, match="standardise_in must be region or lungs"):
+        create_model("nodule_net", input_size=256, standardise_in="hull")
+    with pytest.raises(ValueError, match="disagree on standardise_in"):
+        create_model("nodule_ensemble", input_size=256, members=[{"region": "hull"},
+                                                                  {"region": "hull", "standardise_in": "lungs"}])

@@ -13,8 +13,8 @@
 
 Members are built from their own checkpoints' arguments, so they may differ in training recipe,
 verifier or judge, but not in the geometry that ties the stages together (input size, task, crop,
-mask dilation and region). An ensemble is assembled from finished runs (``lungdx ensemble``, ``lungdx.ensemble``),
-never trained as a whole.
+mask dilation, region and where it is standardised). An ensemble is assembled from finished runs
+(``lungdx ensemble``, ``lungdx.ensemble``), never trained as a whole.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 from lungdx.models.nodule_net import NoduleNet, NoduleReader
 from lungdx.models.registry import register_model
 
-SHARED = ("crop_fraction", "crop_size", "dilate_px", "region")
+SHARED = ("crop_fraction", "crop_size", "dilate_px", "region", "standardise_in")
 """Member arguments that must agree: the stages of different members meet on one mask and one crop."""
 
 
