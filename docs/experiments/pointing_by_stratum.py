@@ -29,14 +29,17 @@ from lungdx.localisation import pointing_hits
 SIZE_BINS = [0, 10, 20, 30, 60]
 
 
-def peaks_off_mask(folder: Path, data: Path) -> str:
+def outputs_of(folder: Path) -> tuple[pd.DataFrame, int]:
+    """A CV folder's ``oof_nodule_outputs.csv`` and the image side its coordinates are in (``plan.yaml``)."""
+    plan = yaml.safe_load((folder / "plan.yaml").read_text())
+    return pd.read_csv(folder / "oof_nodule_outputs.csv"), int(plan["config"]["preprocess"]["size"])
+
+
+def peaks_off_mask(outputs: pd.DataFrame, size: int, data: Path) -> str:
     """Where the map's peaks off the lung mask are: on the normal images, the top quarter of them by presence
-    score, and the missed nodules (test folds, ``oof_nodule_outputs.csv``)."""
+    score, and the missed nodules (test folds, ``outputs_of``)."""
     from nodule_visibility import points_on_mask
 
-    plan = yaml.safe_load((folder / "plan.yaml").read_text())
-    size = int(plan["config"]["preprocess"]["size"])
-    outputs = pd.read_csv(folder / "oof_nodule_outputs.csv")
     off = ~points_on_mask(data, outputs.rename(columns={"peak_x": "x", "peak_y": "y"}), size)
     normals = outputs["has_nodule"] == 0
     top = outputs[normals].nlargest(int(normals.sum()) // 4, "presence_logit").index
@@ -45,11 +48,8 @@ def peaks_off_mask(folder: Path, data: Path) -> str:
             f"{int(off[top].sum())} of {len(top)}, missed nodules {int(off[missed].sum())} of {len(missed)}")
 
 
-def hits(folder: Path) -> pd.DataFrame:
-    """Per nodule case of a CV folder: case_id, fold, hit (0/1)."""
-    plan = yaml.safe_load((folder / "plan.yaml").read_text())
-    size = int(plan["config"]["preprocess"]["size"])
-    outputs = pd.read_csv(folder / "oof_nodule_outputs.csv")
+def hits(folder: Path, outputs: pd.DataFrame, size: int) -> pd.DataFrame:
+    """Per nodule case of a CV folder (its ``outputs_of``): case_id, fold, hit (0/1)."""
     nodules = outputs[outputs["has_nodule"] == 1].copy()
     nodules["hit"] = pointing_hits(outputs, size)
     folds = pd.read_csv(folder / "folds.csv")
@@ -87,7 +87,8 @@ def main() -> None:
         places = lung_mask_places(data_folder(args.folders[0]))["on_mask"].map({True: "inside", False: "outside"})
     per_folder = {}
     for folder in args.folders:
-        nodules = hits(folder)
+        outputs, size = outputs_of(folder)
+        nodules = hits(folder, outputs, size)
         nodules = nodules.merge(labels, on="case_id", how="left")
         nodules["size"] = pd.cut(nodules["size_mm"], SIZE_BINS, right=True)
         per_folder[folder] = nodules
@@ -97,7 +98,7 @@ def main() -> None:
         if args.by_lung_mask:
             nodules["lung_mask"] = nodules["case_id"].map(places)
             print(f"  by the centre's place on the lung mask: {table(nodules, 'lung_mask')}")
-            print(f"  peaks off the lung mask: {peaks_off_mask(folder, data_folder(folder))}")
+            print(f"  peaks off the lung mask: {peaks_off_mask(outputs, size, data_folder(folder))}")
         print(f"  by fold: {table(nodules, 'fold')}")
     if len(args.folders) == 2:
         first, second = (per_folder[folder].set_index("case_id")["hit"] for folder in args.folders)

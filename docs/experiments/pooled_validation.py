@@ -92,12 +92,14 @@ def pooled_rows(cv_dir: Path, split: str) -> tuple[pd.DataFrame, int]:
     return rows[rows["split"] == split], len(folds)
 
 
-def paired_tests(rows: pd.DataFrame, reference: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """DeLong tests of ``rows`` against ``reference`` on the same (fold, case) rows: presence and malignant vs rest."""
+def paired_tests(rows: pd.DataFrame, reference: pd.DataFrame, names: tuple[Path, Path]) -> dict[str, dict[str, float]]:
+    """DeLong tests of ``rows`` against ``reference`` on the same (fold, case) rows: presence and malignant vs rest
+    (``names``: the two CV folders, for the error when their rows differ)."""
     key = ["fold", "case_id"]
     joined = rows.merge(reference, on=key, suffixes=("", "_ref"), validate="one_to_one")
     if len(joined) != len(rows) or len(joined) != len(reference):
-        raise SystemExit(f"the two CVs share {len(joined)} rows of {len(rows)} and {len(reference)}: not the same folds")
+        raise SystemExit(f"{names[0]} and {names[1]} share {len(joined)} rows of {len(rows)} and {len(reference)}: "
+                         "not the same folds")
     rest = (joined["malignant"].fillna(0) == 1).astype(int).to_numpy()
     return {"nodule_vs_normal": metrics.delong_test(joined["has_nodule"].to_numpy(), joined["presence_logit_ref"].to_numpy(),
                                                     joined["presence_logit"].to_numpy()),
@@ -128,7 +130,7 @@ def main() -> None:
             for name, counts in candidate_ranks(rows, labels_of(cv_dir)).items():
                 print(f"  subtlety {name}: first candidate on the nodule at rank", counts)
         if reference is not None:
-            for name, test in paired_tests(rows, reference).items():
+            for name, test in paired_tests(rows, reference, (cv_dir, args.against)).items():
                 print(f"  against {args.against}, {name}: {test['auc_b']:.3f} vs {test['auc_a']:.3f}, difference "
                       f"{test['difference']:+.3f} [{test['ci_low']:+.3f}, {test['ci_high']:+.3f}], DeLong p = {test['p_value']:.3f}")
 
