@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from lungdx import metrics
 from lungdx.checkpoint import save_checkpoint
 from lungdx.config import RunConfig, to_dict
-from lungdx.data.augment import augment
+from lungdx.data.augment import affine_grid, augment
 from lungdx.data.manifest import class_names, describe_classes
 from lungdx.data.nodules import NoduleBank, dice, focal_loss, insert_nodule, localisation_targets, target_map
 from lungdx.io.files import write_atomic
@@ -224,7 +224,7 @@ def random_affine(count: int, config, generator: torch.Generator) -> torch.Tenso
 
 
 def warp(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    grid = affine_grid(theta.to(images.device, images.dtype), list(images.shape))
     return F.grid_sample(images, grid, mode=mode, padding_mode="border" if mode == "bilinear" else "zeros",
                          align_corners=False)
 

@@ -15,6 +15,24 @@ import torch.nn.functional as F
 from lungdx.config import AugmentConfig
 
 
+def affine_grid(theta: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """``F.affine_grid(theta, size, align_corners=False)`` for a 2-D ``size`` (N, C, H, W), built per axis.
+
+    The same sampling grid to within float rounding (a few 1e-7 of the [-1, 1] range), about five times
+    faster on the CPU: torch forms it as a batched (N, H*W, 3) x (3, 2) matmul over a full grid of pixel
+    centres; here each output coordinate is ``a * x + (b * y + c)`` with ``x`` one row's pixel centres and
+    ``y`` one column's. The nodule detector's sampler runs 1.6-2x faster with it (``bench/nodule_throughput.py``).
+    """
+    count, _, height, width = size
+    grid = torch.empty(count, height, width, 2, dtype=theta.dtype, device=theta.device)
+    x, y = (torch.linspace(-1, 1, side, dtype=theta.dtype, device=theta.device) * ((side - 1) / side)
+            for side in (width, height))  # pixel centres, as affine_grid places them (align_corners=False)
+    for axis in range(2):
+        a, b, c = (theta[:, axis, column, None, None] for column in range(3))
+        torch.add(y[None, :, None] * b + c, x[None, None, :] * a, out=grid[..., axis])
+    return grid
+
+
 def _uniform(shape, spread: float, generator: torch.Generator, device) -> torch.Tensor:
     return (torch.rand(shape, generator=generator) * 2 - 1).mul_(spread).to(device)
 
@@ -55,6 +73,6 @@ def _affine(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
     shift = _uniform((count, 2), 2 * config.translate, generator, "cpu")  # grid units span 2
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta.to(device, images.dtype), list(images.shape), align_corners=False)
+    grid = affine_grid(theta.to(device, images.dtype), list(images.shape))
     # Border padding keeps the film edge rather than inventing black corners the model could learn.
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
