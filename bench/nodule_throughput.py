@@ -89,6 +89,7 @@ def detector_step_table(hardware: Hardware, steps: int) -> None:
     """The detector's data + training step with torch's and lungdx's affine grid, alternating step by step."""
     from lungdx import nodule_train
     from lungdx.config import load_config
+    from lungdx.data import augment
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "nodule-blackout.yaml")
     size, count = config.preprocess.size, 64
@@ -104,13 +105,13 @@ def detector_step_table(hardware: Hardware, steps: int) -> None:
                                             generator)
     optimizer = torch.optim.Adam(model.detector.parameters(), lr=1e-4)
     grids = {"torch F.affine_grid (baseline)": lambda theta, shape: F.affine_grid(theta, shape, align_corners=False),
-             "lungdx affine_grid": nodule_train.affine_grid}
+             "lungdx affine_grid": augment.affine_grid}
     sampler_seconds = {name: [] for name in grids}
     step_seconds = {name: [] for name in grids}
     rng = np.random.default_rng(0)
     for turn in range(steps + 1):  # the first turn warms up and is not counted
         for name, grid in grids.items():
-            nodule_train.affine_grid = grid
+            augment.affine_grid = grid  # what augment.warp, the sampler's warp, calls
             index = np.sort(rng.choice(count, config.nodule.batch_size, replace=False))
             started = time.perf_counter()
             batches.sample(index)
@@ -122,7 +123,7 @@ def detector_step_table(hardware: Hardware, steps: int) -> None:
             if turn:
                 sampler_seconds[name].append(sampled - started)
                 step_seconds[name].append(time.perf_counter() - sampled)
-    nodule_train.affine_grid = grids["lungdx affine_grid"]
+    augment.affine_grid = grids["lungdx affine_grid"]
     print(f"Detector training step as configs/nodule-blackout.yaml trains it ({config.nodule.batch_size} images of "
           f"{size} px, one {config.nodule.crop} px crop each; median of {steps} steps each, taking turns)")
     print()

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from lungdx import metrics
 from lungdx.checkpoint import save_checkpoint
 from lungdx.config import RunConfig, to_dict
-from lungdx.data.augment import affine_grid, augment
+from lungdx.data.augment import augment, random_affine, warp
 from lungdx.data.manifest import class_names, describe_classes
 from lungdx.data.nodules import NoduleBank, dice, focal_loss, insert_nodule, localisation_targets, target_map
 from lungdx.io.files import write_atomic
@@ -209,24 +209,6 @@ class _Stopper:
 # ---------------------------------------------------------------------------------------------
 # Joint geometric augmentation: image, masks and nodule centres move together
 # ---------------------------------------------------------------------------------------------
-
-
-def random_affine(count: int, config, generator: torch.Generator) -> torch.Tensor:
-    """(N, 2, 3) affine_grid matrices: rotation, scale and shift within the chest-safe ranges."""
-    def uniform(shape, spread):
-        return (torch.rand(shape, generator=generator) * 2 - 1) * spread
-
-    angle = uniform(count, math.radians(config.rotation_deg))
-    scale = 1 + uniform(count, config.scale)
-    shift = uniform((count, 2), 2 * config.translate)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    return torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-
-
-def warp(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    grid = affine_grid(theta.to(images.device, images.dtype), list(images.shape))
-    return F.grid_sample(images, grid, mode=mode, padding_mode="border" if mode == "bilinear" else "zeros",
-                         align_corners=False)
 
 
 def warp_circles(circles: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:

@@ -18,8 +18,8 @@ from lungdx.config import AugmentConfig
 def affine_grid(theta: torch.Tensor, size: list[int]) -> torch.Tensor:
     """``F.affine_grid(theta, size, align_corners=False)`` for a 2-D ``size`` (N, C, H, W), built per axis.
 
-    The same sampling grid to within float rounding (a few 1e-7 of the [-1, 1] range), about five times
-    faster on the CPU: torch forms it as a batched (N, H*W, 3) x (3, 2) matmul over a full grid of pixel
+    The same sampling grid to within float rounding (a few 1e-7 of the [-1, 1] range), faster on the CPU
+    (bench/README.md): torch forms it as a batched (N, H*W, 3) x (3, 2) matmul over a full grid of pixel
     centres; here each output coordinate is ``a * x + (b * y + c)`` with ``x`` one row's pixel centres and
     ``y`` one column's. The nodule detector's sampler runs 1.6-2x faster with it (``bench/nodule_throughput.py``).
     """
@@ -65,14 +65,27 @@ def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
 
 
 def _affine(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    count, device = images.shape[0], images.device
     if config.rotation_deg == 0 and config.scale == 0 and config.translate == 0:
         return images
-    angle = _uniform(count, math.radians(config.rotation_deg), generator, "cpu")
-    scale = 1 + _uniform(count, config.scale, generator, "cpu")
-    shift = _uniform((count, 2), 2 * config.translate, generator, "cpu")  # grid units span 2
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = affine_grid(theta.to(device, images.dtype), list(images.shape))
     # Border padding keeps the film edge rather than inventing black corners the model could learn.
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return warp(images, random_affine(images.shape[0], config, generator))
+
+
+def random_affine(count: int, config, generator: torch.Generator) -> torch.Tensor:
+    """(N, 2, 3) affine_grid matrices: rotation, scale and shift within the chest-safe ranges."""
+    def uniform(shape, spread):
+        return (torch.rand(shape, generator=generator) * 2 - 1) * spread
+
+    angle = uniform(count, math.radians(config.rotation_deg))
+    scale = 1 + uniform(count, config.scale)
+    shift = uniform((count, 2), 2 * config.translate)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    return torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+
+
+def warp(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """``images`` (N, C, H, W) resampled by ``theta`` (N, 2, 3): bilinear with the border repeated, or nearest
+    with zeros outside (masks, logits)."""
+    grid = affine_grid(theta.to(images.device, images.dtype), list(images.shape))
+    return F.grid_sample(images, grid, mode=mode, padding_mode="border" if mode == "bilinear" else "zeros",
+                         align_corners=False)
