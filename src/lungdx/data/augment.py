@@ -67,25 +67,22 @@ def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Genera
 def _affine(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     if config.rotation_deg == 0 and config.scale == 0 and config.translate == 0:
         return images
-    # Border padding keeps the film edge rather than inventing black corners the model could learn.
     return warp(images, random_affine(images.shape[0], config, generator))
 
 
-def random_affine(count: int, config, generator: torch.Generator) -> torch.Tensor:
+def random_affine(count: int, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """(N, 2, 3) affine_grid matrices: rotation, scale and shift within the chest-safe ranges."""
-    def uniform(shape, spread):
-        return (torch.rand(shape, generator=generator) * 2 - 1) * spread
-
-    angle = uniform(count, math.radians(config.rotation_deg))
-    scale = 1 + uniform(count, config.scale)
-    shift = uniform((count, 2), 2 * config.translate)
+    angle = _uniform(count, math.radians(config.rotation_deg), generator, "cpu")
+    scale = 1 + _uniform(count, config.scale, generator, "cpu")
+    shift = _uniform((count, 2), 2 * config.translate, generator, "cpu")  # grid units span 2
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     return torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
 
 
 def warp(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """``images`` (N, C, H, W) resampled by ``theta`` (N, 2, 3): bilinear with the border repeated, or nearest
-    with zeros outside (masks, logits)."""
+    with zeros outside (masks, logits). Repeating the border keeps the film edge rather than inventing black
+    corners the model could learn."""
     grid = affine_grid(theta.to(images.device, images.dtype), list(images.shape))
     return F.grid_sample(images, grid, mode=mode, padding_mode="border" if mode == "bilinear" else "zeros",
                          align_corners=False)
