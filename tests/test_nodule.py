@@ -821,9 +821,11 @@ class _Stop(Exception):
     pass
 
 
-def test_a_staged_run_stopped_mid_stage_resumes_to_the_uninterrupted_result(nodule_phantoms, tmp_path):
-    """last.pt after every stage epoch: stopped in the detector, then in the verifier, the run resumes (as
-    `lungdx train --resume` and `lungdx cv` do) and trains exactly what the uninterrupted run trains."""
+def test_a_staged_run_stopped_mid_stage_resumes_to_the_uninterrupted_result(nodule_phantoms, tmp_path, monkeypatch):
+    """last.pt after every stage epoch: stopped in the detector, then in the verifier, then after its last epoch
+    while writing its products, the run resumes (as `lungdx train --resume` and `lungdx cv` do) and trains exactly
+    what the uninterrupted run trains."""
+    from lungdx import cv, nodule_train
     from lungdx.checkpoint import load_checkpoint
     from lungdx.train import fit
 
@@ -844,17 +846,28 @@ def test_a_staged_run_stopped_mid_stage_resumes_to_the_uninterrupted_result(nodu
             stops.pop(0)
             raise _Stop
 
-    for resume in (False, True, True):
+    def stop_finishing(*args, **kwargs):  # the session ends while the products are written (minutes on JSRT)
+        raise _Stop
+
+    stopped = tmp_path / "stopped"
+    for session, resume in enumerate((False, True, True, True)):
         seen.append([])
-        if stops:
-            with pytest.raises(_Stop):
-                fit(config, tmp_path / "stopped", resume=resume, on_epoch=stop_at)
-            assert (tmp_path / "stopped" / "last.pt").is_file() and not (tmp_path / "stopped" / "model.pt").exists()
+        if session < 3:
+            with monkeypatch.context() as patch:
+                if session == 2:
+                    patch.setattr(nodule_train, "nodule_outputs", stop_finishing)
+                with pytest.raises(_Stop):
+                    fit(config, stopped, resume=resume, on_epoch=stop_at)
+            assert (stopped / "last.pt").is_file() and not (stopped / "model.pt").exists()
+            assert cv._fold_step(stopped, clean=False) == "resume"  # lungdx cv trains it on, not only evaluates it
         else:
-            resumed = fit(config, tmp_path / "stopped", resume=resume, on_epoch=stop_at)
-    # Each session trained only what the one before had not finished, and the stopped epoch again.
-    assert [rows[0] for rows in seen] == [("lungs", 1), ("detector", 2), ("verifier", 1)]
-    assert seen[1][-1] == ("verifier", 1) and seen[2][-1] == ("judge", 2)
+            resumed = fit(config, stopped, resume=resume, on_epoch=stop_at)
+    # Each session trained only what the one before had not finished, and the stopped epoch again; the last
+    # one, stopped after every stage, only wrote the products.
+    assert [rows[0] for rows in seen[:3]] == [("lungs", 1), ("detector", 2), ("verifier", 1)]
+    assert seen[1][-1] == ("verifier", 1) and seen[2][-1] == ("judge", 2) and seen[3] == []
+    assert cv._fold_step(stopped, clean=False) == "evaluate" and (stopped / "summary.json").is_file()
+    assert (stopped / "nodule_outputs.csv").read_bytes() == (whole.run_dir / "nodule_outputs.csv").read_bytes()
 
     columns = ["stage", "epoch", "train_loss", "val_loss", "val_auc"]
     pd.testing.assert_frame_equal(pd.read_csv(resumed.run_dir / "history.csv")[columns],

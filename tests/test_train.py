@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import tiny_config
 
 from lungdx import train as train_module
@@ -38,6 +39,36 @@ def test_run_folder_describes_itself(finished_run):
     assert len(payload["data_fingerprint"]) == 24
     summary = json.loads((run / "summary.json").read_text())
     assert summary["threshold"] == payload["threshold"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_run_stopped_while_finishing_is_resumed_not_taken_for_finished(finished_run, tmp_path, monkeypatch):
+    """model.pt is the last file a run writes: stopped before it (here while writing summary.json), the folder
+    has no model.pt, keeps last.pt and best.pt, and a resumed run writes the best epoch's model and summary."""
+    from lungdx.cv import _fold_step
+
+    config, _ = finished_run
+    run = tmp_path / "run"
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "write_summary", stop)
+        with pytest.raises(_Stop):
+            fit(config, run)
+    assert not (run / "model.pt").exists() and (run / "last.pt").is_file() and (run / "best.pt").is_file()
+    assert _fold_step(run, clean=False) == "resume"
+    best = load_checkpoint(run / "best.pt")
+    fit(config, run, resume=True)
+    payload = load_checkpoint(run / "model.pt")
+    assert json.loads((run / "summary.json").read_text())["best_epoch"] == payload["epoch"] == best["epoch"]
+    assert not (run / "best.pt").exists() and _fold_step(run, clean=False) == "evaluate"
+    for name, tensor in best["state_dict"].items():
+        assert torch.equal(payload["state_dict"][name], tensor), name
 
 
 def test_threshold_comes_from_validation_only(finished_run):

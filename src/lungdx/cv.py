@@ -243,13 +243,20 @@ def _evaluate_fold(run_dir: Path, config: RunConfig, device: str) -> None:
 def _fold_step(run_dir: Path, *, clean: bool = True) -> str:
     """What a fold still needs: ``done``, ``evaluate``, ``resume`` or ``new``.
 
+    ``model.pt`` is the last file a run writes (``lungdx.train.write_summary``): with it the fold is trained.
+
     ``clean`` removes a folder stopped before its first epoch ended (only under the fold's claim).
     """
     if (run_dir / "evaluation" / "table1.json").is_file():
         return "done"
-    if (run_dir / "model.pt").is_file():
+    finished = (run_dir / "model.pt").is_file()
+    if finished and ((run_dir / "summary.json").is_file() or not (run_dir / "last.pt").is_file()):
         return "evaluate"
     if (run_dir / "last.pt").is_file():
+        if finished and clean:  # model.pt before summary.json: written by lungdx before 2026-12-06, stopped in between
+            logger.warning("%s: model.pt without summary.json (a run stopped while finishing); resuming from last.pt",
+                           run_dir)
+            (run_dir / "model.pt").unlink()
         return "resume"
     if clean and run_dir.exists():
         shutil.rmtree(run_dir)  # stopped before its first epoch ended: nothing worth keeping

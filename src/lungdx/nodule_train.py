@@ -11,7 +11,8 @@ validation rows decide stopping and the threshold, test rows are only predicted 
 
 ``last.pt`` is written after every stage epoch (``_Checkpoints``): a run stopped anywhere resumes from
 its last finished epoch (``lungdx train --resume``, or ``lungdx cv`` run again) and trains what the
-uninterrupted run would have. It is removed once ``model.pt`` is written.
+uninterrupted run would have. ``model.pt`` is the last file a run writes (after ``nodule_outputs.csv`` and
+``summary.json``); ``last.pt`` is removed after it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from lungdx.models.nodule_net import TASKS, blob_diameter, map_peak, map_peaks
 from lungdx.predict import model_input, sigmoid
 from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
+from lungdx.train import write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -1026,8 +1028,9 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
 
 def finish_localiser(run_dir: Path, config: RunConfig, data, model: nn.Module, hardware: Hardware, targets, best: dict,
                      fingerprint: str, **summary) -> float:
-    """A finished localiser's products: ``model.pt`` with the threshold chosen on validation, ``nodule_outputs.csv``
-    and ``summary.json`` (with ``summary``'s entries); returns the threshold. ``best["detector"]`` is the epoch the
+    """A finished localiser's products: ``nodule_outputs.csv``, ``summary.json`` (with ``summary``'s entries) and,
+    last (see ``lungdx.train.write_summary``), ``model.pt`` with the threshold chosen on validation; returns the
+    threshold. ``best["detector"]`` is the epoch the
     checkpoint names."""
     from lungdx.predict import compute_logits
 
@@ -1039,15 +1042,6 @@ def finish_localiser(run_dir: Path, config: RunConfig, data, model: nn.Module, h
     val_metrics = metrics.binary_metrics(y_val, val_probability, threshold)
     band = metrics.threshold_band(y_val, val_probability, config.train.threshold_method, config.train.threshold_target,
                                   groups=val["patient_id"].to_numpy(), seed=config.eval.seed)
-    kwargs = localiser_kwargs(config)
-    save_checkpoint(run_dir / "model.pt", model, model_name=config.model.name, model_kwargs=kwargs,
-                    preprocess=to_dict(config.preprocess), task=config.data.task,
-                    class_names=list(class_names(config.data.task)), threshold=threshold, data_fingerprint=fingerprint,
-                    epoch=best["detector"], threshold_method=config.train.threshold_method,
-                    threshold_band=metrics.json_safe(list(band)),
-                    val_metrics=metrics.json_safe(val_metrics), best_epochs=best,
-                    val_reference=build_reference(val_probability, val["path"].tolist(),
-                                                  source=f"validation split at training time ({run_dir.name})"))
     outputs = nodule_outputs(model, data.frame, data.cache.view(data.frame["cache_index"].to_numpy()), targets, config,
                              hardware)
     outputs.to_csv(run_dir / "nodule_outputs.csv", index=False)
@@ -1059,5 +1053,14 @@ def finish_localiser(run_dir: Path, config: RunConfig, data, model: nn.Module, h
                "lung_dice": metrics.json_safe(dice_by_split),
                "images": {split: describe_classes(data.rows(split)) for split in ("train", "val", "test")},
                "excluded_images": len(data.excluded)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(run_dir, summary)
+    kwargs = localiser_kwargs(config)  # model.pt last: a run stopped before it resumes from last.pt
+    save_checkpoint(run_dir / "model.pt", model, model_name=config.model.name, model_kwargs=kwargs,
+                    preprocess=to_dict(config.preprocess), task=config.data.task,
+                    class_names=list(class_names(config.data.task)), threshold=threshold, data_fingerprint=fingerprint,
+                    epoch=best["detector"], threshold_method=config.train.threshold_method,
+                    threshold_band=metrics.json_safe(list(band)),
+                    val_metrics=metrics.json_safe(val_metrics), best_epochs=best,
+                    val_reference=build_reference(val_probability, val["path"].tolist(),
+                                                  source=f"validation split at training time ({run_dir.name})"))
     return threshold

@@ -523,9 +523,16 @@ def _write_history(history: list[dict], run_dir: Path) -> None:
     pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
 
 
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """``summary.json``. A run writes it before ``model.pt``, its last file: a folder with ``model.pt`` is a
+    finished run (``lungdx cv`` evaluates it, ``--resume`` refuses it), one stopped before has ``last.pt`` to
+    resume from."""
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
 def _finish(run_dir: Path, config: RunConfig, data: PreparedData, hardware: Hardware, loss_fn, fingerprint: str,
             stopper: EarlyStopping, history: list[dict]) -> FitResult:
-    """Reload the best epoch, choose the threshold on validation, write ``model.pt`` and the summary."""
+    """Reload the best epoch, choose the threshold on validation, write the summary and then ``model.pt``."""
     if not (run_dir / "best.pt").is_file():
         raise RuntimeError(f"{run_dir}: no epoch gave a finite validation loss (see history.csv); no model to keep")
     best = load_checkpoint(run_dir / "best.pt")
@@ -537,18 +544,18 @@ def _finish(run_dir: Path, config: RunConfig, data: PreparedData, hardware: Hard
     val_metrics = metrics.binary_metrics(y_val, probabilities, threshold)
     band = metrics.threshold_band(y_val, probabilities, config.train.threshold_method, config.train.threshold_target,
                                   groups=data.rows("val")["patient_id"].to_numpy(), seed=config.eval.seed)
-    _save_model(run_dir / "model.pt", model, config, data, fingerprint, epoch=best["epoch"], threshold=threshold,
-                threshold_method=config.train.threshold_method, threshold_band=metrics.json_safe(list(band)),
-                val_metrics=metrics.json_safe(val_metrics),
-                val_loss=val_row["loss"],
-                val_reference=build_reference(probabilities, data.rows("val")["path"].tolist(),
-                                              source=f"validation split at training time ({run_dir.name})"))
-    (run_dir / "best.pt").unlink()
     summary = {"best_epoch": best["epoch"], "epochs_run": len(history), "stopped_early": stopper.should_stop,
                "threshold": threshold, "threshold_method": config.train.threshold_method,
                "val_metrics_at_threshold": metrics.json_safe(val_metrics), "data_fingerprint": fingerprint,
                "device": str(hardware.device), "autocast": str(hardware.amp_dtype),
                "images": {split: describe_classes(data.rows(split)) for split in ("train", "val", "test")},
                "excluded_images": len(data.excluded)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(run_dir, summary)
+    _save_model(run_dir / "model.pt", model, config, data, fingerprint, epoch=best["epoch"], threshold=threshold,
+                threshold_method=config.train.threshold_method, threshold_band=metrics.json_safe(list(band)),
+                val_metrics=metrics.json_safe(val_metrics),
+                val_loss=val_row["loss"],
+                val_reference=build_reference(probabilities, data.rows("val")["path"].tolist(),
+                                              source=f"validation split at training time ({run_dir.name})"))
+    (run_dir / "best.pt").unlink()  # only once model.pt holds the best epoch: a run stopped before still has it
     return FitResult(run_dir, best["epoch"], threshold, history, stopper.should_stop)
