@@ -116,30 +116,33 @@ def test_cv_resumes_without_refitting_and_refuses_other_settings(cv_run):
 
 
 def test_a_fold_is_trained_once_model_pt_is_written_last(tmp_path):
-    """_fold_step reads the files a run leaves: model.pt (written last) means trained; model.pt beside last.pt
-    without summary.json (written by lungdx before 2026-12-06, stopped in between) is resumed from last.pt."""
+    """_fold_step reads the files a run leaves: model.pt (written last) means trained. A nodule_net run's model.pt
+    beside last.pt without summary.json (written by lungdx before 2026-12-06, stopped in between) is resumed from
+    last.pt; a paper CNN's, whose best.pt was gone by then, is kept."""
+    from lungdx.config import load_config
     from lungdx.cv import _fold_step
 
     run = tmp_path / "r0-f00"
     run.mkdir()
-    (run / "config.yaml").write_text("{}")
+    save_config(load_config(None, ["model.name=nodule_net"]), run / "config.yaml")
     assert _fold_step(run, clean=False) == "new" and run.is_dir()
     (run / "last.pt").write_bytes(b"state")
     assert _fold_step(run) == "resume"
     (run / "model.pt").write_bytes(b"model")
     assert _fold_step(run, clean=False) == "resume" and (run / "model.pt").is_file()  # a worker's look: nothing moved
-    assert _fold_step(run) == "resume" and not (run / "model.pt").exists()  # under the claim: retrained from last.pt
-    (run / "summary.json").write_text("{}")
+    assert _fold_step(run) == "resume" and not (run / "model.pt").exists()  # under the claim: made again from last.pt
     (run / "model.pt").write_bytes(b"model")
+    save_config(load_config(None, ["model.name=paper_cnn"]), run / "config.yaml")
+    assert _fold_step(run) == "evaluate" and (run / "model.pt").is_file()
+    save_config(load_config(None, ["model.name=nodule_net"]), run / "config.yaml")
+    (run / "summary.json").write_text("{}")
     assert _fold_step(run) == "evaluate" and (run / "model.pt").is_file() and (run / "last.pt").is_file()
-    (run / "summary.json").unlink()
-    (run / "last.pt").unlink()
-    assert _fold_step(run) == "evaluate"  # nothing to resume from: evaluate what there is
     (run / "evaluation").mkdir()
     (run / "evaluation" / "table1.json").write_text("{}")
     assert _fold_step(run) == "done"
     shutil.rmtree(run / "evaluation")
-    (run / "model.pt").unlink()
+    for name in ("model.pt", "last.pt"):
+        (run / name).unlink()
     assert _fold_step(run) == "new" and not run.exists()
 
 

@@ -71,6 +71,26 @@ def test_a_run_stopped_while_finishing_is_resumed_not_taken_for_finished(finishe
         assert torch.equal(payload["state_dict"][name], tensor), name
 
 
+def test_resume_makes_again_a_nodule_model_written_before_its_summary(tmp_path):
+    """`lungdx train --resume` on a nodule_net run an older lungdx stopped between model.pt and summary.json
+    resumes from last.pt; a paper CNN run in that state has its only copy of the best epoch in model.pt: refused."""
+    from lungdx.config import load_config, save_config
+
+    for name, resumable in (("nodule_net", True), ("paper_cnn", False)):
+        run = tmp_path / name
+        run.mkdir()
+        save_config(load_config(None, [f"model.name={name}"]), run / "config.yaml")
+        for file in ("model.pt", "last.pt"):
+            (run / file).write_bytes(b"weights")
+        if resumable:
+            assert train_module._prepare_run_dir(load_config(None, []), run, True).model.name == name
+            assert not (run / "model.pt").exists() and (run / "last.pt").is_file()
+        else:
+            with pytest.raises(FileExistsError, match="has finished"):
+                train_module._prepare_run_dir(load_config(None, []), run, True)
+            assert (run / "model.pt").is_file()
+
+
 def test_threshold_comes_from_validation_only(finished_run):
     """The saved threshold is what choose_threshold gives on the validation split's probabilities."""
     from lungdx import metrics

@@ -31,7 +31,7 @@ from lungdx.config import ConfigError, RunConfig, from_dict, to_dict
 from lungdx.data.split import check_leakage, kfold_patients, split_train_val
 from lungdx.evaluate import PAPER_CLAIMS, evaluate_run, format_number
 from lungdx.subgroups import Stratifier, parse_by, subgroup_markdown, subgroup_metrics
-from lungdx.train import fit, prepare_data
+from lungdx.train import discard_stopped_model, fit, prepare_data, stopped_while_finishing
 
 logger = logging.getLogger(__name__)
 
@@ -243,20 +243,18 @@ def _evaluate_fold(run_dir: Path, config: RunConfig, device: str) -> None:
 def _fold_step(run_dir: Path, *, clean: bool = True) -> str:
     """What a fold still needs: ``done``, ``evaluate``, ``resume`` or ``new``.
 
-    ``model.pt`` is the last file a run writes (``lungdx.train.write_summary``): with it the fold is trained.
+    ``model.pt`` is the last file a run writes (``lungdx.train.write_summary``): with it the fold is trained,
+    unless ``lungdx.train.stopped_while_finishing``.
 
     ``clean`` removes a folder stopped before its first epoch ended (only under the fold's claim).
     """
     if (run_dir / "evaluation" / "table1.json").is_file():
         return "done"
-    finished = (run_dir / "model.pt").is_file()
-    if finished and ((run_dir / "summary.json").is_file() or not (run_dir / "last.pt").is_file()):
+    if (run_dir / "model.pt").is_file() and not stopped_while_finishing(run_dir):
         return "evaluate"
     if (run_dir / "last.pt").is_file():
-        if finished and clean:  # model.pt before summary.json: written by lungdx before 2026-12-06, stopped in between
-            logger.warning("%s: model.pt without summary.json (a run stopped while finishing); resuming from last.pt",
-                           run_dir)
-            (run_dir / "model.pt").unlink()
+        if clean:
+            discard_stopped_model(run_dir)
         return "resume"
     if clean and run_dir.exists():
         shutil.rmtree(run_dir)  # stopped before its first epoch ended: nothing worth keeping

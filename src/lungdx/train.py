@@ -431,6 +431,7 @@ class BackboneFreezer:
 
 def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
     if resume:
+        discard_stopped_model(run_dir)
         if (run_dir / "model.pt").is_file():
             raise FileExistsError(f"{run_dir}: this run has finished (model.pt exists); nothing to resume")
         if not (run_dir / "last.pt").is_file():
@@ -528,6 +529,27 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     finished run (``lungdx cv`` evaluates it, ``--resume`` refuses it), one stopped before has ``last.pt`` to
     resume from."""
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def stopped_while_finishing(run_dir: Path) -> bool:
+    """Whether ``model.pt`` in ``run_dir`` is not a finished run's: a staged (nodule_net) run of lungdx before
+    2026-12-06, which wrote ``model.pt`` before ``summary.json``, stopped in between. Its ``last.pt`` has every
+    stage trained and makes ``model.pt`` again. (A paper CNN run of then had removed ``best.pt`` by that point,
+    so its ``model.pt`` is the only copy and is kept.)"""
+    if not ((run_dir / "model.pt").is_file() and (run_dir / "last.pt").is_file()) or (run_dir / "summary.json").is_file():
+        return False
+    try:
+        return localises(load_config(run_dir / "config.yaml").model.name)
+    except (OSError, ValueError):
+        return False
+
+
+def discard_stopped_model(run_dir: Path) -> None:
+    """Remove ``model.pt`` when ``stopped_while_finishing``, so the run resumes from ``last.pt``."""
+    if stopped_while_finishing(run_dir):
+        logger.warning("%s: model.pt without summary.json (a run stopped while finishing); resuming from last.pt",
+                       run_dir)
+        (run_dir / "model.pt").unlink()
 
 
 def _finish(run_dir: Path, config: RunConfig, data: PreparedData, hardware: Hardware, loss_fn, fingerprint: str,
