@@ -76,7 +76,8 @@ def test_nodule_settings_out_of_range_are_refused_when_the_config_is_read():
                             ("nodule.det_black_out=-0.1", "nodule.det_black_out"),
                             ("nodule.judge_keep=worst", "nodule.judge_keep"),
                             ("nodule.insert_contrast=0", "nodule.insert_contrast"),
-                            ("nodule.insert_contrast=1.2", "nodule.insert_contrast")):
+                            ("nodule.insert_contrast=1.2", "nodule.insert_contrast"),
+                            ("nodule.synthetic=1.5", "nodule.synthetic")):
         with pytest.raises(ConfigError, match=named):
             load_config(None, [override])
     assert load_config(None, ["nodule.det_schedule=cosine", "nodule.det_repeats=3"]).nodule.det_repeats == 3

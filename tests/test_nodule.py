@@ -323,6 +323,72 @@ def test_the_detectors_batches_insert_nodules_as_faint_as_insert_contrast_allows
     assert (faint >= 0.25 * 0.4 - 0.01).all() and (faint <= 0.4 + 0.01).all() and faint.max() - faint.min() > 0.05
 
 
+def test_a_synthetic_nodule_is_a_soft_ball_of_the_asked_size_and_contrast():
+    from lungdx.data.nodules import synthetic_nodule
+
+    for seed, radius, amplitude in ((0, 6.0, 0.03), (1, 12.0, 0.01), (2, 3.0, 0.05)):
+        nodule = synthetic_nodule(radius, amplitude, np.random.default_rng(seed))
+        side = nodule.shape[0]
+        assert side == 2 * math.ceil(1.6 * radius) + 5 and nodule.dtype == np.float32 and (nodule >= 0).all()
+        distance = np.hypot(*np.meshgrid(np.arange(side) - side // 2, np.arange(side) - side // 2))
+        # The contrast a real nodule's is measured with (NodulePatch.contrast): the mean inside half the radius.
+        assert nodule[distance <= 0.5 * radius].mean() == pytest.approx(amplitude, rel=1e-4)
+        assert NodulePatch(nodule, radius, 1.0, "s").contrast == pytest.approx(amplitude, rel=0.02)
+        assert nodule[distance >= 1.5 * radius].max() < 0.05 * nodule.max()  # soft edge, nothing far out
+        # Oval and lobulated, yet its area at half the peak is about the circle's of that radius.
+        area = (nodule >= 0.5 * nodule.max()).sum()
+        assert 0.5 * np.pi * radius**2 < area < 1.1 * np.pi * radius**2
+    shapes = [synthetic_nodule(8.0, 0.03, np.random.default_rng(seed)) for seed in range(2)]
+    assert not np.allclose(*shapes)  # a new outline each time
+
+
+def test_an_added_nodule_keeps_the_recipients_texture_inside_the_lungs():
+    from lungdx.data.nodules import add_nodule, synthetic_nodule
+
+    rng = np.random.default_rng(0)
+    image = np.random.default_rng(1).uniform(0.3, 0.6, (128, 128)).astype(np.float32)
+    lungs = _box_lungs()
+    nodule = synthetic_nodule(6.0, 0.04, rng)
+    added, (x, y, radius) = add_nodule(image, lungs, nodule, 6.0, rng)
+    assert lungs[int(y), int(x)] and radius == 6.0
+    half = nodule.shape[0] // 2
+    window = (slice(int(y) - half, int(y) + half + 1), slice(int(x) - half, int(x) + half + 1))
+    np.testing.assert_allclose(added[window] - image[window], nodule, atol=1e-6)  # texture + density, no blend
+    outside = np.ones_like(lungs)
+    outside[window] = False
+    np.testing.assert_array_equal(added[outside], image[outside])
+    assert add_nodule(image, np.zeros_like(lungs), nodule, 6.0, rng) is None
+
+
+def test_the_detectors_batches_add_synthetic_nodules_without_a_malignancy_label():
+    from lungdx import nodule_train
+
+    bank = NoduleBank(_disc_donor(128)[None], pd.DataFrame({"split": ["train"], "case_id": ["donor"]}),
+                      np.array([[64.0, 64.0, 6.0]]), np.ones(1))
+    lungs = _box_lungs(64)
+    texture = np.random.default_rng(1).uniform(0.45, 0.55, (64, 128, 128)).astype(np.float32)
+
+    def sample(synthetic):
+        config = load_config(None, ["nodule.insert_prob=1.0", "augment.enabled=false", f"nodule.synthetic={synthetic}"])
+        batches = nodule_train._DetectorBatches(texture, torch.ones(64, 1, 32, 32), lungs, np.full((64, 3), np.nan, np.float32),
+                                                np.full(64, np.nan), bank, config, torch.Generator().manual_seed(0))
+        levelled, _, circles, malignant, _ = batches.sample(np.arange(64))
+        assert torch.isfinite(circles).all() and (circles[:, 2] == 6.0).all()  # every normal got a nodule
+        # A donor's nodule replaces the texture (its disc is flat at 0.7); a synthetic one adds to it.
+        centres = np.array([float(levelled[i, 0, int(y), int(x)]) for i, (x, y, _) in enumerate(circles.tolist())])
+        return centres, malignant.numpy()
+
+    centres, malignant = sample(0.0)
+    np.testing.assert_allclose(centres, 0.5 + 0.4, atol=0.06)
+    np.testing.assert_array_equal(malignant, 1.0)
+    centres, malignant = sample(1.0)
+    assert np.isnan(malignant).all()  # the judge leaves simulated nodules out
+    # The bank's nodule has a contrast of 0.4 against its ring: the ball's centre rises by about that much.
+    assert (centres > 0.45 + 0.3).all() and (centres < 0.55 + 0.6).all()
+    centres, malignant = sample(0.5)
+    assert 16 < np.isnan(malignant).sum() < 48 and (malignant[~np.isnan(malignant)] == 1.0).all()
+
+
 def test_combined_logit_is_the_product_of_the_two_probabilities():
     presence, malignancy = torch.tensor([-2.0, 0.5, 3.0]), torch.tensor([1.0, -1.0, 2.0])
     expected = torch.sigmoid(presence) * torch.sigmoid(malignancy)
@@ -834,7 +900,7 @@ def test_a_staged_run_stopped_mid_stage_resumes_to_the_uninterrupted_result(nodu
                                 "nodule.seg_epochs=2", "nodule.det_epochs=3", "nodule.det_patience=3", "nodule.judge_epochs=2",
                                 "nodule.crop=128", "model.kwargs.verifier=cnn", "model.kwargs.candidates=3",
                                 "nodule.det_schedule=cosine", "nodule.det_ema=0.9", "nodule.hard_negatives=0.5",
-                                "nodule.hard_every=1", "nodule.det_black_out=0.5"])
+                                "nodule.hard_every=1", "nodule.det_black_out=0.5", "nodule.synthetic=0.5"])
     whole = fit(config, tmp_path / "whole")
     assert not (whole.run_dir / "last.pt").exists()  # nothing to resume once model.pt is written
 

@@ -188,6 +188,11 @@ class NoduleConfig:
         insert_contrast: an inserted nodule's contrast against its new surroundings is its donor's times a
             factor drawn uniformly from [``insert_contrast``, 1] (1 = as cut): fainter nodules, like the
             subtle ones the detector misses most. Below 1 it draws one more random number per insertion.
+        synthetic: share of those insertions that add a simulated nodule (``data.nodules.synthetic_nodule``:
+            a ball's projected thickness with a random oval, lobulated outline) to the normal's own texture
+            instead of blending in a donor's pixels. Its size and contrast are those of a random training
+            nodule of the bank (``insert_contrast`` does not apply); it has no malignancy label, so the judge
+            leaves it out. Above 0 it draws one more random number per insertion (0 = off).
         judge_jitter: the judge's crop centre moves by up to this many nodule radii (the detector's error).
         batch_size: images per detector and segmentation step (the judge uses ``train.batch_size``).
         det_ema: decay per step of an exponential moving average of the detector's weights, which is what
@@ -224,6 +229,7 @@ class NoduleConfig:
     nodule_in_crop: float = 0.7
     insert_prob: float = 0.7
     insert_contrast: float = 1.0
+    synthetic: float = 0.0
     judge_jitter: float = 0.5
     batch_size: int = 16
     det_ema: float = 0.0
@@ -243,7 +249,7 @@ class NoduleConfig:
             raise ConfigError(f"nodule.det_repeats must be a whole number of at least 1; got {self.det_repeats!r}")
         if not 0 < self.insert_contrast <= 1:
             raise ConfigError(f"nodule.insert_contrast is a factor in (0, 1]; got {self.insert_contrast!r}")
-        for name in ("seg_black_out", "det_black_out"):
+        for name in ("seg_black_out", "det_black_out", "synthetic"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"nodule.{name} is a chance between 0 and 1; got {getattr(self, name)!r}")
 

@@ -39,7 +39,16 @@ from lungdx.checkpoint import save_checkpoint
 from lungdx.config import RunConfig, to_dict
 from lungdx.data.augment import augment, random_affine, warp
 from lungdx.data.manifest import class_names, describe_classes
-from lungdx.data.nodules import NoduleBank, dice, focal_loss, insert_nodule, localisation_targets, target_map
+from lungdx.data.nodules import (
+    NoduleBank,
+    add_nodule,
+    dice,
+    focal_loss,
+    insert_nodule,
+    localisation_targets,
+    synthetic_nodule,
+    target_map,
+)
 from lungdx.io.files import write_atomic
 from lungdx.localisation import POINTING_TOLERANCE, pointing_reach
 from lungdx.models.nodule_net import TASKS, blob_diameter, map_peak, map_peaks
@@ -398,12 +407,18 @@ class _DetectorBatches:
             if math.isfinite(circles[row, 0]) or self.bank is None or not len(self.bank) or self.rng.random() >= settings.insert_prob:
                 continue
             patch = self.bank.patches[self.rng.integers(len(self.bank))]
-            # Only a contrast below 1 draws its factor: the random stream of the recipes without it is unchanged.
-            contrast = self.rng.uniform(settings.insert_contrast, 1.0) if settings.insert_contrast < 1 else 1.0
-            inserted = insert_nodule(levelled[row], self.gt_masks[image_index], patch, self.rng, contrast=contrast)
+            # Options left at their defaults draw nothing: the random stream of the recipes without them is unchanged.
+            if settings.synthetic and self.rng.random() < settings.synthetic:
+                nodule = synthetic_nodule(patch.radius_px, abs(patch.contrast), self.rng)
+                inserted = add_nodule(levelled[row], self.gt_masks[image_index], nodule, patch.radius_px, self.rng)
+                label = math.nan  # a simulated nodule is neither benign nor malignant: the judge leaves it out
+            else:
+                contrast = self.rng.uniform(settings.insert_contrast, 1.0) if settings.insert_contrast < 1 else 1.0
+                inserted = insert_nodule(levelled[row], self.gt_masks[image_index], patch, self.rng, contrast=contrast)
+                label = patch.malignant
             if inserted is not None:
                 levelled[row], circles[row] = inserted[0], inserted[1]
-                malignant[row] = patch.malignant
+                malignant[row] = label
         batch = torch.from_numpy(levelled)[:, None]
         logits = self.lung_logits[index]
         circles_t, hard = torch.from_numpy(circles), torch.from_numpy(self._hard_circles(index))

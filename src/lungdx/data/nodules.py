@@ -167,7 +167,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
 
 
 # ---------------------------------------------------------------------------------------------
-# Nodule insertion: real nodules from training images, blended into training lungs
+# Nodule insertion: real nodules from training images blended into training lungs, or simulated ones
 # ---------------------------------------------------------------------------------------------
 
 
@@ -179,6 +179,16 @@ class NodulePatch:
     radius_px: float
     malignant: float
     case_id: str
+
+    @property
+    def contrast(self) -> float:
+        """Mean level inside half the radius minus the ring's (``_ring_mean``): positive for a nodule denser
+        than its surroundings (JSRT's training nodules: median about 0.03 of the levelled range)."""
+        side = self.pixels.shape[0]
+        centre = (side - 1) / 2
+        yy, xx = np.mgrid[:side, :side]
+        inner = np.hypot(xx - centre, yy - centre) <= 0.5 * self.radius_px
+        return float(self.pixels[inner].mean()) - _ring_mean(self.pixels, self.radius_px)
 
 
 class NoduleBank:
@@ -233,6 +243,25 @@ def _ring_mean(pixels: np.ndarray, radius: float) -> float:
     return float(pixels[ring].mean()) if ring.any() else float(pixels.mean())
 
 
+def _place(lung_mask: np.ndarray, half: int, radius: float, rng: np.random.Generator,
+           tries: int) -> tuple[int, int] | None:
+    """A random (row, column) where a patch of side ``2 * half + 1`` fits the image and the nodule's centre and
+    its four points at ``radius`` lie inside ``lung_mask``; None after ``tries`` draws."""
+    rows, columns = np.nonzero(lung_mask)
+    if len(rows) == 0:
+        return None
+    offsets = radius * np.array([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]])
+    for _ in range(tries):
+        pick = rng.integers(len(rows))
+        row, column = int(rows[pick]), int(columns[pick])
+        if row - half < 0 or column - half < 0 or row + half + 1 > lung_mask.shape[0] or column + half + 1 > lung_mask.shape[1]:
+            continue
+        points = (np.array([column, row]) + offsets).round().astype(int)
+        if lung_mask[points[:, 1], points[:, 0]].all():
+            return row, column
+    return None
+
+
 def insert_nodule(image: np.ndarray, lung_mask: np.ndarray, patch: NodulePatch, rng: np.random.Generator,
                   tries: int = 30, contrast: float = 1.0) -> tuple[np.ndarray, tuple[float, float, float]] | None:
     """Blend ``patch`` into ``image`` at a random place where the nodule lies inside ``lung_mask``.
@@ -247,23 +276,56 @@ def insert_nodule(image: np.ndarray, lung_mask: np.ndarray, patch: NodulePatch, 
     side = patch.pixels.shape[0]
     half = side // 2
     radius = patch.radius_px
-    rows, columns = np.nonzero(lung_mask)
-    if len(rows) == 0:
+    place = _place(lung_mask, half, radius, rng, tries)
+    if place is None:
         return None
-    offsets = radius * np.array([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]])
-    for _ in range(tries):
-        pick = rng.integers(len(rows))
-        row, column = int(rows[pick]), int(columns[pick])
-        if row - half < 0 or column - half < 0 or row + half + 1 > image.shape[0] or column + half + 1 > image.shape[1]:
-            continue
-        points = (np.array([column, row]) + offsets).round().astype(int)
-        if not lung_mask[points[:, 1], points[:, 0]].all():
-            continue
-        region = image[row - half : row + half + 1, column - half : column + half + 1]
-        shifted = contrast * (patch.pixels - _ring_mean(patch.pixels, radius)) + _ring_mean(region, radius)
-        alpha = _alpha(side, radius)
-        result = image.copy()
-        result[row - half : row + half + 1, column - half : column + half + 1] = np.clip(
-            alpha * shifted + (1 - alpha) * region, 0, 1)
-        return result, (float(column), float(row), radius)
-    return None
+    row, column = place
+    region = image[row - half : row + half + 1, column - half : column + half + 1]
+    shifted = contrast * (patch.pixels - _ring_mean(patch.pixels, radius)) + _ring_mean(region, radius)
+    alpha = _alpha(side, radius)
+    result = image.copy()
+    result[row - half : row + half + 1, column - half : column + half + 1] = np.clip(
+        alpha * shifted + (1 - alpha) * region, 0, 1)
+    return result, (float(column), float(row), radius)
+
+
+def synthetic_nodule(radius: float, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """A simulated nodule to add to a radiograph's own texture: (S, S), S = 2 * ceil(1.6 * radius) + 5.
+
+    The projected thickness of a solid ball, sqrt(1 - d^2) for the normalised distance d from its
+    centre, with an outline made oval (axis ratio 0.75-1, its area that of the circle of ``radius``)
+    and lobulated (a 3- to 6-lobed ripple of up to 10% of the radius), at a random orientation, edges
+    softened by a Gaussian of 0.15 radii (the film's unsharpness). Scaled so that the mean inside half
+    the radius is ``amplitude``, as ``NodulePatch.contrast`` measures a real nodule.
+    """
+    half = int(math.ceil(1.6 * radius)) + 2
+    coords = np.arange(-half, half + 1, dtype=np.float64)
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    ratio, turn, lobes, ripple, phase = (rng.uniform(0.75, 1.0), rng.uniform(0, np.pi), int(rng.integers(3, 7)),
+                                         rng.uniform(0.0, 0.1), rng.uniform(0, 2 * np.pi))
+    along = xx * np.cos(turn) + yy * np.sin(turn)
+    across = -xx * np.sin(turn) + yy * np.cos(turn)
+    angle = np.arctan2(across, along)
+    distance = np.hypot(along * math.sqrt(ratio), across / math.sqrt(ratio)) / radius
+    distance = distance / (1 + ripple * np.cos(lobes * angle + phase))
+    thickness = np.sqrt(np.clip(1 - distance**2, 0, None)).astype(np.float32)
+    sigma = max(0.15 * radius, 0.5)
+    thickness = cv2.GaussianBlur(thickness, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_CONSTANT)
+    inner = np.hypot(xx, yy) <= 0.5 * radius
+    return (amplitude / max(float(thickness[inner].mean()), 1e-6) * thickness).astype(np.float32)
+
+
+def add_nodule(image: np.ndarray, lung_mask: np.ndarray, nodule: np.ndarray, radius: float, rng: np.random.Generator,
+               tries: int = 30) -> tuple[np.ndarray, tuple[float, float, float]] | None:
+    """Add ``nodule`` (a ``synthetic_nodule``) to ``image`` at a random place where it lies inside ``lung_mask``:
+    the recipient keeps its own texture, the nodule's density adds to it. Returns the new image and the circle
+    (column, row, radius), or None when no place inside the lungs fits."""
+    half = nodule.shape[0] // 2
+    place = _place(lung_mask, half, radius, rng, tries)
+    if place is None:
+        return None
+    row, column = place
+    result = image.copy()
+    window = (slice(row - half, row + half + 1), slice(column - half, column + half + 1))
+    result[window] = np.clip(result[window] + nodule, 0, 1)
+    return result, (float(column), float(row), radius)
