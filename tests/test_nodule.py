@@ -944,6 +944,31 @@ def test_a_staged_run_stopped_mid_stage_resumes_to_the_uninterrupted_result(nodu
         torch.testing.assert_close(got["state_dict"][name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_the_stages_take_train_optimizer_and_weight_decay_and_warn_of_the_settings_they_ignore(caplog):
+    from lungdx.models.nodule_net import NoduleDetector
+    from lungdx.nodule_train import stage_optimizer, warn_ignored_train_settings
+
+    detector = NoduleDetector()
+    plain = stage_optimizer(detector, load_config(None, []))
+    # The default is the optimizer the stages always had: one Adam group over the parameters in order (old last.pt resumes).
+    assert type(plain) is torch.optim.Adam and len(plain.param_groups) == 1
+    assert plain.state_dict()["param_groups"] == torch.optim.Adam(detector.parameters(), lr=1e-3).state_dict()["param_groups"]
+    decayed = stage_optimizer(detector, load_config(None, ["train.optimizer=adamw", "train.weight_decay=0.05"]))
+    assert type(decayed) is torch.optim.AdamW
+    weights, flat = decayed.param_groups
+    assert weights["weight_decay"] == 0.05 and flat["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in flat["params"])
+    assert len(weights["params"]) + len(flat["params"]) == len(list(detector.parameters()))
+    with pytest.raises(ValueError, match="train.optimizer"):
+        stage_optimizer(detector, load_config(None, ["train.optimizer=sgd"]))
+
+    with caplog.at_level("WARNING", logger="lungdx.nodule_train"):
+        warn_ignored_train_settings(load_config(None, ["model.name=nodule_net", "train.lr=0.0005", "train.weight_decay=0.01"]))
+        assert not caplog.records  # settings the stages read
+        warn_ignored_train_settings(load_config(None, ["model.name=nodule_net", "train.epochs=5", "train.scheduler=cosine"]))
+    assert "train.epochs=5" in caplog.text and "train.scheduler='cosine'" in caplog.text and "nodule." in caplog.text
+
+
 def test_resume_refuses_a_last_pt_that_is_not_a_staged_state(tmp_path):
     from lungdx.nodule_train import _Checkpoints
 

@@ -174,6 +174,10 @@ JUDGE_KEEPS = ("best", "last")
 class NoduleConfig:
     """Training stages of the localising model ``nodule_net`` (``lungdx.nodule_train``); other models ignore it.
 
+    Of ``train.*`` the stages read ``lr``, ``optimizer``, ``weight_decay``, ``seed``, the threshold settings and
+    (the judge's) ``batch_size``; a changed ``epochs``, ``patience``, ``scheduler`` and the like is ignored with a
+    warning (``nodule_train.IGNORED_TRAIN``): these are the settings below.
+
     Attributes:
         seg_epochs, seg_patience: the lung U-Net (early stopping on validation loss).
         det_epochs, det_patience: the nodule-map detector.

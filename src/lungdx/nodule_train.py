@@ -55,9 +55,42 @@ from lungdx.models.nodule_net import TASKS, blob_diameter, map_peak, map_peaks
 from lungdx.predict import model_input, sigmoid
 from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
-from lungdx.train import write_summary
+from lungdx.train import OPTIMIZERS, write_summary
 
 logger = logging.getLogger(__name__)
+
+IGNORED_TRAIN = ("epochs", "patience", "min_delta", "pos_weight", "scheduler", "plateau_patience", "plateau_factor",
+                 "freeze_epochs", "backbone_lr_factor")
+"""``train.*`` settings of the single-stage trainer that ``nodule_net``'s stages do not read (see ``nodule.*``)."""
+
+
+def stage_optimizer(module: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """A stage's optimizer: ``train.optimizer`` (Adam or AdamW) at ``train.lr``, with ``train.weight_decay`` on its
+    weights but not on biases and normalisation weights (1-D), as ``lungdx.train.build_optimizer``. Without weight
+    decay it is one group over ``module.parameters()`` in order, as before the option existed (an older
+    ``last.pt`` resumes)."""
+    train = config.train
+    if train.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown train.optimizer '{train.optimizer}' (use {' or '.join(OPTIMIZERS)})")
+    kind = OPTIMIZERS[train.optimizer]
+    if not train.weight_decay:
+        return kind(module.parameters(), lr=train.lr, weight_decay=0.0)
+    params = list(module.parameters())
+    return kind([{"params": [p for p in params if p.ndim > 1], "weight_decay": train.weight_decay},
+                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=train.lr)
+
+
+def warn_ignored_train_settings(config: RunConfig) -> None:
+    """A warning naming each ``train.*`` setting in ``IGNORED_TRAIN`` that is not at its default."""
+    from lungdx.config import TrainConfig
+
+    defaults = TrainConfig()
+    changed = [f"train.{name}={getattr(config.train, name)!r}" for name in IGNORED_TRAIN
+               if getattr(config.train, name) != getattr(defaults, name)]
+    if changed:
+        logger.warning("%s trains in stages and ignores %s: its epochs, patience and schedule are the nodule.* "
+                       "settings (lungdx.config.NoduleConfig)", config.model.name, ", ".join(changed))
+
 
 class _History(list):
     """The stage epochs so far, written to ``history.csv`` as each one ends (progress is visible during a run);
@@ -305,7 +338,7 @@ def train_lungs(model, images: dict, masks: dict, config: RunConfig, hardware: H
                 checkpoints=_NO_CHECKPOINTS):
     """Stage 1: the lung U-Net on the training rows' masks; stops on validation loss."""
     lungs, settings = model.lungs, config.nodule
-    optimizer = torch.optim.Adam(lungs.parameters(), lr=config.train.lr)
+    optimizer = stage_optimizer(lungs, config)
     targets = {split: _small_masks(masks[split], model.seg_size) for split in masks}
     stopper = _Stopper(settings.seg_patience)
     intensity = replace(config.augment, rotation_deg=0.0, scale=0.0, translate=0.0)
@@ -503,7 +536,7 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
                    checkpoints=_NO_CHECKPOINTS):
     """Stage 2: the nodule-map detector on augmented training crops; stops on the validation map loss."""
     settings = config.nodule
-    optimizer = torch.optim.Adam(model.detector.parameters(), lr=config.train.lr)
+    optimizer = stage_optimizer(model.detector, config)
     batches = _DetectorBatches(images["train"], lung_logits["train"], targets["train"].lung_masks,
                                targets["train"].circles, targets["train"].malignant, bank, config, generator)
     size = images["train"].shape[-1]
@@ -645,7 +678,7 @@ def train_verifier(model, images, lung_logits, targets, bank, config, hardware, 
     over the detector's top candidates on the validation images.
     """
     settings = config.nodule
-    optimizer = torch.optim.Adam(model.verifier.parameters(), lr=config.train.lr)
+    optimizer = stage_optimizer(model.verifier, config)
     train = _DetectorBatches(images["train"], lung_logits["train"], targets["train"].lung_masks,
                              targets["train"].circles, targets["train"].malignant, bank, config, generator)
     train.hard_points = false_positive_peaks(model, images["train"], lung_logits["train"], targets["train"].circles,
@@ -780,7 +813,7 @@ def train_judge(model, images, lung_logits, targets, bank, config, hardware, gen
     function of the diameter fitted on the training nodules' labels (``fit_size_prior``) first.
     """
     settings = config.nodule
-    optimizer = torch.optim.Adam(model.judge.parameters(), lr=config.train.lr)
+    optimizer = stage_optimizer(model.judge, config)
     train = _DetectorBatches(images["train"], lung_logits["train"], targets["train"].lung_masks,
                              targets["train"].circles, targets["train"].malignant, bank, config, generator)
     val = _DetectorBatches(images["val"], lung_logits["val"], targets["val"].lung_masks,
@@ -997,6 +1030,7 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
     """
     from lungdx.train import FitResult, data_fingerprint
 
+    warn_ignored_train_settings(config)
     frame = data.frame
     every = localisation_targets(frame, config.preprocess)  # masks read once, for training and for the outputs
     targets = {split: every.subset((frame["split"] == split).to_numpy()) for split in ("train", "val", "test")}

@@ -362,6 +362,9 @@ def _same_on_all_ranks(fingerprint: str) -> str:
     return fingerprint
 
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     """Adam or AdamW: the head at ``lr``, the backbone at ``lr * backbone_lr_factor``.
 
@@ -369,15 +372,14 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimize
     settings are merged, so the defaults give one group over ``model.parameters()`` in order.
     """
     train = config.train
-    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    if train.optimizer not in optimizers:
+    if train.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown train.optimizer '{train.optimizer}' (use adam or adamw)")
     backbone, head = split_parameters(model)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for named, lr in ((backbone, train.lr * train.backbone_lr_factor), (head, train.lr)):
         for _, param in named:
             groups.setdefault((lr, train.weight_decay if param.ndim > 1 else 0.0), []).append(param)
-    return optimizers[train.optimizer]([{"params": params, "lr": lr, "weight_decay": decay}
+    return OPTIMIZERS[train.optimizer]([{"params": params, "lr": lr, "weight_decay": decay}
                                         for (lr, decay), params in groups.items()], lr=train.lr)
 
 
