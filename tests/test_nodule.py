@@ -369,9 +369,10 @@ def test_the_detectors_batches_add_synthetic_nodules_without_a_malignancy_label(
     texture = np.random.default_rng(1).uniform(0.45, 0.55, (64, 128, 128)).astype(np.float32)
 
     def sample(synthetic):
-        config = load_config(None, ["nodule.insert_prob=1.0", "augment.enabled=false", f"nodule.synthetic={synthetic}"])
+        config = load_config(None, ["nodule.insert_prob=1.0", "augment.enabled=false"])
         batches = nodule_train._DetectorBatches(texture, torch.ones(64, 1, 32, 32), lungs, np.full((64, 3), np.nan, np.float32),
-                                                np.full(64, np.nan), bank, config, torch.Generator().manual_seed(0))
+                                                np.full(64, np.nan), bank, config, torch.Generator().manual_seed(0),
+                                                synthetic=synthetic)
         levelled, _, circles, malignant, _ = batches.sample(np.arange(64))
         assert torch.isfinite(circles).all() and (circles[:, 2] == 6.0).all()  # every normal got a nodule
         # A donor's nodule replaces the texture (its disc is flat at 0.7); a synthetic one adds to it.
@@ -387,6 +388,29 @@ def test_the_detectors_batches_add_synthetic_nodules_without_a_malignancy_label(
     assert (centres > 0.45 + 0.3).all() and (centres < 0.55 + 0.6).all()
     centres, malignant = sample(0.5)
     assert 16 < np.isnan(malignant).sum() < 48 and (malignant[~np.isnan(malignant)] == 1.0).all()
+
+
+def test_synthetic_nodules_reach_the_detector_and_the_verifier_but_not_the_judge(monkeypatch):
+    from lungdx import nodule_train
+
+    shares = []
+    real = nodule_train._DetectorBatches.__init__
+
+    def record(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        shares.append(self.synthetic)
+        raise _Stop
+
+    monkeypatch.setattr(nodule_train._DetectorBatches, "__init__", record)
+    config = load_config(None, ["nodule.synthetic=0.5"])
+    model = type("Model", (), {"judge_kind": "cnn", "detector": torch.nn.Linear(1, 1), "verifier": torch.nn.Linear(1, 1),
+                               "judge": torch.nn.Linear(1, 1)})()
+    images = {"train": np.zeros((1, 8, 8), np.float32), "val": np.zeros((1, 8, 8), np.float32)}
+    targets = {split: type("Targets", (), {"lung_masks": None, "circles": None, "malignant": None})() for split in images}
+    for stage in (nodule_train.train_detector, nodule_train.train_verifier, nodule_train.train_judge):
+        with pytest.raises(_Stop):
+            stage(model, images, images, targets, None, config, None, torch.Generator(), [], False)
+    assert shares == [0.5, 0.5, 0.0]
 
 
 def test_combined_logit_is_the_product_of_the_two_probabilities():

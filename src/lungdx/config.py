@@ -192,11 +192,12 @@ class NoduleConfig:
         insert_contrast: an inserted nodule's contrast against its new surroundings is its donor's times a
             factor drawn uniformly from [``insert_contrast``, 1] (1 = as cut): fainter nodules, like the
             subtle ones the detector misses most. Below 1 it draws one more random number per insertion.
-        synthetic: share of those insertions that add a simulated nodule (``data.nodules.synthetic_nodule``:
-            a ball's projected thickness with a random oval, lobulated outline) to the normal's own texture
-            instead of blending in a donor's pixels. Its size and contrast are those of a random training
-            nodule of the bank (``insert_contrast`` does not apply); it has no malignancy label, so the judge
-            leaves it out. Above 0 it draws one more random number per insertion (0 = off).
+        synthetic: share of the detector's and the verifier's insertions that add a simulated nodule
+            (``data.nodules.synthetic_nodule``: a ball's projected thickness with a random oval, lobulated
+            outline) to the normal's own texture instead of blending in a donor's pixels. Its size and contrast
+            are those of a random training nodule of the bank (``insert_contrast`` does not apply). The judge's
+            insertions stay donors' (they carry a malignancy label). Above 0 it draws one more random number
+            per insertion (0 = off).
         judge_jitter: the judge's crop centre moves by up to this many nodule radii (the detector's error).
         batch_size: images per detector and segmentation step (the judge uses ``train.batch_size``).
         det_ema: decay per step of an exponential moving average of the detector's weights, which is what

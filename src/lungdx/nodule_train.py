@@ -400,7 +400,10 @@ class _DetectorBatches:
     """Augmented, masked training crops with their target maps (nodule insertion into normals)."""
 
     def __init__(self, images, lung_logits, gt_masks, circles, malignant, bank: NoduleBank | None, config: RunConfig,
-                 generator: torch.Generator):
+                 generator: torch.Generator, *, synthetic: float = 0.0):
+        """``synthetic``: the share of insertions that are simulated nodules (``nodule.synthetic`` for the detector
+        and the verifier; the judge's batches keep 0, so it gets as many labelled inserted nodules as without)."""
+        self.synthetic = synthetic
         self.images, self.lung_logits, self.gt_masks = images, lung_logits, gt_masks
         self.circles, self.malignant, self.bank, self.config = circles, malignant, bank, config
         self.generator = generator
@@ -441,7 +444,7 @@ class _DetectorBatches:
                 continue
             patch = self.bank.patches[self.rng.integers(len(self.bank))]
             # Options left at their defaults draw nothing: the random stream of the recipes without them is unchanged.
-            if settings.synthetic and self.rng.random() < settings.synthetic:
+            if self.synthetic and self.rng.random() < self.synthetic:
                 nodule = synthetic_nodule(patch.radius_px, abs(patch.contrast), self.rng)
                 inserted = add_nodule(levelled[row], self.gt_masks[image_index], nodule, patch.radius_px, self.rng)
                 label = math.nan  # a simulated nodule is neither benign nor malignant: the judge leaves it out
@@ -538,7 +541,8 @@ def train_detector(model, images, lung_logits, targets, bank, config, hardware, 
     settings = config.nodule
     optimizer = stage_optimizer(model.detector, config)
     batches = _DetectorBatches(images["train"], lung_logits["train"], targets["train"].lung_masks,
-                               targets["train"].circles, targets["train"].malignant, bank, config, generator)
+                               targets["train"].circles, targets["train"].malignant, bank, config, generator,
+                               synthetic=settings.synthetic)
     size = images["train"].shape[-1]
     val_target = target_map(torch.from_numpy(targets["val"].circles), size)
     val_has = np.isfinite(targets["val"].circles[:, 0]).astype(int)
@@ -680,7 +684,8 @@ def train_verifier(model, images, lung_logits, targets, bank, config, hardware, 
     settings = config.nodule
     optimizer = stage_optimizer(model.verifier, config)
     train = _DetectorBatches(images["train"], lung_logits["train"], targets["train"].lung_masks,
-                             targets["train"].circles, targets["train"].malignant, bank, config, generator)
+                             targets["train"].circles, targets["train"].malignant, bank, config, generator,
+                             synthetic=settings.synthetic)
     train.hard_points = false_positive_peaks(model, images["train"], lung_logits["train"], targets["train"].circles,
                                              config, hardware, count=model.candidate_count)
     train.hard_chance = 1.0
@@ -1079,8 +1084,7 @@ def finish_localiser(run_dir: Path, config: RunConfig, data, model: nn.Module, h
                      fingerprint: str, **summary) -> float:
     """A finished localiser's products: ``nodule_outputs.csv``, ``summary.json`` (with ``summary``'s entries) and,
     last (see ``lungdx.train.write_summary``), ``model.pt`` with the threshold chosen on validation; returns the
-    threshold. ``best["detector"]`` is the epoch the
-    checkpoint names."""
+    threshold. ``best["detector"]`` is the epoch the checkpoint names."""
     from lungdx.predict import compute_logits
 
     val = data.rows("val")
