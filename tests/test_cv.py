@@ -191,6 +191,35 @@ def _plant_claim(folder, name, worker, heartbeat):
     (folder / f"{name}.0").write_text(json.dumps(record))
 
 
+def test_cv_status_shows_each_folds_state_and_progress_without_a_metric(cv_run, tmp_path, capsys):
+    from lungdx.cli import main
+    from lungdx.cv import fold_states
+
+    _, single, _ = cv_run
+    out = tmp_path / "cv"
+    shutil.copytree(single, out)
+    shutil.rmtree(out / "claims")
+    (out / "cv.md").unlink()
+    (out / "runs" / "r0-f01" / "evaluation" / "table1.json").unlink()  # trained, its evaluation still to come
+    stopped = out / "runs" / "r0-f02"
+    for name in ("evaluation/table1.json", "model.pt", "summary.json"):
+        (stopped / name).unlink()  # stopped after epoch 1, resumable from last.pt
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()}
+    states = fold_states(out)
+    assert states[["fold", "state", "progress", "worker"]].values.tolist() == [
+        ["r0-f00", "evaluated", "finished", ""], ["r0-f01", "trained", "finished", ""], ["r0-f02", "stopped", "epoch 1 of 1", ""]]
+    _plant_claim(out / "claims", "r0-f02", "elsewhere:1", time.time())  # a live worker has taken it up
+    assert fold_states(out).loc[2, ["state", "worker"]].tolist() == ["training", "elsewhere:1"]
+    assert main(["cv-status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 folds: 1 evaluated, 1 trained, 1 training; no cv.md yet" in printed
+    assert "auc" not in printed.lower() and "loss" not in printed.lower()  # progress, never a figure
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file() and "claims" not in path.parts} \
+        == before  # reads only: nothing moved, nothing rewritten
+    with pytest.raises(SystemExit, match="not a CV folder"):
+        main(["cv-status", str(tmp_path)])
+
+
 def test_a_stale_claim_is_taken_over_and_a_live_one_left_alone(cv_run, tmp_path):
     config, single, _ = cv_run
     out = tmp_path / "cv"

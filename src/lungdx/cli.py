@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_evaluate(commands)
     _add_cv(commands)
+    _add_cv_status(commands)
     _add_ensemble(commands)
     _add_report(commands)
     _add_tune(commands)
@@ -187,6 +188,38 @@ def _cmd_cv(args) -> int:
         return 0
     print((out / "cv.md").read_text())
     print(f"Written: {out / 'cv.md'}, {out / 'cv.json'}, {out / 'oof_predictions.csv'}, {out / 'roc_pooled.png'}")
+    return 0
+
+
+def _add_cv_status(commands) -> None:
+    status = commands.add_parser(
+        "cv-status", help="where each fold of a running or stopped CV stands (reads files only)",
+        description="For each CV folder (the --out of `lungdx cv` or `lungdx ensemble`): each fold's state "
+                    "(evaluated, trained, training or evaluating under a live worker, stopped and resumable, not "
+                    "started), its last epoch (and stage, for nodule_net), the worker holding it and when its files "
+                    "last changed. No metric is shown: the figures are in cv.md once the last fold is done. Nothing "
+                    "is claimed or written, so it is safe beside running workers. Resume a stopped fold by running "
+                    "the same `lungdx cv` command again.")
+    status.add_argument("out", nargs="+", type=Path, help="CV folder(s)")
+    status.set_defaults(handler=_cmd_cv_status)
+
+
+def _cmd_cv_status(args) -> int:
+    from lungdx.cv import fold_states
+
+    for index, out in enumerate(args.out):
+        try:
+            states = fold_states(out)
+        except FileNotFoundError as err:
+            raise SystemExit(f"lungdx cv-status: {err}") from None
+        if index:
+            print()
+        counts = states["state"].value_counts()
+        summary = ", ".join(f"{counts[state]} {state}" for state in states["state"].unique())
+        written = out / "cv.md"
+        tail = f"; {written} written" if written.is_file() else "; no cv.md yet"
+        print(f"{out}: {len(states)} folds: {summary}{tail}")
+        print(states.to_string(index=False))
     return 0
 
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import yaml
 
 from lungdx import distributed, metrics
 from lungdx.claims import STALE_AFTER_S, ClaimLost, Claims, publish
-from lungdx.config import ConfigError, RunConfig, from_dict, to_dict
+from lungdx.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 from lungdx.data.split import check_leakage, kfold_patients, split_train_val
 from lungdx.evaluate import PAPER_CLAIMS, evaluate_run, format_number
 from lungdx.subgroups import Stratifier, parse_by, subgroup_markdown, subgroup_metrics
@@ -259,6 +260,56 @@ def _fold_step(run_dir: Path, *, clean: bool = True) -> str:
     if clean and run_dir.exists():
         shutil.rmtree(run_dir)  # stopped before its first epoch ended: nothing worth keeping
     return "new"
+
+
+def fold_states(out_dir: str | Path) -> pd.DataFrame:
+    """Where each fold of a CV folder (``lungdx cv`` or ``lungdx ensemble``) stands, from its files alone.
+
+    One row per fold: ``state`` (``evaluated``, ``trained`` but not yet evaluated, ``training`` under a live
+    worker's claim, ``stopped`` and resumable from ``last.pt``, ``not started``), ``progress`` (the last epoch in
+    ``history.csv``, with its stage for nodule_net and the stage's epoch budget), ``worker`` (the live claim's
+    ``host:pid``) and ``updated`` (when the fold's files last changed). No metric is shown: a CV's figures are
+    read from ``cv.md`` once it is written, and validation and test figures are never needed to follow progress.
+    Reads only; nothing is claimed, removed or written.
+    """
+    out_dir = Path(out_dir)
+    if not (out_dir / "folds.csv").is_file():
+        raise FileNotFoundError(f"{out_dir}: not a CV folder (no folds.csv); give the --out of `lungdx cv` or `lungdx ensemble`")
+    folds = pd.read_csv(out_dir / "folds.csv")[["repeat", "fold"]].drop_duplicates().sort_values(["repeat", "fold"])
+    claims = Claims(out_dir / "claims")
+    rows = []
+    for repeat, fold in folds.itertuples(index=False):
+        name = fold_name(int(repeat), int(fold))
+        run_dir = out_dir / "runs" / name
+        step = _fold_step(run_dir, clean=False)
+        worker = claims.holder(name) if (out_dir / "claims").is_dir() else None
+        state = {"done": "evaluated", "evaluate": "trained", "resume": "stopped", "new": "not started"}[step]
+        if worker is not None and step != "done":
+            state = "evaluating" if step == "evaluate" else "training"
+        files = [path for path in run_dir.glob("*") if path.is_file()] if run_dir.is_dir() else []
+        updated = max((path.stat().st_mtime for path in files), default=None)
+        progress = "finished" if step in ("done", "evaluate") else _progress(run_dir)
+        rows.append({"fold": name, "state": state, "progress": progress, "worker": worker or "",
+                     "updated": "" if updated is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(updated))})
+    return pd.DataFrame(rows, columns=["fold", "state", "progress", "worker", "updated"])
+
+
+def _progress(run_dir: Path) -> str:
+    """The last epoch in ``history.csv``: ``detector epoch 67 of 100`` (nodule_net) or ``epoch 12 of 50``."""
+    try:
+        last = pd.read_csv(run_dir / "history.csv").iloc[-1]
+    except (OSError, ValueError, IndexError, pd.errors.EmptyDataError):
+        return ""
+    try:
+        config = load_config(run_dir / "config.yaml")
+    except (OSError, ValueError, ConfigError):
+        config = None
+    stage = last.get("stage")
+    if isinstance(stage, str):
+        budgets = {} if config is None else {"lungs": config.nodule.seg_epochs, "detector": config.nodule.det_epochs,
+                                             "verifier": config.nodule.judge_epochs, "judge": config.nodule.judge_epochs}
+        return f"{stage} epoch {int(last['epoch'])}" + (f" of {budgets[stage]}" if stage in budgets else "")
+    return f"epoch {int(last['epoch'])}" + ("" if config is None else f" of {config.train.epochs}")
 
 
 def summarise(out_dir: str | Path, plan: CVPlan, config: RunConfig, *, stratifiers: list[Stratifier] | None = None,
