@@ -19,6 +19,10 @@ that lies within the pointing game's reach of the nodule (radius + 1/32 of the s
 how many missed nodules a better ranking of the candidates could still find, and how many the map
 does not offer at all.
 
+``--describe-ranks`` adds, for the most subtle nodule rows (subtlety 1-2) at rank 1, ranks 2-5 and
+not a candidate: how many rows and distinct cases, their median size, malignant share and lobe
+(JSRT's ``location``).
+
 ``--against REF`` adds paired DeLong tests against another CV on the same folds (same rows: fold and
 case): the nodule vs normal AUC (presence logits) and the malignant vs rest AUC (task logits),
 difference = this CV less REF.
@@ -37,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pointing_by_stratum import labels_of  # noqa: E402
+from pointing_by_stratum import data_folder, labels_of  # noqa: E402
 from size_judge_refit import validation_summary  # noqa: E402
 
 from lungdx import metrics  # noqa: E402
@@ -63,22 +67,46 @@ def presence_by_subtlety(rows: pd.DataFrame, labels: pd.DataFrame) -> dict[str, 
     return found
 
 
-def candidate_ranks(rows: pd.DataFrame, labels: pd.DataFrame, size: int = 512) -> dict[str, dict[str, int]]:
-    """Per subtlety group: how many nodule rows have their first hitting candidate at rank 1, 2, ... or none."""
+def nodule_ranks(rows: pd.DataFrame, size: int = 512) -> pd.Series:
+    """Per nodule row: the rank (1-5) of the first of the map's candidates within the pointing game's reach, 0 if none."""
     nodules = rows[rows["has_nodule"] == 1]
-    subtlety = nodules["case_id"].map(labels.set_index("case_id")["subtlety"])
     ranks = []
     for row in nodules.itertuples():
         candidates = np.asarray(json.loads(row.candidates), dtype=float).reshape(-1, 3)
         distance = np.hypot(candidates[:, 0] - row.nodule_x, candidates[:, 1] - row.nodule_y)
         hit = np.flatnonzero(distance <= pointing_reach(row.nodule_r, size))
         ranks.append(int(hit[0]) + 1 if len(hit) else 0)  # 0: no candidate on the nodule
-    ranks = pd.Series(ranks, index=nodules.index)
+    return pd.Series(ranks, index=nodules.index, dtype=int)
+
+
+def candidate_ranks(rows: pd.DataFrame, labels: pd.DataFrame, size: int = 512) -> dict[str, dict[str, int]]:
+    """Per subtlety group: how many nodule rows have their first hitting candidate at rank 1, 2, ... or none."""
+    ranks = nodule_ranks(rows, size)
+    subtlety = rows.loc[ranks.index, "case_id"].map(labels.set_index("case_id")["subtlety"])
     found = {}
     for name, levels in SUBTLETY_GROUPS.items():
         counts = ranks[subtlety.isin(levels)].value_counts()
         found[name] = {str(rank): int(counts[rank]) for rank in sorted(counts.index) if rank} | (
             {"none": int(counts[0])} if 0 in counts.index else {})
+    return found
+
+
+def describe_ranks(rows: pd.DataFrame, labels: pd.DataFrame, size: int = 512) -> dict[str, dict]:
+    """The most subtle nodule rows (subtlety 1-2) by where the map put them (rank 1, ranks 2-5, not a candidate):
+    rows, distinct cases, median size (mm), malignant share and JSRT's lobe (upper, middle, lower, other)."""
+    ranks = nodule_ranks(rows, size)
+    nodules = rows.loc[ranks.index].assign(rank=ranks).merge(labels[["case_id", "subtlety", "size_mm", "location"]],
+                                                             on="case_id", how="left")
+    nodules = nodules[nodules["subtlety"].isin((1, 2))]
+    lobe = nodules["location"].astype(str).str.extract(r"(upper|middle|lower)", expand=False).fillna("other")
+    found = {}
+    for name, chosen in (("rank 1", nodules["rank"] == 1), ("ranks 2-5", nodules["rank"] > 1),
+                         ("not a candidate", nodules["rank"] == 0)):
+        group = nodules[chosen]
+        found[name] = {"rows": len(group), "cases": group["case_id"].nunique(),
+                       "median_size_mm": float(group["size_mm"].median()) if len(group) else float("nan"),
+                       "malignant": round(float(group["malignant"].mean()), 2) if len(group) else float("nan"),
+                       "lobe": {key: int(value) for key, value in lobe[chosen].value_counts().items()}}
     return found
 
 
@@ -115,6 +143,8 @@ def main() -> None:
                         help="also the presence AUC per JSRT subtlety group against the normals")
     parser.add_argument("--candidate-rank", action="store_true",
                         help="also, per subtlety group, the rank of the first candidate on the nodule (or none)")
+    parser.add_argument("--describe-ranks", action="store_true",
+                        help="also the most subtle nodule rows by where the map put them: size, malignancy, lobe")
     parser.add_argument("--against", type=Path, metavar="REF",
                         help="also paired DeLong tests against this CV's rows (same folds): presence and malignant vs rest")
     args = parser.parse_args()
@@ -129,6 +159,10 @@ def main() -> None:
         if args.candidate_rank:
             for name, counts in candidate_ranks(rows, labels_of(cv_dir)).items():
                 print(f"  subtlety {name}: first candidate on the nodule at rank", counts)
+        if args.describe_ranks:
+            labels = pd.read_csv(data_folder(cv_dir) / "labels.csv").astype({"subtlety": "Int64"})
+            for name, described in describe_ranks(rows, labels).items():
+                print(f"  subtlety 1-2, {name}:", described)
         if reference is not None:
             for name, test in paired_tests(rows, reference, (cv_dir, args.against)).items():
                 print(f"  against {args.against}, {name}: {test['auc_b']:.3f} vs {test['auc_a']:.3f}, difference "
