@@ -282,7 +282,7 @@ def fold_states(out_dir: str | Path) -> pd.DataFrame:
         name = fold_name(int(repeat), int(fold))
         run_dir = out_dir / "runs" / name
         step = _fold_step(run_dir, clean=False)
-        worker = claims.holder(name) if (out_dir / "claims").is_dir() else None
+        worker = claims.holder(name)  # reads claim files by name; a missing folder holds none
         state = {"done": "evaluated", "evaluate": "trained", "resume": "stopped", "new": "not started"}[step]
         if worker is not None and step != "done":
             state = "evaluating" if step == "evaluate" else "training"

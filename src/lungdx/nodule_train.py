@@ -55,7 +55,7 @@ from lungdx.models.nodule_net import TASKS, blob_diameter, map_peak, map_peaks
 from lungdx.predict import model_input, sigmoid
 from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
-from lungdx.train import OPTIMIZERS, write_summary
+from lungdx.train import optimizer_class, write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +69,7 @@ def stage_optimizer(module: nn.Module, config: RunConfig) -> torch.optim.Optimiz
     weights but not on biases and normalisation weights (1-D), as ``lungdx.train.build_optimizer``. Without weight
     decay it is one group over ``module.parameters()`` in order, as before the option existed (an older
     ``last.pt`` resumes)."""
-    train = config.train
-    if train.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown train.optimizer '{train.optimizer}' (use {' or '.join(OPTIMIZERS)})")
-    kind = OPTIMIZERS[train.optimizer]
+    train, kind = config.train, optimizer_class(config)
     if not train.weight_decay:
         return kind(module.parameters(), lr=train.lr, weight_decay=0.0)
     params = list(module.parameters())

@@ -365,6 +365,13 @@ def _same_on_all_ranks(fingerprint: str) -> str:
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
+def optimizer_class(config: RunConfig) -> type[torch.optim.Optimizer]:
+    """``train.optimizer``'s class; a clear error for an unknown name."""
+    if config.train.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown train.optimizer '{config.train.optimizer}' (use {' or '.join(OPTIMIZERS)})")
+    return OPTIMIZERS[config.train.optimizer]
+
+
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     """Adam or AdamW: the head at ``lr``, the backbone at ``lr * backbone_lr_factor``.
 
@@ -372,15 +379,14 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimize
     settings are merged, so the defaults give one group over ``model.parameters()`` in order.
     """
     train = config.train
-    if train.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown train.optimizer '{train.optimizer}' (use adam or adamw)")
+    kind = optimizer_class(config)
     backbone, head = split_parameters(model)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for named, lr in ((backbone, train.lr * train.backbone_lr_factor), (head, train.lr)):
         for _, param in named:
             groups.setdefault((lr, train.weight_decay if param.ndim > 1 else 0.0), []).append(param)
-    return OPTIMIZERS[train.optimizer]([{"params": params, "lr": lr, "weight_decay": decay}
-                                        for (lr, decay), params in groups.items()], lr=train.lr)
+    return kind([{"params": params, "lr": lr, "weight_decay": decay}
+                 for (lr, decay), params in groups.items()], lr=train.lr)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig):

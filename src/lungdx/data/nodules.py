@@ -8,6 +8,7 @@ nodule patch reaches training.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -180,7 +181,7 @@ class NodulePatch:
     malignant: float
     case_id: str
 
-    @property
+    @functools.cached_property
     def contrast(self) -> float:
         """Mean level inside half the radius minus the ring's (``_ring_mean``): positive for a nodule denser
         than its surroundings (JSRT's training nodules: median about 0.03 of the levelled range)."""
