@@ -1,6 +1,7 @@
 """Patient-level cross-validation: fold plans, inner validation splits, resume, summary."""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import tiny_config
 from hypothesis import given, settings
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 
 from lungdx.claims import Claims
 from lungdx.config import save_config
-from lungdx.cv import CVPlan, cross_validate, fold_split, plan_folds
+from lungdx.cv import CVPlan, cross_validate, fold_split, plan_folds, time_left
 
 
 def _frame(patients_images, positive_every=3):
@@ -208,16 +210,58 @@ def test_cv_status_shows_each_folds_state_and_progress_without_a_metric(cv_run, 
     states = fold_states(out)
     assert states[["fold", "state", "progress", "worker"]].values.tolist() == [
         ["r0-f00", "evaluated", "finished", ""], ["r0-f01", "trained", "finished", ""], ["r0-f02", "stopped", "epoch 1 of 1", ""]]
+    # The paper CNN's epochs time everything, finished or not (a nodule_net run's last.pt and summary count seconds).
+    finished = [pd.read_csv(out / "runs" / f"r0-f0{fold}" / "history.csv")["seconds"].sum() for fold in (0, 1)]
+    so_far = pd.read_csv(stopped / "history.csv")["seconds"].sum()
+    assert states["trained_s"].tolist() == pytest.approx([*finished, so_far])
+    assert time_left(states)["seconds"] == pytest.approx(max(sum(finished) / 2 - so_far, 0.0))
     _plant_claim(out / "claims", "r0-f02", "elsewhere:1", time.time())  # a live worker has taken it up
     assert fold_states(out).loc[2, ["state", "worker"]].tolist() == ["training", "elsewhere:1"]
     assert main(["cv-status", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "3 folds: 1 evaluated, 1 trained, 1 training; no cv.md yet" in printed
+    assert printed.splitlines()[1].split()[:4] == ["fold", "state", "progress", "trained"]
+    assert "time left: about" in printed and "with 1 worker(s), at the 2 finished fold(s)' mean of" in printed
     assert "auc" not in printed.lower() and "loss" not in printed.lower()  # progress, never a figure
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file() and "claims" not in path.parts} \
         == before  # reads only: nothing moved, nothing rewritten
     with pytest.raises(SystemExit, match="not a CV folder"):
         main(["cv-status", str(tmp_path)])
+
+
+def test_time_left_gives_each_live_worker_its_fold_and_the_rest_in_turn(tmp_path):
+    from lungdx.cv import _trained_seconds
+
+    def states(rows):
+        return pd.DataFrame(rows, columns=["fold", "state", "progress", "worker", "trained_s"])
+
+    minute = 60.0
+    nothing_finished = states([["r0-f00", "training", "detector epoch 3 of 100", "a:1", 5 * minute]])
+    assert time_left(nothing_finished) is None
+    folds = states([["r0-f00", "evaluated", "finished", "", 100 * minute],
+                    ["r0-f01", "evaluated", "finished", "", 120 * minute],
+                    ["r0-f02", "training", "detector epoch 90 of 100", "a:1", 100 * minute],  # 10 min left
+                    ["r0-f03", "training", "lungs epoch 3 of 30", "b:2", 20 * minute],  # 90 min left
+                    ["r0-f04", "stopped", "judge epoch 2 of 60", "", 80 * minute],  # 30 min left
+                    ["r0-f05", "not started", "", "", float("nan")],
+                    ["r0-f06", "not started", "", "", float("nan")]])
+    # Two live workers with 10 and 90 min to go; the stopped fold (30) goes to the first free, then 110 min each
+    # to whichever is free first: [10, 90] -> [40, 90] -> [90, 150] -> [150, 200].
+    estimate = time_left(folds)
+    assert estimate == {"seconds": pytest.approx(200 * minute), "workers": 2, "fold_seconds": pytest.approx(110 * minute),
+                        "finished": 2}
+    alone = folds.assign(state=folds["state"].replace("training", "stopped"))  # nobody running: one worker's time
+    assert time_left(alone)["seconds"] == pytest.approx((10 + 90 + 30 + 110 + 110) * minute)
+    assert time_left(alone)["workers"] == 1
+    # A staged (nodule_net) run's last.pt counts its seconds over every session; unreadable files give NaN.
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": "lungdx-localiser-state", "current": None, "seconds": 1234.5}, run / "last.pt")
+    assert _trained_seconds(run, finished=False) == 1234.5
+    (run / "last.pt").write_bytes(b"not a checkpoint")
+    assert math.isnan(_trained_seconds(run, finished=False))
+    (run / "summary.json").write_text(json.dumps({"train_seconds": 2500.0}))  # and its summary once finished
+    assert _trained_seconds(run, finished=True) == 2500.0
 
 
 def test_a_stale_claim_is_taken_over_and_a_live_one_left_alone(cv_run, tmp_path):

@@ -196,8 +196,9 @@ def _add_cv_status(commands) -> None:
         "cv-status", help="where each fold of a running or stopped CV stands (reads files only)",
         description="For each CV folder (the --out of `lungdx cv` or `lungdx ensemble`): each fold's state "
                     "(evaluated, trained, training or evaluating under a live worker, stopped and resumable, not "
-                    "started), its last epoch (and stage, for nodule_net), the worker holding it and when its files "
-                    "last changed. No metric is shown: the figures are in cv.md once the last fold is done. Nothing "
+                    "started), its last epoch (and stage, for nodule_net), the minutes it has trained over all its sessions, the "
+                    "worker holding it and when its files last changed; and, once a fold has finished, the training "
+                    "time the CV still needs with its live workers (the finished folds' mean per fold). No metric is shown: the figures are in cv.md once the last fold is done. Nothing "
                     "is claimed or written, so it is safe beside running workers. Resume a stopped fold by running "
                     "the same `lungdx cv` command again.")
     status.add_argument("out", nargs="+", type=Path, help="CV folder(s)")
@@ -205,7 +206,7 @@ def _add_cv_status(commands) -> None:
 
 
 def _cmd_cv_status(args) -> int:
-    from lungdx.cv import fold_states
+    from lungdx.cv import fold_states, time_left
 
     for index, out in enumerate(args.out):
         try:
@@ -219,7 +220,23 @@ def _cmd_cv_status(args) -> int:
         written = out / "cv.md"
         tail = f"; {written} written" if written.is_file() else "; no cv.md yet"
         print(f"{out}: {len(states)} folds: {summary}{tail}")
-        print(states.to_string(index=False))
+        shown = states.assign(trained=states["trained_s"].map(_minutes)).drop(columns="trained_s")
+        print(shown[["fold", "state", "progress", "trained", "worker", "updated"]].to_string(index=False))
+        estimate = time_left(states)
+        if estimate is None:
+            print("time left: estimated once a fold has finished")
+        else:
+            print(f"time left: about {_minutes(estimate['seconds'])} of training with {estimate['workers']} "
+                  f"worker(s), at the {estimate['finished']} finished fold(s)' mean of "
+                  f"{_minutes(estimate['fold_seconds'])} each (evaluation and early stopping not foreseen)")
+    return 0
+
+
+def _minutes(seconds: float) -> str:
+    """``41 min`` or ``5.2 h``; empty for NaN."""
+    if seconds != seconds:
+        return ""
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
     return 0
 
 

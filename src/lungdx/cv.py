@@ -290,8 +290,49 @@ def fold_states(out_dir: str | Path) -> pd.DataFrame:
         updated = max((path.stat().st_mtime for path in files), default=None)
         progress = "finished" if step in ("done", "evaluate") else _progress(run_dir)
         rows.append({"fold": name, "state": state, "progress": progress, "worker": worker or "",
+                     "trained_s": _trained_seconds(run_dir, finished=step in ("done", "evaluate")),
                      "updated": "" if updated is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(updated))})
-    return pd.DataFrame(rows, columns=["fold", "state", "progress", "worker", "updated"])
+    return pd.DataFrame(rows, columns=["fold", "state", "progress", "worker", "trained_s", "updated"])
+
+
+def _trained_seconds(run_dir: Path, *, finished: bool) -> float:
+    """Seconds a fold has trained, summed over the sessions it ran in: a finished nodule_net run's ``train_seconds``
+    (``summary.json``), a stopped or running one's count in its ``last.pt``, else the sum of ``history.csv``'s epoch
+    seconds (the paper CNN's epochs time everything); NaN where none can be read."""
+    try:
+        if finished:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            if "train_seconds" in summary:
+                return float(summary["train_seconds"])
+        elif (run_dir / "last.pt").is_file():
+            import torch
+
+            state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "seconds" in state and "current" in state:  # nodule_train's last.pt
+                return float(state["seconds"])
+        return float(pd.read_csv(run_dir / "history.csv")["seconds"].sum())
+    except Exception:  # a missing, half-written or foreign file: no figure rather than a failed status
+        return float("nan")
+
+
+def time_left(states: pd.DataFrame) -> dict | None:
+    """An estimate of the training time a CV still needs, from ``fold_states``: each unfinished fold needs the
+    mean ``trained_s`` of the finished folds, less what it has trained; the live workers (at least one) take the
+    folds in turn, each running fold staying with its worker. None until a fold has finished. Evaluation time
+    and early stopping are not foreseen, and folds on a faster or slower machine shift the mean."""
+    done = states["progress"].eq("finished")
+    per_fold = states.loc[done, "trained_s"].dropna()
+    if per_fold.empty:
+        return None
+    mean = float(per_fold.mean())
+    left = (mean - states["trained_s"].fillna(0.0)).clip(lower=0.0)
+    running = states["state"].eq("training") & ~done
+    loads = sorted(left[running].tolist()) or [0.0]
+    for seconds in left[~done & ~running]:
+        loads[0] += seconds
+        loads.sort()
+    return {"seconds": max(loads), "workers": max(int(running.sum()), 1), "fold_seconds": mean,
+            "finished": len(per_fold)}
 
 
 def _progress(run_dir: Path) -> str:
