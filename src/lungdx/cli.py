@@ -196,11 +196,12 @@ def _add_cv_status(commands) -> None:
         "cv-status", help="where each fold of a running or stopped CV stands (reads files only)",
         description="For each CV folder (the --out of `lungdx cv` or `lungdx ensemble`): each fold's state "
                     "(evaluated, trained, training or evaluating under a live worker, stopped and resumable, not "
-                    "started), its last epoch (and stage, for nodule_net), the minutes it has trained over all its sessions, the "
-                    "worker holding it and when its files last changed; and, once a fold has finished, the training "
-                    "time the CV still needs with its live workers (the finished folds' mean per fold). No metric is shown: the figures are in cv.md once the last fold is done. Nothing "
-                    "is claimed or written, so it is safe beside running workers. Resume a stopped fold by running "
-                    "the same `lungdx cv` command again.")
+                    "started), its last epoch (and stage, for nodule_net), the minutes it has trained over all its "
+                    "sessions, the worker holding it and when its files last changed; and, once a fold has finished, "
+                    "the training time the CV still needs with its live workers (the finished folds' mean per fold). "
+                    "No metric is shown: the figures are in cv.md once the last fold is done. Nothing is claimed or "
+                    "written, so it is safe beside running workers. Resume a stopped fold by running the same "
+                    "`lungdx cv` command again.")
     status.add_argument("out", nargs="+", type=Path, help="CV folder(s)")
     status.set_defaults(handler=_cmd_cv_status)
 
