@@ -238,7 +238,6 @@ def _minutes(seconds: float) -> str:
     if seconds != seconds:
         return ""
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-    return 0
 
 
 def _add_ensemble(commands) -> None:
