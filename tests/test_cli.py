@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +15,15 @@ def test_help_teaches(capsys):
     for command in ("demo", "train", "evaluate", "predict"):
         assert command in text
     assert "examples:" in text
+
+
+def test_output_cut_short_by_its_reader_ends_quietly():
+    """`lungdx ... | head`: the reader closes the pipe before lungdx writes; no traceback, SIGPIPE's status."""
+    process = subprocess.Popen([sys.executable, "-m", "lungdx", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the interpreter has even imported lungdx
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
 
 
 def test_models_lists_paper_cnn(capsys):

@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import sys
 import textwrap
 import time
@@ -903,6 +904,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; a training run continues with `lungdx train --resume --out RUN`", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left early (`lungdx cv-status runs/cv | head`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 141  # as a shell reports a process ended by SIGPIPE
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         if args.verbose:
             raise
