@@ -115,6 +115,8 @@ def train_fold(images, circles, malignant, size_mm, train, val, args, side_px: f
     malignant_t = torch.from_numpy(malignant[train]).float()
     val_crops = crops(images[val], torch.from_numpy(circles[val, :2]), side_px, args.pixels, torch.zeros(len(val)),
                       torch.zeros(len(val), dtype=torch.bool), torch.ones(len(val)))
+    train_crops = crops(picked, centres, side_px, args.pixels, torch.zeros(len(train)),
+                        torch.zeros(len(train), dtype=torch.bool), torch.ones(len(train)))
     checks = {}
     for step in range(1, args.steps + 1):
         model.train()
@@ -138,6 +140,11 @@ def train_fold(images, circles, malignant, size_mm, train, val, args, side_px: f
             model.eval()
             with torch.no_grad():
                 checks[step] = model(val_crops).reshape(-1).numpy()
+                if args.show_fit:  # the fit on the training nodules themselves, cut as validation's are
+                    fitted = model(train_crops).reshape(-1).numpy()
+                    fit = (f"Spearman {spearmanr(fitted, size_mm[train]).statistic:.3f} with the labelled size"
+                           if args.target == "size" else f"AUC {metrics.roc_auc(malignant[train], fitted):.3f}")
+                    print(f"  step {step}: training nodules' {fit}", flush=True)
     return checks
 
 
@@ -156,6 +163,8 @@ def main() -> None:
                         help="the network's block widths (the recipe's judge: 24 48 96 128)")
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--only", type=int, nargs="*", help="train these folds only (a timing or smoke run)")
+    parser.add_argument("--show-fit", action="store_true",
+                        help="also print, at each check, how well the network fits its own training nodules")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
