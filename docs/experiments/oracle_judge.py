@@ -53,7 +53,7 @@ from lungdx import metrics
 from lungdx.config import load_config
 from lungdx.cv import CVPlan, fold_split, plan_folds
 from lungdx.data.nodules import localisation_targets
-from lungdx.models.nodule_net import MalignancyJudge
+from lungdx.models.nodule_net import MalignancyJudge, standardise
 from lungdx.train import prepare_data
 
 MM_PER_PX_1024 = 0.35  # JSRT: 2048 px at 0.175 mm, stored here at 1024
@@ -75,15 +75,6 @@ def load_nodules(data: str, config_path: str, size: int):
     images = prepared.cache.batch(frame["cache_index"].to_numpy()[rows])
     return (config, frame, images, targets.circles[rows], targets.lung_masks[rows], targets.malignant[rows], size_mm,
             rows)
-
-
-def standardised(images: np.ndarray, masks: np.ndarray) -> torch.Tensor:
-    """(N, 1, S, S): each image minus its mean, over its SD, both inside its lung mask."""
-    out = np.empty_like(images)
-    for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        inside = image[mask > 0] if mask.any() else image.ravel()
-        out[index] = (image - inside.mean()) / (inside.std() + 1e-6)
-    return torch.from_numpy(out)[:, None]
 
 
 def crops(images: torch.Tensor, centres: torch.Tensor, side_px: float, pixels: int, angle: torch.Tensor,
@@ -169,7 +160,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config, frame, levelled, circles, masks, malignant, size_mm, rows = load_nodules(args.data, args.config, args.size)
-    images = standardised(levelled, masks)
+    images = standardise(torch.from_numpy(levelled)[:, None], torch.from_numpy(masks)[:, None].float())  # inside the lungs
     side_px = args.crop_mm / (MM_PER_PX_1024 * 1024 / args.size)
     print(f"{len(rows)} nodules, {args.size} px images, crops of {args.crop_mm:.1f} mm = {side_px:.0f} px at "
           f"{args.pixels} px ({args.crop_mm / args.pixels:.2f} mm per pixel), target {args.target}", flush=True)
@@ -184,15 +175,16 @@ def main() -> None:
         where = split.set_index("case_id")["split"]
         part = where.reindex(case_at.index).to_numpy()
         train, val = case_at.to_numpy()[part == "train"], case_at.to_numpy()[part == "val"]
-        sign = 1.0 if metrics.roc_auc(malignant[train], size_mm[train]) >= 0.5 else -1.0
+        # the measured size is oriented by the training sizes; a malignancy logit is a score as it is
+        orient = 1.0 if args.target == "malignant" or metrics.roc_auc(malignant[train], size_mm[train]) >= 0.5 else -1.0
         checks = train_fold(images, circles, malignant, size_mm, train, val, args, side_px, seed=fold)
         for step, scores in checks.items():
-            pooled.setdefault(step, []).append((val, scores * (sign if args.target == "size" else 1.0), scores,
+            pooled.setdefault(step, []).append((val, scores * orient, scores,
                                                 np.full(len(val), np.median(size_mm[train]))))
         last = checks[max(checks)]
         print(f"fold {fold}: {len(train)} training and {len(val)} validation nodules, "
               f"{time.perf_counter() - started:.0f} s; last check: validation malignant vs benign AUC "
-              f"{metrics.roc_auc(malignant[val], last * (sign if args.target == 'size' else 1.0)):.3f}", flush=True)
+              f"{metrics.roc_auc(malignant[val], last * orient):.3f}", flush=True)
     print(f"pooled over the {args.folds} folds' validation nodules (each fold's scores as they are):")
     for step, parts in pooled.items():
         val = np.concatenate([p[0] for p in parts])

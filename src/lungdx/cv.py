@@ -307,7 +307,8 @@ def _trained_seconds(run_dir: Path, *, finished: bool) -> float:
         elif (run_dir / "last.pt").is_file():
             import torch
 
-            state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+            # mmap: only the pickled index and the one number are read, not the weights and optimizer state
+            state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True, mmap=True)
             if isinstance(state, dict) and "seconds" in state and "current" in state:  # nodule_train's last.pt
                 return float(state["seconds"])
         return float(pd.read_csv(run_dir / "history.csv")["seconds"].sum())
