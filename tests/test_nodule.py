@@ -306,6 +306,53 @@ def test_a_fainter_insertion_scales_the_nodule_against_its_new_surroundings():
         insert_nodule(image, lungs, patch, np.random.default_rng(0), contrast=0.0)
 
 
+def test_a_plane_matched_insertion_leaves_no_step_where_donor_and_recipient_slope_differently():
+    columns = np.arange(128, dtype=np.float32)
+    image = np.tile(0.3 + 0.002 * columns, (128, 1))  # brighter to the right
+    lungs = _box_lungs()
+    donor = _disc_donor(21) + (0.02 - 0.002 * np.arange(21, dtype=np.float32))  # darker to the right
+    patch = NodulePatch(donor, 6.0, 1.0, "donor")
+    results = {match: insert_nodule(image, lungs, patch, rng := np.random.default_rng(0), match=match) + (rng.random(),)
+               for match in ("ring", "plane")}
+    assert results["ring"][1:] == results["plane"][1:]  # the same place, the same random numbers drawn
+    x, y, radius = results["plane"][1]
+    distance = np.hypot(*np.meshgrid(columns - x, columns - y))
+    blend = (distance >= 1.05 * radius) & (distance <= 1.5 * radius)
+    steps = {match: float(np.abs(inserted - image)[blend].max()) for match, (inserted, *_) in results.items()}
+    # With ring means the donor's opposite slope shows in the blend: up to 0.004 x 1.5 radii, weighted by its alpha.
+    assert steps["ring"] > 0.01 and steps["plane"] < 1e-5, steps
+    for inserted, *_ in results.values():  # the nodule keeps its 0.4 of contrast either way
+        assert inserted[int(y), int(x)] - image[int(y), int(x)] == pytest.approx(0.4, abs=0.01)
+    with pytest.raises(ValueError, match="match"):
+        insert_nodule(image, lungs, patch, np.random.default_rng(0), match="mean")
+
+
+def test_nodule_insert_match_reaches_every_donor_insertion_and_is_checked(monkeypatch):
+    from lungdx import nodule_train
+    from lungdx.config import ConfigError
+
+    bank = NoduleBank(_disc_donor(128)[None], pd.DataFrame({"split": ["train"], "case_id": ["donor"]}),
+                      np.array([[64.0, 64.0, 6.0]]), np.ones(1))
+    matches = []
+    real = nodule_train.insert_nodule
+
+    def record(*args, match, **kwargs):
+        matches.append(match)
+        return real(*args, match=match, **kwargs)
+
+    monkeypatch.setattr(nodule_train, "insert_nodule", record)
+    for setting in ("ring", "plane"):
+        config = load_config(None, ["nodule.insert_prob=1.0", "augment.enabled=false", f"nodule.insert_match={setting}"])
+        batches = nodule_train._DetectorBatches(np.full((4, 128, 128), 0.5, np.float32), torch.ones(4, 1, 32, 32),
+                                                _box_lungs(4), np.full((4, 3), np.nan, np.float32), np.full(4, np.nan),
+                                                bank, config, torch.Generator().manual_seed(0))
+        batches.sample(np.arange(4))
+        assert matches == [setting] * 4
+        matches.clear()
+    with pytest.raises(ConfigError, match="insert_match"):
+        load_config(None, ["nodule.insert_match=mean"])
+
+
 def test_the_detectors_batches_insert_nodules_as_faint_as_insert_contrast_allows():
     from lungdx import nodule_train
 

@@ -7,6 +7,15 @@ JSRT's pixels, so it is written under ``runs/`` (not committed) and only looked 
 
     python docs/experiments/insertion_gallery.py runs/jsrt-cv10-nodule-v5-dbo-long/runs/r0-f00 --out runs/insertions.png
 
+``--seam N`` measures instead of drawing: how much a window edge shows around N insertions of each kind into
+the run's training normals (donors matched by ring mean, as lungdx did first, and by plane,
+``nodule.insert_match``), against the real nodules of its training images. The measure is the mean
+gradient magnitude in the ring where a donor's patch is blended in (1.05-1.5 radii) over that in the ring
+just outside it (1.6-2.2 radii), both in the same image: a seam raises it above what the real nodules show.
+Prints figures only (no pixels), read on training images only.
+
+    python docs/experiments/insertion_gallery.py runs/jsrt-cv10-nodule-v5-dbo-synth/runs/r0-f00 --seam 400
+
 Not part of lungdx: an experiment whose result is reported in docs/results.md.
 """
 
@@ -18,13 +27,61 @@ from pathlib import Path
 import numpy as np
 
 
+def ring_ratio(image: np.ndarray, x: float, y: float, radius: float) -> float:
+    """Mean gradient magnitude at 1.05-1.5 radii from (x, y) over that at 1.6-2.2 radii (NaN off the image)."""
+    half = int(np.ceil(2.2 * radius)) + 2
+    column, row = int(round(x)), int(round(y))
+    if row - half < 1 or column - half < 1 or row + half + 2 > image.shape[0] or column + half + 2 > image.shape[1]:
+        return float("nan")
+    window = image[row - half - 1 : row + half + 2, column - half - 1 : column + half + 2].astype(np.float64)
+    gy, gx = np.gradient(window)
+    magnitude = np.hypot(gx, gy)[1:-1, 1:-1]
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    distance = np.hypot(xx + column - x, yy + row - y) / radius
+    blend = (distance >= 1.05) & (distance <= 1.5)
+    outside = (distance >= 1.6) & (distance <= 2.2)
+    return float(magnitude[blend].mean() / max(magnitude[outside].mean(), 1e-9))
+
+
+def seam_table(images: np.ndarray, targets, bank, rng: np.random.Generator, count: int) -> None:
+    """The window-edge measure (``ring_ratio``) of real nodules, donor insertions and simulated ones."""
+    from lungdx.data.nodules import add_nodule, insert_nodule, synthetic_nodule
+
+    real = [ring_ratio(images[i], *targets.circles[i]) for i in np.flatnonzero(np.isfinite(targets.circles[:, 0]))]
+    normals = np.flatnonzero(~np.isfinite(targets.circles[:, 0]) & targets.has_mask)
+    kinds: dict[str, list[float]] = {"real nodules in their own images": real, "donor insertions (ring)": [],
+                                     "donor insertions (plane)": [], "simulated insertions": []}
+    for _ in range(count):
+        index, patch = normals[rng.integers(len(normals))], bank.patches[rng.integers(len(bank))]
+        lungs = targets.lung_masks[index] > 0.5
+        seed = int(rng.integers(2**31))  # the two donor insertions at the same place
+        for name, result in (
+                ("donor insertions (ring)", insert_nodule(images[index], lungs, patch, np.random.default_rng(seed))),
+                ("donor insertions (plane)", insert_nodule(images[index], lungs, patch, np.random.default_rng(seed),
+                                                           match="plane")),
+                ("simulated insertions", add_nodule(images[index], lungs, synthetic_nodule(
+                    patch.radius_px, abs(patch.contrast), rng), patch.radius_px, rng))):
+            if result is not None:
+                kinds[name].append(ring_ratio(result[0], *result[1]))
+    print("gradient at 1.05-1.5 radii over 1.6-2.2 radii (a window edge raises it):")
+    for name, values in kinds.items():
+        values = np.asarray(values)
+        values = values[np.isfinite(values)]
+        low, median, high = np.percentile(values, [25, 50, 75])
+        print(f"  {name:34s} n {len(values):4d}  median {median:.3f}  quartiles {low:.3f}-{high:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished nodule_net run folder (config.yaml, split.csv)")
-    parser.add_argument("--out", type=Path, required=True, help="PNG to write (under runs/: JSRT may not be redistributed)")
+    parser.add_argument("--out", type=Path, help="PNG to write (under runs/: JSRT may not be redistributed)")
     parser.add_argument("--pairs", type=int, default=9, help="normal images to show, one pair each (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=3, help="seed of the picks and placements (default: %(default)s)")
+    parser.add_argument("--seam", type=int, default=0, metavar="N",
+                        help="print the window-edge measure over N insertions of each kind instead of drawing")
     args = parser.parse_args()
+    if not args.seam and args.out is None:
+        parser.error("--out is required unless --seam is given")
 
     import matplotlib
 
@@ -42,6 +99,9 @@ def main() -> None:
     images = data.cache.batch(data.rows("train")["cache_index"].to_numpy())
     bank = NoduleBank(images, data.rows("train"), targets.circles, targets.malignant)
     rng = np.random.default_rng(args.seed)
+    if args.seam:
+        seam_table(images, targets, bank, rng, args.seam)
+        return
     normals = np.flatnonzero(~np.isfinite(targets.circles[:, 0]) & targets.has_mask)[: args.pairs]
     columns = 6
     lines = int(np.ceil(2 * len(normals) / columns))

@@ -169,6 +169,9 @@ DET_SCHEDULES = ("constant", "cosine")
 JUDGE_KEEPS = ("best", "last")
 """``nodule.judge_keep``: which of the judge's epochs is kept."""
 
+INSERT_MATCHES = ("ring", "plane")
+"""``nodule.insert_match``: what a donor's nodule patch is matched to its new place by (``data.nodules.insert_nodule``)."""
+
 
 @dataclass(frozen=True)
 class NoduleConfig:
@@ -192,6 +195,10 @@ class NoduleConfig:
         insert_contrast: an inserted nodule's contrast against its new surroundings is its donor's times a
             factor drawn uniformly from [``insert_contrast``, 1] (1 = as cut): fainter nodules, like the
             subtle ones the detector misses most. Below 1 it draws one more random number per insertion.
+        insert_match: what a donor's patch is matched to its new place by (``data.nodules.insert_nodule``):
+            ``ring``, the mean of the ring around the nodule (1.2-1.6 radii) in donor and recipient; ``plane``,
+            the plane fitted to each ring, level and tilt. With ``ring`` the blend's edge shows where the two
+            slope differently (``docs/experiments/insertion_gallery.py --seam``). Every stage's insertions.
         synthetic: share of the detector's and the verifier's insertions that add a simulated nodule
             (``data.nodules.synthetic_nodule``: a ball's projected thickness with a random oval, lobulated
             outline) to the normal's own texture instead of blending in a donor's pixels. Its size and contrast
@@ -234,6 +241,7 @@ class NoduleConfig:
     nodule_in_crop: float = 0.7
     insert_prob: float = 0.7
     insert_contrast: float = 1.0
+    insert_match: str = "ring"
     synthetic: float = 0.0
     judge_jitter: float = 0.5
     batch_size: int = 16
@@ -247,7 +255,8 @@ class NoduleConfig:
     hflip: bool = False
 
     def __post_init__(self):
-        for name, choices in (("det_schedule", DET_SCHEDULES), ("judge_keep", JUDGE_KEEPS)):
+        for name, choices in (("det_schedule", DET_SCHEDULES), ("judge_keep", JUDGE_KEEPS),
+                              ("insert_match", INSERT_MATCHES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"nodule.{name} must be one of {', '.join(choices)}; got '{getattr(self, name)}'")
         if not isinstance(self.det_repeats, int) or self.det_repeats < 1:

@@ -447,7 +447,8 @@ class _DetectorBatches:
                 label = math.nan  # a simulated nodule is neither benign nor malignant: the judge leaves it out
             else:
                 contrast = self.rng.uniform(settings.insert_contrast, 1.0) if settings.insert_contrast < 1 else 1.0
-                inserted = insert_nodule(levelled[row], self.gt_masks[image_index], patch, self.rng, contrast=contrast)
+                inserted = insert_nodule(levelled[row], self.gt_masks[image_index], patch, self.rng, contrast=contrast,
+                                         match=settings.insert_match)
                 label = patch.malignant
             if inserted is not None:
                 levelled[row], circles[row] = inserted[0], inserted[1]

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from lungdx.config import PreprocessConfig
+from lungdx.config import INSERT_MATCHES, PreprocessConfig
 from lungdx.preprocess import GridMap
 
 logger = logging.getLogger(__name__)
@@ -244,6 +244,21 @@ def _ring_mean(pixels: np.ndarray, radius: float) -> float:
     return float(pixels[ring].mean()) if ring.any() else float(pixels.mean())
 
 
+def _ring_plane(pixels: np.ndarray, radius: float) -> np.ndarray:
+    """The least-squares plane through the ring at 1.2-1.6 radii of a square patch, over the whole patch: its
+    level and its tilt (the ring's mean where the ring has fewer than three pixels)."""
+    side = pixels.shape[0]
+    centre = (side - 1) / 2
+    yy, xx = np.mgrid[:side, :side] - centre
+    distance = np.hypot(xx, yy)
+    ring = (distance >= 1.2 * radius) & (distance <= 1.6 * radius)
+    if ring.sum() < 3:
+        return np.full_like(pixels, _ring_mean(pixels, radius))
+    design = np.stack([np.ones(int(ring.sum())), xx[ring], yy[ring]], axis=1)
+    level, along, down = np.linalg.lstsq(design, pixels[ring].astype(np.float64), rcond=None)[0]
+    return (level + along * xx + down * yy).astype(pixels.dtype)
+
+
 def _place(lung_mask: np.ndarray, half: int, radius: float, rng: np.random.Generator,
            tries: int) -> tuple[int, int] | None:
     """A random (row, column) where a patch of side ``2 * half + 1`` fits the image and the nodule's centre and
@@ -264,16 +279,23 @@ def _place(lung_mask: np.ndarray, half: int, radius: float, rng: np.random.Gener
 
 
 def insert_nodule(image: np.ndarray, lung_mask: np.ndarray, patch: NodulePatch, rng: np.random.Generator,
-                  tries: int = 30, contrast: float = 1.0) -> tuple[np.ndarray, tuple[float, float, float]] | None:
+                  tries: int = 30, contrast: float = 1.0,
+                  match: str = "ring") -> tuple[np.ndarray, tuple[float, float, float]] | None:
     """Blend ``patch`` into ``image`` at a random place where the nodule lies inside ``lung_mask``.
 
-    The patch is shifted to the recipient's local level (mean of a ring around the nodule), its
-    difference from that level scaled by ``contrast`` (below 1: a fainter nodule than the donor's),
-    and blended with a soft circular alpha. Returns the new image and the circle (column, row, radius),
-    or None when no place inside the lungs fits.
+    The patch is shifted to the recipient's local level, its difference from that level scaled by
+    ``contrast`` (below 1: a fainter nodule than the donor's), and blended with a soft circular alpha
+    (1 inside the nodule, 0 from 1.5 radii). ``match`` says what is matched at the ring around the
+    nodule (1.2-1.6 radii): ``ring``, the two rings' means; ``plane``, the planes fitted to them, level
+    and tilt, so that a donor cut from a sloping part of the lung does not leave a step where the
+    blend ends on a recipient that slopes otherwise (``_ring_plane``). Both draw the same random
+    numbers. Returns the new image and the circle (column, row, radius), or None when no place
+    inside the lungs fits.
     """
     if not 0 < contrast <= 1:
         raise ValueError(f"contrast must be in (0, 1]; got {contrast}")
+    if match not in INSERT_MATCHES:
+        raise ValueError(f"match must be one of {', '.join(INSERT_MATCHES)}; got '{match}'")
     side = patch.pixels.shape[0]
     half = side // 2
     radius = patch.radius_px
@@ -282,7 +304,10 @@ def insert_nodule(image: np.ndarray, lung_mask: np.ndarray, patch: NodulePatch, 
         return None
     row, column = place
     region = image[row - half : row + half + 1, column - half : column + half + 1]
-    shifted = contrast * (patch.pixels - _ring_mean(patch.pixels, radius)) + _ring_mean(region, radius)
+    if match == "plane":
+        shifted = contrast * (patch.pixels - _ring_plane(patch.pixels, radius)) + _ring_plane(region, radius)
+    else:
+        shifted = contrast * (patch.pixels - _ring_mean(patch.pixels, radius)) + _ring_mean(region, radius)
     alpha = _alpha(side, radius)
     result = image.copy()
     result[row - half : row + half + 1, column - half : column + half + 1] = np.clip(
