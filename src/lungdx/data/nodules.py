@@ -235,23 +235,23 @@ def _alpha(side: int, radius: float) -> np.ndarray:
     return (0.5 * (1 + np.cos(np.pi * ramp))).astype(np.float32)
 
 
-def _ring_mean(pixels: np.ndarray, radius: float) -> float:
-    side = pixels.shape[0]
+def _ring(side: int, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A square patch's ring at 1.2-1.6 radii from its centre (bool), and the column and row offsets from it."""
     centre = (side - 1) / 2
-    yy, xx = np.mgrid[:side, :side]
-    distance = np.hypot(xx - centre, yy - centre)
-    ring = (distance >= 1.2 * radius) & (distance <= 1.6 * radius)
+    yy, xx = np.mgrid[:side, :side] - centre
+    distance = np.hypot(xx, yy)
+    return (distance >= 1.2 * radius) & (distance <= 1.6 * radius), xx, yy
+
+
+def _ring_mean(pixels: np.ndarray, radius: float) -> float:
+    ring, _, _ = _ring(pixels.shape[0], radius)
     return float(pixels[ring].mean()) if ring.any() else float(pixels.mean())
 
 
 def _ring_plane(pixels: np.ndarray, radius: float) -> np.ndarray:
     """The least-squares plane through the ring at 1.2-1.6 radii of a square patch, over the whole patch: its
     level and its tilt (the ring's mean where the ring has fewer than three pixels)."""
-    side = pixels.shape[0]
-    centre = (side - 1) / 2
-    yy, xx = np.mgrid[:side, :side] - centre
-    distance = np.hypot(xx, yy)
-    ring = (distance >= 1.2 * radius) & (distance <= 1.6 * radius)
+    ring, xx, yy = _ring(pixels.shape[0], radius)
     if ring.sum() < 3:
         return np.full_like(pixels, _ring_mean(pixels, radius))
     design = np.stack([np.ones(int(ring.sum())), xx[ring], yy[ring]], axis=1)
