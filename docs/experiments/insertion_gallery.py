@@ -27,6 +27,20 @@ from pathlib import Path
 import numpy as np
 
 
+def training_nodules(run: Path):
+    """A finished run's training images (levelled, (N, S, S)), their localisation targets and its nodule bank."""
+    from lungdx import train
+    from lungdx.config import load_config
+    from lungdx.data.nodules import NoduleBank, localisation_targets
+
+    config = load_config(run / "config.yaml")
+    data = train.prepare_data(train._with_saved_split(config, run, True))
+    rows = (data.frame["split"] == "train").to_numpy()
+    targets = localisation_targets(data.frame, config.preprocess).subset(rows)
+    images = data.cache.batch(data.rows("train")["cache_index"].to_numpy())
+    return images, targets, NoduleBank(images, data.rows("train"), targets.circles, targets.malignant)
+
+
 def ring_ratio(image: np.ndarray, x: float, y: float, radius: float) -> float:
     """Mean gradient magnitude at 1.05-1.5 radii from (x, y) over that at 1.6-2.2 radii (NaN off the image)."""
     half = int(np.ceil(2.2 * radius)) + 2
@@ -88,16 +102,9 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lungdx import train
-    from lungdx.config import load_config
-    from lungdx.data.nodules import NoduleBank, add_nodule, insert_nodule, localisation_targets, synthetic_nodule
+    from lungdx.data.nodules import add_nodule, insert_nodule, synthetic_nodule
 
-    config = load_config(args.run / "config.yaml")
-    data = train.prepare_data(train._with_saved_split(config, args.run, True))
-    rows = (data.frame["split"] == "train").to_numpy()
-    targets = localisation_targets(data.frame, config.preprocess).subset(rows)
-    images = data.cache.batch(data.rows("train")["cache_index"].to_numpy())
-    bank = NoduleBank(images, data.rows("train"), targets.circles, targets.malignant)
+    images, targets, bank = training_nodules(args.run)
     rng = np.random.default_rng(args.seed)
     if args.seam:
         seam_table(images, targets, bank, rng, args.seam)

@@ -60,17 +60,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=5, help="seed of the picks and places (default: %(default)s)")
     args = parser.parse_args()
 
-    from lungdx import train
-    from lungdx.config import load_config
+    from insertion_gallery import training_nodules
+
     from lungdx.data import nodules
     from lungdx.predict import Predictor
 
-    config = load_config(args.run / "config.yaml")
-    data = train.prepare_data(train._with_saved_split(config, args.run, True))
-    rows = (data.frame["split"] == "train").to_numpy()
-    targets = nodules.localisation_targets(data.frame, config.preprocess).subset(rows)
-    images = data.cache.batch(data.rows("train")["cache_index"].to_numpy())
-    bank = nodules.NoduleBank(images, data.rows("train"), targets.circles, targets.malignant)
+    images, targets, bank = training_nodules(args.run)
     normals = np.flatnonzero(~np.isfinite(targets.circles[:, 0]) & targets.has_mask)
     predictor = Predictor.from_path(args.run, device="cpu")
     size = images.shape[-1]
