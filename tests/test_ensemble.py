@@ -108,9 +108,14 @@ def phantom_cv(tmp_path_factory):
     write_phantom_dataset(folder / "data", 60, size=256, seed=5)
     config = load_config(None, [f"data.path={folder / 'data'}", "data.task=nodule_vs_normal",
                                 f"data.cache_dir={folder / 'cache'}", "model.name=nodule_net", f"preprocess.size={SIZE}",
-                                "train.precision=fp32", "nodule.seg_epochs=2", "nodule.det_epochs=2",
+                                "train.precision=fp32", "nodule.seg_epochs=16", "nodule.det_epochs=2",
                                 "nodule.judge_epochs=1", "nodule.crop=64", "eval.n_bootstrap=50"])
     cross_validate(config, folder / "cv", CVPlan(folds=2))
+    # The members must find the lungs, or their maps are empty and every image's presence the same constant, and
+    # the ensemble's tests would compare constants (so it was with 2 lung epochs; 8 found them in one fold of two).
+    for fold in ("r0-f00", "r0-f01"):
+        outputs = pd.read_csv(folder / "cv" / "runs" / fold / "nodule_outputs.csv")
+        assert outputs["lung_ok"].all() and outputs["presence_logit"].nunique() > len(outputs) // 2, fold
     return folder / "cv"
 
 
