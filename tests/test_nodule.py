@@ -123,6 +123,21 @@ def test_no_test_image_or_nodule_patch_reaches_training(nodule_run):
     assert bank and bank <= train_ids
 
 
+def test_training_images_without_a_lung_field_get_a_warning_that_says_what_to_do(caplog):
+    from lungdx.nodule_train import warn_failed_lung_fields
+
+    field = torch.full((3, 1, 64, 64), -5.0)
+    field[:, :, 16:48, 8:56] = 5.0  # 37.5% of the image: a lung field
+    with caplog.at_level("WARNING", logger="lungdx.nodule_train"):
+        assert warn_failed_lung_fields(field, 8) == 0
+    assert not caplog.records
+    field[1] = -5.0  # an empty field, as an untrained U-Net gives
+    field[2] = 5.0  # all lung
+    with caplog.at_level("WARNING", logger="lungdx.nodule_train"):
+        assert warn_failed_lung_fields(field, 2) == 2
+    assert "2 of 3 training images" in caplog.text and "nodule.seg_epochs, now 2" in caplog.text
+
+
 def test_the_nodule_bank_refuses_rows_outside_the_training_split():
     rows = pd.DataFrame({"case_id": ["a", "b"], "split": ["train", "test"]})
     with pytest.raises(ValueError, match="training rows only"):

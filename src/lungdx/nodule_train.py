@@ -51,7 +51,7 @@ from lungdx.data.nodules import (
 )
 from lungdx.io.files import write_atomic
 from lungdx.localisation import POINTING_TOLERANCE, pointing_reach
-from lungdx.models.nodule_net import TASKS, blob_diameter, map_peak, map_peaks
+from lungdx.models.nodule_net import MAX_LUNG_FRACTION, MIN_LUNG_FRACTION, TASKS, blob_diameter, map_peak, map_peaks
 from lungdx.predict import model_input, sigmoid
 from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
@@ -384,6 +384,20 @@ def _lung_logits(model, levelled: np.ndarray, config: RunConfig, hardware: Hardw
         with hardware.autocast():
             parts.append(model.segment(inputs).float().cpu())
     return torch.cat(parts) if parts else torch.zeros(0, 1, model.seg_size, model.seg_size)
+
+
+def warn_failed_lung_fields(lung_logits: torch.Tensor, seg_epochs: int) -> int:
+    """Warn when the lung U-Net's field on training images is a failed segmentation (outside 5-60% of the image, as
+    ``NoduleNet.analyse`` judges it); returns how many. The later stages look only inside the field, so an image
+    without one teaches them nothing (an empty field gives the detector a loss of 0)."""
+    fraction = (lung_logits.float() > 0).float().mean(dim=(1, 2, 3))
+    failed = int(((fraction < MIN_LUNG_FRACTION) | (fraction > MAX_LUNG_FRACTION)).sum())
+    if failed:
+        logger.warning("lungs: the lung field is a failed segmentation (outside %.0f-%.0f%% of the image) on %d of %d "
+                       "training images; the detector, the verifier and the judge look only inside it and learn nothing "
+                       "there. Train the lungs longer (nodule.seg_epochs, now %d) or check the lung masks",
+                       100 * MIN_LUNG_FRACTION, 100 * MAX_LUNG_FRACTION, failed, len(fraction), seg_epochs)
+    return failed
 
 
 def _eval_lungs(model, levelled, target, config, hardware) -> tuple[float, float]:
@@ -1060,6 +1074,7 @@ def fit_localiser(config: RunConfig, run_dir: Path, data, model: nn.Module, hard
     stage("lungs", lambda: train_lungs(model, seg_images, seg_masks, config, hardware, generator, history, progress,
                                        checkpoints))
     lung_logits = {split: _lung_logits(model, images[split], config, hardware) for split in images}
+    warn_failed_lung_fields(lung_logits["train"], config.nodule.seg_epochs)
     bank = NoduleBank(images["train"], data.rows("train"), targets["train"].circles, targets["train"].malignant)
     logger.info("nodule bank: %d patches from %d training images", len(bank), len(bank.case_ids))
     common = (model, images, lung_logits, targets, bank, config, hardware, generator, history, progress, checkpoints)
