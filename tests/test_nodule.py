@@ -21,23 +21,23 @@ from lungdx.preprocess import GridMap
 SIZE = 256
 
 
-@pytest.fixture(scope="module")
-def nodule_phantoms(tmp_path_factory):
+def _phantoms(tmp_path_factory, name: str, count: int):
     from lungdx.data.phantoms import write_phantom_dataset
 
-    folder = tmp_path_factory.mktemp("nodule-phantoms")
-    write_phantom_dataset(folder, 140, size=SIZE, seed=3)
+    folder = tmp_path_factory.mktemp(name)
+    write_phantom_dataset(folder, count, size=SIZE, seed=3)
     return folder
+
+
+@pytest.fixture(scope="module")
+def nodule_phantoms(tmp_path_factory):
+    return _phantoms(tmp_path_factory, "nodule-phantoms", 140)
 
 
 @pytest.fixture(scope="module")
 def few_nodule_phantoms(tmp_path_factory):
     """48 phantoms, for tests of the stages' plumbing that train a few epochs and judge no skill."""
-    from lungdx.data.phantoms import write_phantom_dataset
-
-    folder = tmp_path_factory.mktemp("few-nodule-phantoms")
-    write_phantom_dataset(folder, 48, size=SIZE, seed=3)
-    return folder
+    return _phantoms(tmp_path_factory, "few-nodule-phantoms", 48)
 
 
 def _config(data, cache, task="nodule_vs_normal"):

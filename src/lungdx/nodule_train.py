@@ -51,7 +51,7 @@ from lungdx.data.nodules import (
 )
 from lungdx.io.files import write_atomic
 from lungdx.localisation import POINTING_TOLERANCE, pointing_reach
-from lungdx.models.nodule_net import MAX_LUNG_FRACTION, MIN_LUNG_FRACTION, TASKS, blob_diameter, map_peak, map_peaks
+from lungdx.models.nodule_net import MAX_LUNG_FRACTION, MIN_LUNG_FRACTION, TASKS, blob_diameter, lung_field, map_peak, map_peaks
 from lungdx.predict import model_input, sigmoid
 from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
@@ -387,16 +387,16 @@ def _lung_logits(model, levelled: np.ndarray, config: RunConfig, hardware: Hardw
 
 
 def warn_failed_lung_fields(lung_logits: torch.Tensor, seg_epochs: int) -> int:
-    """Warn when the lung U-Net's field on training images is a failed segmentation (outside 5-60% of the image, as
-    ``NoduleNet.analyse`` judges it); returns how many. The later stages look only inside the field, so an image
+    """Warn when the lung U-Net's field on training images is a failed segmentation (``lung_field``, the rule
+    ``NoduleNet.analyse`` judges by); returns how many. The later stages look only inside the field, so an image
     without one teaches them nothing (an empty field gives the detector a loss of 0)."""
-    fraction = (lung_logits.float() > 0).float().mean(dim=(1, 2, 3))
-    failed = int(((fraction < MIN_LUNG_FRACTION) | (fraction > MAX_LUNG_FRACTION)).sum())
+    _, plausible = lung_field(lung_logits)
+    failed = int((~plausible).sum())
     if failed:
         logger.warning("lungs: the lung field is a failed segmentation (outside %.0f-%.0f%% of the image) on %d of %d "
                        "training images; the detector, the verifier and the judge look only inside it and learn nothing "
                        "there. Train the lungs longer (nodule.seg_epochs, now %d) or check the lung masks",
-                       100 * MIN_LUNG_FRACTION, 100 * MAX_LUNG_FRACTION, failed, len(fraction), seg_epochs)
+                       100 * MIN_LUNG_FRACTION, 100 * MAX_LUNG_FRACTION, failed, len(plausible), seg_epochs)
     return failed
 
 

@@ -49,6 +49,13 @@ from lungdx.models.registry import register_model
 TASKS = ("nodule_vs_normal", "malignant_vs_rest", "malignant_vs_benign")
 MIN_LUNG_FRACTION = 0.05  # a lung field under 5% or over 60% of the image is a failed segmentation (JSRT: 20-35%)
 MAX_LUNG_FRACTION = 0.60
+
+
+def lung_field(lung_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image of lung logits (N, 1, s, s): the lung field's share of the image, and whether that share is
+    plausible (MIN_LUNG_FRACTION-MAX_LUNG_FRACTION; outside it the segmentation failed)."""
+    fraction = (lung_logits.float() > 0).float().mean(dim=(1, 2, 3))
+    return fraction, (fraction >= MIN_LUNG_FRACTION) & (fraction <= MAX_LUNG_FRACTION)
 _OUTSIDE = -30.0  # map logit outside the lung field: never the peak
 REGIONS = ("lungs", "hull")
 
@@ -353,7 +360,7 @@ class NoduleReader:
         """Every stage's output for a batch of standardised images (N, 1, S, S)."""
         self._check(images)
         lung_logits = self.segment(images)
-        lung_fraction = (lung_logits.float() > 0).float().mean(dim=(1, 2, 3))
+        lung_fraction, plausible = lung_field(lung_logits)
         masked, mask = self.mask_image(images, lung_logits)
         masked_input = masked.to(images.dtype)
         nodule_map = self.detect(masked_input, lung_logits)
@@ -368,7 +375,7 @@ class NoduleReader:
                 presence[best], peak[best] = tops[:, 2], tops[:, :2]
         malignancy = self.judge_at(masked, nodule_map, peak, images.dtype)
         informative = images.float().flatten(1).std(dim=1) > 1e-3
-        lung_ok = informative & (lung_fraction >= MIN_LUNG_FRACTION) & (lung_fraction <= MAX_LUNG_FRACTION)
+        lung_ok = informative & plausible
         return NoduleAnalysis(lung_logits, mask, lung_fraction, nodule_map, peak, presence, malignancy, lung_ok, candidates)
 
 
