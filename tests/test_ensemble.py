@@ -145,15 +145,23 @@ def test_a_cv_ensemble_of_one_cv_with_itself_reproduces_its_out_of_fold_outputs(
     assert (out / "runs" / "r0-f00" / "model.pt").stat().st_mtime_ns == before
 
 
-def test_an_assembled_run_is_served_by_the_predictor_with_its_location(phantom_cv, tmp_path):
-    from lungdx.checkpoint import load_checkpoint
+def test_an_assembled_run_holds_each_members_weights_and_is_served_by_the_predictor_with_its_location(phantom_cv,
+                                                                                                      tmp_path):
+    from lungdx.checkpoint import load_checkpoint, write_checkpoint
     from lungdx.ensemble import assemble_run
     from lungdx.predict import Predictor
 
-    fold = phantom_cv / "runs" / "r0-f00"
-    run = assemble_run([fold, fold], tmp_path / "ens", member_kwargs={"tta": "hflip"})
+    fold, other = phantom_cv / "runs" / "r0-f00", tmp_path / "other"
+    shutil.copytree(fold, other)  # a second member on the same rows whose map differs (a copy with a raised head)
+    payload = load_checkpoint(other / "model.pt")
+    payload["state_dict"]["detector.head.bias"] = payload["state_dict"]["detector.head.bias"] + 1.0
+    write_checkpoint(other / "model.pt", payload)
+    run = assemble_run([fold, other], tmp_path / "ens", member_kwargs={"tta": "hflip"})
     checkpoint = load_checkpoint(run / "model.pt")
     assert checkpoint["model"]["name"] == "nodule_ensemble"
+    for index, member in enumerate((fold, other)):
+        for key, value in load_checkpoint(member / "model.pt")["state_dict"].items():
+            torch.testing.assert_close(checkpoint["state_dict"][f"members.{index}.{key}"], value, rtol=0, atol=0)
     assert [member["tta"] for member in checkpoint["model"]["kwargs"]["members"]] == ["hflip", "hflip"]
     split = pd.read_csv(run / "split.csv")
     path = split.loc[split["split"] == "test", "path"].iloc[0]
@@ -223,3 +231,4 @@ def test_the_cli_says_when_other_workers_still_hold_folds(phantom_cv, tmp_path, 
     monkeypatch.setattr(ensemble, "assemble_cv", lambda *args, **kwargs: None)
     assert main(["ensemble", str(phantom_cv), str(phantom_cv), "--out", str(tmp_path / "ens"), "-q"]) == 0
     assert "other workers are still assembling folds" in capsys.readouterr().out
+
