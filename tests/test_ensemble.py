@@ -231,4 +231,3 @@ def test_the_cli_says_when_other_workers_still_hold_folds(phantom_cv, tmp_path, 
     monkeypatch.setattr(ensemble, "assemble_cv", lambda *args, **kwargs: None)
     assert main(["ensemble", str(phantom_cv), str(phantom_cv), "--out", str(tmp_path / "ens"), "-q"]) == 0
     assert "other workers are still assembling folds" in capsys.readouterr().out
-

@@ -203,5 +203,3 @@ def test_split_file_without_split_column_is_named(phantom_dir, tmp_path):
     config = tiny_config(phantom_dir, tmp_path / "cache", f"data.split_file={bad}")
     with pytest.raises(ValueError, match="split.csv: a split file needs 'path' and 'split'"):
         train_module.prepare_data(config)
-
-
