@@ -165,9 +165,11 @@ def _check_structure(sr, tmp_path: Path) -> None:
 
 
 def _dciodvfy_errors(dataset, file: Path) -> list[str]:
-    """dicom3tools' IOD check of a dataset: its error lines (none when dciodvfy is not installed)."""
+    """dicom3tools' IOD check of a dataset: its error lines. Called last in a test: where dciodvfy is not installed
+    the test's other checks have run and it is reported as skipped, not as passed."""
     if not shutil.which("dciodvfy"):
-        return []
+        pytest.skip("dciodvfy (dicom3tools) is not installed: the DICOM IOD check was not made "
+                    "(apt-get install dicom3tools; .ci/run installs it)")
     dataset.save_as(file, enforce_file_format=True)
     checked = subprocess.run(["dciodvfy", str(file)], capture_output=True, text=True, timeout=60)
     return [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
