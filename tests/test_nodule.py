@@ -161,12 +161,15 @@ def test_predict_prints_the_location_in_the_original_image_pixels(nodule_run, no
     assert f"map peak at x={prediction.location['x']:.0f} y={prediction.location['y']:.0f} px" in capsys.readouterr().out
 
 
-def test_a_blank_image_gets_a_failed_segmentation_warning(nodule_run):
+def test_a_blank_image_gets_a_failed_segmentation_warning_and_a_chest_none(nodule_run, nodule_phantoms):
     from lungdx.predict import Predictor
 
     run_dir, _ = nodule_run
-    prediction = Predictor.from_path(run_dir, precision="fp32").predict_pixels(np.zeros((300, 300), np.float32))
+    predictor = Predictor.from_path(run_dir, precision="fp32")
+    prediction = predictor.predict_pixels(np.zeros((300, 300), np.float32))
     assert any("lung segmentation failed" in warning for warning in prediction.warnings)
+    chest = predictor.predict_files([str(nodule_phantoms / pd.read_csv(nodule_phantoms / "labels.csv")["image"].iloc[0])])[0]
+    assert chest.error is None and not any("lung segmentation failed" in warning for warning in chest.warnings)
 
 
 # ---------------------------------------------------------------------------------------------
