@@ -138,6 +138,28 @@ def test_training_images_without_a_lung_field_get_a_warning_that_says_what_to_do
     assert "2 of 3 training images" in caplog.text and "nodule.seg_epochs, now 2" in caplog.text
 
 
+def test_the_candidate_score_weighs_map_and_verifier_by_how_well_each_tells_hits_from_misses(caplog):
+    """``fit_candidate_scores`` on validation candidates where the verifier's logit decides the hits and the map's
+    barely does: the verifier's weight comes out several times the map's; too few hits keep the sum, with a warning."""
+    from types import SimpleNamespace
+
+    from lungdx.nodule_train import fit_candidate_scores
+
+    rng = np.random.default_rng(0)
+    map_logits, verifier_logits = rng.normal(size=400), rng.normal(size=400)
+    hits = (2.0 * verifier_logits + 0.2 * map_logits + 0.5 * rng.logistic(size=400) > 0.5).astype(int)
+    model = SimpleNamespace(verify_coef=torch.tensor([1.0, 1.0, 0.0]))
+    fit_candidate_scores(model, map_logits, verifier_logits, hits)
+    on_map, on_verifier, intercept = model.verify_coef.tolist()
+    assert on_verifier > 4 * on_map > 0 and intercept < 0
+    model = SimpleNamespace(verify_coef=torch.tensor([1.0, 1.0, 0.0]))
+    few = np.zeros(400, int)
+    few[:4] = 1
+    with caplog.at_level("WARNING", logger="lungdx.nodule_train"):
+        fit_candidate_scores(model, map_logits, verifier_logits, few)
+    assert model.verify_coef.tolist() == [1.0, 1.0, 0.0] and "4 of 400 validation candidates hit" in caplog.text
+
+
 def test_the_nodule_bank_refuses_rows_outside_the_training_split():
     rows = pd.DataFrame({"case_id": ["a", "b"], "split": ["train", "test"]})
     with pytest.raises(ValueError, match="training rows only"):
