@@ -49,6 +49,8 @@ from lungdx.models.registry import register_model
 TASKS = ("nodule_vs_normal", "malignant_vs_rest", "malignant_vs_benign")
 MIN_LUNG_FRACTION = 0.05  # a lung field under 5% or over 60% of the image is a failed segmentation (JSRT: 20-35%)
 MAX_LUNG_FRACTION = 0.60
+_OUTSIDE = -30.0  # map logit outside the lung field: never the peak
+REGIONS = ("lungs", "hull")
 
 
 def lung_field(lung_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +58,6 @@ def lung_field(lung_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     plausible (MIN_LUNG_FRACTION-MAX_LUNG_FRACTION; outside it the segmentation failed)."""
     fraction = (lung_logits.float() > 0).float().mean(dim=(1, 2, 3))
     return fraction, (fraction >= MIN_LUNG_FRACTION) & (fraction <= MAX_LUNG_FRACTION)
-_OUTSIDE = -30.0  # map logit outside the lung field: never the peak
-REGIONS = ("lungs", "hull")
 
 
 def lung_hull(mask: torch.Tensor) -> torch.Tensor:
