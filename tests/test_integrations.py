@@ -15,6 +15,8 @@ import pydicom
 import pytest
 from orthanc import Orthanc, free_port, require_orthanc
 
+from lungdx.integrations import uid_digest
+
 pytest.importorskip("pynetdicom", reason="the pacs extra (pynetdicom) is not installed")
 pytest.importorskip("highdicom", reason="the pacs extra (highdicom) is not installed")
 
@@ -307,3 +309,128 @@ def test_an_empty_heatmap_is_named_on_the_secondary_capture(predictor, dicom_dir
     analyse_file(predictor, _sample(dicom_dir, CHEST_DX), method="gradcam")
     assert drawn["caption"][-1].startswith("Heatmap empty: the Grad-CAM heatmap is all zero")
     assert "no overlay to show" in drawn["caption"][-1] and not drawn["heatmap"].any()
+
+
+def test_a_payload_that_fails_otherwise_does_not_hold_back_the_items_behind_it(tmp_path, caplog):
+    """Any error of a sender (here pydicom's, on a payload that is not DICOM) is a failed attempt of that item alone."""
+    from lungdx.integrations.outbox import Outbox
+
+    outbox = Outbox(tmp_path)
+    outbox.put("dicom", b"not DICOM at all", ".dcm", "SR first")
+    outbox.put("dicom", _dataset_bytes(), ".dcm", "SC second")
+    sent = []
+
+    def send(path: Path) -> None:
+        sent.append(pydicom.dcmread(path).SOPInstanceUID)  # as send_cstore reads its payloads
+
+    with caplog.at_level("WARNING", logger="lungdx"):
+        assert outbox.deliver({"dicom": send}) == 1
+    [waiting] = outbox.pending()
+    assert waiting.label == "SR first" and waiting.attempts == 1 and sent == ["1.2.3.4"]
+    error = json.loads((waiting.folder / "state.json").read_text())["last_error"]
+    assert error.startswith("InvalidDicomError") and "delivery of SR first failed" in caplog.text
+
+
+def _dataset_bytes(**values) -> bytes:
+    """A small PS3.10 file (a CR image header and 8 x 8 pixels) with ``values`` set, invalid ones included."""
+    import numpy as np
+    from pydicom import config
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    dataset = pydicom.Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = "1.2.3", "1.2.3.5"
+    dataset.Modality, dataset.PatientName, dataset.PatientID = "CR", "Smith^John", "PID4711"
+    dataset.Rows = dataset.Columns = 8
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
+    dataset.PixelData = np.arange(64, dtype=np.uint16).tobytes()
+    for tag, (vr, value) in values.items():
+        dataset.add(DataElement(tag, vr, value, validation_mode=config.IGNORE))
+    buffer = DicomBytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+IDENTITY = {"name": "lungdx nodule_net", "model": "nodule_net", "version": "0123456789ab", "software_version": "test"}
+
+
+@pytest.mark.parametrize("task, meaning", [("malignant_vs_rest", "Probability of cancer"),
+                                           ("nodule_vs_normal", "Probability of lung nodule")])
+def test_results_say_what_the_probability_means_and_survive_a_malformed_date(task, meaning):
+    """A nodule-presence model's probability is not sent as a cancer probability; a birth date that is not a DA
+    (1961-02-03) is emptied in the result, not a failed analysis, and the source is left as it was."""
+    import numpy as np
+    from pydicom.filebase import DicomBytesIO
+
+    from lungdx.integrations.fhir import make_bundle
+    from lungdx.integrations.results import make_secondary_capture, make_sr, read_sr_probability
+    from lungdx.wording import state_result
+
+    source = pydicom.dcmread(DicomBytesIO(_dataset_bytes(PatientBirthDate=("DA", "1961-02-03"))))
+    identity = {**IDENTITY, "task": task}
+    statement = state_result(0.7, {"threshold": 0.5, "threshold_method": "youden", "class_names": ["a", "b"]})
+    sr = make_sr(source, statement, identity)
+    capture = make_secondary_capture(source, np.zeros((8, 8, 3), np.uint8), identity)
+    assert all("PatientBirthDate" in result and not result.PatientBirthDate for result in (sr, capture))
+    assert source.PatientBirthDate == "1961-02-03"
+    assert sr.PatientName == "Smith^John" and read_sr_probability(sr) == pytest.approx(0.7)
+    meanings = {str(element.value) for element in sr.iterall() if element.keyword == "CodeMeaning"}
+    assert meaning in meanings and not {"Probability of cancer", "Probability of lung nodule"} - {meaning} & meanings
+    assert ("High likelihood of malignancy" in meanings) == (task == "malignant_vs_rest")
+    code = make_bundle(statement, identity, "1.2.3")["entry"][0]["resource"]["code"]
+    assert code["coding"][0]["display"] == meaning
+    with pytest.raises(ValueError, match="coded for lungdx's nodule tasks.*'label=pneumonia'"):
+        make_sr(source, statement, {**identity, "task": "label=pneumonia"})
+
+
+def test_a_failed_instance_is_kept_and_its_reason_quotes_no_header_value(predictor, dicom_dir, tmp_path, monkeypatch,
+                                                                         caplog):
+    import lungdx.integrations.pipeline as pipeline
+
+    def fail(*_args, **_kwargs):
+        raise ValueError("Unable to convert '1961-02-03' to 'DA' object")
+
+    monkeypatch.setattr(pipeline, "analyse_file", fail)
+    processor = pipeline.Processor(predictor, tmp_path, send_dicom=lambda _: None)
+    path = processor.inbox / "received.dcm"
+    shutil.copy(_sample(dicom_dir, CHEST_DX), path)
+    with caplog.at_level("INFO", logger="lungdx"):
+        assert processor.process_inbox() == 1
+    [event] = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert event["status"] == "failed" and event["reason"].startswith("ValueError at test_integrations.py:")
+    assert "1961" not in caplog.text + event["reason"] and not path.exists()
+    assert [p.name for p in (tmp_path / "failed").iterdir()] == [f"{event['instance']}.dcm"]
+
+
+def test_pacs_run_goes_on_past_an_instance_the_pacs_will_not_give(predictor, dicom_dir, tmp_path, monkeypatch):
+    import httpx
+
+    from lungdx.integrations.dicomweb import SERIES_UID, SOP_UID, DicomWebClient
+    from lungdx.integrations.pipeline import Processor, pacs_run
+
+    chest = _sample(dicom_dir, CHEST_DX)
+    header = pydicom.dcmread(chest, stop_before_pixels=True)
+    gone_uid = "1.2.826.0.1.3680043.8.498.4711"
+
+    def request(method, url, **_kwargs):
+        if url.endswith("/instances"):
+            return httpx.Response(200, json=[{SOP_UID: {"Value": [uid]}, SERIES_UID: {"Value": ["1.2.3.9"]}}
+                                             for uid in (gone_uid, str(header.SOPInstanceUID))])
+        if gone_uid in url:
+            return httpx.Response(404)
+        boundary = "b0"
+        body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + chest.read_bytes() + \
+            f"\r\n--{boundary}--\r\n".encode()
+        return httpx.Response(200, content=body, headers={"content-type": f"multipart/related; boundary={boundary}"})
+
+    monkeypatch.setattr(httpx, "request", request)
+    run = pacs_run(Processor(predictor, tmp_path, send_dicom=lambda _: None), DicomWebClient("http://pacs"), "1.2.3")
+    assert len(run.analysed) == 1 and len(run.skipped) == 1
+    assert gone_uid not in run.skipped[0] and uid_digest(gone_uid) in run.skipped[0] and "HTTP 404" in run.skipped[0]

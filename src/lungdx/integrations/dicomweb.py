@@ -7,17 +7,20 @@ Written on httpx: the three transactions need a few requests and a multipart/rel
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 
 import httpx
 
+from lungdx.integrations import uid_digest
 from lungdx.integrations.outbox import DeliveryError
 
 logger = logging.getLogger(__name__)
 
 _DICOM = "application/dicom"
 SERIES_UID, SOP_UID, SOP_CLASS, MODALITY = "0020000E", "00080018", "00080016", "00080060"
+_UID = re.compile(r"[0-9]+(\.[0-9]+)+")
 
 
 class DicomWebClient:
@@ -64,8 +67,13 @@ class DicomWebClient:
         except httpx.HTTPError as err:
             raise DeliveryError(f"{self.base_url} unreachable: {type(err).__name__}: {err}") from err
         if response.status_code >= 400 and not (missing_ok and response.status_code == 404):
-            raise DeliveryError(f"{method} {self.base_url}{path.split('?')[0]}: HTTP {response.status_code}")
+            raise DeliveryError(f"{method} {self.base_url}{_digested(path)}: HTTP {response.status_code}")
         return response
+
+
+def _digested(path: str) -> str:
+    """A DICOMweb path for a message: its UIDs (study, series, instance) as ``uid_digest``s, no query."""
+    return "/".join(uid_digest(part) if _UID.fullmatch(part) else part for part in path.split("?")[0].split("/"))
 
 
 def parse_multipart(content_type: str, body: bytes) -> list[bytes]:

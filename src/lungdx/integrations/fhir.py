@@ -14,15 +14,19 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 
 from lungdx.integrations.outbox import DeliveryError
+from lungdx.integrations.results import task_concepts
 from lungdx.wording import ResultStatement
 
 _LOINC_RADIOLOGY = {"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}
 _DICOM_UID = "urn:dicom:uid"
 _UCUM = "http://unitsofmeasure.org"
+_PRIVATE_SYSTEM = "urn:lungdx:codes"
+"""The FHIR system of the SR's private coding scheme 99LUNGDX (concepts with no standard code)."""
 
 
 def make_bundle(statement: ResultStatement, identity: dict, study_uid: str, patient_id: str | None = None) -> dict:
@@ -48,8 +52,7 @@ def make_bundle(statement: ResultStatement, identity: dict, study_uid: str, pati
         "resourceType": "Observation", "status": "preliminary", **subject, "issued": now,
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
                                   "code": "imaging"}]}],
-        "code": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "111047",
-                             "display": "Probability of cancer"}], "text": "Lung nodule malignancy probability"},
+        "code": _probability_code(identity["task"]),
         "valueQuantity": _unitless(statement.probability),
         "method": {"text": device},
         "device": {"display": device, "identifier": {"system": "urn:lungdx:model-version",
@@ -79,6 +82,14 @@ def make_bundle(statement: ResultStatement, identity: dict, study_uid: str, pati
     return bundle
 
 
+def _probability_code(task: str) -> dict:
+    """The Observation's code: what the probability means for the model's task (``results.task_concepts``)."""
+    concepts = task_concepts(task)
+    code, scheme, meaning = concepts["probability"]
+    system = "http://dicom.nema.org/resources/ontology/DCM" if scheme == "DCM" else _PRIVATE_SYSTEM
+    return {"coding": [{"system": system, "code": code, "display": meaning}], "text": concepts["text"]}
+
+
 def _unitless(value: float) -> dict:
     return {"value": float(value), "unit": "1", "system": _UCUM, "code": "1"}
 
@@ -101,7 +112,7 @@ def validate(bundle: dict) -> None:
 
 def post_bundle(path, base_url: str, timeout_s: float = 30.0) -> None:
     """POST a Bundle JSON file to a FHIR server's base URL; raises DeliveryError on failure."""
-    body = json.loads(open(path, encoding="utf-8").read())
+    body = json.loads(Path(path).read_text(encoding="utf-8"))
     try:
         response = httpx.post(base_url.rstrip("/"), json=body, timeout=timeout_s,
                               headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})

@@ -91,7 +91,11 @@ class Outbox:
         return delay_s
 
     def deliver(self, senders: Mapping[str, Callable[[Path], None]], now: float | None = None) -> int:
-        """Try every due item with the sender of its kind; returns how many were delivered."""
+        """Try every due item with the sender of its kind; returns how many were delivered.
+
+        Any error of a sender (a PACS down, a refused SOP class, an unreadable payload) is a failed attempt of
+        that item, retried after its backoff; the items behind it are still tried.
+        """
         count = 0
         for item in self.due(now):
             sender = senders.get(item.kind)
@@ -99,10 +103,13 @@ class Outbox:
                 continue  # no destination of this kind configured (yet): the item waits
             try:
                 sender(item.payload)
-            except DeliveryError as err:
-                delay_s = self.failed(item, str(err))
+            except Exception as err:  # one bad item must not hold back the items behind it
+                # A DeliveryError's text is lungdx's own (no patient data); any other error's text may quote the
+                # payload's header values, so only its type is kept.
+                error = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__} (payload not deliverable)"
+                delay_s = self.failed(item, error)
                 logger.warning("delivery of %s failed (attempt %d), retrying in %.0f s: %s",
-                               item.label, item.attempts + 1, delay_s, err)
+                               item.label, item.attempts + 1, delay_s, error)
             else:
                 self.delivered(item)
                 logger.info("delivered %s", item.label)

@@ -21,8 +21,10 @@ import io
 import json
 import logging
 import os
+import shutil
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from lungdx.integrations import uid_digest
-from lungdx.integrations.outbox import Outbox, RetryPolicy, write_atomic
+from lungdx.integrations.outbox import DeliveryError, Outbox, RetryPolicy, write_atomic
 from lungdx.io import ImageReadError, sniff_format
 from lungdx.predict import Prediction, Predictor
 from lungdx.wording import state_result
@@ -118,11 +120,21 @@ def to_bytes(dataset: Dataset) -> bytes:
 
 
 class Processor:
-    """Analyses files and queues their results in a state folder; delivery is separate (``deliver``)."""
+    """Analyses files and queues their results in a state folder; delivery is separate (``deliver``).
+
+    An instance whose analysis fails is moved to ``failed/`` in the state folder (named by its UID's digest),
+    not deleted: put it back into ``inbox/`` to analyse it again.
+
+    Raises:
+        ValueError: the model's task has no coded result for a PACS or an EHR (``results.task_concepts``).
+    """
 
     def __init__(self, predictor: Predictor, state_dir: str | Path, *, send_dicom: Callable[[Path], None] | None,
                  send_fhir: Callable[[Path], None] | None = None, retry: RetryPolicy | None = None,
                  method: str = "auto"):
+        from lungdx.integrations.results import task_concepts
+
+        task_concepts(predictor.identity["task"])  # refused at start-up, not on every instance
         self.predictor, self.method = predictor, method
         self.state_dir = Path(state_dir)
         self.inbox = self.state_dir / "inbox"
@@ -153,8 +165,14 @@ class Processor:
             self._event(digest, "skipped", str(err))
             return None
         except Exception as err:  # one bad instance must never stop the node
-            logger.exception("analysis of instance %s failed: %s", digest, type(err).__name__)
-            self._event(digest, "failed", f"{type(err).__name__}: {err}")
+            # Its text may quote the header's values (a malformed birth date, a name): the log and the event
+            # get the error's type and where it was raised only.
+            reason = _failure(err)
+            logger.error("analysis of instance %s failed: %s", digest, reason)
+            self._event(digest, "failed", reason)
+            kept = self.state_dir / "failed" / f"{digest}{path.suffix}"
+            kept.parent.mkdir(exist_ok=True)
+            shutil.move(path, kept)
             return None
         fhir_json = json.dumps(results.fhir_bundle, indent=2).encode()
         write_atomic(self.state_dir / "fhir" / f"{uid_digest(results.sr.SOPInstanceUID)}.json", fhir_json)
@@ -196,6 +214,13 @@ class Processor:
         with self._events, open(self.state_dir / "events.jsonl", "a", encoding="utf-8") as stream:
             stream.write(line + "\n")
         self._reasons[digest] = reason
+
+
+def _failure(err: BaseException) -> str:
+    """An error without its message: its type and the last frame it passed (file name and line)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(err).__name__}{where}"
 
 
 def _digest_of(path: Path) -> str:
@@ -241,7 +266,10 @@ class Node:
     def _analyse_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            self.processor.process_inbox()
+            try:
+                self.processor.process_inbox()
+            except Exception as err:  # a full disk, a file gone mid-listing: the node keeps analysing after it
+                logger.error("analysis loop error: %s", _failure(err))
             self._wake.wait(self.poll_s)
 
     def _deliver_loop(self) -> None:
@@ -278,7 +306,12 @@ def pacs_run(processor: Processor, client, study_uid: str) -> StudyRun:
         if processor.done(uid_digest(sop_uid)) or result_uid(sop_uid, processor.version, "sr") in present:
             run.already += 1
             continue
-        data = client.retrieve_instance(study_uid, value(instance, SERIES_UID), sop_uid)
+        try:
+            data = client.retrieve_instance(study_uid, value(instance, SERIES_UID), sop_uid)
+        except DeliveryError as err:  # one instance the PACS will not give: the rest of the study still runs
+            logger.warning("instance %s not retrieved: %s", uid_digest(sop_uid), err)
+            run.skipped.append(f"instance {uid_digest(sop_uid)} not retrieved: {err}")
+            continue
         path = write_atomic(processor.inbox / f"{uid_digest(sop_uid)}.dcm", data)
         result = processor.process(path)
         path.unlink(missing_ok=True)

@@ -8,8 +8,9 @@ again stores nothing new, and ``pacs_run`` finds it in the study and skips the i
 
 The SR follows TID 1500 (Measurement Report) with one TID 1501 group: finding type "lung nodule",
 a qualitative evaluation of the malignancy likelihood (high or low at the model's operating
-threshold), the probability as a numeric value (DCM 111047 "Probability of cancer", UCUM "1"), and
-TID 4019 Algorithm Identification with the model's name and version, as IHE AI Results (AIR)
+threshold), the probability as a numeric value (DCM 111047 "Probability of cancer", UCUM "1"; a
+``nodule_vs_normal`` model's is "Probability of lung nodule" and its likelihood that of a nodule,
+:func:`task_concepts`), and TID 4019 Algorithm Identification with the model's name and version, as IHE AI Results (AIR)
 asks. Concepts with no DICOM or SNOMED code are in the private coding scheme ``99LUNGDX`` (PS3.16
 8.2 allows a "99" prefixed local scheme).
 """
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+from pydicom import valuerep
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -50,17 +53,43 @@ def result_uid(source_uid: str, model_version: str, role: str) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, f'{source_uid}/{model_version}/{role}').int}"
 
 
-def _codes():
+_MALIGNANCY = {"probability": ("111047", "DCM", "Probability of cancer"),
+               "likelihood": ("LD-0001", _PRIVATE, "Likelihood of malignancy"),
+               "high": ("LD-0002", _PRIVATE, "High likelihood of malignancy"),
+               "low": ("LD-0003", _PRIVATE, "Low likelihood of malignancy"),
+               "text": "Lung nodule malignancy probability"}
+_PRESENCE = {"probability": ("LD-0006", _PRIVATE, "Probability of lung nodule"),
+             "likelihood": ("LD-0007", _PRIVATE, "Likelihood of lung nodule"),
+             "high": ("LD-0008", _PRIVATE, "High likelihood of lung nodule"),
+             "low": ("LD-0009", _PRIVATE, "Low likelihood of lung nodule"),
+             "text": "Lung nodule presence probability"}
+_TASK_CONCEPTS = {"malignant_vs_rest": _MALIGNANCY, "malignant_vs_benign": _MALIGNANCY, "nodule_vs_normal": _PRESENCE}
+
+
+def task_concepts(task: str) -> dict:
+    """What a model's probability means, as the SR and the FHIR Observation code it: (code, scheme, meaning) per
+    concept, and ``text`` for FHIR. A malignancy model's probability is DCM 111047 "Probability of cancer"; a
+    nodule-presence model's is not a cancer probability and gets lungdx's private codes.
+
+    Raises:
+        ValueError: any other task (a column task such as ``label=pneumonia``): its results are not coded for a
+            PACS or an EHR, rather than sent under a nodule or cancer code they do not measure.
+    """
+    if task not in _TASK_CONCEPTS:
+        raise ValueError(f"results for a PACS or an EHR are coded for lungdx's nodule tasks ({', '.join(_TASK_CONCEPTS)}); "
+                         f"this model's task is {task!r}")
+    return _TASK_CONCEPTS[task]
+
+
+def _codes(task: str):
     """The coded concepts of the report (highdicom imported here: it is an optional dependency)."""
     from highdicom.sr import CodedConcept
 
+    meaning = {key: CodedConcept(*value) for key, value in task_concepts(task).items() if key != "text"}
     return {
         "finding": CodedConcept("786838002", "SCT", "Nodule of lung"),
         "site": CodedConcept("39607008", "SCT", "Lung"),
-        "likelihood": CodedConcept("LD-0001", _PRIVATE, "Likelihood of malignancy"),
-        "high": CodedConcept("LD-0002", _PRIVATE, "High likelihood of malignancy"),
-        "low": CodedConcept("LD-0003", _PRIVATE, "Low likelihood of malignancy"),
-        "probability": CodedConcept("111047", "DCM", "Probability of cancer"),
+        **meaning,
         "unit": CodedConcept("1", "UCUM", "no units"),
         "procedure": CodedConcept("399208008", "SCT", "Plain chest X-ray"),
         "threshold": CodedConcept("LD-0004", _PRIVATE, "Operating threshold"),
@@ -89,7 +118,7 @@ def make_sr(source: Dataset, statement: ResultStatement, identity: dict, locatio
     """
     import highdicom as hd
 
-    codes = _codes()
+    codes = _codes(identity["task"])
 
     def uid(role: str) -> str:
         return result_uid(str(source.SOPInstanceUID), identity["version"], role)
@@ -142,7 +171,7 @@ def _location_group(source: Dataset, location: dict, algorithm, codes, tracking_
     x, y, radius = location["x"] + 0.5, location["y"] + 0.5, max(float(location["radius"]), 1.0)
     columns, rows = int(source.Columns), int(source.Rows)
     x, y = min(max(x, 0.0), columns), min(max(y, 0.0), rows)
-    edge = min(x + radius, float(columns)) if x + radius <= columns else max(x - radius, 0.0)
+    edge = x + radius if x + radius <= columns else max(x - radius, 0.0)  # the point on the circle inside the image
     region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
                                graphic_data=np.array([[x, y], [edge, y]], dtype=float),
                                source_image=hd.sr.SourceImageForRegion.from_source_image(source))
@@ -169,7 +198,9 @@ def evidence_header(source: Dataset) -> Dataset:
     """The source's header without pixels, with the Type 2 patient and study attributes highdicom copies.
 
     Patient (PS3.3 C.7.1.1) and General Study (C.7.2.1) Type 2 attributes may be absent in a
-    received file; they are added empty, as the standard allows, never invented.
+    received file; they are added empty, as the standard allows, never invented. Dates and times that
+    do not parse (DA, TM, DT; PS3.5 6.2) are emptied, and a malformed Patient's Age is dropped: highdicom
+    refuses to copy them, and one such value would otherwise fail the whole result.
     """
     header = Dataset()
     header.file_meta = getattr(source, "file_meta", Dataset())
@@ -179,10 +210,28 @@ def evidence_header(source: Dataset) -> Dataset:
     age = str(header.get("PatientAge", ""))
     if "PatientAge" in header and not re.fullmatch(r"\d{3}[DWMY]", age):
         del header.PatientAge  # PS3.5 6.2 AS is nnnD/W/M/Y; a malformed value would make the result invalid
+    for element in list(header):
+        if element.VR in _PARSED_VRS and element.value not in (None, "") and not _parses(element):
+            # e.g. a birth date 1961-02-03 (DA is YYYYMMDD): emptied, never guessed; the source is not touched
+            header[element.tag] = DataElement(element.tag, element.VR, "")
     for keyword in _TYPE2_COPIED:
         if keyword not in header:
             setattr(header, keyword, "")
     return header
+
+
+_PARSED_VRS = {"DA": valuerep.DA, "TM": valuerep.TM, "DT": valuerep.DT}
+"""Value representations highdicom parses when it copies the header: one malformed value fails the whole result."""
+
+
+def _parses(element) -> bool:
+    values = element.value if element.VM > 1 else [element.value]
+    try:
+        for value in values:
+            _PARSED_VRS[element.VR](value)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -198,10 +247,12 @@ def read_sr_probability(sr: Dataset) -> float:
     import highdicom as hd
 
     report = hd.sr.ComprehensiveSR.from_dataset(sr, copy=True)
+    names = [hd.sr.CodedConcept(*concepts["probability"]) for concepts in (_MALIGNANCY, _PRESENCE)]
     for group in report.content.get_image_measurement_groups():
-        for measurement in group.get_measurements(name=_codes()["probability"]):
-            return float(measurement.value)
-    raise ValueError("the SR holds no 'Probability of cancer' measurement")
+        for name in names:
+            for measurement in group.get_measurements(name=name):
+                return float(measurement.value)
+    raise ValueError("the SR holds no 'Probability of cancer' or 'Probability of lung nodule' measurement")
 
 
 def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, caption: Sequence[str], location: dict | None = None) -> np.ndarray:
