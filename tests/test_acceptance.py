@@ -216,6 +216,50 @@ def test_over_the_limit_is_refused_from_the_header_without_decoding(corpus, monk
     assert refused.value.status == 413
 
 
+def test_a_malformed_dicom_header_is_an_image_read_error_naming_the_file(tmp_path):
+    """Not a TypeError or an AttributeError from deep in pydicom: a batch or the service carries on past it."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+
+    from lungdx.io import ImageReadError
+
+    good = write_dicom(tmp_path / "good.dcm", np.random.default_rng(0).integers(0, 4096, (64, 64)))
+    empty_rows, no_descriptor = dcmread(good), dcmread(good)
+    empty_rows.Rows = None
+    item = Dataset()
+    item.add_new(0x00283006, "US", [0] * 16)  # LUT Data, in a VOI LUT item without its LUT Descriptor (0028,3002)
+    no_descriptor.VOILUTSequence = [item]
+    for dataset, name, problem in [(empty_rows, "empty_rows.dcm", "malformed image header: TypeError"),
+                                   (no_descriptor, "no_descriptor.dcm", "malformed image description in the header")]:
+        dataset.save_as(tmp_path / name, enforce_file_format=True)
+        with pytest.raises(ImageReadError, match=problem) as refused:
+            AcceptancePolicy().read(tmp_path / name)
+        assert refused.value.path == str(tmp_path / name)
+
+
+def test_pydicom_warnings_reach_the_log_without_the_value_they_quote(tmp_path, caplog):
+    import warnings
+
+    from pydicom import config, dcmread
+    from pydicom.dataelem import DataElement
+
+    from lungdx.cli import withhold_header_values_in_library_logs
+
+    path = write_dicom(tmp_path / "x.dcm", np.random.default_rng(0).integers(0, 4096, (64, 64)))
+    dataset = dcmread(path)
+    dataset.add(DataElement(0x00080018, "UI", "1.2.826.0.1.3680043.01.PATIENT4711", validation_mode=config.IGNORE))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        dataset.save_as(path, enforce_file_format=True)  # pydicom warns here too, before lungdx is involved
+        shown.clear()
+        caplog.clear()
+        withhold_header_values_in_library_logs()  # what lungdx's command line does first
+        with caplog.at_level("WARNING", logger="pydicom"):
+            AcceptancePolicy().read(path)
+    assert "Invalid value for VR UI: '<withheld>'" in caplog.text and "PATIENT4711" not in caplog.text
+    assert not [warning for warning in shown if "PATIENT4711" in str(warning.message)]
+
+
 def test_png_header_is_read_without_decoding(tmp_path):
     path = tmp_path / "big.png"
     Image.fromarray(np.zeros((40, 30), np.uint8)).save(path)

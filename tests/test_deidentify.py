@@ -139,6 +139,24 @@ def test_a_replaced_sequence_keeps_its_items_with_dummy_values_and_standard_uids
     assert not [element.keyword for element in item.iterall() if element.is_empty]
 
 
+def test_an_overlay_plane_goes_whole_with_its_data():
+    # Table E.1-1 removes Overlay Data (60xx,3000), Type 1 in the Overlay Plane module: a plane without it is invalid.
+    dataset = Dataset()
+    dataset.PatientName = "Smith^John"
+    for group in (0x6000, 0x6002):
+        dataset.add_new((group, 0x0010), "US", 4)  # Overlay Rows
+        dataset.add_new((group, 0x0011), "US", 8)  # Overlay Columns
+        dataset.add_new((group, 0x0040), "CS", "G")  # Overlay Type
+        dataset.add_new((group, 0x0050), "SS", [1, 1])  # Overlay Origin
+        dataset.add_new((group, 0x0100), "US", 1)  # Overlay Bits Allocated
+        dataset.add_new((group, 0x0102), "US", 0)  # Overlay Bit Position
+        dataset.add_new((group, 0x3000), "OW", b"\xff" * 4)  # Overlay Data
+    dataset.add_new((0x6002, 0x4000), "LT", "Smith")  # Overlay Comments
+    deidentify_dataset(dataset, UidMap(key=KEY))
+    assert not [tag for tag in dataset.keys() if 0x6000 <= tag.group <= 0x601E]
+    assert "PatientIdentityRemoved" in dataset
+
+
 def _temporal_problem(vr: str, value: str) -> str | None:
     """Why ``value`` is not a valid DA/TM/DT (PS3.5 6.2: a Gregorian calendar date), or None."""
     try:

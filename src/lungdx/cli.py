@@ -7,9 +7,11 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 EPILOG = """\
@@ -882,6 +884,27 @@ def _log_to_file(path: Path) -> None:
     logging.getLogger("lungdx").addHandler(handler)
 
 
+class _QuotedValuesWithheld(logging.Filter):
+    """Replaces each quoted value of a record with ``'<withheld>'``, keeping the rest of its text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = _QUOTED.sub("'<withheld>'", record.getMessage()), None
+        return True
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def withhold_header_values_in_library_logs() -> None:
+    """pydicom's reading warnings quote the value they find invalid (``Invalid value for VR UI: '1.2...PATIENT4711'``),
+    a UID, a name or a date in clear: its log records keep their text without the quoted values, and the same
+    warnings are not printed a second time through Python's warnings (pydicom sends each both ways)."""
+    library = logging.getLogger("pydicom")
+    if not any(isinstance(existing, _QuotedValuesWithheld) for existing in library.filters):
+        library.addFilter(_QuotedValuesWithheld())
+    warnings.filterwarnings("ignore", message="Invalid value for VR")
+
+
 SERVER_ARENAS = 2
 """glibc malloc arenas for the long-running servers (``runtime.tune_allocator``)."""
 
@@ -891,9 +914,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     # Other libraries speak at WARNING and above only: highdicom's and pynetdicom's INFO and DEBUG
-    # messages quote UIDs and whole headers, and no patient data may reach a log.
+    # messages quote UIDs and whole headers, and no patient data may reach a log; pydicom's warnings
+    # lose the values they quote.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("lungdx").setLevel(level)
+    withhold_header_values_in_library_logs()
     from lungdx.runtime import limit_blas_threads, tune_allocator
 
     tune_allocator(max_arenas=SERVER_ARENAS if args.command in ("serve", "listen") else None)

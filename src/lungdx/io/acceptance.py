@@ -147,10 +147,14 @@ def _dicom_header(file: Path) -> Header:
     def text(keyword: str) -> str:
         return str(ds.get(keyword, "") or "").strip().upper()
 
-    fields = {"modality": text("Modality"), "sop_class_uid": str(ds.get("SOPClassUID", "") or "").strip(),
-              "body_part": text("BodyPartExamined"), "view_position": text("ViewPosition"),
-              "samples": int(ds.get("SamplesPerPixel", 1) or 1), "photometric_interpretation": text("PhotometricInterpretation")}
-    return Header("dicom", int(ds.Rows), int(ds.Columns), fields)
+    try:
+        fields = {"modality": text("Modality"), "sop_class_uid": str(ds.get("SOPClassUID", "") or "").strip(),
+                  "body_part": text("BodyPartExamined"), "view_position": text("ViewPosition"),
+                  "samples": int(ds.get("SamplesPerPixel", 1) or 1),
+                  "photometric_interpretation": text("PhotometricInterpretation")}
+        return Header("dicom", int(ds.Rows), int(ds.Columns), fields)
+    except (TypeError, ValueError) as err:  # an empty Rows (0028,0010), a Samples per Pixel that is not a number
+        raise ImageReadError(file, f"malformed image header: {type(err).__name__}: {err}") from err
 
 
 def polarity_contrast(pixels: np.ndarray) -> float:

@@ -30,6 +30,9 @@ random replacement, standard SOP Class UIDs included. Here:
   "Basic Application Confidentiality Profile", and Longitudinal Temporal Information Modified
   (0028,0303) REMOVED (MODIFIED, with DCM 113107, when dates are shifted).
 
+- Overlay planes lose their Overlay Data (60xx,3000; X), so each goes whole: a plane without its
+  data fails the Overlay Plane module (PS3.3 C.9.2, where it is Type 1).
+
 Pixel data and the Image Pixel module (PS3.3 C.7.6.3) are untouched. Pixels may still show
 burned-in text: Burned In Annotation (0028,0301) YES or absent gives a warning. Logs name files
 by their position in the export, never by patient data.
@@ -140,10 +143,23 @@ def deidentify_dataset(dataset: Dataset, uid_map: UidMap, *, date_shift_days: in
     dataset.remove_private_tags()  # E.1-1: private attributes X (no Retain Safe Private Option)
     shift = None if date_shift_days is None else timedelta(days=date_shift_days)
     _Cleaner(uid_map, shift).clean(dataset)
+    _drop_overlays_without_data(dataset)
     if "MediaStorageSOPInstanceUID" in getattr(dataset, "file_meta", Dataset()):
         dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID  # PS3.10 7.1: must match
     _mark_deidentified(dataset, dates_shifted=shift is not None)
     return warnings
+
+
+def _drop_overlays_without_data(dataset: Dataset) -> None:
+    """Remove every overlay plane (groups 6000-601E) left without Overlay Data (60xx,3000).
+
+    Table E.1-1 removes Overlay Data (it can hold burned-in text) but keeps the plane's other attributes;
+    Overlay Data is Type 1 in the Overlay Plane module (PS3.3 C.9.2), so a plane without it is invalid.
+    """
+    groups = {tag.group for tag in dataset.keys() if 0x6000 <= tag.group <= 0x601E and tag.group % 2 == 0}
+    for group in groups - {tag.group for tag in dataset.keys() if tag.element == 0x3000}:
+        for tag in [tag for tag in dataset.keys() if tag.group == group]:
+            del dataset[tag]
 
 
 @dataclass(frozen=True)

@@ -85,12 +85,18 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
     """
     file = require_file(path)
     ds = read_dataset(file)
-    stored = decode_pixels(ds, file)
-    values = apply_modality(stored, ds)
-    windowed, (low, high), voi = apply_window(values, ds)
-    pixels = to_monochrome2(scale_to_unit(windowed, low, high), ds)
+    try:
+        stored = decode_pixels(ds, file)
+        values = apply_modality(stored, ds)
+        windowed, (low, high), voi = apply_window(values, ds)
+        pixels = to_monochrome2(scale_to_unit(windowed, low, high), ds)
+        meta = dicom_meta(ds, file, voi)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # an empty Rows, a VOI LUT item without its descriptor...: pydicom raises many types
+        raise ImageReadError(file, f"malformed image description in the header: {type(exc).__name__}: {exc}") from exc
     logger.debug("read %s: %s %s, VOI %s", file, ds.get("Modality"), pixels.shape, voi)
-    return Radiograph(pixels=pixels, meta=dicom_meta(ds, file, voi))
+    return Radiograph(pixels=pixels, meta=meta)
 
 
 def read_dataset(file: Path) -> Dataset:
