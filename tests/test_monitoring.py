@@ -601,6 +601,16 @@ def test_reading_a_database_that_is_not_there_says_so_and_creates_nothing(tmp_pa
     assert not missing.exists()
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_database_is_refused_at_once(url):
+    # Each thread would get its own empty database: the background writer would retry for ever.
+    from lungdx.service.settings import _check_database_url
+
+    for check in (Monitor.open, _check_database_url):
+        with pytest.raises(ValueError, match="in-memory SQLite database cannot hold the monitoring log"):
+            check(url)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread niceness is a Linux feature (threads are tasks)")
 def test_the_log_writer_thread_runs_at_a_lower_priority_than_the_requests():
     import os

@@ -54,6 +54,26 @@ def test_shifted_uploads_raise_the_intensity_drift_alert(trained_run, tmp_path, 
             assert psi["message"].startswith("Recent images differ in brightness or contrast") and psi["since"].endswith("Z")
 
 
+def test_a_log_that_is_behind_refuses_with_503_and_retry_after(trained_run, tmp_path, monkeypatch):
+    from lungdx.monitoring import LogQueueFull
+
+    settings = ServiceSettings(run=trained_run, db_url=f"sqlite:///{tmp_path / 'monitor.db'}")
+    with TestClient(create_app(settings)) as client:
+        [prediction_id] = upload_all(client, phantoms(1, seed=3))
+
+        def behind(*_args, **_kwargs):
+            raise LogQueueFull("the database has taken no write for 10 s")
+
+        monitor = client.app.state.monitor
+        monkeypatch.setattr(monitor, "record", behind)
+        monkeypatch.setattr(monitor, "add_feedback", behind)
+        refused = [client.post("/v1/predictions", files={"file": ("x.png", png(phantoms(1, seed=4)[0]))}),
+                   client.post(f"/v1/predictions/{prediction_id}/feedback", json={"label": 1, "reader": "R1"})]
+        for response in refused:
+            assert response.status_code == 503 and response.headers["retry-after"] == "10", response.text
+            assert "monitoring log is behind" in response.json()["detail"]
+
+
 def test_the_log_outlives_a_service_restart(trained_run, tmp_path, phantom_dir):
     settings = ServiceSettings(run=trained_run, db_url=f"sqlite:///{tmp_path / 'monitor.db'}")
     with TestClient(create_app(settings)) as first:

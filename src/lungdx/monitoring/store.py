@@ -29,7 +29,7 @@ from sqlalchemy import (
     event,
     select,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 logger = logging.getLogger(__name__)
@@ -105,17 +105,28 @@ alerts_table = Table(
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
+def refuse_in_memory(url: URL) -> None:
+    """Raise ValueError for an in-memory SQLite URL (``sqlite://``, ``sqlite:///:memory:``): SQLAlchemy gives each
+    thread its own empty in-memory database, and the log is written by a background thread."""
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ValueError(f"an in-memory SQLite database cannot hold the monitoring log ({url}): "
+                         "give it a file, e.g. sqlite:///monitor.db")
+
+
 def create_store(url: str, *, must_exist: bool = False) -> Engine:
     """An engine for ``url`` with the tables created if missing; SQLite in WAL mode.
 
     Args:
         must_exist: for reading an existing log (``lungdx monitor``): a SQLite file that is not
             there raises FileNotFoundError instead of being created empty (a mistyped path).
+
+    Raises:
+        ValueError: an in-memory SQLite URL (``sqlite://``, ``sqlite:///:memory:``).
     """
     engine = create_engine(url, future=True, pool_pre_ping=True)
     database = engine.url.database
-    if must_exist and engine.dialect.name == "sqlite" and database not in (None, "", ":memory:") \
-            and not Path(database).is_file():
+    refuse_in_memory(engine.url)
+    if must_exist and engine.dialect.name == "sqlite" and not Path(database).is_file():
         raise FileNotFoundError(f"{database}: no such monitoring database (the file lungdx serve --db writes)")
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -162,10 +173,15 @@ def ensure_setting(engine: Engine, key: str, value: str) -> str:
 
 
 def write_setting(engine: Engine, key: str, value: str) -> None:
-    with engine.begin() as connection:
-        updated = connection.execute(settings_table.update().where(settings_table.c.key == key).values(value=value))
-        if not updated.rowcount:
-            connection.execute(settings_table.insert().values(key=key, value=value))
+    """Store ``value`` for ``key`` (last writer wins): two workers starting at once may both insert; the loser updates."""
+    update = settings_table.update().where(settings_table.c.key == key).values(value=value)
+    try:
+        with engine.begin() as connection:
+            if not connection.execute(update).rowcount:
+                connection.execute(settings_table.insert().values(key=key, value=value))
+    except IntegrityError:
+        with engine.begin() as connection:
+            connection.execute(update)
 
 
 def case_key_secret(engine: Engine) -> bytes:

@@ -59,7 +59,7 @@ PREDICTION_ERRORS = {
     415: "not a PNG, a JPEG or a DICOM (PS3.10) file, judged by its first bytes",
     422: "no 'file' part or more than one, an invalid query parameter, an empty or undecodable file, or an image the "
          "acceptance policy refuses (the reason says which check)",
-    503: "the model is not loaded yet",
+    503: "the model is not loaded yet, or the monitoring log is behind (its database takes no writes; Retry-After)",
 }
 INTENDED_USE = ("Research on computer-aided detection of lung nodules in frontal (PA/AP) chest radiographs "
                 "of adults; a second look beside a radiologist's own reading, never instead of it.")
@@ -198,7 +198,7 @@ def _add_routes(app: FastAPI) -> None:
         return {"ready": True, "model_version": loaded.identity["version"], "monitoring": loaded.monitor is not None}
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics(request: Request):
+    def metrics(request: Request):  # not async: the monitoring gauges query the database, off the event loop
         return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/model", response_model=schemas.ModelCard, dependencies=[Depends(require_api_key)],

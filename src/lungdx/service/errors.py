@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lungdx.monitoring.writer import LogQueueFull
 from lungdx.service import schemas
 
 _BODY_LIMIT_DETAIL = "Content Too Large"  # what Starlette's RequestBodyLimitMiddleware says
@@ -27,6 +28,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Make every error response of ``app`` an ``ErrorOut``: exception handlers, and a wrapper around its middleware stack."""
     app.add_exception_handler(StarletteHTTPException, _http_error)  # FastAPI's HTTPException is a subclass
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(LogQueueFull, _log_behind)
     app.add_exception_handler(Exception, _internal_error)  # ServerErrorMiddleware's handler
     # Starlette builds the middleware stack through this method on the first request. The body limit's
     # plain-text 413 is sent inside that stack but outside every handler and user middleware, so only a
@@ -71,6 +73,15 @@ def _message(error: dict) -> str:
     message = str(error.get("msg", ""))
     reason = (error.get("ctx") or {}).get("error")
     return f"{message}: {reason}" if error.get("type") == "json_invalid" and isinstance(reason, str) else message
+
+
+LOG_BEHIND = "the monitoring log is behind (its database takes no writes): nothing was stored; retry later"
+LOG_BEHIND_RETRY_S = 10
+
+
+async def _log_behind(request: Request, exc: LogQueueFull) -> JSONResponse:
+    # A prediction or feedback that cannot be logged is refused (monitoring.settings), as a temporary state.
+    return error_response(503, LOG_BEHIND, headers={"Retry-After": str(LOG_BEHIND_RETRY_S)})
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

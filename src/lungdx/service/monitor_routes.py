@@ -47,7 +47,8 @@ def _monitor(request: Request):
 @router.post("/v1/predictions/{prediction_id}/feedback", response_model=FeedbackOut, responses=schemas.error_responses({
     400: "malformed request body (e.g. not UTF-8)", 401: schemas.API_KEY_REFUSED,
     404: "no prediction with this id in the monitoring log", 413: "request body over --max-upload-mb",
-    422: "an invalid body, or a label that is not one of the model's classes", 503: MONITOR_OFF}))
+    422: "an invalid body, or a label that is not one of the model's classes",
+    503: f"{MONITOR_OFF}; or the monitoring log is behind (Retry-After)"}))
 def add_feedback(prediction_id: str, feedback: FeedbackIn, request: Request) -> dict:
     """Store a reader's confirmed label beside the logged prediction."""
     from lungdx.monitoring import UnknownPrediction

@@ -60,15 +60,18 @@ class ServiceSettings:
 
 
 def _check_database_url(url: str) -> None:
-    """A clear error at once for a URL SQLAlchemy cannot read or a SQLite file in a missing folder."""
+    """A clear error at once for a URL SQLAlchemy cannot read, an in-memory SQLite or a SQLite file in a missing folder."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
+
+    from lungdx.monitoring.store import refuse_in_memory
 
     try:
         parsed = make_url(url)
     except ArgumentError as err:
         raise ValueError(f"cannot read the database URL {url!r}: {err} (e.g. sqlite:///monitor.db)") from err
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+    refuse_in_memory(parsed)
+    if parsed.get_backend_name() == "sqlite":
         folder = Path(parsed.database).expanduser().resolve().parent
         if not folder.is_dir():
             raise ValueError(f"{folder}: no such folder for the SQLite database {parsed.database}")
