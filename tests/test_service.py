@@ -302,10 +302,10 @@ def test_batching_off_runs_one_image_per_pass():
     assert results == [i * 10 for i in range(6)] and sizes == [1] * 7
 
 
-def test_a_failed_batch_fails_its_requests_only():
-    results, after, _ = _batched(max_batch=4, n_items=4, fail_on=2)
-    assert all(isinstance(result, RuntimeError) for result in results)
-    assert after == 10000  # the worker carries on
+def test_a_failed_batch_fails_the_request_that_fails_alone_only():
+    results, after, sizes = _batched(max_batch=4, n_items=4, fail_on=2)
+    assert results[:2] == [0, 10] and isinstance(results[2], RuntimeError) and results[3] == 30
+    assert sizes == [1, 1, 1, 1] and after == 10000  # the three good items alone, then the worker carries on
 
 
 def _png_bytes(array: np.ndarray) -> bytes:

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 class MicroBatcher:
     """Collect submitted items into batches and run ``run_batch`` on them in a worker thread.
 
+    A batch that raises runs again item by item, so only a request whose item fails alone gets the error.
+
     Args:
         run_batch: maps a list of items to a sequence of results, one per item, in order.
         max_batch: the most items per call (1 turns batching off: one call per request).
@@ -92,11 +94,15 @@ class MicroBatcher:
             results = await loop.run_in_executor(self._executor, self.run_batch, items)
             if len(results) != len(items):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
-        except Exception as err:  # every waiting request gets the error; the worker carries on
-            logger.exception("batch of %d failed", len(items))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(err)
+        except Exception as err:  # the worker carries on
+            if len(batch) > 1:  # one request's item must not fail the others: each runs again alone
+                logger.error("batch of %d failed (%s); running its items one at a time", len(items), type(err).__name__)
+                for one in batch:
+                    await self._run(loop, [one])
+                return
+            logger.exception("an item failed alone")
+            if not batch[0][1].done():
+                batch[0][1].set_exception(err)
             return
         if self.on_batch is not None:
             self.on_batch(len(items))
