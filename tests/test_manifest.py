@@ -102,3 +102,47 @@ def test_dicom_folder(dicom_dir):
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(DatasetError, match="no such file"):
         load_dataset(tmp_path / "nothing")
+
+
+def _manifest(tmp_path, **columns):
+    count = len(next(iter(columns.values())))
+    frame = pd.DataFrame({"image": [f"{index}.png" for index in range(count)], **columns})
+    frame.to_csv(tmp_path / "m.csv", index=False)
+    return tmp_path / "m.csv"
+
+
+def test_patient_ids_that_would_split_one_patient_are_refused_or_mended(tmp_path):
+    """A blank ID would leave its image out of every split; 'P1 ' beside 'P1' or 'p1' would split one patient."""
+    with pytest.raises(DatasetError, match="m.csv: 1 images have no patient_id"):
+        load_dataset(_manifest(tmp_path, label=[0, 1, 0], patient_id=["p1", None, "p2"]))
+    frame = load_dataset(_manifest(tmp_path, label=[0, 1, 0, 1], patient_id=["P1", " P1 ", "P2", "P2"]))
+    assert frame["patient_id"].tolist() == ["P1", "P1", "P2", "P2"]
+    with pytest.raises(DatasetError, match="1 patient IDs are written in different upper/lower case, e.g. 'P1', 'p1'"):
+        load_dataset(_manifest(tmp_path, label=[0, 1, 0], patient_id=["P1", "p1", "P2"]))
+    with pytest.raises(DatasetError, match="1 images share a case_id, e.g. c1"):
+        load_dataset(_manifest(tmp_path, label=[0, 1], patient_id=["P1", "P2"], case_id=["c1", "c1"]))
+
+
+def test_one_file_name_in_two_class_folders_is_two_cases(tmp_path):
+    for name in ("normal", "nodule"):
+        (tmp_path / name).mkdir()
+        for stem in ("001", name):
+            (tmp_path / name / f"{stem}.png").write_bytes(b"")
+    frame = load_dataset(tmp_path)
+    assert sorted(frame["case_id"]) == ["nodule", "nodule/001", "normal", "normal/001"]
+    assert frame["patient_id"].nunique() == 4
+
+
+def test_a_value_task_on_a_number_column_with_blanks(tmp_path):
+    # A blank makes pandas read the column as float (5.0): subtlety=5 still picks the fives.
+    frame = apply_task(load_dataset(_manifest(tmp_path, subtlety=[5, 3, None, 5])), "subtlety=5")
+    assert frame["target"].tolist() == [1, 0, 1]
+
+
+def test_a_dicom_folders_labels_csv_may_give_the_patient_ids(dicom_dir, tmp_path):
+    for file in sorted(dicom_dir.glob("*.dcm"))[:2]:
+        (tmp_path / file.name).symlink_to(file)
+    names = sorted(p.name for p in tmp_path.glob("*.dcm"))
+    pd.DataFrame({"file": names, "label": [0, 1], "patient_id": ["A", "B"]}).to_csv(tmp_path / "labels.csv", index=False)
+    frame = load_dataset(tmp_path, "dicom")
+    assert sorted(frame["patient_id"]) == ["A", "B"] and sorted(frame["label"]) == [0, 1]

@@ -35,7 +35,11 @@ class DatasetError(ValueError):
 
 
 def load_dataset(path: str | Path, format: str = "auto") -> pd.DataFrame:
-    """Read any supported layout into a manifest with ``path``, ``case_id`` and ``patient_id``."""
+    """Read any supported layout into a manifest with ``path``, ``case_id`` and ``patient_id``.
+
+    IDs are stripped of surrounding spaces. Raises DatasetError for an image without a case or patient ID,
+    an image or case ID listed twice, and patient IDs that differ only in upper/lower case.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
@@ -47,11 +51,23 @@ def load_dataset(path: str | Path, format: str = "auto") -> pd.DataFrame:
     frame = readers[format](path)
     if frame.empty:
         raise DatasetError(f"{path}: the dataset has no images")
-    frame["case_id"] = frame["case_id"].astype(str)
-    frame["patient_id"] = frame["patient_id"].astype(str)
-    duplicated = frame["path"].duplicated()
-    if duplicated.any():
-        raise DatasetError(f"{path}: {int(duplicated.sum())} images are listed twice, e.g. {frame['path'][duplicated].iloc[0]}")
+    for column in ("case_id", "patient_id"):
+        # Patient-level splits group by these: a blank one would leave its image out of every split unnoticed, and
+        # "P00" beside "P00 " would put one patient's images in different splits.
+        blank = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+        if blank.any():
+            raise DatasetError(f"{path}: {int(blank.sum())} images have no {column}, e.g. {frame['path'][blank].iloc[0]}")
+        frame[column] = frame[column].astype(str).str.strip()
+    for column, what in (("path", "images are listed twice"), ("case_id", "images share a case_id")):
+        duplicated = frame[column].duplicated()
+        if duplicated.any():
+            raise DatasetError(f"{path}: {int(duplicated.sum())} {what}, e.g. {frame[column][duplicated].iloc[0]}")
+    spellings = frame.groupby(frame["patient_id"].str.upper())["patient_id"].unique()
+    clashing = spellings[spellings.map(len) > 1]
+    if len(clashing):
+        raise DatasetError(f"{path}: {len(clashing)} patient IDs are written in different upper/lower case, e.g. "
+                           f"{', '.join(map(repr, clashing.iloc[0]))}: one patient's images could land in different "
+                           "splits; write each patient's ID one way")
     return frame.reset_index(drop=True)
 
 
@@ -220,10 +236,15 @@ def read_class_folders(folder: Path) -> pd.DataFrame:
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         for image in sorted(class_dir.rglob("*")):
             if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append({"path": str(image.resolve()), "case_id": image.stem, "label": class_dir.name})
+                rows.append({"path": str(image.resolve()), "case_id": image.stem, "label": class_dir.name,
+                             "relative": image.relative_to(folder).with_suffix("").as_posix()})
     if not rows:
         raise DatasetError(f"{folder}: no class sub-folders with images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     frame = pd.DataFrame(rows)
+    # The same file name in two folders (normal/001.png, nodule/001.png) is two cases: named by their relative paths.
+    clash = frame["case_id"].duplicated(keep=False)
+    frame.loc[clash, "case_id"] = frame.loc[clash, "relative"]
+    frame = frame.drop(columns="relative")
     logger.warning("%s: class folders carry no patient IDs; every image is treated as its own patient", folder)
     frame["patient_id"] = frame["case_id"]
     return frame
@@ -240,8 +261,9 @@ def read_dicom_folder(folder: Path) -> pd.DataFrame:
         except Exception as err:  # pydicom raises many types for bad files
             logger.warning("%s: skipped, not a readable DICOM file (%s)", file, err)
             continue
+        patient = str(header.get("PatientID", "") or "").strip()
         rows.append({"path": str(file.resolve()), "case_id": str(header.get("SOPInstanceUID", file.stem)),
-                     "patient_id": str(header.get("PatientID", "") or file.stem),
+                     "patient_id": patient or file.stem, "no_patient_id": not patient,
                      "label": file.parent.name if file.parent != folder else np.nan})
     if not rows:
         raise DatasetError(f"{folder}: no readable DICOM files")
@@ -253,7 +275,13 @@ def read_dicom_folder(folder: Path) -> pd.DataFrame:
         if key is None:
             raise DatasetError(f"{labels_csv}: needs a file column (file, image or path)")
         labels["path"] = [str((folder / str(p)).resolve()) for p in labels.pop(key)]
-        frame = frame.drop(columns="label").merge(labels, on="path", how="left")
+        # The CSV's own columns (a label, and patient_id or case_id where it gives them) win over the headers'.
+        frame = frame.drop(columns=[c for c in labels.columns if c != "path" and c in frame.columns] + ["label"],
+                           errors="ignore").merge(labels, on="path", how="left")
+    without = int(frame.pop("no_patient_id").sum()) if "no_patient_id" in frame.columns else 0
+    if without:
+        logger.warning("%s: %d DICOM files have no PatientID (0010,0020); each is treated as its own patient", folder,
+                       without)
     return frame
 
 
@@ -270,12 +298,18 @@ def apply_task(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     elif task == "malignant_vs_benign":
         frame = frame[_column(frame, "has_nodule", task) == 1].copy()
         target = _column(frame, "malignant", task)
-    elif task == "malignant_vs_rest":
-        target = _column(frame, "malignant", task).fillna(0)
+    elif task == "malignant_vs_rest":  # an image without a nodule is negative; a nodule of unknown malignancy is left out
+        malignant = _column(frame, "malignant", task)
+        target = malignant.where(_column(frame, "has_nodule", task) == 1, 0) if "has_nodule" in frame.columns \
+            else malignant.fillna(0)
     elif "=" in task:
         column, value = task.split("=", 1)
         values = _column(frame, column, task)
-        target = (values.astype(str) == value).astype(float).where(values.notna())
+        number = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
+        if pd.api.types.is_numeric_dtype(values) and pd.notna(number):  # subtlety=5 on a column read as 5.0
+            target = (values == number).astype(float).where(values.notna())
+        else:
+            target = (values.astype(str) == value).astype(float).where(values.notna())
     else:
         target = _binary_column(frame, task)
     frame["target"] = target
