@@ -49,6 +49,33 @@ def test_metrics_match_predictions_at_the_frozen_threshold(evaluated):
         assert (rows["label"] == (rows["probability"] >= threshold)).all()
 
 
+def test_subgroups_by_label_are_the_datasets_labels_not_the_decisions(evaluated, phantom_dir, tmp_path):
+    run, _ = evaluated
+    results = evaluate_run(run, EvalConfig(n_bootstrap=20), out_dir=tmp_path, by=("label",))
+    test_cases = pd.read_csv(run / "split.csv").query("split == 'test'")["case_id"]
+    labels = pd.read_csv(phantom_dir / "labels.csv").set_index("case_id").loc[test_cases, "label"].value_counts()
+    strata = {row["stratum"]: row["counts"]["n"] for row in results["subgroups"]}
+    assert strata == labels.to_dict() and len(strata) > 1
+
+
+def test_an_evaluation_stopped_before_its_end_leaves_no_table1_json(evaluated, tmp_path, monkeypatch):
+    """lungdx cv takes table1.json for a finished evaluation: it is written last, and an older one goes first."""
+    from lungdx import plots
+    from lungdx.evaluate import write_outputs
+
+    run, results = evaluated
+    frame = pd.read_csv(run / "evaluation" / "predictions.csv").rename(columns={"label": "decision"})
+    (tmp_path / "table1.json").write_text("{}")
+
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_roc", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(results, frame, tmp_path)
+    assert not (tmp_path / "table1.json").exists() and (tmp_path / "predictions.csv").is_file()
+
+
 def test_cis_bracket_the_estimate(evaluated):
     _, results = evaluated
     auc = results["splits"]["train"]["roc_auc"]

@@ -36,10 +36,10 @@ def test_subgroup_metrics_match_the_stratum_and_warn_when_small():
     frame = pd.DataFrame({"patient_id": [f"P{i}" for i in range(n)], "target": rng.integers(0, 2, n),
                           "sex": np.where(np.arange(n) < 190, "female", "male")})
     frame["probability"] = np.clip(frame["target"] * 0.3 + rng.uniform(0, 0.7, n), 0, 1)
-    frame["label"] = (frame["probability"] >= 0.5).astype(int)
+    frame["decision"] = (frame["probability"] >= 0.5).astype(int)
     rows = {row["stratum"]: row for row in subgroup_metrics(frame, [Stratifier("sex")], n_resamples=200)}
     female = frame[frame["sex"] == "female"]
-    expected = ((female["label"] == 1) & (female["target"] == 1)).sum() / (female["target"] == 1).sum()
+    expected = ((female["decision"] == 1) & (female["target"] == 1)).sum() / (female["target"] == 1).sum()
     assert rows["female"]["sensitivity"]["value"] == pytest.approx(expected)
     assert rows["female"]["warning"] is None
     assert "too small" in rows["male"]["warning"] or "one class" in rows["male"]["warning"]

@@ -448,7 +448,7 @@ def _oof_subgroups(oof: pd.DataFrame, dataset: pd.DataFrame, stratifiers: list[S
     first = oof[oof["repeat"] == 0]
     columns = [s.column for s in stratifiers if s.column in dataset.columns]
     frame = first.merge(dataset[["case_id", *columns]].drop_duplicates("case_id"), on="case_id", how="left")
-    frame["label"] = (frame["probability"] >= frame["threshold"]).astype(int)
+    frame["decision"] = (frame["probability"] >= frame["threshold"]).astype(int)
     return subgroup_metrics(frame, stratifiers, n_resamples=config.eval.n_bootstrap, confidence=config.eval.confidence,
                             seed=config.eval.seed)
 

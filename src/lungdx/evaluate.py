@@ -15,6 +15,7 @@ import pandas as pd
 
 from lungdx import metrics
 from lungdx.config import EvalConfig, load_config
+from lungdx.io.files import write_atomic
 from lungdx.predict import Predictor
 from lungdx.subgroups import parse_by, subgroup_markdown, subgroup_metrics
 from lungdx.train import prepare_data
@@ -58,7 +59,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig | None = None, *, devic
     frame = data.frame.copy()
     frame["probability"] = predictor.probabilities(data.cache.view(frame["cache_index"].to_numpy()))
     threshold = predictor.threshold
-    frame["label"] = (frame["probability"] >= threshold).astype(int)
+    frame["decision"] = (frame["probability"] >= threshold).astype(int)  # beside the dataset's own label column
     ci = {"n_resamples": config.n_bootstrap, "confidence": config.confidence, "seed": config.seed}
     results = {"run": str(run_dir), "task": run_config.data.task, "model": run_config.model.name,
                "threshold": threshold, "threshold_method": predictor.checkpoint.get("threshold_method"),
@@ -95,14 +96,19 @@ FIGURES = {"roc": "roc.png", "pr": "pr.png", "calibration": "calibration.png", "
 
 
 def write_outputs(results: dict, frame: pd.DataFrame, out_dir: Path, history: Path | None = None) -> None:
-    """``table1.md``, ``table1.json``, ``predictions.csv`` and the figures of :data:`FIGURES` in ``out_dir``."""
+    """``table1.md``, ``predictions.csv``, the figures of :data:`FIGURES` and, last, ``table1.json`` in ``out_dir``.
+
+    ``table1.json`` is what ``lungdx cv`` takes for a finished evaluation: written last and atomically, so a
+    process stopped in between leaves none and the evaluation is made again. ``predictions.csv``'s ``label`` is
+    the decision at the frozen threshold (``frame["decision"]``).
+    """
     from lungdx import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "table1.json").write_text(json.dumps(metrics.json_safe(results), indent=2))
+    (out_dir / "table1.json").unlink(missing_ok=True)  # a rerun over an old evaluation: done only once rewritten
     (out_dir / "table1.md").write_text(table_markdown(results))
     columns = ["case_id", "patient_id", "split", "target", "probability", "label"]
-    frame[columns].to_csv(out_dir / "predictions.csv", index=False)
+    write_atomic(out_dir / "predictions.csv", frame.assign(label=frame["decision"])[columns].to_csv(index=False).encode())
     suffix = " (synthetic data)" if results.get("synthetic") else ""
     title = f"{results['model']} - {results['task']}{suffix}"
     plots.plot_roc(results["roc"], out_dir / FIGURES["roc"], title=title)
@@ -116,6 +122,7 @@ def write_outputs(results: dict, frame: pd.DataFrame, out_dir: Path, history: Pa
                                 out_dir / FIGURES["scores"], title=f"Test split: {title}")
     if history is not None and history.is_file():
         plots.plot_training_curves(pd.read_csv(history), out_dir / FIGURES["training"], title=title)
+    write_atomic(out_dir / "table1.json", json.dumps(metrics.json_safe(results), indent=2).encode())
 
 
 def table_markdown(results: dict) -> str:

@@ -86,8 +86,8 @@ def subgroup_metrics(frame: pd.DataFrame, stratifiers: list[Stratifier], *, n_re
     """Metrics with CIs per stratum.
 
     Args:
-        frame: one row per case with ``target``, ``probability``, ``label`` (the decision at the
-            frozen threshold), ``patient_id`` and the stratifier columns.
+        frame: one row per case with ``target``, ``probability``, ``decision`` (0/1 at the frozen threshold),
+            ``patient_id`` and the stratifier columns (the dataset's own ``label`` among them, if asked for).
         min_cases, min_per_class: strata below these get a warning (and AUC n/a without both classes).
 
     Returns:
@@ -107,7 +107,7 @@ def subgroup_metrics(frame: pd.DataFrame, stratifiers: list[Stratifier], *, n_re
 def _stratum_metrics(part: pd.DataFrame, n_resamples: int, confidence: float, seed: int) -> dict:
     y_true = part["target"].to_numpy()
     with _quiet(metrics.logger):  # undefined CIs in tiny strata are expected; the stratum's warning says so
-        return metrics.labelled_metrics_with_ci(y_true, part["probability"].to_numpy(), part["label"].to_numpy(),
+        return metrics.labelled_metrics_with_ci(y_true, part["probability"].to_numpy(), part["decision"].to_numpy(),
                                                 groups=part["patient_id"].to_numpy(), n_resamples=n_resamples,
                                                 confidence=confidence, seed=seed)
 
