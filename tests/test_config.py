@@ -81,3 +81,13 @@ def test_nodule_settings_out_of_range_are_refused_when_the_config_is_read():
         with pytest.raises(ConfigError, match=named):
             load_config(None, [override])
     assert load_config(None, ["nodule.det_schedule=cosine", "nodule.det_repeats=3"]).nodule.det_repeats == 3
+
+
+def test_shortcut_flags_are_taken_as_given_and_a_set_value_that_is_not_yaml_is_text():
+    from lungdx.cli import _run_config, build_parser
+
+    args = build_parser().parse_args(["train", "--data", "/data/scan #2", "--task", "no", "--weights", "2024",
+                                      "--set", "data.cache_dir=[2024] jsrt", "--out", "runs/x"])
+    config = _run_config(args)
+    assert (config.data.path, config.data.task, config.model.weights) == ("/data/scan #2", "no", "2024")
+    assert config.data.cache_dir == "[2024] jsrt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -136,12 +137,13 @@ def _run_config(args, *, require_data: bool = True):
     """The config of `--config`, `--set` and the shortcut flags; exits when no dataset is given."""
     from lungdx.config import apply_overrides, load_config
 
-    overrides = list(args.set)
-    for flag, key in ((args.data, "data.path"), (args.task, "data.task"), (args.model, "model.name"),
-                      (args.weights, "model.weights")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    config = apply_overrides(load_config(args.config), overrides)
+    config = apply_overrides(load_config(args.config), list(args.set))
+    # The shortcut flags are taken as given, not read as YAML: '/data/scan #2' is a path, not '/data/scan'.
+    for section, given in (("data", {"path": args.data, "task": args.task}),
+                           ("model", {"name": args.model, "weights": args.weights})):
+        given = {key: value for key, value in given.items() if value is not None}
+        if given:
+            config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **given)})
     if require_data and not config.data.path:
         raise SystemExit(f"lungdx {args.command}: no data given (use --data PATH or data.path in --config)")
     return config

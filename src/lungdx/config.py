@@ -334,7 +334,10 @@ def _as_float(value, key: str) -> float:
 
 
 def _parse_value(raw: str):
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:  # not YAML ('[2024] jsrt'): the text itself
+        return raw
     if isinstance(value, str) and _NUMBER.match(value):
         return float(value)
     return value
