@@ -91,3 +91,24 @@ def test_shortcut_flags_are_taken_as_given_and_a_set_value_that_is_not_yaml_is_t
     config = _run_config(args)
     assert (config.data.path, config.data.task, config.model.weights) == ("/data/scan #2", "no", "2024")
     assert config.data.cache_dir == "[2024] jsrt"
+
+
+def test_a_second_command_in_one_process_logs_to_its_own_run_folder_only(tmp_path):
+    import logging
+
+    from lungdx.cli import _log_to_file
+
+    lungdx_logger = logging.getLogger("lungdx")
+    before = list(lungdx_logger.handlers)
+    try:
+        for name in ("first", "second"):
+            _log_to_file(tmp_path / name / "train.log")
+            lungdx_logger.warning("in the %s run", name)
+        for handler in lungdx_logger.handlers:
+            handler.flush()
+        assert (tmp_path / "first" / "train.log").read_text().count("run") == 1
+        assert "in the second run" in (tmp_path / "second" / "train.log").read_text()
+    finally:
+        for handler in [h for h in lungdx_logger.handlers if h not in before]:
+            lungdx_logger.removeHandler(handler)
+            handler.close()

@@ -468,6 +468,8 @@ def test_cli_unreadable_image_is_a_clear_error(run, tmp_path, capsys):
     assert main(["explain", str(run)]) == 2  # neither an image nor --localization
     assert main(["explain", str(run), str(bogus), "--patch", "8"]) == 2  # occlusion options without occlusion
     assert "--patch" in capsys.readouterr().err
+    assert main(["explain", str(run), str(bogus), "--split", "train"]) == 2  # pointing-game options with an image
+    assert "apply to --localization only" in capsys.readouterr().err
 
 
 def test_review_gallery_draws_the_confident_cases(run, tmp_path):

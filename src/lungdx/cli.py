@@ -482,12 +482,12 @@ def _add_explain(commands) -> None:
                                        "a folder (default: RUN/explain/localization-METHOD-SPLIT)")
     explain.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     explain.add_argument("--localization", action="store_true", help="pointing game on the run's nodule cases")
-    explain.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
-                         help="cases for --localization (default: %(default)s; train and all include training cases)")
+    explain.add_argument("--split", choices=("train", "val", "test", "all"),
+                         help="cases for --localization (default: test; train and all include training cases)")
     explain.add_argument("--tolerance", type=float, action="append", metavar="FRACTION",
                          help="added to each nodule radius, as a fraction of the model input side (repeatable; "
                               "default: 0 and 1/16, i.e. 0 and 16 px at 256 px)")
-    explain.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    explain.add_argument("--bootstrap", type=int, help="bootstrap resamples for --localization (default: 1000)")
     explain.add_argument("--patch", type=int, help="occlusion patch side in model-input pixels (default: an eighth of it)")
     explain.add_argument("--stride", type=int, help="occlusion stride in pixels (default: half the patch)")
     _add_acceptance(explain)
@@ -507,11 +507,15 @@ def _cmd_explain(args) -> int:
     if options and args.method != "occlusion":
         print("lungdx explain: error: --patch and --stride apply to --method occlusion only", file=sys.stderr)
         return 2
+    if args.image and (args.split, args.tolerance, args.bootstrap) != (None, None, None):
+        print("lungdx explain: error: --split, --tolerance and --bootstrap apply to --localization only", file=sys.stderr)
+        return 2
     if args.localization:
-        tolerances = args.tolerance or [0.0, DEFAULT_TOLERANCE]
-        result = localize_run(args.run, method=args.method, split=args.split, tolerances=tolerances,
-                              n_bootstrap=args.bootstrap, device=args.device, options=options)
-        out = Path(args.out) if args.out else Path(args.run) / "explain" / f"localization-{args.method}-{args.split}"
+        tolerances, split = args.tolerance or [0.0, DEFAULT_TOLERANCE], args.split or "test"
+        result = localize_run(args.run, method=args.method, split=split, tolerances=tolerances,
+                              n_bootstrap=1000 if args.bootstrap is None else args.bootstrap, device=args.device,
+                              options=options)
+        out = Path(args.out) if args.out else Path(args.run) / "explain" / f"localization-{args.method}-{split}"
         paths = write_localization(result, out)
         print(result.markdown())
         print("Written: " + ", ".join(str(path) for path in paths.values()))
@@ -879,11 +883,20 @@ def _cmd_models(args) -> int:
     return 0
 
 
+class _RunLog(logging.FileHandler):
+    """The log file of one command's run folder (``train.log``, ``cv.log``...)."""
+
+
 def _log_to_file(path: Path) -> None:
+    """Log to ``path`` from now on, instead of an earlier command's run log (main() run twice in one process)."""
+    lungdx_logger = logging.getLogger("lungdx")
+    for earlier in [handler for handler in lungdx_logger.handlers if isinstance(handler, _RunLog)]:
+        lungdx_logger.removeHandler(earlier)
+        earlier.close()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = _RunLog(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("lungdx").addHandler(handler)
+    lungdx_logger.addHandler(handler)
 
 
 class _QuotedValuesWithheld(logging.Filter):
