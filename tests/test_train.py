@@ -149,7 +149,7 @@ def test_existing_run_folder_is_not_overwritten(finished_run):
         fit(config, result.run_dir, resume=True)
 
 
-def test_corrupt_image_is_left_out_not_fatal(phantom_dir, tmp_path):
+def test_corrupt_image_is_left_out_not_fatal(phantom_dir, tmp_path, caplog):
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     labels = pd.read_csv(phantom_dir / "labels.csv")
@@ -158,7 +158,9 @@ def test_corrupt_image_is_left_out_not_fatal(phantom_dir, tmp_path):
     broken = labels["image"].iloc[5]
     (data / broken).write_bytes((phantom_dir / broken).read_bytes()[:200])  # truncated PNG
     labels.to_csv(data / "labels.csv", index=False)
-    result = fit(tiny_config(data, tmp_path / "cache", "train.epochs=1"), tmp_path / "run")
+    with caplog.at_level("WARNING", logger="lungdx"):
+        result = fit(tiny_config(data, tmp_path / "cache", "train.epochs=1"), tmp_path / "run")
+    assert "keeps these verdicts: remove it to read them again" in caplog.text and str(tmp_path / "cache") in caplog.text
     excluded = pd.read_csv(result.run_dir / "excluded.csv")
     assert len(excluded) == 1 and excluded["path"].iloc[0].endswith(broken)
     assert broken.split("/")[-1] in excluded["reason"].iloc[0]

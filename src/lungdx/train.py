@@ -63,7 +63,10 @@ def prepare_data(config: RunConfig, *, progress: bool = False) -> PreparedData:
     readable = cache.valid[frame["cache_index"].to_numpy()]
     excluded = frame.loc[~readable, ["case_id", "path"]].assign(reason=lambda f: f["path"].map(cache.errors))
     if len(excluded):
-        logger.warning("%d unreadable or blank images left out (see excluded.csv)", len(excluded))
+        # The verdicts live in the cache: a file mended, or a decoder installed, is read again only in a new cache.
+        logger.warning("%d unreadable or blank images left out (see excluded.csv); the image cache %s keeps these "
+                       "verdicts: remove it to read them again (after installing a missing decoder, say)",
+                       len(excluded), cache.folder)
     frame = frame[readable].reset_index(drop=True)
     if config.data.split_file:
         frame = _apply_split_file(frame, Path(config.data.split_file))
