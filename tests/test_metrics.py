@@ -285,6 +285,20 @@ def test_specificity_target_met_by_lowest_threshold(target):
         assert specificity(y_true, y_score, lower.max()) < target
 
 
+def test_a_target_can_pick_a_point_on_a_straight_stretch_of_the_roc_curve():
+    # Points collinear with their neighbours (a run of positives, a run of negatives) are thresholds too;
+    # scikit-learn's roc_curve drops them by default.
+    y_true, y_score = [1, 1, 1, 0, 0, 0], [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]
+    assert choose_threshold(y_true, y_score, "sensitivity", 0.6) == 0.8
+    assert choose_threshold(y_true, y_score, "specificity", 0.5) == 0.3
+    assert choose_threshold(y_true, y_score) == 0.7  # Youden's J: unchanged
+
+
+def test_delong_with_one_positive_case_has_no_p_value():
+    result = metrics.delong_test([1, 0, 0, 0, 0], [0.9, 0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.6, 0.3, 0.4])
+    assert result["difference"] == pytest.approx(-0.25) and math.isnan(result["p_value"]) and math.isnan(result["se"])
+
+
 def test_specificity_one_when_top_score_negative_calls_nothing():
     y_true, y_score = [1, 0, 1, 0], [0.2, 0.9, 0.5, 0.1]
     threshold = choose_threshold(y_true, y_score, "specificity", 1.0)

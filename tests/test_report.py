@@ -97,6 +97,30 @@ def test_compare_pairs_cases_and_refuses_different_test_sets(runs):
         compare_runs(first, other)
 
 
+def test_with_several_images_per_patient_the_verdict_is_the_patient_level_bootstrap():
+    import numpy as np
+
+    from lungdx import metrics
+    from lungdx.compare import comparison_markdown
+
+    rng = np.random.default_rng(0)
+    y_true = np.repeat(rng.integers(0, 2, 120), 4)  # 120 patients, 4 images each
+    score_a = np.repeat(rng.normal(y_true[::4], 1.0), 4)
+    score_b = np.repeat(rng.normal(y_true[::4] * 1.4, 1.0), 4)
+    patients = np.repeat(np.arange(120), 4)
+    labels = (score_a > 0.5).astype(int), (score_b > 0.5).astype(int)
+    result = {"run_a": "a", "run_b": "b", "n_cases": 480, "n_positive": int(y_true.sum()), "n_patients": 120,
+              "confidence": 0.95, "delong": metrics.delong_test(y_true, score_a, score_b),
+              "paired_bootstrap": metrics.paired_bootstrap_auc_difference(y_true, score_a, score_b, groups=patients,
+                                                                          n_resamples=300),
+              "mcnemar": metrics.mcnemar_test(y_true, *labels), "accuracy_a": 0.5, "accuracy_b": 0.5}
+    text = comparison_markdown(result)
+    assert "(paired patient-level bootstrap)" in text and "480 images of 120 patients" in text
+    bootstrap_says = result["paired_bootstrap"]["p_value"] < 0.05
+    assert ("B's AUC differs" in text) == bootstrap_says
+    assert "(DeLong)" in comparison_markdown({**result, "n_patients": 480})
+
+
 def test_calibrate_keeps_auc_and_decisions(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs[1], run)

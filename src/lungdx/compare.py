@@ -71,7 +71,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, n_resamples: int = 200
     y_true = joined["target_a"].to_numpy()
     score_a, score_b = joined["probability_a"].to_numpy(), joined["probability_b"].to_numpy()
     return {"run_a": str(run_a), "run_b": str(run_b), "n_cases": int(len(joined)), "n_positive": int(y_true.sum()),
-            "confidence": confidence,
+            "n_patients": int(joined["patient_id"].nunique()), "confidence": confidence,
             "delong": metrics.delong_test(y_true, score_a, score_b, confidence),
             "paired_bootstrap": metrics.paired_bootstrap_auc_difference(
                 y_true, score_a, score_b, groups=joined["patient_id"].to_numpy(), n_resamples=n_resamples,
@@ -85,7 +85,11 @@ def comparison_markdown(result: dict) -> str:
     """A short Markdown summary of ``compare_runs``."""
     level = round(100 * result["confidence"])
     delong, boot, mcnemar = result["delong"], result["paired_bootstrap"], result["mcnemar"]
-    verdict = ("B's AUC differs from A's" if delong["p_value"] < 1 - result["confidence"]
+    # DeLong and McNemar take every image as independent; with several images of a patient only the
+    # patient-level bootstrap is honest about the uncertainty.
+    one_per_patient = result.get("n_patients", result["n_cases"]) == result["n_cases"]
+    judge, judged_by = (delong, "DeLong") if one_per_patient else (boot, "paired patient-level bootstrap")
+    verdict = ("B's AUC differs from A's" if judge["p_value"] < 1 - result["confidence"]
                else "no evidence that the AUCs differ")
     return "\n".join([
         f"# Paired comparison on {result['n_cases']} shared test cases ({result['n_positive']} positive)", "",
@@ -99,7 +103,9 @@ def comparison_markdown(result: dict) -> str:
         f"{result['accuracy_b']:.3f} | {result['accuracy_b'] - result['accuracy_a']:+.3f} | "
         f"{mcnemar['only_a_correct']} cases only A right, {mcnemar['only_b_correct']} only B right | "
         f"{mcnemar['p_value']:.3f} |", "",
-        f"Verdict at the {100 - level}% level (DeLong): {verdict}.", ""])
+        f"Verdict at the {100 - level}% level ({judged_by}): {verdict}.",
+        *([] if one_per_patient else [f"{result['n_cases']} images of {result['n_patients']} patients: DeLong and McNemar "
+                                      "take images as independent and understate the uncertainty here.", ""]), ""])
 
 
 def _interval(entry: dict) -> str:

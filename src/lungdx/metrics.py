@@ -193,8 +193,8 @@ def binary_metrics(y_true: ArrayLike, y_score: ArrayLike, threshold: float) -> d
 # --------------------------------------------------------------------------------------------
 
 
-def _finite_roc(y_true: np.ndarray, y_score: np.ndarray):
-    fpr, tpr, thresholds = roc_curve(y_true, y_score)
+def _finite_roc(y_true: np.ndarray, y_score: np.ndarray, drop_intermediate: bool = True):
+    fpr, tpr, thresholds = roc_curve(y_true, y_score, drop_intermediate=drop_intermediate)
     thresholds = np.array(thresholds, dtype=np.float64)
     thresholds[~np.isfinite(thresholds)] = _top_threshold(y_score)
     return fpr, tpr, thresholds
@@ -250,7 +250,8 @@ def choose_threshold(
     """
     y_true, y_score = _check_inputs(y_true, y_score)
     _check_two_classes(y_true, "choose_threshold")
-    fpr, tpr, thresholds = _finite_roc(y_true, y_score)  # thresholds decreasing
+    # Every distinct score is a candidate (a point on a straight stretch of the curve can be the one a target picks).
+    fpr, tpr, thresholds = _finite_roc(y_true, y_score, drop_intermediate=False)  # thresholds decreasing
     if method == "youden":
         if target is not None:
             raise ValueError("method='youden' takes no target")
@@ -713,9 +714,13 @@ def _midrank_structural_components(pos: np.ndarray, neg: np.ndarray) -> tuple[fl
 def delong_test(y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike, confidence: float = 0.95) -> dict[str, float]:
     """DeLong, DeLong and Clarke-Pearson (1988) test of two correlated ROC AUCs on the same cases.
 
+    The cases are taken as independent: with several images of one patient the standard error is too
+    small (use ``paired_bootstrap_auc_difference`` with the patients as groups).
+
     Returns:
         ``auc_a``, ``auc_b``, ``difference`` (b - a), its standard error, ``z``, the two-sided
-        ``p_value`` and a normal-approximation CI of the difference.
+        ``p_value`` and a normal-approximation CI of the difference; all but the AUCs and the
+        difference are nan with a single positive or a single negative case.
     """
     from scipy.stats import norm
 
@@ -733,6 +738,10 @@ def delong_test(y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike, confi
     covariance = s10 / positive.sum() + s01 / (~positive).sum()
     variance = covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1]
     difference = aucs[1] - aucs[0]
+    if not np.isfinite(variance):  # one positive or one negative case: no variance to test against
+        nan = float("nan")
+        return {"auc_a": aucs[0], "auc_b": aucs[1], "difference": difference, "se": nan, "z": nan, "p_value": nan,
+                "ci_low": nan, "ci_high": nan}
     se = float(np.sqrt(max(variance, 0.0)))
     z = difference / se if se > 0 else (0.0 if difference == 0 else float("inf") * np.sign(difference))
     half = norm.ppf(0.5 + confidence / 2) * se
@@ -756,9 +765,8 @@ def paired_bootstrap_auc_difference(
     # The vectorised AUCs of both models come from the same seed, hence the same resamples.
     auc_a = _bootstrap_all(y_true, score_a, 0.5, group, n_resamples, seed)["roc_auc"]
     auc_b = _bootstrap_all(y_true, score_b, 0.5, group, n_resamples, seed)["roc_auc"]
-    differences = auc_b - auc_a
-    differences = differences[np.isfinite(differences)]
-    low, high = _percentile_ci(differences, confidence, "auc difference")
+    low, high = _percentile_ci(auc_b - auc_a, confidence, "auc difference")  # nan when most resamples are undefined
+    differences = (auc_b - auc_a)[np.isfinite(auc_b - auc_a)]
     share_below = float(np.mean(differences <= 0)) if len(differences) else float("nan")
     share_above = float(np.mean(differences >= 0)) if len(differences) else float("nan")
     return {"difference": roc_auc(y_true, score_b) - roc_auc(y_true, score_a), "ci_low": low, "ci_high": high,
