@@ -813,6 +813,19 @@ def test_froc_and_pointing_from_hand_made_candidates():
     assert froc(outputs, 256, rates=(0.0, 0.5, 1.0, 4 / 3)) == {0.0: 0.5, 0.5: 0.5, 1.0: 1.0, 4 / 3: 1.0}
 
 
+def test_froc_never_lets_row_order_split_a_tie():
+    # A nodule's candidate and a false positive of equal score: no threshold takes one without the other.
+    def candidates(first, second):
+        return [{"has_nodule": 1, "nodule_x": 50.0, "nodule_y": 50.0, "nodule_r": 10.0, "peak_x": 52.0, "peak_y": 49.0,
+                 "candidates": json.dumps([first, second])},
+                {"has_nodule": 0, "nodule_x": math.nan, "nodule_y": math.nan, "nodule_r": math.nan, "peak_x": 5.0,
+                 "peak_y": 5.0, "candidates": json.dumps([[5, 5, 0.1]])}]
+
+    hit, false_positive = [52, 49, 2.0], [200, 200, 2.0]
+    for rows in (candidates(hit, false_positive), candidates(false_positive, hit)):
+        assert froc(_outputs(rows), 256, rates=(0.0, 0.5, 1.0)) == {0.0: 0.0, 0.5: 1.0, 1.0: 1.0}
+
+
 def test_localisation_summary_fields(tmp_path):
     rng = np.random.default_rng(0)
     rows = []

@@ -63,11 +63,15 @@ def froc(outputs: pd.DataFrame, size: int, rates=FROC_RATES) -> dict[float, floa
 
 
 def _froc_from(scores, hits, n_nodules: int, n_images: int, rates) -> dict[float, float]:
+    """Sensitivity at each rate of false positives per image, at thresholds between distinct scores only: a
+    threshold cannot split candidates of equal score, so the row order of a tie never decides."""
     order = np.argsort(-scores, kind="stable")
     true_positives, false_positives = np.cumsum(hits[order]), np.cumsum(~hits[order])
+    ranked = scores[order]
+    group_end = np.r_[ranked[1:] != ranked[:-1], True]
     result = {}
     for rate in rates:
-        allowed = false_positives <= rate * n_images
+        allowed = group_end & (false_positives <= rate * n_images)
         result[rate] = float(true_positives[allowed].max() / n_nodules) if allowed.any() and n_nodules else 0.0
     return result
 
