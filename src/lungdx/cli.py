@@ -463,6 +463,10 @@ def _policy(args):
     return AcceptancePolicy(max_pixels=int(args.max_megapixels * 1_000_000), allow_non_chest=args.allow_non_chest)
 
 
+LOCALIZATION_SPLIT, LOCALIZATION_BOOTSTRAP = "test", 1000
+"""``lungdx explain --localization``'s defaults (the options have none, so that an IMAGE given with them is refused)."""
+
+
 def _add_explain(commands) -> None:
     explain = commands.add_parser(
         "explain", help="heatmap overlay for one image, or the pointing game on a run's nodule cases",
@@ -483,11 +487,13 @@ def _add_explain(commands) -> None:
     explain.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     explain.add_argument("--localization", action="store_true", help="pointing game on the run's nodule cases")
     explain.add_argument("--split", choices=("train", "val", "test", "all"),
-                         help="cases for --localization (default: test; train and all include training cases)")
+                         help=f"cases for --localization (default: {LOCALIZATION_SPLIT}; train and all include training "
+                              "cases)")
     explain.add_argument("--tolerance", type=float, action="append", metavar="FRACTION",
                          help="added to each nodule radius, as a fraction of the model input side (repeatable; "
                               "default: 0 and 1/16, i.e. 0 and 16 px at 256 px)")
-    explain.add_argument("--bootstrap", type=int, help="bootstrap resamples for --localization (default: 1000)")
+    explain.add_argument("--bootstrap", type=int,
+                         help=f"bootstrap resamples for --localization (default: {LOCALIZATION_BOOTSTRAP})")
     explain.add_argument("--patch", type=int, help="occlusion patch side in model-input pixels (default: an eighth of it)")
     explain.add_argument("--stride", type=int, help="occlusion stride in pixels (default: half the patch)")
     _add_acceptance(explain)
@@ -511,10 +517,10 @@ def _cmd_explain(args) -> int:
         print("lungdx explain: error: --split, --tolerance and --bootstrap apply to --localization only", file=sys.stderr)
         return 2
     if args.localization:
-        tolerances, split = args.tolerance or [0.0, DEFAULT_TOLERANCE], args.split or "test"
-        result = localize_run(args.run, method=args.method, split=split, tolerances=tolerances,
-                              n_bootstrap=1000 if args.bootstrap is None else args.bootstrap, device=args.device,
-                              options=options)
+        tolerances, split = args.tolerance or [0.0, DEFAULT_TOLERANCE], args.split or LOCALIZATION_SPLIT
+        n_bootstrap = LOCALIZATION_BOOTSTRAP if args.bootstrap is None else args.bootstrap
+        result = localize_run(args.run, method=args.method, split=split, tolerances=tolerances, n_bootstrap=n_bootstrap,
+                              device=args.device, options=options)
         out = Path(args.out) if args.out else Path(args.run) / "explain" / f"localization-{args.method}-{split}"
         paths = write_localization(result, out)
         print(result.markdown())

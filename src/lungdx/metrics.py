@@ -765,8 +765,9 @@ def paired_bootstrap_auc_difference(
     # The vectorised AUCs of both models come from the same seed, hence the same resamples.
     auc_a = _bootstrap_all(y_true, score_a, 0.5, group, n_resamples, seed)["roc_auc"]
     auc_b = _bootstrap_all(y_true, score_b, 0.5, group, n_resamples, seed)["roc_auc"]
-    low, high = _percentile_ci(auc_b - auc_a, confidence, "auc difference")  # nan when most resamples are undefined
-    differences = (auc_b - auc_a)[np.isfinite(auc_b - auc_a)]
+    differences = auc_b - auc_a
+    low, high = _percentile_ci(differences, confidence, "auc difference")  # nan when most resamples are undefined
+    differences = differences[np.isfinite(differences)]
     share_below = float(np.mean(differences <= 0)) if len(differences) else float("nan")
     share_above = float(np.mean(differences >= 0)) if len(differences) else float("nan")
     return {"difference": roc_auc(y_true, score_b) - roc_auc(y_true, score_a), "ci_low": low, "ci_high": high,

@@ -11,8 +11,8 @@ a qualitative evaluation of the malignancy likelihood (high or low at the model'
 threshold), the probability as a numeric value (DCM 111047 "Probability of cancer", UCUM "1"; a
 ``nodule_vs_normal`` model's is "Probability of lung nodule" and its likelihood that of a nodule,
 :func:`task_concepts`), and TID 4019 Algorithm Identification with the model's name and version, as
-IHE AI Results (AIR) asks. Concepts with no DICOM or SNOMED code are in the private coding scheme ``99LUNGDX`` (PS3.16
-8.2 allows a "99" prefixed local scheme).
+IHE AI Results (AIR) asks. Concepts with no DICOM or SNOMED code are in the private coding scheme
+``99LUNGDX`` (PS3.16 8.2 allows a "99" prefixed local scheme).
 """
 
 from __future__ import annotations

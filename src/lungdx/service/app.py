@@ -103,7 +103,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     # max_body_size: FastAPI answers 413 by Content-Length or as soon as a streamed body passes it.
     app = FastAPIOffline(title="lungdx", version=__version__, lifespan=_lifespan, max_body_size=settings.max_upload_bytes,
                          description="Lung nodule assessment of chest radiographs. " + NOT_FOR_CLINICAL_USE)
-    install_error_handlers(app)  # one error body, schemas.ErrorOut, for every route and status
+    install_error_handlers(app, monitoring=bool(settings.db_url))  # one error body, schemas.ErrorOut, for every route
     app.state.settings = settings
     app.state.services = None
     app.state.monitor = None

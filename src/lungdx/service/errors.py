@@ -18,17 +18,23 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lungdx.monitoring.writer import LogQueueFull
 from lungdx.service import schemas
 
 _BODY_LIMIT_DETAIL = "Content Too Large"  # what Starlette's RequestBodyLimitMiddleware says
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Make every error response of ``app`` an ``ErrorOut``: exception handlers, and a wrapper around its middleware stack."""
+def install_error_handlers(app: FastAPI, *, monitoring: bool = False) -> None:
+    """Make every error response of ``app`` an ``ErrorOut``: exception handlers, and a wrapper around its middleware stack.
+
+    ``monitoring``: the app logs to a monitoring database, whose ``LogQueueFull`` answers 503 (imported only then:
+    the monitoring package is not loaded by a service without a database).
+    """
     app.add_exception_handler(StarletteHTTPException, _http_error)  # FastAPI's HTTPException is a subclass
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(LogQueueFull, _log_behind)
+    if monitoring:
+        from lungdx.monitoring.writer import LogQueueFull
+
+        app.add_exception_handler(LogQueueFull, _log_behind)
     app.add_exception_handler(Exception, _internal_error)  # ServerErrorMiddleware's handler
     # Starlette builds the middleware stack through this method on the first request. The body limit's
     # plain-text 413 is sent inside that stack but outside every handler and user middleware, so only a
@@ -79,7 +85,7 @@ LOG_BEHIND = "the monitoring log is behind (its database takes no writes): nothi
 LOG_BEHIND_RETRY_S = 10
 
 
-async def _log_behind(request: Request, exc: LogQueueFull) -> JSONResponse:
+async def _log_behind(request: Request, exc: Exception) -> JSONResponse:
     # A prediction or feedback that cannot be logged is refused (monitoring.settings), as a temporary state.
     return error_response(503, LOG_BEHIND, headers={"Retry-After": str(LOG_BEHIND_RETRY_S)})
 
