@@ -1,8 +1,24 @@
 """Shared fixtures. Real data is read in place from ../shared/data and never copied into the repo."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def _share_the_cpus_between_xdist_workers() -> None:
+    """Under pytest-xdist (README's `pytest` runs one worker per CPU), each worker and the processes its tests
+    start get their share of the CPUs instead of one thread per CPU each, unless OMP_NUM_THREADS is set."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+_share_the_cpus_between_xdist_workers()
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
