@@ -15,6 +15,7 @@ calls, sensitivity with no positive cases, the AUC with one class) is ``nan``, n
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -734,7 +735,9 @@ def delong_test(y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike, confi
         aucs.append(auc)
         v10s.append(v10)
         v01s.append(v01)
-    s10, s01 = np.cov(np.vstack(v10s)), np.cov(np.vstack(v01s))
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # one case of a class: its covariance is nan, handled below
+        s10, s01 = np.cov(np.vstack(v10s)), np.cov(np.vstack(v01s))
     covariance = s10 / positive.sum() + s01 / (~positive).sum()
     variance = covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1]
     difference = aucs[1] - aucs[0]
