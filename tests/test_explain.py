@@ -92,6 +92,25 @@ def test_heatmap_invariants_on_every_registered_model(name, method, seed, n, sca
     check_invariants(registered(name), random_images(seed, n) * scale, method, **FAST.get(method, {}))
 
 
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+def test_a_model_with_mirrored_test_time_passes_gets_one_heatmap_per_image(method):
+    # nodule_net with tta=hflip runs its detector on the images and their mirror images in one batch: the layer's
+    # rows are twice the images, and each image's heatmap must come from its own two rows (the report's gallery
+    # showed other cases' heatmaps, `explain --localization` failed).
+    torch.manual_seed(0)
+    model = create_model("nodule_net", input_size=64, tta="hflip")
+    with torch.no_grad():  # the U-Net finds lungs everywhere: the map is not masked away, and mirroring commutes
+        model.lungs.head.weight.zero_()
+        model.lungs.head.bias.fill_(10.0)
+    images = random_images(3, 3)
+    heatmaps = check_invariants(model, images, method)
+    assert all(heatmap.max() == 1.0 for heatmap in heatmaps) and not np.array_equal(heatmaps[0], heatmaps[1])
+    # Each image's heatmap is its own: the same image in another batch, beside other images, gets the same one.
+    np.testing.assert_array_equal(compute_heatmaps(model, images[[2, 0]], method)[1], heatmaps[0])
+    # Both passes count, each in its place: the mirror image's heatmap is the image's, mirrored.
+    np.testing.assert_allclose(compute_heatmaps(model, images.flip(-1), method), heatmaps[..., ::-1], atol=1e-4)
+
+
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 4), method=st.sampled_from(METHODS))
 def test_heatmap_invariants_on_a_small_paper_cnn(seed, n, method):

@@ -138,7 +138,14 @@ def _cam(model: nn.Module, images: torch.Tensor, captured: dict, plus_plus: bool
         weights = (alpha * F.relu(grads)).sum(dim=(2, 3), keepdim=True)
     else:
         weights = grads.mean(dim=(2, 3), keepdim=True)
-    return F.relu((weights * activation).sum(dim=1)).detach()
+    cams = (weights * activation).sum(dim=1)
+    if len(cams) == 2 * len(images):
+        # The layer ran on the images and then on their mirror images (nodule_net's tta=hflip, alone or as an
+        # ensemble member): each image's heatmap is its own pass plus its mirror's, mirrored back.
+        cams = cams[: len(images)] + cams[len(images) :].flip(-1)
+    elif len(cams) != len(images):
+        raise ValueError(f"the Grad-CAM layer of {type(model).__name__} saw {len(cams)} rows for {len(images)} images")
+    return F.relu(cams).detach()
 
 
 def occlusion(model: nn.Module, images: torch.Tensor, *, patch: int | None = None, stride: int | None = None,
