@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -132,7 +133,16 @@ def test_resume_continues_an_interrupted_run(finished_run, phantom_dir, tmp_path
         fit(config, tmp_path / "run")
     assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 2
     monkeypatch.setattr(train_module, "evaluate_epoch", original)
+    split_file = tmp_path / "run" / "split.csv"
+    split_before, split_written = split_file.read_bytes(), split_file.stat().st_mtime_ns
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     resumed = fit(config, tmp_path / "run", resume=True)
+    # The run's split is read, never written again (a resume killed while rewriting it left half a split, and the
+    # next resume trained and tested on what was left); checkpoints reach the disk before they replace the old ones.
+    assert split_file.read_bytes() == split_before and split_file.stat().st_mtime_ns == split_written
+    assert any(".last.pt." in name for name in synced) and any(".model.pt." in name for name in synced), synced
     np.testing.assert_allclose(pd.DataFrame(resumed.history)[["train_loss", "val_loss"]],
                                pd.DataFrame(result.history)[["train_loss", "val_loss"]], rtol=1e-4)
     # And the last epoch's weights, to 1e-6 (a resume without the optimizer's state moves the losses by 4e-4).

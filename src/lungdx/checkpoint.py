@@ -8,6 +8,7 @@ plain Python data or tensors, so ``torch.load(..., weights_only=True)`` reads it
 
 from __future__ import annotations
 
+import io
 import platform
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lungdx.io.files import write_atomic
 from lungdx.models import create_model
 
 FORMAT = "lungdx-checkpoint/1"
@@ -54,10 +56,15 @@ def write_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write a loaded (possibly updated) checkpoint back, atomically: a crash never leaves half a file."""
     if payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: refusing to write a payload that is not a lungdx checkpoint")
-    path = Path(path)
-    partial = path.with_suffix(path.suffix + ".partial")
-    torch.save(payload, partial)
-    partial.replace(path)
+    save_atomic(payload, path)
+
+
+def save_atomic(payload: Any, path: str | Path) -> None:
+    """``torch.save`` through a uniquely named temporary file, fsync and a rename: a crash or a power cut never
+    leaves half a file under ``path``, and two writers never share a temporary file."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -22,12 +22,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lungdx import distributed, metrics
-from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, versions
+from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_atomic, save_checkpoint, versions
 from lungdx.config import RunConfig, load_config, save_config, to_dict
 from lungdx.data.augment import augment
 from lungdx.data.cache import ImageCache, build_cache
 from lungdx.data.manifest import apply_task, class_names, describe_classes, load_dataset
 from lungdx.data.split import check_leakage, split_patients
+from lungdx.io.files import write_atomic
 from lungdx.models import create_model
 from lungdx.models.registry import assembled, localises
 from lungdx.models.weights import head_prefixes, is_head, load_weights, split_parameters
@@ -263,7 +264,7 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
     _check_distributable(config)
     progress = progress and distributed.is_main()
     data = prepare_data(_with_saved_split(config, run_dir, resume), progress=progress)
-    distributed.run_on_main(_write_data_files, data, run_dir)
+    distributed.run_on_main(_write_data_files, data, run_dir, resume)
     hardware = _rank_hardware(Hardware.resolve(config.train.device, config.train.precision, config.train.channels_last))
     torch.manual_seed(config.train.seed)
     if localises(config.model.name):  # nodule_net: its own staged training, the same run folder
@@ -465,10 +466,12 @@ def _with_saved_split(config: RunConfig, run_dir: Path, resume: bool) -> RunConf
     return config
 
 
-def _write_data_files(data: PreparedData, run_dir: Path) -> None:
-    data.frame[SPLIT_COLUMNS].to_csv(run_dir / "split.csv", index=False)
+def _write_data_files(data: PreparedData, run_dir: Path, resume: bool = False) -> None:
+    # A resumed run keeps the split.csv it was read from: rewriting it could leave half a file for the next resume.
+    if not (resume and (run_dir / "split.csv").is_file()):
+        write_atomic(run_dir / "split.csv", data.frame[SPLIT_COLUMNS].to_csv(index=False))
     if len(data.excluded):
-        data.excluded.to_csv(run_dir / "excluded.csv", index=False)
+        write_atomic(run_dir / "excluded.csv", data.excluded.to_csv(index=False))
 
 
 def model_kwargs(config: RunConfig) -> dict:
@@ -503,9 +506,7 @@ def _save_state(path: Path, model, optimizer, stopper: EarlyStopping, generator:
     if torch.cuda.is_available():
         # Dropout on a GPU draws from the CUDA generators: without them a resumed run drops other units.
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    partial.replace(path)
+    save_atomic(state, path)
 
 
 def _read_state(path: Path) -> dict:
