@@ -26,6 +26,22 @@ def test_output_cut_short_by_its_reader_ends_quietly():
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
 
 
+@pytest.mark.parametrize("command, hint", [("cv", "the same `lungdx cv` command"), ("train", "lungdx train --resume")])
+def test_ctrl_c_says_how_that_command_goes_on(command, hint, monkeypatch, tmp_path, capsys):
+    # `lungdx train --resume` on a CV's fold bypasses the fold claims: another worker may train it at the same time.
+    from lungdx import cv, train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cv, "cross_validate", interrupted)
+    monkeypatch.setattr(train, "fit", interrupted)
+    extra = ["--folds", "3"] if command == "cv" else []
+    assert main([command, "--data", str(tmp_path), "--out", str(tmp_path / "out"), *extra]) == 130
+    said = capsys.readouterr().err
+    assert hint in said and ("lungdx train" not in said or command == "train"), said
+
+
 def test_models_lists_paper_cnn(capsys):
     assert main(["models"]) == 0
     assert "paper_cnn" in capsys.readouterr().out

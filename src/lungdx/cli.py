@@ -927,6 +927,14 @@ def withhold_header_values_in_library_logs() -> None:
 
 
 SERVER_ARENAS = 2
+# How each resumable command goes on after Ctrl-C. A CV's fold is resumed by the same `lungdx cv` command, never by
+# `lungdx train --resume` on its folder: that bypasses the fold claims, and another worker could train it too.
+INTERRUPTED_HINTS = {
+    "train": "the run continues with `lungdx train --resume --out RUN`",
+    "cv": "run the same `lungdx cv` command again: finished folds are kept and the stopped one resumes",
+    "tune": "run the same `lungdx tune` command again: finished trials are kept",
+    "ensemble": "run the same `lungdx ensemble` command again: finished folds are kept",
+}
 """glibc malloc arenas for the long-running servers (``runtime.tune_allocator``)."""
 
 
@@ -948,7 +956,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        print("interrupted; a training run continues with `lungdx train --resume --out RUN`", file=sys.stderr)
+        hint = INTERRUPTED_HINTS.get(args.command)
+        print(f"interrupted; {hint}" if hint else "interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left early (`lungdx cv-status runs/cv | head`): no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
