@@ -153,3 +153,12 @@ def test_foreign_checkpoint_is_refused(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "garbage.pt")
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_precision_on_a_gpu_takes_bf16_only_where_it_is_native(native, expected, monkeypatch):
+    # torch counts emulated bf16 as supported by default: a T4 or V100 would run bf16 slowly, not fp16 with scaling.
+    from lungdx.runtime import autocast_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert autocast_dtype(torch.device("cuda"), "auto") is expected

@@ -48,7 +48,9 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision != "auto":
         raise ValueError(f"unknown precision '{precision}' (use auto, fp32, bf16 or fp16)")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bf16 only (Ampere and later): with emulation counted, a T4 or V100 would say yes and run bf16
+        # slowly instead of fp16 with loss scaling.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
