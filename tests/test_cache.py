@@ -45,6 +45,16 @@ def test_unreadable_file_is_marked_with_its_reason(phantom_dir, tmp_path):
     assert "broken.png" in cache.errors[str(broken)]
 
 
+def test_an_image_that_reads_but_cannot_be_levelled_is_named_in_its_reason(phantom_dir, tmp_path):
+    from PIL import Image
+
+    sliver = tmp_path / "sliver.png"  # one row of 900 pixels: read, then refused by the levelling
+    Image.fromarray(np.linspace(0, 255, 900).astype(np.uint8)[None, :]).save(sliver)
+    cache = build_cache(_paths(phantom_dir)[:1] + [str(sliver)], PreprocessConfig(size=32), tmp_path / "cache")
+    assert cache.valid.tolist() == [True, False]
+    assert str(sliver) in cache.errors[str(sliver)], cache.errors
+
+
 def test_view_reads_the_same_rows_lazily(phantom_dir, tmp_path):
     cache = build_cache(_paths(phantom_dir), PreprocessConfig(size=32), tmp_path)
     view = cache.view([4, 1, 3])

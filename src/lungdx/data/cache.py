@@ -153,7 +153,8 @@ def _fill(folder: Path, paths: Sequence[str], config: PreprocessConfig, workers:
             images[index] = level(pixels, config)
             return index, None
         except (ImageReadError, ValueError, OSError) as err:
-            return index, str(err)
+            message = str(err)  # readers name the file; levelling (a 1 x 900 image, say) does not
+            return index, message if str(paths[index]) in message else f"{paths[index]}: {message}"
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for index, error in pool.map(load, range(len(paths))):
