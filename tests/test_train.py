@@ -215,3 +215,16 @@ def test_split_file_without_split_column_is_named(phantom_dir, tmp_path):
     config = tiny_config(phantom_dir, tmp_path / "cache", f"data.split_file={bad}")
     with pytest.raises(ValueError, match="split.csv: a split file needs 'path' and 'split'"):
         train_module.prepare_data(config)
+
+
+@pytest.mark.parametrize("missing", ["train", "val"])
+def test_a_split_file_without_training_or_validation_rows_is_named(phantom_dir, tmp_path, missing):
+    frame = pd.read_csv(phantom_dir / "labels.csv")
+    patients = {patient: i for i, patient in enumerate(frame["patient_id"].unique())}  # whole patients per split
+    other = "val" if missing == "train" else "train"
+    splits = ["test" if patients[patient] % 2 else other for patient in frame["patient_id"]]
+    split_file = tmp_path / "split.csv"
+    pd.DataFrame({"path": [str(phantom_dir / image) for image in frame["image"]], "split": splits}).to_csv(split_file, index=False)
+    config = tiny_config(phantom_dir, tmp_path / "cache", f"data.split_file={split_file}")
+    with pytest.raises(ValueError, match=f"split.csv: no '{missing}' rows"):
+        fit(config, tmp_path / "run")

@@ -71,6 +71,10 @@ def prepare_data(config: RunConfig, *, progress: bool = False) -> PreparedData:
     frame = frame[readable].reset_index(drop=True)
     if config.data.split_file:
         frame = _apply_split_file(frame, Path(config.data.split_file))
+        empty = [name for name in ("train", "val") if not (frame["split"] == name).any()]
+        if empty:  # training needs both: said here, not as an empty concatenation or metric later
+            raise ValueError(f"{config.data.split_file}: no '{empty[0]}' rows among the dataset's readable images of "
+                             f"task {config.data.task}")
     else:
         frame = split_patients(frame, config.data.split, config.data.split_seed)
     logger.info("task %s: %s", config.data.task, describe_classes(frame))
