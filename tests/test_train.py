@@ -228,3 +228,16 @@ def test_a_split_file_without_training_or_validation_rows_is_named(phantom_dir, 
     config = tiny_config(phantom_dir, tmp_path / "cache", f"data.split_file={split_file}")
     with pytest.raises(ValueError, match=f"split.csv: no '{missing}' rows"):
         fit(config, tmp_path / "run")
+
+
+def test_the_fp16_loss_scale_is_kept_in_last_pt_for_a_resume(tmp_path):
+    # Without it a resumed fp16 run starts again at 65536 and skips steps the uninterrupted run takes.
+    model, generator = torch.nn.Linear(2, 1), torch.Generator().manual_seed(0)
+    optimizer, stopper = torch.optim.Adam(model.parameters()), EarlyStopping(3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # the scale exists from the first scaled loss on
+    scaler.update(new_scale=512.0)
+    train_module._save_state(tmp_path / "last.pt", model, optimizer, stopper, generator, [], None, scaler)
+    resumed = torch.amp.GradScaler("cpu")
+    train_module._load_state(tmp_path / "last.pt", model, optimizer, stopper, generator, None, resumed)
+    assert resumed.get_scale() == 512.0

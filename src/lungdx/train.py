@@ -286,12 +286,13 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
     scheduler = build_scheduler(optimizer, config)
     freezer = BackboneFreezer(model, config.train.freeze_epochs)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=_pos_weight(config, data)).to(hardware.device)
-    scaler = torch.amp.GradScaler("cuda") if hardware.amp_dtype == torch.float16 else None
+    # fp16 scales its loss against underflow on any device (GradScaler("cuda") disabled itself on a CPU).
+    scaler = torch.amp.GradScaler(hardware.device.type) if hardware.amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(config.train.seed + 1)
     stopper = EarlyStopping(config.train.patience, config.train.min_delta)
     history: list[dict] = []
     if resume:
-        history = _load_state(run_dir / "last.pt", model, optimizer, stopper, generator, scheduler)
+        history = _load_state(run_dir / "last.pt", model, optimizer, stopper, generator, scheduler, scaler)
     fingerprint = _same_on_all_ranks(data_fingerprint(data.frame))
     # DDP reduces the gradients of the parameters that need them; a frozen backbone's get none.
     trained = (distributed.data_parallel(model, hardware.device, find_unused_parameters=config.train.freeze_epochs > 0)
@@ -321,7 +322,7 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
         if distributed.is_main():
             if improved:
                 _save_model(run_dir / "best.pt", model, config, data, fingerprint, epoch=epoch, threshold=None)
-            _save_state(run_dir / "last.pt", model, optimizer, stopper, generator, history, scheduler)
+            _save_state(run_dir / "last.pt", model, optimizer, stopper, generator, history, scheduler, scaler)
             _write_history(history, run_dir)
         epochs.set_postfix(train_loss=f"{train_row['loss']:.3f}", val_loss=f"{val_row['loss']:.3f}",
                            val_auc=f"{val_row['auc']:.3f}")
@@ -502,11 +503,13 @@ def _save_model(path: Path, model: nn.Module, config: RunConfig, data: PreparedD
 
 
 def _save_state(path: Path, model, optimizer, stopper: EarlyStopping, generator: torch.Generator, history,
-                scheduler=None) -> None:
+                scheduler=None, scaler: torch.amp.GradScaler | None = None) -> None:
     state = {"format": STATE_FORMAT, "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
              "optimizer": optimizer.state_dict(), "early_stopping": stopper.state_dict(),
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history}
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+             # fp16's loss scale: a resumed run that started again from 65536 would skip steps the run did not.
+             "scaler": scaler.state_dict() if scaler is not None else None}
     if torch.cuda.is_available():
         # Dropout on a GPU draws from the CUDA generators: without them a resumed run drops other units.
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -521,13 +524,15 @@ def _read_state(path: Path) -> dict:
 
 
 def _load_state(path: Path, model, optimizer, stopper: EarlyStopping, generator: torch.Generator,
-                scheduler=None) -> list[dict]:
+                scheduler=None, scaler: torch.amp.GradScaler | None = None) -> list[dict]:
     state = distributed.run_on_main(_read_state, path)  # the run folder need only be on rank 0's machine
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     stopper.load_state_dict(state["early_stopping"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
