@@ -183,6 +183,24 @@ def test_predict_prints_the_location_in_the_original_image_pixels(nodule_run, no
     assert f"map peak at x={prediction.location['x']:.0f} y={prediction.location['y']:.0f} px" in capsys.readouterr().out
 
 
+def test_a_calibrated_nodule_vs_normal_model_reports_one_probability_of_a_nodule(nodule_run, nodule_phantoms):
+    # After `lungdx calibrate`, `predict` printed p=0.13 beside P(nodule) 0.02 for the same event.
+    from lungdx.checkpoint import load_checkpoint
+    from lungdx.predict import Predictor
+
+    run_dir, _ = nodule_run
+    checkpoint = load_checkpoint(run_dir / "model.pt")
+    assert checkpoint["task"] == "nodule_vs_normal"
+    paths = [str(nodule_phantoms / image) for image in pd.read_csv(nodule_phantoms / "labels.csv")["image"].iloc[:4]]
+    raw = Predictor(checkpoint, precision="fp32").predict_files(paths)
+    calibrated = Predictor({**checkpoint, "temperature": 2.0}, precision="fp32").predict_files(paths)
+    for before, after in zip(raw, calibrated, strict=True):
+        assert after.location["presence"] == pytest.approx(after.probability, abs=6e-5)  # rounded to 4 places
+        assert before.location["presence"] == pytest.approx(before.probability, abs=6e-5)
+        assert after.location["malignancy"] == pytest.approx(before.location["malignancy"])  # not the task's part
+    assert any(abs(a.probability - b.probability) > 1e-3 for a, b in zip(raw, calibrated, strict=True))
+
+
 def test_a_blank_image_gets_a_failed_segmentation_warning_and_a_chest_none(nodule_run, nodule_phantoms):
     from lungdx.predict import Predictor
 

@@ -78,8 +78,9 @@ class NoduleLocation:
     Attributes:
         x, y: the nodule map's peak, column and row in the original image's pixels.
         grid_x, grid_y: the same point on the model grid (model-input pixels).
-        presence: P(nodule present), the map's value at its peak.
-        malignancy: P(malignant | nodule), the judge's crop around the peak.
+        presence: P(nodule present), the map's value at its peak (through the checkpoint's temperature when
+            it is the task's probability, nodule_vs_normal, so that it equals the reported probability).
+        malignancy: P(malignant | nodule), the judge's crop around the peak (likewise for malignant_vs_benign).
         lung_fraction: share of the model input inside the segmented lung field.
         lung_ok: False when the segmentation failed (see ``NoduleAnalysis.lung_ok``).
         radius: a nominal radius in image pixels for marking the point (half the judge's crop is larger).
@@ -169,13 +170,17 @@ class Predictor:
                 images = model_input(chunk, self.preprocess_config, self.hardware)
                 analysis = self.model.analyse(images)
                 logits.append(self.model.task_logit(analysis).float().cpu())
+            # A calibrated model's temperature also scales the part that is its task's probability, so that
+            # P(nodule) of a nodule_vs_normal model is the probability it reports (and likewise P(malignant)).
+            presence = analysis.presence.float() / (self.temperature if self.model.task == "nodule_vs_normal" else 1.0)
+            malignancy = analysis.malignancy.float() / (self.temperature if self.model.task == "malignant_vs_benign" else 1.0)
             for index in range(len(chunk)):
                 grid_x, grid_y = (float(v) for v in analysis.peak[index].cpu())
                 shape = shapes[start + index]
                 x, y, radius = GridMap.of(shape, self.preprocess_config).point_to_image(
                     grid_x, grid_y, self.model.crop_fraction * self.model.input_size / 4)
-                locations.append(NoduleLocation(x, y, grid_x, grid_y, float(torch.sigmoid(analysis.presence[index])),
-                                                float(torch.sigmoid(analysis.malignancy[index])),
+                locations.append(NoduleLocation(x, y, grid_x, grid_y, float(torch.sigmoid(presence[index])),
+                                                float(torch.sigmoid(malignancy[index])),
                                                 float(analysis.lung_fraction[index]), bool(analysis.lung_ok[index]),
                                                 radius))
         return (torch.cat(logits).numpy() if logits else np.zeros(0, np.float32)), locations
