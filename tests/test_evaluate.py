@@ -76,6 +76,25 @@ def test_an_evaluation_stopped_before_its_end_leaves_no_table1_json(evaluated, t
     assert not (tmp_path / "table1.json").exists() and (tmp_path / "predictions.csv").is_file()
 
 
+def test_the_training_curves_mark_the_epoch_the_run_kept(evaluated, tmp_path, monkeypatch):
+    # With early stopping's min_delta the kept epoch need not have the least validation loss.
+    from lungdx import plots
+
+    run, _ = evaluated
+    marked = {}
+    monkeypatch.setattr(plots, "plot_training_curves", lambda history, path, title="", best_epoch=None:
+                        marked.setdefault("best", best_epoch))
+    evaluate_run(run, EvalConfig(n_bootstrap=20), out_dir=tmp_path)
+    assert marked["best"] == json.loads((run / "summary.json").read_text())["best_epoch"]
+    monkeypatch.undo()
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [0.7, 0.6, 0.5], "val_loss": [0.7, 0.6, 0.5999],
+                            "train_auc": [0.5, 0.6, 0.7], "val_auc": [0.5, 0.6, 0.6]})
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.setdefault("figure", figure))
+    plots.plot_training_curves(history, tmp_path / "curves.png", best_epoch=2)
+    assert "best epoch 2" in [text.get_text() for text in drawn["figure"].axes[0].get_legend().get_texts()]
+
+
 def test_cis_bracket_the_estimate(evaluated):
     _, results = evaluated
     auc = results["splits"]["train"]["roc_auc"]

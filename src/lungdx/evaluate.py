@@ -121,7 +121,10 @@ def write_outputs(results: dict, frame: pd.DataFrame, out_dir: Path, history: Pa
     plots.plot_score_histograms(test["probability"].to_numpy(), test["target"].to_numpy(), results["threshold"],
                                 out_dir / FIGURES["scores"], title=f"Test split: {title}")
     if history is not None and history.is_file():
-        plots.plot_training_curves(pd.read_csv(history), out_dir / FIGURES["training"], title=title)
+        summary = history.with_name("summary.json")  # the kept epoch, which need not have the least val_loss
+        best = json.loads(summary.read_text()).get("best_epoch") if summary.is_file() else None
+        plots.plot_training_curves(pd.read_csv(history), out_dir / FIGURES["training"], title=title,
+                                   best_epoch=best if isinstance(best, int) else None)
     write_atomic(out_dir / "table1.json", json.dumps(metrics.json_safe(results), indent=2).encode())
 
 

@@ -111,8 +111,12 @@ def plot_score_histograms(probability, target, threshold: float, path: str | Pat
     _save(figure, path)
 
 
-def plot_training_curves(history, path: str | Path, title: str = "Training") -> None:
-    """Loss and AUC per epoch for train and validation, from a run's ``history.csv`` (a DataFrame)."""
+def plot_training_curves(history, path: str | Path, title: str = "Training", best_epoch: int | None = None) -> None:
+    """Loss and AUC per epoch for train and validation, from a run's ``history.csv`` (a DataFrame).
+
+    ``best_epoch`` marks the epoch the run kept (its ``summary.json``); without it, the least validation loss (the
+    same unless early stopping's ``min_delta`` passed over a smaller improvement).
+    """
     if "stage" in history.columns:
         _plot_stage_curves(history, path, title)
         return
@@ -122,7 +126,7 @@ def plot_training_curves(history, path: str | Path, title: str = "Training") -> 
         colour = SPLIT_STYLE[split][1]
         loss_axes.plot(history["epoch"], history[f"{split}_loss"], color=colour, label=name)
         auc_axes.plot(history["epoch"], history[f"{split}_auc"], color=colour, label=name)
-    best = history["epoch"][history["val_loss"].idxmin()]
+    best = best_epoch if best_epoch is not None else history["epoch"][history["val_loss"].idxmin()]
     for axes in (loss_axes, auc_axes):
         axes.axvline(best, color="0.5", linestyle=":", linewidth=1, label=f"best epoch {best}")
         axes.set_xlabel("Epoch")
