@@ -241,3 +241,20 @@ def test_the_fp16_loss_scale_is_kept_in_last_pt_for_a_resume(tmp_path):
     resumed = torch.amp.GradScaler("cpu")
     train_module._load_state(tmp_path / "last.pt", model, optimizer, stopper, generator, None, resumed)
     assert resumed.get_scale() == 512.0
+
+
+def test_a_run_stopped_in_its_first_epoch_starts_again_in_its_folder(phantom_dir, tmp_path, monkeypatch):
+    # --resume had nothing to resume and a new run refused the folder: the user had to delete it by hand.
+    config = tiny_config(phantom_dir, tmp_path / "cache")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "evaluate_epoch", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            fit(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "split.csv").is_file()
+    with pytest.raises(FileNotFoundError, match="without --resume"):
+        fit(config, tmp_path / "run", resume=True)
+    assert (fit(config, tmp_path / "run").run_dir / "model.pt").is_file()

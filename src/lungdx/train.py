@@ -446,18 +446,23 @@ class BackboneFreezer:
         return self.layers if self.frozen else []
 
 
+_BEFORE_THE_FIRST_EPOCH = {"train.log", "config.yaml", "versions.json", "split.csv", "excluded.csv"}
+
+
 def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
     if resume:
         discard_stopped_model(run_dir)
         if (run_dir / "model.pt").is_file():
             raise FileExistsError(f"{run_dir}: this run has finished (model.pt exists); nothing to resume")
         if not (run_dir / "last.pt").is_file():
-            raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.pt); start a new run instead")
+            raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.pt): no epoch had finished; run the same "
+                                    "command without --resume to start it again in this folder")
         saved = load_config(run_dir / "config.yaml")
         if to_dict(saved) != to_dict(config):
             logger.warning("%s: resuming with the run's saved config.yaml (the given config differs)", run_dir)
         return saved
-    if run_dir.exists() and any(p.name != "train.log" for p in run_dir.iterdir()):
+    # A run stopped before its first epoch ended holds only what was written before training: it starts again here.
+    if run_dir.exists() and any(p.name not in _BEFORE_THE_FIRST_EPOCH for p in run_dir.iterdir()):
         raise FileExistsError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it, or a new --out)")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
