@@ -927,6 +927,8 @@ def withhold_header_values_in_library_logs() -> None:
 
 
 SERVER_ARENAS = 2
+"""glibc malloc arenas for the long-running servers (``runtime.tune_allocator``)."""
+
 # How each resumable command goes on after Ctrl-C. A CV's fold is resumed by the same `lungdx cv` command, never by
 # `lungdx train --resume` on its folder: that bypasses the fold claims, and another worker could train it too.
 INTERRUPTED_HINTS = {
@@ -935,7 +937,6 @@ INTERRUPTED_HINTS = {
     "tune": "run the same `lungdx tune` command again: finished trials are kept",
     "ensemble": "run the same `lungdx ensemble` command again: finished folds are kept",
 }
-"""glibc malloc arenas for the long-running servers (``runtime.tune_allocator``)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ uninterrupted run would have. ``model.pt`` is the last file a run writes (after 
 from __future__ import annotations
 
 import copy
-import io
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from lungdx import metrics
-from lungdx.checkpoint import save_checkpoint
+from lungdx.checkpoint import save_atomic, save_checkpoint
 from lungdx.config import RunConfig, to_dict
 from lungdx.data.augment import augment, random_affine, warp
 from lungdx.data.manifest import class_names, describe_classes
@@ -49,7 +48,6 @@ from lungdx.data.nodules import (
     synthetic_nodule,
     target_map,
 )
-from lungdx.io.files import write_atomic
 from lungdx.localisation import POINTING_TOLERANCE, pointing_reach
 from lungdx.models.nodule_net import MAX_LUNG_FRACTION, MIN_LUNG_FRACTION, TASKS, blob_diameter, lung_field, map_peak, map_peaks
 from lungdx.predict import model_input, sigmoid
@@ -193,9 +191,7 @@ class _Checkpoints:
         state = {"format": LOCALISER_STATE, "model": _on_cpu(self.model.state_dict()), "best": self.best,
                  "current": self.current, "seconds": self.seconds, "history": list(self.history),
                  "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        write_atomic(self.path, buffer.getvalue())
+        save_atomic(state, self.path)
 
 
 class _NoCheckpoints:
