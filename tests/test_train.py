@@ -110,6 +110,24 @@ def test_threshold_comes_from_validation_only(finished_run):
     assert predictor.threshold == pytest.approx(metrics.choose_threshold(val["target"].to_numpy(), probabilities))
 
 
+def test_evaluation_scores_at_the_precision_the_threshold_was_chosen_at(finished_run, tmp_path, monkeypatch):
+    """A run trained and thresholded in fp32, evaluated on a machine whose ``auto`` is bf16 (an AMX CPU, here
+    pretended), is scored in fp32: its threshold is not applied to bf16 probabilities. Serving keeps ``auto``."""
+    from lungdx import runtime
+    from lungdx.evaluate import evaluate_run
+
+    _, result = finished_run
+    payload = load_checkpoint(result.run_dir / "model.pt")
+    assert payload["precision"] == "fp32"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert Predictor.from_path(result.run_dir, device="cpu").hardware.precision == "bf16"
+    assert Predictor.from_path(result.run_dir, device="cpu", precision="checkpoint").hardware.precision == "fp32"
+    results = evaluate_run(result.run_dir, device="cpu", out_dir=tmp_path / "evaluation")
+    assert results["precision"] == "fp32"
+    older = {key: value for key, value in payload.items() if key != "precision"}  # made before it was recorded
+    assert Predictor(older, device="cpu", precision="checkpoint").hardware.precision == "bf16"
+
+
 def test_training_is_reproducible(finished_run, phantom_dir, tmp_path):
     config, result = finished_run
     again = fit(config, tmp_path / "again")

@@ -28,7 +28,7 @@ def calibrate_run(run_dir: str | Path, *, device: str = "auto", progress: bool =
     run_dir = Path(run_dir)
     run_config, data = load_run_data(run_dir, progress=progress)
     checkpoint = load_checkpoint(run_dir / "model.pt")
-    predictor = Predictor(checkpoint, device=device)
+    predictor = Predictor(checkpoint, device=device, precision="checkpoint")
     val = data.rows("val")
     y_val = val["target"].to_numpy()
     logits = predictor.logits(data.cache.view(val["cache_index"].to_numpy()))
@@ -39,7 +39,9 @@ def calibrate_run(run_dir: str | Path, *, device: str = "auto", progress: bool =
               "val_ece_after": metrics.expected_calibration_error(y_val, after),
               "val_brier_before": metrics.brier_score(y_val, before),
               "val_brier_after": metrics.brier_score(y_val, after)}
-    checkpoint.update(temperature=temperature, calibration=metrics.json_safe(report))
+    # The threshold below is chosen at this precision: recorded for an older checkpoint that lacked it
+    checkpoint.update(temperature=temperature, calibration=metrics.json_safe(report),
+                      precision=predictor.hardware.precision)
     if checkpoint.get("threshold") is not None:
         threshold = metrics.choose_threshold(y_val, after, run_config.train.threshold_method,
                                              run_config.train.threshold_target)

@@ -572,7 +572,9 @@ def _add_serve(commands) -> None:
     serve.add_argument("--heatmap-method", choices=["auto", "gradcam", "occlusion", "nodule_map"], default="auto",
                        help="heatmap of ?heatmap=true: auto = the model's own nodule map for nodule_net, Grad-CAM otherwise")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "checkpoint"],
+                       help="auto = the machine's fastest (bf16 where native); checkpoint = the precision the "
+                            "threshold was chosen at, as evaluation uses (default: %(default)s)")
     _add_acceptance(serve)
     serve.set_defaults(handler=_cmd_serve)
 

@@ -55,7 +55,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig | None = None, *, devic
     stratifiers = [parse_by(spec) for spec in by]
     run_config, data = load_run_data(run_dir, progress=progress)
     config = config or run_config.eval
-    predictor = Predictor.from_path(run_dir, device=device)
+    predictor = Predictor.from_path(run_dir, device=device, precision="checkpoint")
     frame = data.frame.copy()
     frame["probability"] = predictor.probabilities(data.cache.view(frame["cache_index"].to_numpy()))
     threshold = predictor.threshold
@@ -63,7 +63,8 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig | None = None, *, devic
     ci = {"n_resamples": config.n_bootstrap, "confidence": config.confidence, "seed": config.seed}
     results = {"run": str(run_dir), "task": run_config.data.task, "model": run_config.model.name,
                "threshold": threshold, "threshold_method": predictor.checkpoint.get("threshold_method"),
-               "temperature": predictor.temperature, "image_size": run_config.preprocess.size,
+               "temperature": predictor.temperature, "precision": predictor.hardware.precision,
+               "image_size": run_config.preprocess.size,
                "n_bootstrap": config.n_bootstrap, "confidence": config.confidence, "synthetic": _is_synthetic(frame),
                "class_names": predictor.class_names, "splits": {}, "roc": {}, "pr": {}, "calibration": {}}
     for split in ("train", "val", "test"):

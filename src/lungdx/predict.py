@@ -106,7 +106,10 @@ class Predictor:
     Args:
         checkpoint: a loaded checkpoint (``lungdx.checkpoint.load_checkpoint``).
         device: ``auto``, ``cpu`` or ``cuda``.
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see ``lungdx.runtime``).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see ``lungdx.runtime``), or ``checkpoint``: the
+            precision the threshold was chosen at (recorded in ``model.pt``; ``auto`` for checkpoints made before
+            it was recorded). Evaluation uses ``checkpoint``, so a fold trained in fp32 on one machine is scored
+            in fp32 on another that would pick bf16; serving keeps the machine's fastest, ``auto``.
         policy: which images get a probability (``lungdx.io.acceptance``); its intensity reference is the
             checkpoint's validation reference unless the policy brings one.
     """
@@ -118,7 +121,13 @@ class Predictor:
         if policy.reference is None:
             policy = replace(policy, reference=(checkpoint.get("val_reference") or {}).get("intensity"))
         self.policy = policy
+        recorded = checkpoint.get("precision")
+        if precision == "checkpoint":
+            precision = recorded or "auto"
         self.hardware = runtime.Hardware.resolve(device, precision, channels_last)
+        if recorded and self.hardware.precision != recorded:
+            logger.info("predicting in %s; the threshold was chosen in %s (probabilities may differ in the third "
+                        "decimal; precision='checkpoint' reproduces them)", self.hardware.precision, recorded)
         self.preprocess_config = from_dict(PreprocessConfig, checkpoint["preprocess"])
         self.threshold = checkpoint.get("threshold")
         # Temperature scaling (``lungdx calibrate``): probabilities are sigmoid(logit / T).

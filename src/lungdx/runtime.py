@@ -54,6 +54,10 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+"""The user-facing name of each autocast dtype (None: plain fp32)."""
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """An autocast context for ``dtype`` (a no-op context for fp32)."""
     if dtype is None:
@@ -122,6 +126,11 @@ class Hardware:
         """Turn the user-facing settings (``auto``, ``cpu``, ``bf16``...) into concrete choices."""
         resolved = resolve_device(device)
         return cls(resolved, autocast_dtype(resolved, precision), use_channels_last(channels_last))
+
+    @property
+    def precision(self) -> str:
+        """``fp32``, ``bf16`` or ``fp16``: what :meth:`autocast` computes in (recorded in checkpoints)."""
+        return PRECISION_NAMES[self.amp_dtype]
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the device and memory format."""
