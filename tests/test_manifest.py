@@ -146,3 +146,59 @@ def test_a_dicom_folders_labels_csv_may_give_the_patient_ids(dicom_dir, tmp_path
     pd.DataFrame({"file": names, "label": [0, 1], "patient_id": ["A", "B"]}).to_csv(tmp_path / "labels.csv", index=False)
     frame = load_dataset(tmp_path, "dicom")
     assert sorted(frame["patient_id"]) == ["A", "B"] and sorted(frame["label"]) == [0, 1]
+
+
+def _write_dicom(path, patient: str) -> None:
+    """A minimal PS3.10 file (header only: the dataset readers never decode pixels)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.PatientID = patient
+    dataset.save_as(path, enforce_file_format=True)
+
+
+def test_a_labels_csv_beside_dicom_files_takes_the_patients_from_their_headers(tmp_path):
+    # The README's layout (DICOM files and a labels.csv of file,label) is detected as a manifest; without a
+    # patient_id column each image was its own patient, so one patient's two images could land in two splits.
+    names = [f"{patient}_{view}.dcm" for patient in ("p1", "p2") for view in ("a", "b")]
+    for name in names:
+        _write_dicom(tmp_path / name, patient=name.split("_")[0].upper())
+    pd.DataFrame({"file": names, "label": [0, 0, 1, 1]}).to_csv(tmp_path / "labels.csv", index=False)
+    frame = load_dataset(tmp_path)
+    assert detect_format(tmp_path) == "manifest"
+    assert frame.set_index("file")["patient_id"].to_dict() == {name: name.split("_")[0].upper() for name in names}
+
+
+def test_extension_less_dicom_files_are_read_and_other_files_named(tmp_path, caplog):
+    for index, patient in enumerate(("A", "A", "B")):
+        _write_dicom(tmp_path / f"IM{index:04d}", patient)
+    (tmp_path / "README.txt").write_text("exported from the PACS")
+    assert detect_format(tmp_path) == "dicom"
+    with caplog.at_level("WARNING"):
+        frame = load_dataset(tmp_path)
+    assert sorted(frame["patient_id"]) == ["A", "A", "B"]
+    assert "1 files skipped, not dicom files lungdx reads (e.g. " in caplog.text and "README.txt" in caplog.text
+
+
+def test_class_folders_take_tiff_and_name_what_they_skip(tmp_path, caplog):
+    for name in ("normal", "nodule"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.tif").write_bytes(b"II*\x00")
+    (tmp_path / "nodule" / "notes.txt").write_text("two cases to review")
+    with caplog.at_level("WARNING"):
+        frame = load_dataset(tmp_path)
+    assert sorted(frame["case_id"]) == ["nodule", "normal"]
+    assert "notes.txt" in caplog.text
+
+
+def test_an_empty_labels_csv_is_named(tmp_path):
+    (tmp_path / "labels.csv").write_text("")
+    with pytest.raises(DatasetError, match=r"labels.csv: empty CSV"):
+        load_dataset(tmp_path)

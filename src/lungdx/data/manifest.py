@@ -3,7 +3,8 @@
 Adapters turn each on-disk layout into that table:
 
 - ``manifest``: a CSV with an image column (``image``, ``path`` or ``file``, relative to the CSV),
-  ``patient_id`` (recommended) and any label columns.
+  ``patient_id`` (recommended; without it a DICOM file's PatientID, else one patient per image) and
+  any label columns.
 - ``jsrt``: a folder with ``labels.csv`` (the layout of ``shared/data/jsrt`` and of lungdx's
   synthetic phantoms) or with the official ``CLNDAT_EN.txt`` / ``CNNDAT_EN.TXT`` and ``.IMG`` files.
 - ``nih``: an NIH ChestX-ray14 folder: ``Data_Entry_2017*.csv`` (one 0/1 column is derived per
@@ -23,9 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lungdx.io import ImageReadError, sniff_format
+
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".img"}
+RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".img"}
+"""Suffixes taken at their word when only a DICOM file is looked for (the content of such files is not sniffed)."""
 NEGATIVE_CLASS_NAMES = {"normal", "negative", "non_nodule", "no_finding", "0", "0_normal", "healthy"}
 NAMED_TASKS = ("nodule_vs_normal", "malignant_vs_benign", "malignant_vs_rest")
 
@@ -82,7 +86,7 @@ def detect_format(path: Path) -> str:
         return "nih"
     if "labels.csv" in names:
         return "manifest"
-    if any(p.suffix.lower() in {".dcm", ".dicom"} for p in path.rglob("*") if p.is_file()):
+    if any(_is_dicom(p) for p in path.rglob("*") if p.is_file()):  # extension-less PACS exports too
         return "dicom"
     return "folders"
 
@@ -90,7 +94,10 @@ def detect_format(path: Path) -> str:
 def _csv_columns(path: Path) -> set[str]:
     if not path.is_file():
         return set()
-    return set(pd.read_csv(path, nrows=0).columns)
+    try:
+        return set(pd.read_csv(path, nrows=0).columns)
+    except pd.errors.EmptyDataError as err:
+        raise DatasetError(f"{path}: empty CSV, no header row") from err
 
 
 def _has_jsrt_labels(path: Path) -> bool:
@@ -119,15 +126,63 @@ def read_manifest(csv_path: Path, one_image_per_patient: bool = False) -> pd.Dat
     if "case_id" not in frame.columns:
         frame["case_id"] = [Path(p).stem for p in frame["path"]]
     if "patient_id" not in frame.columns:
-        if not one_image_per_patient:
-            logger.warning("%s: no patient_id column; every image is treated as its own patient", csv_path)
-        frame["patient_id"] = frame["case_id"]
+        # A DICOM file names its patient (0010,0020): two images of one patient must not land in two splits.
+        frame["patient_id"] = [None if one_image_per_patient else _dicom_patient_id(Path(p)) for p in frame["path"]]
+        own = frame["patient_id"].isna()
+        if own.any() and not one_image_per_patient:
+            logger.warning("%s: no patient_id column; %d images without a DICOM PatientID are each treated as their "
+                           "own patient", csv_path, int(own.sum()))
+        frame.loc[own, "patient_id"] = frame.loc[own, "case_id"]
     return frame
+
+
+def _dicom_patient_id(path: Path) -> str | None:
+    """The PatientID of a DICOM file; None for other files, unreadable ones and a blank ID."""
+    import pydicom
+
+    try:
+        if not _is_dicom(path):
+            return None
+        patient = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", "")
+    except Exception:  # an unreadable file is reported, naming it, when the cache reads its pixels
+        return None
+    return str(patient or "").strip() or None
+
+
+def _is_dicom(path: Path) -> bool:
+    """True for a DICOM file (by content, else extension); files named as rasters or JSRT raw are not opened."""
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        return False
+    try:
+        return sniff_format(path) == "dicom"
+    except ImageReadError:
+        return False
+
+
+def _image_files(folder: Path, kind: str | None = None) -> list[Path]:
+    """Files under ``folder`` that lungdx reads (content first, then extension: ``lungdx.io.sniff_format``), or only
+    those of ``kind``; the others are named in a warning, never dropped unsaid."""
+    taken, skipped = [], []
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "labels.csv"):
+        try:
+            found = sniff_format(file)
+        except ImageReadError:
+            found = None
+        if found is not None and kind in (None, found):
+            taken.append(file)
+        elif not file.name.startswith("."):
+            skipped.append(file)
+    if skipped:
+        logger.warning("%s: %d files skipped, not %s lungdx reads (e.g. %s)", folder, len(skipped),
+                       "images" if kind is None else f"{kind} files", skipped[0])
+    return taken
 
 
 def _read_csv(csv_path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(csv_path)
+    except pd.errors.EmptyDataError as err:
+        raise DatasetError(f"{csv_path}: empty CSV, no header row") from err
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise DatasetError(f"{csv_path}: cannot read CSV: {err}") from err
 
@@ -234,12 +289,11 @@ def read_class_folders(folder: Path) -> pd.DataFrame:
     """One sub-folder per class; every image is its own patient unless a manifest says otherwise."""
     rows = []
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for image in sorted(class_dir.rglob("*")):
-            if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append({"path": str(image.resolve()), "case_id": image.stem, "label": class_dir.name,
-                             "relative": image.relative_to(folder).with_suffix("").as_posix()})
+        for image in _image_files(class_dir):
+            rows.append({"path": str(image.resolve()), "case_id": image.stem, "label": class_dir.name,
+                         "relative": image.relative_to(folder).with_suffix("").as_posix()})
     if not rows:
-        raise DatasetError(f"{folder}: no class sub-folders with images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DatasetError(f"{folder}: no class sub-folders with images (PNG, JPEG, TIFF, DICOM or JSRT .IMG)")
     frame = pd.DataFrame(rows)
     # The same file name in two folders (normal/001.png, nodule/001.png) is two cases: named by their relative paths.
     clash = frame["case_id"].duplicated(keep=False)
@@ -255,7 +309,7 @@ def read_dicom_folder(folder: Path) -> pd.DataFrame:
     import pydicom
 
     rows = []
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in {".dcm", ".dicom"}):
+    for file in _image_files(folder, "dicom"):  # extension-less PACS exports too
         try:
             header = pydicom.dcmread(file, stop_before_pixels=True)
         except Exception as err:  # pydicom raises many types for bad files
