@@ -211,3 +211,32 @@ def test_cli_tune_needs_data(tmp_path):
 
     with pytest.raises(SystemExit, match="no data given"):
         main(["tune", "--out", str(tmp_path / "x")])
+
+
+def test_a_staged_models_trial_is_scored_and_reported_on_its_detector():
+    """nodule_net's history holds every stage, each counting epochs from 1: the trial took the lung stage's row
+    of the detector's kept epoch, and val_auc failed on the lung rows (they have none) and stopped the study."""
+    from lungdx.train import FitResult
+
+    history = ([{"stage": "lungs", "epoch": epoch, "val_loss": 0.2, "val_dice": 0.9} for epoch in (1, 2, 3)]
+               + [{"stage": "detector", "epoch": epoch, "val_loss": loss, "val_auc": auc}
+                  for epoch, loss, auc in ((1, 0.9, 0.6), (2, 0.7, 0.8), (3, 0.8, 0.7))]
+               + [{"stage": "judge", "epoch": 2, "val_loss": 0.5, "val_auc": 0.55}])
+    result = FitResult(Path("run"), best_epoch=2, threshold=0.5, history=history, stopped_early=False)
+    assert tune_module.objective_value(result, "val_loss") == 0.7
+    assert tune_module.objective_value(result, "val_auc") == 0.8
+
+    class Trial:
+        reported: list = []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return False
+
+    objective = tune_module._Objective(load_config(), [], Path("out"), TuneSettings(objective="val_auc"), [])
+    on_epoch = objective._reporter(Trial(), 100)
+    for row in history:
+        on_epoch(row)
+    assert Trial.reported == [(101, 0.6), (102, 0.8), (103, 0.7)]

@@ -111,7 +111,8 @@ class TuneSettings:
         n_trials: finished (complete or pruned) trials the study should hold in all, counting
             every worker's; None is the grid's size, or 20 for random and bayes.
         objective: ``val_loss`` (minimised) or ``val_auc`` (maximised), taken at the epoch ``fit``
-            keeps (the best by validation loss), so it describes the model a retrain gives.
+            keeps (the best by validation loss), so it describes the model a retrain gives; for ``nodule_net``,
+            the detector stage's (the nodule map's focal loss and presence AUC at its kept epoch).
         cv_folds: 0 scores on the validation split; k >= 2 scores the mean over k patient-level
             folds of the train + validation part (test rows stay out).
         prune: report every epoch and stop hopeless trials (MedianPruner).
@@ -467,15 +468,23 @@ class _Objective:
         key = self.settings.objective
 
         def on_epoch(row: dict) -> None:
+            if row.get("stage", SCORED_STAGE) != SCORED_STAGE:  # nodule_net's other stages count their epochs anew
+                return
             trial.report(row[key], offset + row["epoch"])
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {row['epoch']}: {key} {row[key]:.4f}")
         return on_epoch
 
 
+SCORED_STAGE = "detector"
+"""The stage a staged model (``nodule_net``: lungs, detector, verifier, judge, each counting epochs from 1) is tuned
+on: its ``best_epoch`` is the detector's, and the detector's rows carry the presence map's validation loss and AUC."""
+
+
 def objective_value(result: FitResult, objective: str) -> float:
-    """The objective at the epoch ``fit`` kept (the best by validation loss)."""
-    row = next(row for row in result.history if row["epoch"] == result.best_epoch)
+    """The objective at the epoch ``fit`` kept (the best by validation loss; a staged model's detector epoch)."""
+    row = next(row for row in result.history
+               if row.get("stage", SCORED_STAGE) == SCORED_STAGE and row["epoch"] == result.best_epoch)
     return float(row[objective])
 
 
