@@ -424,6 +424,61 @@ def test_16bit_png_with_sbit_recovers_the_original_levels(tmp_path):
     np.testing.assert_array_equal(image.pixels, (original / 4095).astype(np.float32))
 
 
+def _png16(path: Path, samples: np.ndarray, colour_type: int) -> None:
+    """A 16-bit PNG of colour type 2 (RGB), 4 (gray+alpha) or 6 (RGBA) from (H, W, channels) samples."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = samples.shape[:2]
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in samples)
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16bit_colour_and_gray_alpha_pngs_keep_their_16_bits(tmp_path):
+    # Pillow decodes them at 8 bits: 4096 gray levels became 256, unsaid.
+    gray = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    opaque = np.full_like(gray, 65535)
+    for name, samples, colour_type in (("ga16.png", np.stack([gray, opaque], -1), 4),
+                                       ("rgb16.png", np.stack([gray] * 3, -1), 2),
+                                       ("rgba16.png", np.stack([gray] * 3 + [opaque], -1), 6)):
+        _png16(tmp_path / name, samples, colour_type)
+        image = read_raster(tmp_path / name)
+        assert image.meta["bits"] == 16, name
+        np.testing.assert_array_equal(image.pixels, (gray / 65535).astype(np.float32))
+    tinted = np.stack([gray, gray // 2, gray // 4], -1)
+    _png16(tmp_path / "tinted16.png", tinted, 2)
+    image = read_raster(tmp_path / "tinted16.png")
+    luma = 0.299 * tinted[..., 0] + 0.587 * tinted[..., 1] + 0.114 * tinted[..., 2]
+    np.testing.assert_allclose(image.pixels, luma / 65535, atol=1 / 65535)
+    assert image.meta["colour_spread"] > 0.1
+
+
+def _tiff(path: Path, samples: np.ndarray, photometric: int) -> None:
+    """An uncompressed one-strip little-endian gray TIFF with the given PhotometricInterpretation (tag 262)."""
+    height, width = samples.shape
+    data = samples.astype(f"<u{samples.dtype.itemsize}").tobytes()
+    tags = [(256, width), (257, height), (258, 8 * samples.dtype.itemsize), (259, 1), (262, photometric), (273, None),
+            (277, 1), (278, height), (279, len(data))]
+    data_offset = 8 + 2 + 12 * len(tags) + 4
+    ifd = b"".join(struct.pack("<HHI", tag, 4, 1) + struct.pack("<I", data_offset if value is None else value)
+                   for tag, value in tags)
+    path.write_bytes(b"II*\x00" + struct.pack("<IH", 8, len(tags)) + ifd + struct.pack("<I", 0) + data)
+
+
+def test_min_is_white_tiffs_read_with_bone_bright_at_8_and_16_bits(tmp_path):
+    # Pillow inverts 8-bit MinIsWhite TIFFs but not 16-bit ones: those were read with lungs bright.
+    stored = np.zeros((8, 8), np.uint8)
+    stored[:, 4:] = 255  # left: stored 0, which MinIsWhite shows white
+    for name, samples in (("white8.tif", stored), ("white16.tif", stored.astype(np.uint16) * 257)):
+        _tiff(tmp_path / name, samples, photometric=0)
+        pixels = read_image(tmp_path / name).pixels
+        assert (pixels[0, 0], pixels[0, 7]) == (1.0, 0.0), name
+        _tiff(tmp_path / f"black-{name}", samples, photometric=1)
+        pixels = read_image(tmp_path / f"black-{name}").pixels
+        assert (pixels[0, 0], pixels[0, 7]) == (0.0, 1.0), name
+
+
 def test_8bit_jpeg_reads_close_to_its_png(jsrt_png, tmp_path):
     file = tmp_path / "jsrt.jpg"
     Image.open(jsrt_png).save(file, quality=95)

@@ -13,6 +13,9 @@ Scaling follows the true bit depth of the file:
   a debug message says so, and per-image intensity levelling downstream removes the effect.
 * Colour images whose channels are identical become that channel exactly; other colour images
   are reduced to luma with Pillow's ``convert("L")`` (ITU-R 601-2), with a debug message.
+  16-bit RGB and gray+alpha PNGs, which Pillow decodes at 8 bits, are read with OpenCV at 16.
+* A 16-bit TIFF with PhotometricInterpretation 0 (MinIsWhite) is inverted (Pillow inverts only
+  1- and 8-bit ones).
 
 JPEG EXIF orientation is applied, so pixels come out as a viewer shows them.
 """
@@ -71,8 +74,12 @@ def read_raster(path: str | os.PathLike) -> Radiograph:
             multi-frame, or in an unsupported pixel mode.
     """
     file = require_file(path)
-    image, file_format = _load_image(file)
+    image, file_format, min_is_white = _load_image(file)
     levels, max_level, bits, colour_spread = _gray_levels(image, file)
+    if file_format == "png" and bits == 8 and _png_header(file) in _SIXTEEN_BIT_COLOUR_PNG:
+        levels, max_level, bits, colour_spread = _sixteen_bit_colour_png(file, levels.shape, levels, colour_spread)
+    if min_is_white and bits == 16:  # Pillow inverts 1- and 8-bit MinIsWhite TIFFs itself, not 16-bit ones
+        levels = max_level - levels
     if file_format == "png" and bits == 16:
         levels, max_level, bits = _apply_significant_bits(levels, _png_significant_bits(file))
     # Levels up to 16 bits are exact in float32, so float32 division is correctly rounded.
@@ -90,8 +97,10 @@ def read_raster(path: str | os.PathLike) -> Radiograph:
     return Radiograph(pixels=pixels, meta=meta)
 
 
-def _load_image(file: Path) -> tuple[Image.Image, str]:
-    """Open, fully decode and orient one image; map every decoder failure to ImageReadError."""
+def _load_image(file: Path) -> tuple[Image.Image, str, bool]:
+    """Open, fully decode and orient one image; map every decoder failure to ImageReadError.
+
+    Also says whether it is a TIFF whose PhotometricInterpretation (262) is 0, MinIsWhite: 0 means white."""
     try:
         with Image.open(file) as opened:
             file_format = _FORMATS.get(opened.format or "")
@@ -101,6 +110,7 @@ def _load_image(file: Path) -> tuple[Image.Image, str]:
             if frames > 1 and opened.format != "MPO":
                 raise ImageReadError(file, f"multi-frame image ({frames} frames) not supported")
             opened.load()
+            min_is_white = file_format == "tiff" and getattr(opened, "tag_v2", {}).get(262) == 0
             image = ImageOps.exif_transpose(opened)
     except ImageReadError:
         raise
@@ -108,7 +118,7 @@ def _load_image(file: Path) -> tuple[Image.Image, str]:
         raise ImageReadError(file, "not a PNG/JPEG/TIFF image (Pillow cannot identify it)") from exc
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ImageReadError(file, f"cannot decode image: {exc}") from exc
-    return image, file_format
+    return image, file_format, min_is_white
 
 
 def _gray_levels(image: Image.Image, file: Path) -> tuple[np.ndarray, int, int, float | None]:
@@ -153,6 +163,39 @@ def _colour_to_gray(image: Image.Image, file: Path) -> tuple[np.ndarray, float]:
     spread = float((sample.max(axis=2) - sample.min(axis=2)).mean() / 255)
     logger.debug("%s: colour image (mode %s, channel spread %.3f) reduced to luma", file, image.mode, spread)
     return np.asarray(rgb_image.convert("L")), spread
+
+
+_SIXTEEN_BIT_COLOUR_PNG = {(16, 2), (16, 4), (16, 6)}
+"""(bit depth, colour type) of 16-bit RGB, gray+alpha and RGBA PNGs, which Pillow decodes at 8 bits."""
+
+
+def _png_header(file: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk; None when it is not there."""
+    with open(file, "rb") as stream:
+        head = stream.read(26)
+    if len(head) < 26 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _sixteen_bit_colour_png(file: Path, shape, levels8: np.ndarray, spread8: float | None):
+    """The 16-bit levels of a 16-bit RGB or gray+alpha PNG (OpenCV keeps all 16 bits; Pillow gives 8): one channel
+    when the colour channels are equal, else luma (ITU-R 601-2, as Pillow's), alpha dropped. Falls back to Pillow's 8
+    bits, with a warning, where OpenCV cannot decode it or sees it in another orientation."""
+    import cv2
+
+    decoded = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+    if decoded is None or decoded.dtype != np.uint16 or decoded.ndim != 3 or decoded.shape[:2] != tuple(shape):
+        logger.warning("%s: 16-bit colour PNG read at 8 bits (256 gray levels)", file)
+        return levels8, 255, 8, spread8
+    blue, green, red = (decoded[..., channel] for channel in range(3))
+    if np.array_equal(red, green) and np.array_equal(red, blue):
+        return np.ascontiguousarray(red), 65535, 16, 0.0
+    luma = 0.299 * red.astype(np.float64) + 0.587 * green + 0.114 * blue
+    stride = max(1, max(shape) // 512)
+    sample = decoded[::stride, ::stride, :3].astype(np.int32)
+    spread = float((sample.max(axis=2) - sample.min(axis=2)).mean() / 65535)
+    return np.clip(np.rint(luma), 0, 65535).astype(np.uint16), 65535, 16, spread
 
 
 def _png_significant_bits(file: Path) -> int | None:
