@@ -254,6 +254,18 @@ def test_feedback_is_validated(tmp_path, checkpoint):
     assert parse_since("30d").days == 30 and parse_since("all") is None
     with pytest.raises(ValueError, match="30d"):
         parse_since("a month")
+    for endless in ("999999d", "99999999999w", "9" * 400 + "h"):  # utc_now() - period overflowed: a 500, not a 422
+        with pytest.raises(ValueError, match="longer than 36500 days: use all"):
+            parse_since(endless)
+
+
+def test_a_failing_webhook_is_logged_without_its_secret_path(caplog):
+    from lungdx.monitoring.monitor import _post_json
+
+    with caplog.at_level("WARNING"):
+        _post_json("http://127.0.0.1:9/services/T000/B000/XXXXsecretTOKEN?key=abc", {"alert": "drift"}, 2.0)
+    assert "alert webhook http://127.0.0.1:9/... failed" in caplog.text
+    assert "secret" not in caplog.text and "key=abc" not in caplog.text
 
 
 # ------------------------------------------------------------------------- storage and privacy

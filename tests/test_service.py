@@ -336,6 +336,9 @@ def test_serve_command_refuses_a_missing_model_or_key_file_before_starting(train
     assert "missing: no such folder for the SQLite database" in capsys.readouterr().err
     assert main(["serve", str(trained_run), "--db", "not a url"]) == 2
     assert "cannot read the database URL" in capsys.readouterr().err
+    assert main(["serve", str(trained_run), "--db", "postgresql//lungdx:s3cret@db/monitor"]) == 2
+    error = capsys.readouterr().err
+    assert "cannot read the database URL 'postgresql//***@db/monitor'" in error and "s3cret" not in error
 
 
 def test_an_app_can_start_twice(trained_run):

@@ -64,6 +64,10 @@ def utc_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+LONGEST_PERIOD = timedelta(days=36500)
+"""The longest ``since`` period (about a century); ``all`` goes further."""
+
+
 def parse_since(since: str | timedelta | None) -> timedelta | None:
     """``30d``, ``12h``, ``90m``, ``2w`` (or a timedelta) -> timedelta; None or ``all`` -> None."""
     if since is None or isinstance(since, timedelta):
@@ -73,7 +77,13 @@ def parse_since(since: str | timedelta | None) -> timedelta | None:
     match = _SINCE.fullmatch(since)
     if not match:
         raise ValueError(f"cannot read the period {since!r}: use a number and a unit, e.g. 30d, 12h, 90m, 2w, or all")
-    return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    try:
+        period = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    except OverflowError:
+        period = None
+    if period is None or period > LONGEST_PERIOD:  # utc_now() - period would overflow datetime
+        raise ValueError(f"the period {since!r} is longer than {LONGEST_PERIOD.days} days: use all")
+    return period
 
 
 def check_reader(reader: str) -> str:
@@ -579,7 +589,15 @@ def _post_json(url: str, payload: dict, timeout_s: float) -> None:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             response.read()
     except Exception as err:  # a webhook that is down must not stop monitoring
-        logger.warning("alert webhook %s failed: %s", url, err)
+        logger.warning("alert webhook %s failed: %s", _url_host(url), err)
+
+
+def _url_host(url: str) -> str:
+    """``scheme://host[:port]`` of a URL: a webhook's path and query often hold its secret token."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}/..."
 
 
 def _describe(checkpoint: dict, run_dir: Path | None) -> dict:

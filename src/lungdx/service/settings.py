@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def _check_database_url(url: str) -> None:
     try:
         parsed = make_url(url)
     except ArgumentError as err:
-        raise ValueError(f"cannot read the database URL {url!r}: {err} (e.g. sqlite:///monitor.db)") from err
+        # Unreadable, so its password cannot be hidden by SQLAlchemy: whatever lies between '//' and '@' is cut
+        shown = re.sub(r"//[^/]*@", "//***@", url)
+        raise ValueError(f"cannot read the database URL {shown!r}: {err} (e.g. sqlite:///monitor.db)") from err
     refuse_in_memory(parsed)
     if parsed.get_backend_name() == "sqlite":
         folder = Path(parsed.database).expanduser().resolve().parent
