@@ -61,6 +61,20 @@ def test_run_weights_load_into_a_new_model_with_a_fresh_head(source_run):
     _assert_same(model.state_dict(), trained)
 
 
+def test_weights_from_a_run_that_trained_on_this_runs_test_patients_are_refused(source_run, phantom_dir, cache_dir,
+                                                                                tmp_path):
+    # Another split of the same data (another seed, or another task): its training patients include this run's
+    # test patients, so fine-tuning from it would test on patients the weights learnt from.
+    config = tiny_config(phantom_dir, cache_dir, *RESNET, f"model.weights={source_run}", "data.split_seed=1")
+    with pytest.raises(WeightsError, match=r"trained on \d+ of this run's \d+ test patients .*split.csv splits them"):
+        fit(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "last.pt").exists()  # refused before any training
+    own_split = pd.read_csv(source_run / "split.csv", dtype={"patient_id": str})
+    train_module.check_weights_held_out(source_run / "model.pt", own_split)  # the same split: held out
+    other_data = own_split.assign(path=own_split["path"] + ".elsewhere")
+    train_module.check_weights_held_out(source_run, other_data.assign(split="test"))  # other images: other patients
+
+
 @pytest.mark.parametrize("freeze_epochs, frozen_flags", [(2, [True, True]), (1, [True, False])])
 def test_frozen_epochs_leave_the_backbone_unchanged(source_run, phantom_dir, cache_dir, tmp_path, freeze_epochs,
                                                     frozen_flags):

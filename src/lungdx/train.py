@@ -31,7 +31,7 @@ from lungdx.data.split import check_leakage, split_patients
 from lungdx.io.files import write_atomic
 from lungdx.models import create_model
 from lungdx.models.registry import assembled, localises
-from lungdx.models.weights import head_prefixes, is_head, load_weights, split_parameters
+from lungdx.models.weights import WeightsError, head_prefixes, is_head, load_weights, split_parameters
 from lungdx.predict import compute_logits, model_input, sigmoid
 from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
@@ -278,6 +278,7 @@ def fit(config: RunConfig, run_dir: str | Path, *, resume: bool = False, progres
         return fit_localiser(config, run_dir, data, model, hardware, progress=progress, on_epoch=on_epoch, resume=resume)
     model = create_model(config.model.name, **model_kwargs(config))
     if config.model.weights and not resume:  # a resumed run has its weights in last.pt
+        check_weights_held_out(config.model.weights, data.frame)
         load_weights(model, config.model.weights, keep_head=config.model.keep_head)
     model = hardware.prepare(model)
     if distributed.active():
@@ -474,6 +475,34 @@ def _with_saved_split(config: RunConfig, run_dir: Path, resume: bool) -> RunConf
     if resume and (run_dir / "split.csv").is_file():
         return replace(config, data=replace(config.data, split_file=str(run_dir / "split.csv")))
     return config
+
+
+def check_weights_held_out(weights: str | Path, frame: pd.DataFrame) -> None:
+    """Refuse weights from a lungdx run that trained or chose its epoch on this run's test patients.
+
+    A run on the same data with another task or split setting splits the patients differently: fine-tuned from
+    it, a model would be tested on patients its weights learnt from. The source's ``split.csv`` (beside its
+    ``model.pt`` or ``last.pt``) tells; the data are the same when its images are. Other weights files say
+    nothing about their training data and pass.
+    """
+    source = Path(weights).expanduser()
+    split_file = source / "split.csv" if source.is_dir() else source.parent / "split.csv"
+    if str(weights) == "imagenet" or not split_file.is_file():
+        return
+    try:
+        seen = pd.read_csv(split_file, dtype={"patient_id": str}, usecols=["patient_id", "path", "split"])
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{split_file}: cannot read the split of the run the weights come from ({err})") from err
+    if not set(seen["path"]) & set(frame["path"]):
+        return  # other images: patient IDs of another dataset mean other patients
+    learnt = set(seen.loc[seen["split"].isin(["train", "val"]), "patient_id"])
+    test = set(frame.loc[frame["split"] == "test", "patient_id"].astype(str))
+    shared = sorted(learnt & test)
+    if shared:
+        # A count, no IDs: an error message ends up in logs
+        raise WeightsError(f"{weights}: trained on {len(shared)} of this run's {len(test)} test patients ({split_file} "
+                           "splits them otherwise), so the test split would not be held out; use its split "
+                           f"(--set data.split_file={split_file}) or weights that never saw them")
 
 
 def _write_data_files(data: PreparedData, run_dir: Path, resume: bool = False) -> None:
