@@ -424,6 +424,30 @@ def test_16bit_png_with_sbit_recovers_the_original_levels(tmp_path):
     np.testing.assert_array_equal(image.pixels, (original / 4095).astype(np.float32))
 
 
+def test_16bit_png_of_unscaled_low_bit_samples_reads_at_their_depth(tmp_path):
+    # No sBIT and nothing above 4095: 10-bit samples stored unscaled read within 1.6% of the scale at 16 bits, and
+    # the blank check (lungdx.io.acceptance) refused them as nearly constant.
+    from lungdx.io.acceptance import information_problem
+
+    original = np.tile(np.arange(0, 1024, 4, dtype=np.uint16), (16, 1))
+    Image.fromarray(original).save(tmp_path / "unscaled10.png")
+    image = read_raster(tmp_path / "unscaled10.png")
+    assert image.meta["bits"] == 10
+    np.testing.assert_array_equal(image.pixels, (original / 1023).astype(np.float32))
+    assert information_problem(image.pixels) is None
+
+
+def test_12bit_jpeg_is_named_as_such(tmp_path):
+    # It was "not a PNG/JPEG/TIFF image": the file is a JPEG, of a precision Pillow does not decode.
+    from pydicom.encaps import generate_frames
+
+    dataset = pydicom.dcmread(_pydicom_file("JPGExtended.dcm"))  # 12-bit extended JPEG (process 4)
+    frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    (tmp_path / "x12.jpg").write_bytes(frame)
+    with pytest.raises(ImageReadError, match=r"x12.jpg: 12-bit JPEG is not supported"):
+        read_image(tmp_path / "x12.jpg")
+
+
 def _png16(path: Path, samples: np.ndarray, colour_type: int) -> None:
     """A 16-bit PNG of colour type 2 (RGB), 4 (gray+alpha) or 6 (RGBA) from (H, W, channels) samples."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -9,8 +9,9 @@ Scaling follows the true bit depth of the file:
   record the original precision in the ``sBIT`` chunk. When a 16-bit PNG has an ``sBIT`` value
   ``s < 16`` the original samples are recovered exactly with ``value >> (16 - s)`` and divided by
   ``2**s - 1``; ``meta["bits"]`` is then ``s``. Files that break the specification by storing,
-  say, 12-bit values unscaled in a 16-bit PNG without ``sBIT`` read dark (at most 4095/65535);
-  a debug message says so, and per-image intensity levelling downstream removes the effect.
+  say, 12-bit values unscaled in a 16-bit PNG without ``sBIT`` (the maximum below 4096) are read as
+  samples of the fewest bits (8 to 12) that hold their maximum, with a debug message: at 16 bits
+  they read dark, and 10-bit data were refused as nearly blank.
 * Colour images whose channels are identical become that channel exactly; other colour images
   are reduced to luma with Pillow's ``convert("L")`` (ITU-R 601-2), with a debug message.
   16-bit RGB and gray+alpha PNGs, which Pillow decodes at 8 bits, are read with OpenCV at 16.
@@ -115,10 +116,28 @@ def _load_image(file: Path) -> tuple[Image.Image, str, bool]:
     except ImageReadError:
         raise
     except Image.UnidentifiedImageError as exc:
+        precision = _jpeg_precision(file)
+        if precision not in (None, 8):
+            raise ImageReadError(file, f"{precision}-bit JPEG is not supported (Pillow reads 8-bit JPEG only); "
+                                       "convert it to 16-bit PNG or DICOM") from exc
         raise ImageReadError(file, "not a PNG/JPEG/TIFF image (Pillow cannot identify it)") from exc
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ImageReadError(file, f"cannot decode image: {exc}") from exc
     return image, file_format, min_is_white
+
+
+def _jpeg_precision(file: Path) -> int | None:
+    """The sample precision of a JPEG's frame header (SOF0-SOF15), or None when it is not a JPEG or has none."""
+    data = file.read_bytes()[:65536]
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    position = 2
+    while position + 4 < len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
+            return data[position + 4] if position + 4 < len(data) else None
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
 
 
 def _gray_levels(image: Image.Image, file: Path) -> tuple[np.ndarray, int, int, float | None]:
@@ -218,9 +237,13 @@ def _png_significant_bits(file: Path) -> int | None:
 
 def _apply_significant_bits(levels: np.ndarray, bits: int | None) -> tuple[np.ndarray, int, int]:
     """Undo PNG sample depth scaling (PNG spec 12.3) when sBIT records fewer than 16 bits."""
+    if bits is None and levels.size and 0 < levels.max() < 4096:
+        # No encoder following section 12.3 writes this: 12-bit (or fewer) samples stored unscaled. Read at 16 bits,
+        # 10-bit data lie within 1.6% of the scale and are refused as nearly blank.
+        bits = max(8, int(levels.max()).bit_length())
+        logger.debug("16-bit PNG without sBIT uses only its %d low bits: read as %d-bit samples", bits, bits)
+        return levels, 2**bits - 1, bits
     if bits is None or bits == 16:
-        if levels.size and levels.max() < 4096:
-            logger.debug("16-bit PNG uses only 12 low bits and has no sBIT; scaled by 65535")
         return levels, 65535, 16
     if not 1 <= bits < 16:
         logger.warning("ignoring invalid PNG sBIT value %d for a 16-bit image", bits)
