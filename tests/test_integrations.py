@@ -384,10 +384,107 @@ def test_results_say_what_the_probability_means_and_survive_a_malformed_date(tas
     meanings = {str(element.value) for element in sr.iterall() if element.keyword == "CodeMeaning"}
     assert meaning in meanings and not {"Probability of cancer", "Probability of lung nodule"} - {meaning} & meanings
     assert ("High likelihood of malignancy" in meanings) == (task == "malignant_vs_rest")
-    code = make_bundle(statement, identity, "1.2.3")["entry"][0]["resource"]["code"]
+    code = make_bundle(statement, identity, "1.2.3", instance_uid="1.2.3.4")["entry"][0]["resource"]["code"]
     assert code["coding"][0]["display"] == meaning
     with pytest.raises(ValueError, match="coded for lungdx's nodule tasks.*'label=pneumonia'"):
         make_sr(source, statement, {**identity, "task": "label=pneumonia"})
+
+
+def _results_read_back(source):
+    """The SR and the Secondary Capture of ``source``, written as PS3.10 files and read again."""
+    import numpy as np
+    from pydicom.filebase import DicomBytesIO
+
+    from lungdx.integrations.pipeline import to_bytes
+    from lungdx.integrations.results import make_secondary_capture, make_sr
+    from lungdx.wording import state_result
+
+    identity = {**IDENTITY, "task": "malignant_vs_rest"}
+    statement = state_result(0.7, {"threshold": 0.5, "threshold_method": "youden", "class_names": ["a", "b"]})
+    results = make_sr(source, statement, identity), make_secondary_capture(source, np.zeros((8, 8, 3), np.uint8), identity)
+    return [pydicom.dcmread(DicomBytesIO(to_bytes(result))) for result in results]
+
+
+@pytest.mark.parametrize("extension, name", [
+    ("ISO 2022 IR 87", "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # Japanese, PS3.5 H.3.1
+    ("ISO 2022 IR 149", "Hong^Gildong=洪^吉洞=홍^길동")])  # Korean, PS3.5 I.2
+def test_results_of_a_source_with_code_extensions_keep_the_patient_name(extension, name):
+    """A Japanese or Korean site's Specific Character Set has an empty first value (ISO 2022 IR 6, PS3.3
+    C.12.1.1.2), which highdicom refuses: the results name it, and the ideographic and phonetic names survive."""
+    from pydicom.filebase import DicomBytesIO
+
+    from lungdx.integrations.results import read_sr_probability
+
+    source = pydicom.dcmread(DicomBytesIO(_dataset_bytes(SpecificCharacterSet=("CS", ["", extension]),
+                                                         PatientName=("PN", name))))
+    sr, capture = _results_read_back(source)
+    for result in (sr, capture):
+        assert result.SpecificCharacterSet == ["ISO 2022 IR 6", extension] and str(result.PatientName) == name
+    assert read_sr_probability(sr) == pytest.approx(0.7) and source.SpecificCharacterSet == ["", extension]
+
+
+@pytest.mark.parametrize("keyword, value, expected", [
+    ("PatientSex", "U", ""), ("PatientSex", "m", "M"), ("PatientSex", " F", "F"), ("PatientSex", "MALE", "M"),
+    ("PatientSex", "female", "F"), ("PatientSex", "O", "O"),
+    ("PatientName", ["Doe^Jane", "Roe^Jane"], "Doe^Jane"), ("ReferringPhysicianName", ["A^B", "C^D"], "A^B"),
+    ("StudyDate", ["20200101", "20200102"], "20200101")])
+def test_results_survive_a_patient_sex_or_a_single_valued_attribute_highdicom_refuses(keyword, value, expected):
+    """Patient's Sex is M, F or O (PS3.3 C.7.1.1) and a patient or study attribute has one value (PS3.6): anything
+    else made highdicom raise and lost the image's results. The result gets the value it means, or none."""
+    from pydicom.datadict import dictionary_VR
+    from pydicom.filebase import DicomBytesIO
+
+    source = pydicom.dcmread(DicomBytesIO(_dataset_bytes(**{keyword: (dictionary_VR(keyword), value)})))  # as received
+    for result in _results_read_back(source):
+        assert str(result.get(keyword)) == expected
+    assert source.get(keyword) == value
+
+
+def test_a_failed_result_names_the_step_without_the_value(predictor, dicom_dir, tmp_path, monkeypatch):
+    """highdicom's message quotes the value it refuses: the event names the step, the error type and where."""
+    import lungdx.integrations.results as results
+    from lungdx.integrations.pipeline import Processor
+
+    def refuse(*_args, **_kwargs):
+        raise ValueError("'Doe^Jane' is not a valid PersonName")
+
+    monkeypatch.setattr(results, "make_sr", refuse)
+    processor = Processor(predictor, tmp_path, send_dicom=lambda _: None)
+    shutil.copy(_sample(dicom_dir, CHEST_DX), processor.inbox / "received.dcm")
+    assert processor.process_inbox() == 1
+    [event] = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert event["status"] == "failed" and event["reason"].startswith("building the DICOM SR: ValueError at test_integ")
+    assert "Doe" not in event["reason"] and not processor.outbox.pending()
+
+
+def test_an_instance_whose_pixels_cannot_be_decoded_is_kept_and_a_refused_one_is_not(predictor, dicom_dir, tmp_path,
+                                                                                        monkeypatch):
+    """Its C-STORE was answered Success: an instance lungdx cannot decode yet (no JPEG 2000 plugin) waits in
+    unreadable/ to be put back once the decoder is installed; one the policy refuses (not a chest) is deleted."""
+    from pydicom.pixels import get_decoder
+
+    from lungdx.integrations.pipeline import Processor
+
+    chest = _sample(dicom_dir, CHEST)
+    header = pydicom.dcmread(chest, stop_before_pixels=True)
+    decoder = get_decoder(header.file_meta.TransferSyntaxUID)
+    installed = decoder.is_available
+    monkeypatch.setattr(decoder, "_available", {})  # as if no plugin were installed
+    processor = Processor(predictor, tmp_path, send_dicom=lambda _: None)
+    shutil.copy(chest, processor.inbox / "chest.dcm")
+    shutil.copy(_sample(dicom_dir, NOT_CHEST[1]), processor.inbox / "abdomen.dcm")
+    assert processor.process_inbox() == 2
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [event["status"] for event in events] == ["skipped", "skipped"]
+    digest = uid_digest(header.SOPInstanceUID)
+    assert "no decoder installed" in next(event["reason"] for event in events if event["instance"] == digest)
+    kept = tmp_path / "unreadable" / f"{digest}.dcm"
+    assert [p.name for p in (tmp_path / "unreadable").iterdir()] == [kept.name]
+    assert not any(processor.inbox.iterdir()) and not (tmp_path / "failed").exists()
+    if installed:  # the decoder back, the instance put back into the inbox: analysed
+        monkeypatch.undo()
+        shutil.move(kept, processor.inbox / kept.name)
+        assert processor.process_inbox() == 1 and len(processor.outbox.pending()) == 2
 
 
 def test_a_failed_instance_is_kept_and_its_reason_quotes_no_header_value(predictor, dicom_dir, tmp_path, monkeypatch,

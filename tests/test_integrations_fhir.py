@@ -9,23 +9,36 @@ import pytest
 
 pytest.importorskip("fhir.resources", reason="the FHIR tests need the pacs extra (pip install -e '.[pacs]')")
 
-from lungdx.integrations.outbox import RetryPolicy  # noqa: E402
+from lungdx.integrations.fhir import make_bundle, post_bundle  # noqa: E402
+from lungdx.integrations.outbox import Outbox, RetryPolicy  # noqa: E402
 from lungdx.integrations.service import make_processor  # noqa: E402
 from lungdx.predict import Predictor  # noqa: E402
+from lungdx.wording import state_result  # noqa: E402
 
 CHEST_DX = "nih_cxr14_dx_chest_nofinding.dcm"
 
 
 class FhirServer(BaseHTTPRequestHandler):
-    """A FHIR base URL on loopback that records what it is sent and answers with ``status``."""
+    """A FHIR base URL on loopback that records what it is sent and answers with ``status``.
+
+    It stores the resources of each transaction it accepts (``stored``), as a FHIR server's conditional create
+    does: an entry whose ``ifNoneExist`` identifier a stored resource of its type has creates nothing.
+    ``commits`` makes it store them even when it answers an error: a transaction committed whose answer was lost.
+    """
 
     status = 503
+    commits = False
     received: list[tuple[str, str, dict]] = []
+    stored: list[dict] = []
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if FhirServer.status < 400:
             FhirServer.received.append((self.path, self.headers["Content-Type"], body))
+        if FhirServer.status < 400 or FhirServer.commits:
+            for entry in body["entry"]:
+                if not _exists(entry["resource"]["resourceType"], entry["request"].get("ifNoneExist")):
+                    FhirServer.stored.append(entry["resource"])
         self.send_response(FhirServer.status)
         self.send_header("Content-Type", "application/fhir+json")
         self.end_headers()
@@ -35,9 +48,19 @@ class FhirServer(BaseHTTPRequestHandler):
         pass
 
 
+def _exists(resource_type: str, condition: str | None) -> bool:
+    """Whether a stored resource matches an ``ifNoneExist`` of the form ``identifier=system|value``."""
+    if condition is None:
+        return False
+    system, value = condition.removeprefix("identifier=").split("|", 1)
+    identifier = {"system": system, "value": value}
+    return any(resource["resourceType"] == resource_type and identifier in resource.get("identifier", [])
+               for resource in FhirServer.stored)
+
+
 @pytest.fixture
 def fhir_url():
-    FhirServer.status, FhirServer.received = 503, []
+    FhirServer.status, FhirServer.commits, FhirServer.received, FhirServer.stored = 503, False, [], []
     server = HTTPServer(("127.0.0.1", 0), FhirServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/fhir"
@@ -65,3 +88,25 @@ def test_bundle_waits_while_the_fhir_server_refuses_and_is_posted_when_it_accept
     expected = Predictor.from_path(trained_run, device="cpu").predict_files([sample])[0].probability
     assert float(observation.valueQuantity.value) == pytest.approx(expected, rel=1e-9)
     assert len(stored_dicom) == 2  # the SR and the secondary capture went their own way
+
+
+def test_a_bundle_delivered_again_stores_one_report(fhir_url, tmp_path):
+    """A transaction committed whose answer was lost is posted again by the outbox, and an instance analysed again
+    (a crash before it was marked done) gives a second Bundle: the server keeps one report per instance."""
+    identity = {"name": "lungdx nodule_net", "model": "nodule_net", "version": "0123456789ab",
+                "software_version": "test", "task": "nodule_vs_normal"}
+    statement = state_result(0.7, {"threshold": 0.5, "threshold_method": "youden", "class_names": ["a", "b"]})
+    outbox = Outbox(tmp_path, RetryPolicy(base_s=0.0, max_s=0.0))
+    senders = {"fhir": lambda path: post_bundle(path, fhir_url)}
+    FhirServer.status, FhirServer.commits = 504, True  # a gateway's timeout after the server committed
+    bundle = make_bundle(statement, identity, "1.2.3", "PID4711", instance_uid="1.2.3.4")
+    outbox.put("fhir", json.dumps(bundle).encode(), ".json", "first")
+    assert outbox.deliver(senders) == 0 and len(FhirServer.stored) == 2
+    FhirServer.status = 200
+    assert outbox.deliver(senders) == 1
+    for instance_uid in ("1.2.3.4", "1.2.3.5"):  # the first instance analysed again, then another one
+        bundle = make_bundle(statement, identity, "1.2.3", "PID4711", instance_uid=instance_uid)
+        outbox.put("fhir", json.dumps(bundle).encode(), ".json", instance_uid)
+    assert outbox.deliver(senders) == 2
+    stored = sorted(resource["resourceType"] for resource in FhirServer.stored)
+    assert stored == ["DiagnosticReport", "DiagnosticReport", "Observation", "Observation"]  # one each per instance

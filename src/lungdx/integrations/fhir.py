@@ -6,7 +6,11 @@ change between R4 and R4B (R4B only touched medication-definition, evidence and 
 resources), so a resource valid here is valid R4 and every element written exists in R4.
 
 The two resources travel in a ``transaction`` Bundle, the usual way to POST related resources to
-a FHIR base URL: the report refers to the observation by its ``urn:uuid`` full URL.
+a FHIR base URL: the report refers to the observation by its ``urn:uuid`` full URL. Each has an
+identifier derived from the source instance and the model version (``results.result_uid``, as the
+SR's UID is) and is created only if none has it (``ifNoneExist``, FHIR conditional create), so a
+Bundle delivered twice (an answer lost after the server committed, a crash before the outbox marked
+it sent, the same instance analysed again) stores one report.
 """
 
 from __future__ import annotations
@@ -19,17 +23,20 @@ from pathlib import Path
 import httpx
 
 from lungdx.integrations.outbox import DeliveryError
-from lungdx.integrations.results import task_concepts
+from lungdx.integrations.results import result_uid, task_concepts
 from lungdx.wording import ResultStatement
 
 _LOINC_RADIOLOGY = {"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}
 _DICOM_UID = "urn:dicom:uid"
+_URI = "urn:ietf:rfc:3986"
+"""FHIR's identifier system for a value that is a URI: lungdx's own UIDs, as ``urn:oid:``, are not DICOM objects'."""
 _UCUM = "http://unitsofmeasure.org"
 _PRIVATE_SYSTEM = "urn:lungdx:codes"
 """The FHIR system of the SR's private coding scheme 99LUNGDX (concepts with no standard code)."""
 
 
-def make_bundle(statement: ResultStatement, identity: dict, study_uid: str, patient_id: str | None = None) -> dict:
+def make_bundle(statement: ResultStatement, identity: dict, study_uid: str, patient_id: str | None = None, *,
+                instance_uid: str) -> dict:
     """A transaction Bundle (dict) holding the Observation and the DiagnosticReport, validated as FHIR.
 
     The statement (``lungdx.wording``) gives the report's conclusion word for word (decision, threshold and
@@ -42,14 +49,19 @@ def make_bundle(statement: ResultStatement, identity: dict, study_uid: str, pati
         identity: ``checkpoint.model_identity`` of the model.
         study_uid: the Study Instance UID (0020,000D): the ImagingStudy is referred to by identifier.
         patient_id: Patient ID (0010,0020) for ``subject``, when the EHR is to link the result.
+        instance_uid: the analysed instance's SOP Instance UID (0008,0018): with the model version, it gives the
+            resources' identifiers, the same for every Bundle of this result.
     """
     now = datetime.now(UTC).isoformat(timespec="seconds")
     observation_url, report_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
     study = {"type": "ImagingStudy", "identifier": {"system": _DICOM_UID, "value": f"urn:oid:{study_uid}"}}
     subject = {"subject": {"identifier": {"value": patient_id}}} if patient_id else {}
     device = f"{identity['name']} version {identity['version']} (lungdx {identity['software_version']})"
+    observation_id, report_id = (_identifier(result_uid(instance_uid, identity["version"], role))
+                                 for role in ("fhir_observation", "fhir_report"))
     observation = {
-        "resourceType": "Observation", "status": "preliminary", **subject, "issued": now,
+        "resourceType": "Observation", "identifier": [observation_id], "status": "preliminary", **subject,
+        "issued": now,
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
                                   "code": "imaging"}]}],
         "code": _probability_code(identity["task"]),
@@ -69,17 +81,29 @@ def make_bundle(statement: ResultStatement, identity: dict, study_uid: str, pati
                                              "valueRange": {"low": _unitless(statement.band[0]),
                                                             "high": _unitless(statement.band[1])}})
     report = {
-        "resourceType": "DiagnosticReport", "status": "preliminary", **subject, "issued": now,
+        "resourceType": "DiagnosticReport", "identifier": [report_id], "status": "preliminary", **subject,
+        "issued": now,
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
         "code": {"coding": [_LOINC_RADIOLOGY], "text": "lungdx chest radiograph lung nodule analysis"},
         "result": [{"reference": observation_url}], "imagingStudy": [study],
         "conclusion": " ".join([*statement.sentences[:-1], f"Model: {device}.", statement.disclaimer]),
     }
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": observation_url, "resource": observation, "request": {"method": "POST", "url": "Observation"}},
-        {"fullUrl": report_url, "resource": report, "request": {"method": "POST", "url": "DiagnosticReport"}}]}
+        {"fullUrl": observation_url, "resource": observation, "request": _create_once("Observation", observation_id)},
+        {"fullUrl": report_url, "resource": report, "request": _create_once("DiagnosticReport", report_id)}]}
     validate(bundle)
     return bundle
+
+
+def _identifier(uid: str) -> dict:
+    return {"system": _URI, "value": f"urn:oid:{uid}"}
+
+
+def _create_once(resource_type: str, identifier: dict) -> dict:
+    """A transaction entry's request: create unless a resource has ``identifier`` (FHIR R4 conditional create,
+    http.html#ccreate). Where one has, the entry's full URL stands for that one, so the report still refers to it."""
+    return {"method": "POST", "url": resource_type,
+            "ifNoneExist": f"identifier={identifier['system']}|{identifier['value']}"}
 
 
 def _probability_code(task: str) -> dict:

@@ -7,7 +7,9 @@ DICOMweb pull (``pacs_run``) both use it, and it predicts through the one ``Pred
 State folder layout (``Node`` and ``pacs_run``): ``inbox/`` received instances not yet analysed,
 ``outbox/`` results not yet delivered (see ``outbox.Outbox``), ``fhir/`` every FHIR Bundle
 written, ``events.jsonl`` one line per instance (digest of the SOP Instance UID, status, reason:
-never patient data), ``done.jsonl`` one line per result queued (the digest and the model version).
+never patient data), ``done.jsonl`` one line per result queued (the digest and the model version),
+``failed/`` instances whose analysis failed and ``unreadable/`` instances whose pixels could not be read
+(a decoder not installed, say): both kept, named by the digest, to be put back into ``inbox/``.
 
 Delivery is idempotent: a result for one source instance and one model version is queued once, by
 ``done.jsonl`` across listener restarts and ``pacs-run`` runs, and ``pacs_run`` also finds results
@@ -17,6 +19,7 @@ run with another state folder sends nothing either.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -36,6 +39,7 @@ from pydicom.dataset import Dataset
 from lungdx.integrations import uid_digest
 from lungdx.integrations.outbox import DeliveryError, Outbox, RetryPolicy, write_atomic
 from lungdx.io import ImageReadError, sniff_format
+from lungdx.io.acceptance import Refused
 from lungdx.predict import Prediction, Predictor
 from lungdx.wording import state_result
 
@@ -43,7 +47,23 @@ logger = logging.getLogger(__name__)
 
 
 class Skipped(ValueError):
-    """An instance that is not analysed (not a frontal chest radiograph, unreadable pixels)."""
+    """An instance that is not analysed (not a frontal chest radiograph, unreadable pixels).
+
+    ``unreadable`` is True where it could be analysed once the cause is fixed (pixels not decoded, a decoder
+    not installed), False for a refusal by the acceptance policy, which a second try gives again.
+    """
+
+    def __init__(self, reason: str, *, unreadable: bool = False):
+        super().__init__(reason)
+        self.unreadable = unreadable
+
+
+class StepFailed(RuntimeError):
+    """A step of ``analyse_file`` failed: ``step`` says which, the error is the ``__cause__``."""
+
+    def __init__(self, step: str):
+        super().__init__(step)
+        self.step = step
 
 
 class NothingToAnalyse(RuntimeError):
@@ -82,6 +102,7 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", a
     Raises:
         Skipped: not a DICOM file, refused by the acceptance policy, or pixels that cannot be read (the
             reason says which).
+        StepFailed: any other error, with the step it happened in.
     """
     from lungdx.explain import choose_heatmap, explain_levelled, resolve_method, to_original_grid
     from lungdx.integrations.fhir import make_bundle
@@ -91,25 +112,44 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", a
         if sniff_format(path) != "dicom":
             raise Skipped("not a DICOM file: results go back to the PACS as DICOM objects that reference it")
         image = predictor.read(path)
-    except ImageReadError as err:
+    except Refused as err:
         raise Skipped(err.reason) from err
-    source = pydicom.dcmread(path, stop_before_pixels=True)
-    levelled = predictor.level(image.pixels)  # once, for the prediction and the heatmap
-    prediction = predictor.predict_levelled(levelled, image.pixels.shape[:2], str(path), image.meta)
-    chosen = choose_heatmap(lambda name: to_original_grid(explain_levelled(predictor, levelled[None], name)[0],
-                                                          image.pixels.shape, predictor.preprocess_config),
-                            resolve_method(method, predictor.model), predictor.model)
+    except ImageReadError as err:
+        raise Skipped(err.reason, unreadable=True) from err
+    with _step("reading the DICOM header"):
+        source = pydicom.dcmread(path, stop_before_pixels=True)
+    with _step("predicting"):
+        levelled = predictor.level(image.pixels)  # once, for the prediction and the heatmap
+        prediction = predictor.predict_levelled(levelled, image.pixels.shape[:2], str(path), image.meta)
+    with _step("explaining"):
+        chosen = choose_heatmap(lambda name: to_original_grid(explain_levelled(predictor, levelled[None], name)[0],
+                                                              image.pixels.shape, predictor.preprocess_config),
+                                resolve_method(method, predictor.model), predictor.model)
     identity = predictor.identity
     statement = state_result(prediction.probability, predictor.checkpoint, alerts)
     caption = [f"{identity['name']} {identity['version']}: {statement.headline}", statement.threshold_text,
                *([statement.uncertainty_text] if statement.near_threshold else []), *([chosen.notice] if chosen.notice else [])]
     heat = chosen.heatmap if chosen.problem is None else np.zeros(image.pixels.shape, np.float32)
-    overlay = overlay_rgb(image.pixels, heat, caption, prediction.location)
-    return Results(
-        prediction=prediction,
-        sr=make_sr(source, statement, identity, prediction.location),
-        secondary_capture=make_secondary_capture(source, overlay, identity),
-        fhir_bundle=make_bundle(statement, identity, str(source.StudyInstanceUID), str(source.get("PatientID", "")) or None))
+    with _step("drawing the heatmap overlay"):
+        overlay = overlay_rgb(image.pixels, heat, caption, prediction.location)
+    with _step("building the DICOM SR"):
+        sr = make_sr(source, statement, identity, prediction.location)
+    with _step("building the DICOM Secondary Capture"):
+        capture = make_secondary_capture(source, overlay, identity)
+    with _step("building the FHIR Bundle"):
+        patient_id = str(source.get("PatientID", "")) or None
+        bundle = make_bundle(statement, identity, str(source.StudyInstanceUID), patient_id,
+                             instance_uid=str(source.SOPInstanceUID))
+    return Results(prediction=prediction, sr=sr, secondary_capture=capture, fhir_bundle=bundle)
+
+
+@contextlib.contextmanager
+def _step(step: str):
+    """Raise an error of the block as ``StepFailed(step)``: a failure's reason says what failed, not only where."""
+    try:
+        yield
+    except Exception as err:
+        raise StepFailed(step) from err
 
 
 def to_bytes(dataset: Dataset) -> bytes:
@@ -123,7 +163,9 @@ class Processor:
     """Analyses files and queues their results in a state folder; delivery is separate (``deliver``).
 
     An instance whose analysis fails is moved to ``failed/`` in the state folder (named by its UID's digest),
-    not deleted: put it back into ``inbox/`` to analyse it again.
+    not deleted, and so is one whose pixels cannot be read, to ``unreadable/`` (its C-STORE was answered Success:
+    after the decoder is installed, say, put it back into ``inbox/`` to analyse it). An instance the acceptance
+    policy refuses (not a chest radiograph) is refused again on a second try, and is deleted.
 
     Raises:
         ValueError: the model's task has no coded result for a PACS or an EHR (``results.task_concepts``).
@@ -163,16 +205,16 @@ class Processor:
         except Skipped as err:
             logger.warning("skipped instance %s: %s", digest, err)
             self._event(digest, "skipped", str(err))
+            if err.unreadable:
+                self._keep(path, "unreadable", digest)
             return None
         except Exception as err:  # one bad instance must never stop the node
             # Its text may quote the header's values (a malformed birth date, a name): the log and the event
-            # get the error's type and where it was raised only.
+            # get the step, the error's type and where it was raised only.
             reason = _failure(err)
             logger.error("analysis of instance %s failed: %s", digest, reason)
             self._event(digest, "failed", reason)
-            kept = self.state_dir / "failed" / f"{digest}{path.suffix}"
-            kept.parent.mkdir(exist_ok=True)
-            shutil.move(path, kept)
+            self._keep(path, "failed", digest)
             return None
         fhir_json = json.dumps(results.fhir_bundle, indent=2).encode()
         write_atomic(self.state_dir / "fhir" / f"{uid_digest(results.sr.SOPInstanceUID)}.json", fhir_json)
@@ -184,6 +226,12 @@ class Processor:
         logger.info("analysed instance %s: probability %.4f", digest, results.prediction.probability)
         self._event(digest, "analysed", f"probability {results.prediction.probability:.6f}")
         return results
+
+    def _keep(self, path: Path, folder: str, digest: str) -> None:
+        """Move an instance that was not analysed to ``folder`` in the state folder, named by its UID's digest."""
+        kept = self.state_dir / folder / f"{digest}{path.suffix}"
+        kept.parent.mkdir(exist_ok=True)
+        shutil.move(path, kept)
 
     def _mark_done(self, digest: str) -> None:
         line = json.dumps({"instance": digest, "model_version": self.version, "time": time.time()})
@@ -217,7 +265,12 @@ class Processor:
 
 
 def _failure(err: BaseException) -> str:
-    """An error without its message: its type and the last frame it passed (file name and line)."""
+    """An error without its message: the step it failed (``StepFailed``), its type and the last frame it passed.
+
+    The message is left out because it may quote the header's values (highdicom's quotes the refused value).
+    """
+    if isinstance(err, StepFailed) and err.__cause__ is not None:
+        return f"{err.step}: {_failure(err.__cause__)}"
     frames = traceback.extract_tb(err.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     return f"{type(err).__name__}{where}"

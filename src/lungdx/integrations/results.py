@@ -18,6 +18,7 @@ IHE AI Results (AIR) asks. Concepts with no DICOM or SNOMED code are in the priv
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import uuid
 import warnings
@@ -152,12 +153,15 @@ def make_sr(source: Dataset, statement: ResultStatement, identity: dict, locatio
     statements.ContentSequence = [hd.sr.TextContentItem(name=codes["comment"], value=sentence, relationship_type="CONTAINS")
                                   for sentence in statement.sentences if sentence]
     report[0].ContentSequence.append(statements)
+    header = evidence_header(source)
     with _quiet_names():
-        return hd.sr.ComprehensiveSR(
-            evidence=[evidence_header(source)], content=report, series_instance_uid=uid("sr_series"), series_number=SR_SERIES_NUMBER,
+        sr = hd.sr.ComprehensiveSR(
+            evidence=[header], content=report, series_instance_uid=uid("sr_series"), series_number=SR_SERIES_NUMBER,
             sop_instance_uid=uid("sr"), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
             series_description=f"lungdx AI result ({identity['model']} {identity['version']})",
-            software_versions=identity["software_version"], manufacturer_model_name=identity["model"])
+            software_versions=identity["software_version"], manufacturer_model_name=identity["model"],
+            specific_character_set=None)
+    return _with_character_set(sr, header)
 
 
 def _location_group(source: Dataset, location: dict, algorithm, codes, tracking_uid: str):
@@ -198,9 +202,11 @@ def evidence_header(source: Dataset) -> Dataset:
     """The source's header without pixels, with the Type 2 patient and study attributes highdicom copies.
 
     Patient (PS3.3 C.7.1.1) and General Study (C.7.2.1) Type 2 attributes may be absent in a
-    received file; they are added empty, as the standard allows, never invented. Dates and times that
-    do not parse (DA, TM, DT; PS3.5 6.2) are emptied, and a malformed Patient's Age is dropped: highdicom
-    refuses to copy them, and one such value would otherwise fail the whole result.
+    received file; they are added empty, as the standard allows, never invented. Values highdicom refuses,
+    one of which would otherwise fail the whole result, are rewritten in the header only (the source is not
+    touched): dates and times that do not parse (DA, TM, DT; PS3.5 6.2) are emptied, a malformed Patient's
+    Age is dropped, a multi-valued patient or study attribute keeps its first value, a Patient's Sex is made
+    one of M, F, O or empty, and an empty first value of Specific Character Set is named (ISO 2022 IR 6).
     """
     header = Dataset()
     header.file_meta = getattr(source, "file_meta", Dataset())
@@ -210,14 +216,58 @@ def evidence_header(source: Dataset) -> Dataset:
     age = str(header.get("PatientAge", ""))
     if "PatientAge" in header and not re.fullmatch(r"\d{3}[DWMY]", age):
         del header.PatientAge  # PS3.5 6.2 AS is nnnD/W/M/Y; a malformed value would make the result invalid
+    for keyword in _TYPE2_COPIED:
+        if keyword in header and header[keyword].VM > 1:
+            # All are VM 1 (PS3.6); highdicom refuses a list (a PN list raises TypeError): the first is kept
+            _replace(header, keyword, header[keyword].value[0])
     for element in list(header):
         if element.VR in _PARSED_VRS and element.value not in (None, "") and not _parses(element):
-            # e.g. a birth date 1961-02-03 (DA is YYYYMMDD): emptied, never guessed; the source is not touched
-            header[element.tag] = DataElement(element.tag, element.VR, "")
+            # e.g. a birth date 1961-02-03 (DA is YYYYMMDD): emptied, never guessed
+            _replace(header, element.tag, "")
+    if "PatientSex" in header:
+        # PS3.3 C.7.1.1: M, F or O. 'U' (a common "unknown") or 'm' is not guessed into one: emptied, as Type 2 allows
+        _replace(header, "PatientSex", _SEXES.get(str(header.PatientSex or "").strip().upper(), ""))
+    _name_default_repertoire(header)
     for keyword in _TYPE2_COPIED:
         if keyword not in header:
             setattr(header, keyword, "")
     return header
+
+
+def _replace(header: Dataset, tag: str | int, value) -> None:
+    """Set a value in a new element: the header's elements are the source's own objects, which are never changed."""
+    element = header[tag]
+    header[element.tag] = DataElement(element.tag, element.VR, value)
+
+
+def _name_default_repertoire(header: Dataset) -> None:
+    """Name the default repertoire where Specific Character Set (0008,0005) leaves it empty.
+
+    With code extensions its first value is the character set before any escape sequence, and an empty one means
+    ISO 2022 IR 6 (PS3.3 C.12.1.1.2; PS3.5 H.3.1 for Japanese, I.2 for Korean). highdicom refuses the empty
+    value; pydicom decodes and encodes both forms the same way. A single empty value is the default repertoire
+    without extensions, which is what an absent attribute says.
+    """
+    if "SpecificCharacterSet" not in header:
+        return
+    values = list(header["SpecificCharacterSet"].value) if header["SpecificCharacterSet"].VM > 1 else []
+    if values and not values[0].strip():
+        _replace(header, "SpecificCharacterSet", ["ISO 2022 IR 6", *values[1:]])
+    elif not values and not str(header.SpecificCharacterSet or "").strip():
+        del header.SpecificCharacterSet
+
+
+def _with_character_set(result: Dataset, header: Dataset) -> Dataset:
+    """Give ``result`` the header's Specific Character Set (0008,0005), which highdicom is told to leave out.
+
+    highdicom 0.28 checks the value against an enumeration that has no Korean ISO 2022 IR 149 (it lists IR 159
+    under that name) and counts no ISO 2022 IR 58 (Chinese) among code extensions, so it would fail a Korean
+    patient's result. The names are decoded from the source's set and pydicom encodes them in it when the result
+    is written, so the same set is right here.
+    """
+    if "SpecificCharacterSet" in header:
+        result.add(copy.deepcopy(header["SpecificCharacterSet"]))
+    return result
 
 
 _PARSED_VRS = {"DA": valuerep.DA, "TM": valuerep.TM, "DT": valuerep.DT}
@@ -236,6 +286,8 @@ def _parses(element) -> bool:
 
 _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_SEXES = {"M": "M", "F": "F", "O": "O", "MALE": "M", "FEMALE": "F"}
+"""Patient's Sex (0010,0040) as received, stripped and upper-cased, to its enumerated value (PS3.3 C.7.1.1)."""
 
 
 def read_sr_probability(sr: Dataset) -> float:
@@ -319,14 +371,16 @@ def make_secondary_capture(source: Dataset, overlay: np.ndarray, identity: dict)
     import highdicom as hd
 
     source_uid, version = str(source.SOPInstanceUID), identity["version"]
+    header = evidence_header(source)
     with _quiet_names():
         image = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=evidence_header(source), pixel_array=overlay, photometric_interpretation="RGB",
+            ref_dataset=header, pixel_array=overlay, photometric_interpretation="RGB",
             bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=result_uid(source_uid, version, "sc_series"),
             series_number=SC_SERIES_NUMBER, sop_instance_uid=result_uid(source_uid, version, "sc"),
             instance_number=1,
             manufacturer=MANUFACTURER, patient_orientation=_orientation(source),
-            transfer_syntax_uid=ExplicitVRLittleEndian)
+            transfer_syntax_uid=ExplicitVRLittleEndian, specific_character_set=None)
+    _with_character_set(image, header)
     image.SeriesDescription = f"lungdx heatmap - {NOT_FOR_DIAGNOSIS}"
     image.ImageComments = f"{NOT_FOR_DIAGNOSIS}: explanation heatmap of {identity['name']} {identity['version']}"
     image.BurnedInAnnotation = "YES"
