@@ -191,7 +191,7 @@ def test_a_calibrated_nodule_vs_normal_model_reports_one_probability_of_a_nodule
     run_dir, _ = nodule_run
     checkpoint = load_checkpoint(run_dir / "model.pt")
     assert checkpoint["task"] == "nodule_vs_normal"
-    assert checkpoint["precision"] == "fp32"  # what its threshold was chosen at (evaluation uses it)
+    assert checkpoint["numeric_precision"] == "fp32"  # what its threshold was chosen at (evaluation uses it)
     paths = [str(nodule_phantoms / image) for image in pd.read_csv(nodule_phantoms / "labels.csv")["image"].iloc[:4]]
     raw = Predictor(checkpoint, precision="fp32").predict_files(paths)
     calibrated = Predictor({**checkpoint, "temperature": 2.0}, precision="fp32").predict_files(paths)

@@ -118,13 +118,13 @@ def test_evaluation_scores_at_the_precision_the_threshold_was_chosen_at(finished
 
     _, result = finished_run
     payload = load_checkpoint(result.run_dir / "model.pt")
-    assert payload["precision"] == "fp32"
+    assert payload["numeric_precision"] == "fp32"
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert Predictor.from_path(result.run_dir, device="cpu").hardware.precision == "bf16"
     assert Predictor.from_path(result.run_dir, device="cpu", precision="checkpoint").hardware.precision == "fp32"
     results = evaluate_run(result.run_dir, device="cpu", out_dir=tmp_path / "evaluation")
-    assert results["precision"] == "fp32"
-    older = {key: value for key, value in payload.items() if key != "precision"}  # made before it was recorded
+    assert results["numeric_precision"] == "fp32"
+    older = {key: value for key, value in payload.items() if key != "numeric_precision"}  # made before it was recorded
     assert Predictor(older, device="cpu", precision="checkpoint").hardware.precision == "bf16"
 
 

@@ -41,7 +41,7 @@ def calibrate_run(run_dir: str | Path, *, device: str = "auto", progress: bool =
               "val_brier_after": metrics.brier_score(y_val, after)}
     # The threshold below is chosen at this precision: recorded for an older checkpoint that lacked it
     checkpoint.update(temperature=temperature, calibration=metrics.json_safe(report),
-                      precision=predictor.hardware.precision)
+                      numeric_precision=predictor.hardware.precision)
     if checkpoint.get("threshold") is not None:
         threshold = metrics.choose_threshold(y_val, after, run_config.train.threshold_method,
                                              run_config.train.threshold_target)

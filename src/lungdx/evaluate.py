@@ -63,7 +63,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig | None = None, *, devic
     ci = {"n_resamples": config.n_bootstrap, "confidence": config.confidence, "seed": config.seed}
     results = {"run": str(run_dir), "task": run_config.data.task, "model": run_config.model.name,
                "threshold": threshold, "threshold_method": predictor.checkpoint.get("threshold_method"),
-               "temperature": predictor.temperature, "precision": predictor.hardware.precision,
+               "temperature": predictor.temperature, "numeric_precision": predictor.hardware.precision,
                "image_size": run_config.preprocess.size,
                "n_bootstrap": config.n_bootstrap, "confidence": config.confidence, "synthetic": _is_synthetic(frame),
                "class_names": predictor.class_names, "splits": {}, "roc": {}, "pr": {}, "calibration": {}}

@@ -1122,7 +1122,7 @@ def finish_localiser(run_dir: Path, config: RunConfig, data, model: nn.Module, h
                     class_names=list(class_names(config.data.task)), threshold=threshold, data_fingerprint=fingerprint,
                     epoch=best["detector"], threshold_method=config.train.threshold_method,
                     threshold_band=metrics.json_safe(list(band)),
-                    val_metrics=metrics.json_safe(val_metrics), best_epochs=best, precision=hardware.precision,
+                    val_metrics=metrics.json_safe(val_metrics), best_epochs=best, numeric_precision=hardware.precision,
                     val_reference=build_reference(val_probability, val["path"].tolist(),
                                                   source=f"validation split at training time ({run_dir.name})"))
     return threshold

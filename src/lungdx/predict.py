@@ -107,7 +107,7 @@ class Predictor:
         checkpoint: a loaded checkpoint (``lungdx.checkpoint.load_checkpoint``).
         device: ``auto``, ``cpu`` or ``cuda``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see ``lungdx.runtime``), or ``checkpoint``: the
-            precision the threshold was chosen at (recorded in ``model.pt``; ``auto`` for checkpoints made before
+            precision the threshold was chosen at (``numeric_precision`` in ``model.pt``; ``auto`` for checkpoints made before
             it was recorded). Evaluation uses ``checkpoint``, so a fold trained in fp32 on one machine is scored
             in fp32 on another that would pick bf16; serving keeps the machine's fastest, ``auto``.
         policy: which images get a probability (``lungdx.io.acceptance``); its intensity reference is the
@@ -121,7 +121,7 @@ class Predictor:
         if policy.reference is None:
             policy = replace(policy, reference=(checkpoint.get("val_reference") or {}).get("intensity"))
         self.policy = policy
-        recorded = checkpoint.get("precision")
+        recorded = checkpoint.get("numeric_precision")
         if precision == "checkpoint":
             precision = recorded or "auto"
         self.hardware = runtime.Hardware.resolve(device, precision, channels_last)

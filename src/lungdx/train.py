@@ -630,7 +630,7 @@ def _finish(run_dir: Path, config: RunConfig, data: PreparedData, hardware: Hard
     write_summary(run_dir, summary)
     _save_model(run_dir / "model.pt", model, config, data, fingerprint, epoch=best["epoch"], threshold=threshold,
                 threshold_method=config.train.threshold_method, threshold_band=metrics.json_safe(list(band)),
-                val_metrics=metrics.json_safe(val_metrics), precision=hardware.precision,
+                val_metrics=metrics.json_safe(val_metrics), numeric_precision=hardware.precision,
                 val_loss=val_row["loss"],
                 val_reference=build_reference(probabilities, data.rows("val")["path"].tolist(),
                                               source=f"validation split at training time ({run_dir.name})"))
