@@ -128,6 +128,47 @@ def test_evaluation_scores_at_the_precision_the_threshold_was_chosen_at(finished
     assert Predictor(older, device="cpu", precision="checkpoint").hardware.precision == "bf16"
 
 
+def test_a_run_folder_reads_the_same_from_another_working_folder(phantom_dir, tmp_path, monkeypatch):
+    # config.yaml kept --data as given: `lungdx evaluate RUN` from elsewhere looked for the data there and blamed
+    # the dataset's layout.
+    from lungdx.config import load_config
+    from lungdx.evaluate import evaluate_run
+
+    monkeypatch.chdir(phantom_dir.parent)
+    config = tiny_config(phantom_dir.name, "cache", "train.epochs=1")
+    result = fit(config, "run")
+    saved = load_config(result.run_dir / "config.yaml")
+    assert saved.data.path == str(phantom_dir.resolve()) and saved.data.cache_dir == str((phantom_dir.parent / "cache").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_run(phantom_dir.parent / "run", out_dir=tmp_path / "evaluation")["splits"]["test"]["counts"]["n"] > 0
+
+
+def test_a_resume_names_what_its_given_config_changes_and_is_quiet_when_nothing(finished_run, tmp_path, caplog):
+    from lungdx.config import apply_overrides, load_config
+
+    config, result = finished_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "last.pt"):
+        (run / name).write_bytes((result.run_dir / name).read_bytes())
+    with caplog.at_level("WARNING"):
+        train_module._prepare_run_dir(load_config(run / "config.yaml"), run, resume=True)
+        train_module._prepare_run_dir(config, run, resume=True)  # the same, its data path as it was given
+    assert "differs" not in caplog.text
+    with caplog.at_level("WARNING"):
+        train_module._prepare_run_dir(apply_overrides(config, ["train.lr=0.5"]), run, resume=True)
+    assert "differs from the given one in train.lr" in caplog.text
+
+
+def test_the_command_line_names_a_file_where_a_folder_goes(phantom_dir, tmp_path, capsys):
+    from lungdx.cli import main
+
+    (tmp_path / "afile").write_text("")
+    assert main(["-q", "train", "--data", str(phantom_dir), "--out", str(tmp_path / "afile" / "run")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("lungdx train: error: ") and "afile" in error and "Traceback" not in error
+
+
 def test_training_is_reproducible(finished_run, phantom_dir, tmp_path):
     config, result = finished_run
     again = fit(config, tmp_path / "again")

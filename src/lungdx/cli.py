@@ -133,6 +133,12 @@ def _add_run_config(parser: argparse.ArgumentParser) -> None:
                         help="one-off override, e.g. --set train.lr=3e-4 (repeatable)")
 
 
+def _config_given(args) -> bool:
+    """Whether the command line sets anything of the run's config (``--config``, ``--set`` or a shortcut flag)."""
+    return bool(args.config or args.set) or any(getattr(args, name, None) is not None
+                                                for name in ("data", "task", "model", "weights"))
+
+
 def _run_config(args, *, require_data: bool = True):
     """The config of `--config`, `--set` and the shortcut flags; exits when no dataset is given."""
     from lungdx.config import apply_overrides, load_config
@@ -342,12 +348,13 @@ def _cmd_tune(args) -> int:
 
         from lungdx.tune import TuneSettings, load_space, tune
     except ImportError as err:
-        raise SystemExit(f"lungdx tune: {err}") from None
+        raise SystemExit(f"lungdx tune: needs the tune extra (pip install -e '.[tune]'): {err}") from None
     _log_to_file(Path(args.out) / "tune.log")
-    # Optuna's messages go through logging (stderr, tune.log) at lungdx's level.
+    # Optuna's messages ("Trial 3 finished with value ...") go through logging (stderr, tune.log) at lungdx's
+    # level (the root logger's is WARNING, which hid them).
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
-    optuna.logging.set_verbosity(logging.getLogger().level)
+    optuna.logging.set_verbosity(logging.getLogger("lungdx").getEffectiveLevel())
     logging.getLogger("optuna").handlers = list(logging.getLogger("lungdx").handlers)
     settings = TuneSettings(method=args.method, n_trials=args.trials, objective=args.objective, cv_folds=args.cv,
                             prune=not args.no_prune, storage=args.storage, study_name=args.study_name,
@@ -810,6 +817,11 @@ def _cmd_train(args) -> int:
     from lungdx.train import fit
 
     config = _run_config(args, require_data=not args.resume)
+    saved = Path(args.out) / "config.yaml"
+    if args.resume and not _config_given(args) and saved.is_file():  # the README's `train --resume --out RUN`
+        from lungdx.config import load_config
+
+        config = load_config(saved)
     with distributed.session():  # under torchrun: this process joins the run's process group
         main_rank = distributed.is_main()  # rank 0 alone logs to the run folder and prints
         if main_rank:
@@ -965,11 +977,21 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left early (`lungdx cv-status runs/cv | head`): no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 141  # as a shell reports a process ended by SIGPIPE
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        if args.verbose:
+    except Exception as err:
+        if args.verbose or not _expected(err):
             raise
         print(f"lungdx {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _expected(err: Exception) -> bool:
+    """Errors that say what is wrong with the input or the machine: printed in one line, without a traceback.
+
+    OSError covers a file where a folder goes, a full disk, a missing permission; ImageReadError names the image.
+    """
+    from lungdx.io.errors import ImageReadError  # imported here: the CLI starts without lungdx's readers
+
+    return isinstance(err, ValueError | OSError | RuntimeError | ImageReadError)
 
 
 if __name__ == "__main__":

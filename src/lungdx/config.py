@@ -391,3 +391,18 @@ def _merge(base: dict, override: dict, where: str) -> dict:
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def with_resolved_paths(config: RunConfig) -> RunConfig:
+    """``config`` with its file paths made absolute: ``data.path``, ``data.split_file``, ``data.cache_dir`` and a
+    ``model.weights`` that is a file or folder here. A run folder's ``config.yaml`` then reads the same from any
+    working folder (``lungdx evaluate RUN`` from elsewhere looked for ``../shared/data/jsrt`` there)."""
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).expanduser().resolve()) if value else value
+
+    data = dataclasses.replace(config.data, path=absolute(config.data.path), split_file=absolute(config.data.split_file),
+                               cache_dir=absolute(config.data.cache_dir))
+    weights = config.model.weights
+    if weights and Path(weights).expanduser().exists():
+        weights = absolute(weights)
+    return dataclasses.replace(config, data=data, model=dataclasses.replace(config.model, weights=weights))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from lungdx import distributed, metrics
 from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_atomic, save_checkpoint, versions
-from lungdx.config import RunConfig, load_config, save_config, to_dict
+from lungdx.config import RunConfig, load_config, save_config, to_dict, with_resolved_paths
 from lungdx.data.augment import augment
 from lungdx.data.cache import ImageCache, build_cache
 from lungdx.data.manifest import apply_task, class_names, describe_classes, load_dataset
@@ -459,13 +459,18 @@ def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> RunConfi
             raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.pt): no epoch had finished; run the same "
                                     "command without --resume to start it again in this folder")
         saved = load_config(run_dir / "config.yaml")
-        if to_dict(saved) != to_dict(config):
-            logger.warning("%s: resuming with the run's saved config.yaml (the given config differs)", run_dir)
+        given, kept = to_dict(with_resolved_paths(config)), to_dict(with_resolved_paths(saved))
+        differ = sorted(f"{section}.{key}" for section in kept for key in kept[section]
+                        if isinstance(kept[section], dict) and given.get(section, {}).get(key) != kept[section][key])
+        if differ:
+            logger.warning("%s: resuming with the run's saved config.yaml, which differs from the given one in %s",
+                           run_dir, ", ".join(differ))
         return saved
     # A run stopped before its first epoch ended holds only what was written before training: it starts again here.
     if run_dir.exists() and any(p.name not in _BEFORE_THE_FIRST_EPOCH for p in run_dir.iterdir()):
         raise FileExistsError(f"{run_dir}: run folder exists and is not empty (use --resume to continue it, or a new --out)")
     run_dir.mkdir(parents=True, exist_ok=True)
+    config = with_resolved_paths(config)  # the run folder reads the same from any working folder
     save_config(config, run_dir / "config.yaml")
     (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2))
     return config
