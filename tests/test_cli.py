@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from lungdx.cli import main
@@ -66,6 +67,16 @@ def test_demo_then_predict(tmp_path, capsys):
     # A second demo into the same folder refuses to overwrite without --force.
     assert main(["demo", "--out", str(out), "--images", "48", "-q"]) == 2
     assert "--force" in capsys.readouterr().err
+    # --force with other --images makes other phantoms (it trained on the first 48 again, unsaid)
+    assert main(["demo", "--out", str(out), "--images", "40", "--force", "-q", "--set", "preprocess.size=64",
+                 "--set", "train.epochs=1", "--set", "model.kwargs={widths: [8, 8, 16, 16, 16], hidden: 16}"]) == 0
+    assert len(pd.read_csv(out / "data" / "labels.csv")) == 40
+
+
+def test_report_of_a_mistyped_run_folder_leaves_no_folder(tmp_path, capsys):
+    # It made RUN/report/ first, and a later `lungdx train --out RUN` refused the folder.
+    assert main(["-q", "report", str(tmp_path / "typo-run")]) == 2
+    assert "config.yaml" in capsys.readouterr().err and not (tmp_path / "typo-run").exists()
 
 
 def test_train_without_data_explains(capsys, tmp_path):

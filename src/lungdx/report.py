@@ -51,9 +51,10 @@ def write_report(run_dir: str | Path, *, out_dir: str | Path | None = None, by: 
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
     evaluation_dir = run_dir / "evaluation"
+    # Evaluated first: a mistyped run folder is an error, not a new folder (which a later train would refuse)
     results = evaluate_run(run_dir, device=device, progress=progress, by=by, out_dir=evaluation_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     info = run_info(run_dir)
     items = _gallery(run_dir, out_dir, device) if gallery else []
     card = model_card(results, info)
