@@ -3,6 +3,9 @@ the pointing game, the review gallery, ``lungdx explain``, and a model that must
 
 import dataclasses
 import functools
+import logging
+import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,6 +22,7 @@ from lungdx.cli import main
 from lungdx.config import PreprocessConfig
 from lungdx.explain import (
     METHODS,
+    Explanation,
     GridMap,
     bootstrap_means,
     compute_heatmaps,
@@ -37,6 +41,7 @@ from lungdx.explain import (
     select_review_cases,
     summarize_localization,
     to_original_grid,
+    write_explanation,
 )
 from lungdx.models import create_model, list_models
 from lungdx.preprocess import level
@@ -241,6 +246,14 @@ def test_errors_are_clear():
         compute_heatmaps(RegionSum(), torch.ones(8, 8))
 
 
+@pytest.mark.parametrize(("patch", "stride"), [(4, 8), (-3, None), (0, 0), (8, 0)])
+def test_occlusion_refuses_a_patch_and_stride_that_leave_pixels_uncovered(patch, stride):
+    # A stride over the patch left pixels no patch covers (0/0 = NaN), and the NaN blanked the whole map into
+    # "heatmap empty"; a negative patch did the same, and 0 fell back to the defaults without a word.
+    with pytest.raises(ValueError, match="1 <= stride <= patch"):
+        occlusion(RegionSum(), torch.ones(1, 1, 64, 64), patch=patch, stride=stride)
+
+
 # --------------------------------------------------------------------------------------------
 # Empty maps: one rule, said wherever a map is shown
 # --------------------------------------------------------------------------------------------
@@ -409,6 +422,21 @@ def test_pointing_game_matches_hand_computation():
     assert wide["hit"].tolist() == [True, True, False] and np.isnan(wide["random_lung"]).all()
 
 
+def test_a_flat_map_has_no_peak_and_no_say_in_the_peak_in_lung_mean():
+    heatmaps = np.zeros((2, 10, 10))
+    heatmaps[0, 2, 3] = 1.0
+    circles = np.array([[3, 2, 1], [8, 8, 1]], dtype=float)
+    regions = np.zeros((2, 10, 10), dtype=bool)
+    regions[:, 1:5, :] = True  # pixel (0, 0), where argmax of an all-zero map lands, is outside the lung field
+    cases = pointing_game(heatmaps, circles, regions=regions)
+    peaks = ["peak_x", "peak_y", "peak_distance_px", "peak_in_lung"]
+    assert cases.loc[0, peaks].tolist() == [3, 2, 0.0, 1.0] and cases.loc[1, peaks].isna().all()
+    assert cases["hit"].tolist() == [True, False] and cases["flat"].tolist() == [False, True]  # a flat map misses
+    summary = summarize_localization(cases, by=None, n_bootstrap=50).iloc[0]
+    assert (summary["hits"], summary["n"], summary["flat"], summary["hit"]) == (1, 2, 1, 0.5)
+    assert summary["peak_in_lung"] == 1.0  # the one map with a peak
+
+
 def test_bootstrap_means_and_summary():
     values = np.array([[1.0, 0.2], [0.0, np.nan], [1.0, 0.4], [1.0, 0.6]])
     means, lows, highs = bootstrap_means(values, np.arange(4), 500, 0.9, seed=1)
@@ -465,6 +493,22 @@ def test_cli_writes_overlay_and_heatmap_in_the_image_geometry(run, phantom_dir, 
     assert np.load(occluded.with_suffix(".npy")).shape == (128, 128)
 
 
+def test_written_paths_are_the_files_written_for_a_bare_name_or_a_folder(tmp_path):
+    # `--out overlay` printed "overlay" while matplotlib wrote overlay.png; `--out folder` wrote folder.png beside it.
+    pixels = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
+    explanation = Explanation(source="scans/PHANT0001.png", method="occlusion", pixels=pixels, levelled=pixels,
+                              heatmap=pixels, heatmap_original=pixels, probability=0.3, threshold=0.5, class_name="benign")
+    assert write_explanation(explanation, tmp_path / "overlay") == (tmp_path / "overlay.png", tmp_path / "overlay.npy")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    png, npy = write_explanation(explanation, folder)
+    assert (png, npy) == (folder / "PHANT0001_occlusion.png", folder / "PHANT0001_occlusion.npy")
+    assert {path.name for path in tmp_path.iterdir()} == {"overlay.png", "overlay.npy", "out"}  # nothing beside the folder
+    assert {path.name for path in folder.iterdir()} == {png.name, npy.name}
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+
+
 def test_dicom_explanation_keeps_the_image_rows_and_columns(run, dicom_dir):
     from lungdx.predict import Predictor
 
@@ -489,6 +533,14 @@ def test_cli_unreadable_image_is_a_clear_error(run, tmp_path, capsys):
     assert "--patch" in capsys.readouterr().err
     assert main(["explain", str(run), str(bogus), "--split", "train"]) == 2  # pointing-game options with an image
     assert "apply to --localization only" in capsys.readouterr().err
+
+
+def test_cli_occlusion_stride_over_the_patch_is_a_clear_error(run, phantom_dir, tmp_path, capsys):
+    image = phantom_dir / "images" / "PHANT0001.png"
+    assert main(["explain", str(run), str(image), "--method", "occlusion", "--patch", "4", "--stride", "8",
+                 "--out", str(tmp_path / "overlay.png")]) == 2
+    assert "lungdx explain: error: occlusion needs 1 <= stride <= patch" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no overlay of a map blanked by NaN
 
 
 def test_review_gallery_draws_the_confident_cases(run, tmp_path):
@@ -537,6 +589,32 @@ def test_localization_cli_and_library(run, tmp_path, capsys):
     assert main(["explain", str(run), "--localization", "--split", "all", "--bootstrap", "20", "--out", str(out)]) == 0
     assert "| r + 0 px | all |" in capsys.readouterr().out
     assert {path.name for path in out.iterdir()} == {"cases.csv", "summary.csv", "localization.md"}
+
+
+def test_localization_leaves_out_images_training_left_out_and_skips_unreadable_ones(run, tmp_path, monkeypatch, caplog):
+    # A corrupt image that training left out of split.csv was still in `--split all`, and the pointing game died on it.
+    from lungdx.io import ImageReadError, read_image
+
+    copy = shutil.copytree(run, tmp_path / "run")
+    split = pd.read_csv(copy / "split.csv", dtype={"case_id": str})
+    nodules = sorted(_nodule_cases(run))
+    unused, unreadable = nodules[:2]
+    split[split["case_id"] != unused].to_csv(copy / "split.csv", index=False)
+    bad = split.loc[split["case_id"] == unreadable, "path"].item()
+
+    def read(path, *args, **kwargs):  # an image that went bad after training
+        if str(path) == bad:
+            raise ImageReadError(path, "not a PNG/JPEG/TIFF image (Pillow cannot identify it)")
+        return read_image(path, *args, **kwargs)
+
+    monkeypatch.setattr("lungdx.explain.read_image", read)
+    with caplog.at_level(logging.WARNING, logger="lungdx.explain"):
+        result = localize_run(copy, split="all", tolerances=(0.0,), n_bootstrap=20, device="cpu")
+    assert set(result.cases["case_id"]) == set(nodules) - {unused, unreadable}
+    assert result.info["skipped"] == [bad] and result.summary.loc[0, "n"] == len(nodules) - 2
+    assert f"Skipped: 1 case whose image cannot be read ({Path(bad).name})." in result.markdown()
+    warnings = [record.getMessage() for record in caplog.records if "cannot be read" in record.getMessage()]
+    assert len(warnings) == 1 and bad in warnings[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from torch import nn
 
 from lungdx.config import PreprocessConfig, load_config
 from lungdx.data.nodules import JSRT_PIXEL_MM_2048, _finite, nodule_circle  # noqa: F401  (re-exported)
-from lungdx.io import read_image
+from lungdx.io import ImageReadError, read_image
 from lungdx.metrics import bootstrap_means
 from lungdx.predict import Predictor, model_input
 from lungdx.preprocess import GridMap  # noqa: F401  (re-exported)
@@ -154,13 +154,20 @@ def occlusion(model: nn.Module, images: torch.Tensor, *, patch: int | None = Non
 
     Args:
         patch: side of the square patch in pixels; default an eighth of the shorter side.
-        stride: step between patches; default half the patch. Every pixel is covered, and its value
-            is the mean drop over the patches that cover it.
+        stride: step between patches, at most the patch; default half the patch. Every pixel is covered,
+            and its value is the mean drop over the patches that cover it.
+
+    Raises:
+        ValueError: ``patch`` or ``stride`` under 1, or ``stride`` over ``patch``.
     """
     _check_images(images)
     height, width = images.shape[-2:]
-    patch = patch or max(1, min(height, width) // 8)
-    stride = stride or max(1, patch // 2)
+    patch = max(1, min(height, width) // 8) if patch is None else patch
+    stride = max(1, patch // 2) if stride is None else stride
+    if patch < 1 or stride < 1 or stride > patch:
+        # A stride over the patch leaves pixels no patch covers: their mean drop is 0/0, and the NaN peak
+        # would blank the whole map, which then reads as "heatmap empty".
+        raise ValueError(f"occlusion needs 1 <= stride <= patch (pixels), got patch {patch} and stride {stride}")
     windows = [(top, left) for top in _starts(height, patch, stride) for left in _starts(width, patch, stride)]
     maps = []
     with evaluation_mode(model), torch.no_grad():
@@ -468,8 +475,19 @@ def plot_overlay(image: np.ndarray, heatmap: np.ndarray, path: str | Path, *, pr
 
 
 def write_explanation(explanation: Explanation, path: str | Path) -> tuple[Path, Path]:
-    """The overlay PNG at ``path`` (the image's own geometry) and the heatmap ``.npy`` beside it."""
+    """The overlay PNG at ``path`` (the image's own geometry) and the heatmap ``.npy`` beside it.
+
+    ``path`` without a suffix gets ``.png`` (matplotlib would add it anyway, and the paths returned must be
+    the files written); an existing folder gets ``IMAGE-STEM_METHOD.png``, as ``lungdx explain`` names it.
+
+    Returns:
+        The paths of the PNG and of the ``.npy`` as written.
+    """
     path = Path(path)
+    if path.is_dir():
+        path = path / f"{Path(explanation.source).stem}_{explanation.method}.png"
+    elif not path.suffix:
+        path = path.with_suffix(".png")
     title = f"{Path(explanation.source).name}: {explanation.method}"
     plot_overlay(explanation.pixels, explanation.heatmap_original, path, probability=explanation.probability,
                  threshold=explanation.threshold, class_name=explanation.class_name, title=title,
@@ -563,6 +581,7 @@ def _gallery_entry(row, levelled: np.ndarray, heatmap: np.ndarray, shape, case: 
 
 PER_CASE_COLUMNS = ("hit", "energy_share", "flat", "random_image", "random_lung", "peak_x", "peak_y", "peak_distance_px",
                     "peak_in_lung")
+_NO_PEAK = {"peak_x": np.nan, "peak_y": np.nan, "peak_distance_px": np.nan, "peak_in_lung": np.nan}
 
 
 def pointing_game(heatmaps: np.ndarray, circles: np.ndarray, *, tolerance_px: float = 0.0,
@@ -582,7 +601,8 @@ def pointing_game(heatmaps: np.ndarray, circles: np.ndarray, *, tolerance_px: fl
         and ``random_lung`` (the enlarged circle's area fraction of the image / lung field: both
         the hit probability of a uniformly random maximum and the energy share of a uniform heatmap),
         ``peak_x``, ``peak_y`` (the maximum's column and row), ``peak_distance_px`` (from the nodule
-        centre) and ``peak_in_lung`` (1 when the maximum lies in the lung field).
+        centre) and ``peak_in_lung`` (1 when the maximum lies in the lung field); the four are NaN for
+        an all-zero heatmap, so that its made-up peak enters no mean.
     """
     heatmaps, circles = np.asarray(heatmaps, dtype=np.float64), np.asarray(circles, dtype=np.float64)
     if heatmaps.ndim != 3 or circles.shape != (len(heatmaps), 3):
@@ -598,8 +618,9 @@ def pointing_game(heatmaps: np.ndarray, circles: np.ndarray, *, tolerance_px: fl
             "hit": bool(inside[peak]) and not flat, "energy_share": 0.0 if flat else float(heatmap[inside].sum() / total),
             "flat": flat, "random_image": float(inside.mean()),
             "random_lung": float((inside & region).sum() / region.sum()) if region is not None and region.any() else np.nan,
-            "peak_x": int(peak[1]), "peak_y": int(peak[0]), "peak_distance_px": float(math.hypot(peak[1] - x, peak[0] - y)),
-            "peak_in_lung": float(region[peak]) if region is not None else np.nan,
+            **(_NO_PEAK if flat else {
+                "peak_x": int(peak[1]), "peak_y": int(peak[0]), "peak_distance_px": float(math.hypot(peak[1] - x, peak[0] - y)),
+                "peak_in_lung": float(region[peak]) if region is not None else np.nan}),
         })
     return pd.DataFrame.from_records(records, columns=PER_CASE_COLUMNS)
 
@@ -655,7 +676,7 @@ class Localization:
                  f"{info['split']} split, nodule cases with a known centre and radius. Heatmaps and circles on "
                  f"the {info['size']} px model grid. Brackets: {level}% percentile bootstrap over patients, "
                  f"{info['n_bootstrap']} resamples. Random: a uniformly random heatmap (the enlarged circle's area "
-                 "fraction of the image / lung field).", "",
+                 "fraction of the image / lung field)." + _skipped_sentence(info.get("skipped", [])), "",
                  "| Tolerance | Cases | Hits | Hit rate | Random (lung field) | Random (image) | Hit - random (lung) "
                  "| Energy share | Peak in lung field | Flat maps |", "|---|---|---|---|---|---|---|---|---|---|"]
         for row in self.summary.itertuples():
@@ -664,6 +685,13 @@ class Localization:
             lines.append(f"| r + {row.tolerance_px:g} px | {row.group} | {row.hits}/{row.n} | " + " | ".join(cells)
                          + f" | {row.flat} |")
         return "\n".join(lines) + "\n"
+
+
+def _skipped_sentence(skipped: Sequence[str]) -> str:
+    if not skipped:
+        return ""
+    names = ", ".join(Path(path).name for path in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+    return f" Skipped: {len(skipped)} case{'s' if len(skipped) > 1 else ''} whose image cannot be read ({names})."
 
 
 def _value_ci(row, measure: str) -> str:
@@ -684,8 +712,9 @@ def localize_run(run_dir: str | Path, *, method: str = "gradcam", split: str = "
         by: column to break the summary down by (JSRT's ``subtlety``, 1 = extremely subtle).
         options: keyword arguments of the method (occlusion's ``patch`` and ``stride``).
 
-    Images are read and levelled like ``lungdx predict`` does. Lung fields come from the dataset's
-    ``lung_mask`` column (paths relative to its folder) where present.
+    Images are read and levelled like ``lungdx predict`` does; a case whose image cannot be read is left
+    out, named in one warning and counted in ``info["skipped"]`` and the Markdown. Lung fields come from the
+    dataset's ``lung_mask`` column (paths relative to its folder) where present.
     """
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml")
@@ -693,7 +722,11 @@ def localize_run(run_dir: str | Path, *, method: str = "gradcam", split: str = "
     cases = _nodule_cases(run_dir, config, split)
     if cases.empty:
         raise ValueError(f"{run_dir}: no nodule case with a known centre and radius in the {split} split")
-    levelled, circles, regions = _localization_inputs(cases, predictor, Path(config.data.path))
+    levelled, circles, regions, readable = _localization_inputs(cases, predictor, Path(config.data.path))
+    skipped = [str(path) for path in cases.loc[~readable, "path"]]
+    if not readable.any():
+        raise ValueError(f"{run_dir}: no image of the {split} split's {len(cases)} nodule cases can be read")
+    cases = cases[readable].reset_index(drop=True)
     cases["probability"] = predictor.probabilities(levelled, batch_size)
     heatmaps = np.concatenate([explain_levelled(predictor, levelled[start : start + batch_size], method, **(options or {}))
                                for start in range(0, len(levelled), batch_size)])
@@ -706,7 +739,7 @@ def localize_run(run_dir: str | Path, *, method: str = "gradcam", split: str = "
     info = {"run": str(run_dir), "model": config.model.name, "task": config.data.task, "method": method,
             "split": split, "size": size, "tolerances": [fraction * size for fraction in tolerances],
             "n_bootstrap": n_bootstrap, "confidence": confidence, "seed": seed, "threshold": predictor.threshold,
-            "options": dict(options or {})}
+            "options": dict(options or {}), "skipped": skipped}
     return Localization(cases=per_case, summary=summary, info=info)
 
 
@@ -723,6 +756,9 @@ def _nodule_cases(run_dir: Path, config, split: str) -> pd.DataFrame:
         raise ValueError(f"{run_dir}: no split.csv, so only split 'all' can be used")
     if split != "all":
         frame = frame[frame["split"] == split]
+    elif "split" in frame.columns:
+        # "all" is every split: images the run's training left out (unreadable, say) were never in one.
+        frame = frame[frame["split"] != "unused"]
     if "has_nodule" in frame.columns:
         frame = frame[pd.to_numeric(frame["has_nodule"], errors="coerce") == 1]
     known = [any(_finite(row.get(k)) is not None for k in ("nodule_x", "nodule_x_2048")) for _, row in frame.iterrows()]
@@ -730,19 +766,31 @@ def _nodule_cases(run_dir: Path, config, split: str) -> pd.DataFrame:
 
 
 def _localization_inputs(cases: pd.DataFrame, predictor: Predictor, data_path: Path):
+    """Levelled images, circles and lung fields of the readable cases, and which cases those are (a mask)."""
     root = data_path if data_path.is_dir() else data_path.parent
-    levelled, circles, regions = [], [], []
-    for _, row in cases.iterrows():
-        pixels = read_image(row["path"]).pixels
+    levelled, circles, regions, unreadable = [], [], [], []
+    readable = np.ones(len(cases), dtype=bool)
+    for index, (_, row) in enumerate(cases.iterrows()):
+        try:
+            pixels = read_image(row["path"]).pixels
+        except ImageReadError as err:  # one bad file should not cost the pointing game of all the others
+            readable[index] = False
+            unreadable.append(str(err))
+            continue
         grid = GridMap.of(pixels.shape, predictor.preprocess_config)
         levelled.append(predictor.level(pixels))
         circles.append(grid.point_to_grid(*nodule_circle(row, pixels.shape)))
         regions.append(_lung_field(root, row.get("lung_mask"), grid))
+    if unreadable:
+        logger.warning("skipped %d of %d nodule cases, their image cannot be read: %s", len(unreadable), len(cases),
+                       "; ".join(unreadable))
+    if not levelled:
+        return None, None, None, readable
     if any(region is None for region in regions):
         logger.warning("lung masks missing for %d of %d cases: no lung-field baseline",
                        sum(region is None for region in regions), len(regions))
         regions = None
-    return np.stack(levelled), np.asarray(circles), None if regions is None else np.stack(regions)
+    return np.stack(levelled), np.asarray(circles), None if regions is None else np.stack(regions), readable
 
 
 def _lung_field(root: Path, mask: object, grid: GridMap) -> np.ndarray | None:
