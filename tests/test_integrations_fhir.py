@@ -110,3 +110,29 @@ def test_a_bundle_delivered_again_stores_one_report(fhir_url, tmp_path):
     assert outbox.deliver(senders) == 2
     stored = sorted(resource["resourceType"] for resource in FhirServer.stored)
     assert stored == ["DiagnosticReport", "DiagnosticReport", "Observation", "Observation"]  # one each per instance
+
+
+def test_a_bundle_the_server_refuses_for_what_it_is_goes_to_refused_and_the_rest_goes_on(fhir_url, tmp_path, caplog):
+    """An HTTP 422 answers the payload itself: it was retried every 5 minutes for ever. A 503 is retried."""
+    identity = {"name": "lungdx nodule_net", "model": "nodule_net", "version": "0123456789ab",
+                "software_version": "test", "task": "nodule_vs_normal"}
+    statement = state_result(0.7, {"threshold": 0.5, "threshold_method": "youden", "class_names": ["a", "b"]})
+    outbox = Outbox(tmp_path, RetryPolicy(base_s=0.0, max_s=0.0))
+    senders = {"fhir": lambda path: post_bundle(path, fhir_url)}
+    bundle = json.dumps(make_bundle(statement, identity, "1.2.3", None, instance_uid="1.2.3.4")).encode()
+    outbox.put("fhir", bundle, ".json", "down")
+    assert outbox.deliver(senders) == 0 and [item.label for item in outbox.pending()] == ["down"]  # 503: waits
+    FhirServer.status = 422
+    with caplog.at_level("ERROR", logger="lungdx"):
+        assert outbox.deliver(senders) == 0
+    assert outbox.pending() == [] and "refused for good" in caplog.text
+    [kept] = (tmp_path / "refused").iterdir()
+    state = json.loads((kept / "state.json").read_text())
+    assert state["attempts"] == 2 and state["last_error"].endswith("HTTP 422") and (kept / "payload.json").is_file()
+
+
+def test_c_store_failures_that_every_retry_repeats_are_told_from_those_that_pass():
+    from lungdx.integrations.dimse import _refused_for_good
+
+    assert [_refused_for_good(code) for code in (0xA900, 0xC000, 0x0122)] == [True] * 3
+    assert [_refused_for_good(code) for code in (0xA700, 0x0110, None)] == [False] * 3

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import httpx
 
 from lungdx.integrations import uid_digest
-from lungdx.integrations.outbox import DeliveryError
+from lungdx.integrations.outbox import PERMANENT_HTTP, DeliveryError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class DicomWebClient:
         response = self._request("POST", "/studies", content=body, headers=headers)
         failed = response.json().get("00081198", {}).get("Value") if response.content else None
         if failed:  # Failed SOP Sequence (0008,1198), PS3.18 10.5.3
-            raise DeliveryError(f"STOW-RS refused {len(failed)} instance(s)")
+            raise DeliveryError(f"STOW-RS refused {len(failed)} instance(s)", permanent=True)
 
     def _request(self, method: str, path: str, missing_ok: bool = False, **kwargs) -> httpx.Response:
         try:
@@ -67,7 +67,8 @@ class DicomWebClient:
         except httpx.HTTPError as err:
             raise DeliveryError(f"{self.base_url} unreachable: {type(err).__name__}: {err}") from err
         if response.status_code >= 400 and not (missing_ok and response.status_code == 404):
-            raise DeliveryError(f"{method} {self.base_url}{_digested(path)}: HTTP {response.status_code}")
+            raise DeliveryError(f"{method} {self.base_url}{_digested(path)}: HTTP {response.status_code}",
+                                permanent=response.status_code in PERMANENT_HTTP)
         return response
 
 

@@ -99,9 +99,16 @@ def send_cstore(files: Sequence[Path], host: str, port: int, called_aet: str, ca
             # Success (0000) or a Warning (B000, B007, B006) stores the instance (PS3.4 B.2.3).
             if code is None or not (code == _SUCCESS or 0xB000 <= code <= 0xBFFF):
                 raise DeliveryError(f"{called_aet} refused instance {uid_digest(dataset.SOPInstanceUID)}: "
-                                    f"status {'none' if code is None else hex(code)}")
+                                    f"status {'none' if code is None else hex(code)}", permanent=_refused_for_good(code))
     finally:
         assoc.release()
+
+
+def _refused_for_good(code: int | None) -> bool:
+    """A C-STORE failure status that every retry gets again (PS3.4 B.2.3, PS3.7 C): a data set that does not
+    match its SOP class (A9xx), one the peer cannot understand (Cxxx), a SOP class it does not support (0122).
+    Out of resources (A7xx), a processing failure (0110) or no answer may pass later."""
+    return code is not None and (0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF or code == 0x0122)
 
 
 def echo(host: str, port: int, called_aet: str, calling_aet: str = "ECHOSCU") -> bool:

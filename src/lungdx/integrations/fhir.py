@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from lungdx.integrations.outbox import DeliveryError
+from lungdx.integrations.outbox import PERMANENT_HTTP, DeliveryError
 from lungdx.integrations.results import result_uid, task_concepts
 from lungdx.wording import ResultStatement
 
@@ -143,4 +143,5 @@ def post_bundle(path, base_url: str, timeout_s: float = 30.0) -> None:
     except httpx.HTTPError as err:
         raise DeliveryError(f"FHIR server {base_url} unreachable: {type(err).__name__}") from err
     if response.status_code >= 400:
-        raise DeliveryError(f"FHIR server {base_url} refused the bundle: HTTP {response.status_code}")
+        raise DeliveryError(f"FHIR server {base_url} refused the bundle: HTTP {response.status_code}",
+                            permanent=response.status_code in PERMANENT_HTTP)

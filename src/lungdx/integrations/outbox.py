@@ -3,7 +3,9 @@
 Each item is a folder ``pending/<id>/`` holding ``payload<suffix>`` and ``state.json`` (kind,
 attempts, next attempt time, last error). Items appear atomically (written under ``tmp/`` and
 renamed), so a crash or a restart never leaves half an item, and whatever is pending when the
-listener stops is delivered after it starts again. Delivered items move to ``sent/``.
+listener stops is delivered after it starts again. Delivered items move to ``sent/``; an item a destination
+refuses for good (``DeliveryError(permanent=True)``: a payload it will never take, whatever the retries)
+moves to ``refused/`` with its last error, kept for a person to look at; every other failure is retried.
 """
 
 from __future__ import annotations
@@ -23,7 +25,20 @@ logger = logging.getLogger(__name__)
 
 
 class DeliveryError(RuntimeError):
-    """A destination is down or refused a payload; the item stays in the outbox."""
+    """A destination is down or refused a payload; the item stays in the outbox.
+
+    ``permanent``: the destination refused this payload for what it is (HTTP 400, 409, 422..., a C-STORE
+    failure that is not "out of resources"), so sending it again gives the same answer: it goes to ``refused/``.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+PERMANENT_HTTP = frozenset({400, 405, 406, 409, 410, 411, 412, 413, 414, 415, 422})
+"""HTTP answers about the payload itself, which a retry repeats. 401, 403 and 404 (credentials, a wrong URL),
+408 and 429 (timeouts, rate limits) and 5xx are fixed on the other side, so those are retried."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +70,7 @@ class Outbox:
     def __init__(self, folder: str | Path, retry: RetryPolicy | None = None):
         self.folder = Path(folder)
         self.retry = retry or RetryPolicy()
-        for name in ("pending", "sent", "tmp"):
+        for name in ("pending", "sent", "refused", "tmp"):
             (self.folder / name).mkdir(parents=True, exist_ok=True)
 
     def put(self, kind: str, payload: bytes, suffix: str, label: str) -> Item:
@@ -81,6 +96,13 @@ class Outbox:
     def delivered(self, item: Item) -> None:
         shutil.move(str(item.folder), str(self.folder / "sent" / item.folder.name))
 
+    def refused(self, item: Item, error: str) -> None:
+        """Move an item its destination refuses for good to ``refused/``, its error in ``state.json``."""
+        state = {"kind": item.kind, "attempts": item.attempts + 1, "next_attempt": None, "label": item.label,
+                 "last_error": error}
+        write_atomic(item.folder / "state.json", json.dumps(state).encode())
+        shutil.move(str(item.folder), str(self.folder / "refused" / item.folder.name))
+
     def failed(self, item: Item, error: str) -> float:
         """Record a failed attempt and schedule the next; returns the delay in seconds."""
         attempts = item.attempts + 1
@@ -94,7 +116,8 @@ class Outbox:
         """Try every due item with the sender of its kind; returns how many were delivered.
 
         Any error of a sender (a PACS down, a refused SOP class, an unreadable payload) is a failed attempt of
-        that item, retried after its backoff; the items behind it are still tried.
+        that item, retried after its backoff, unless it is a permanent refusal (``refused/``); the items behind it
+        are still tried.
         """
         count = 0
         for item in self.due(now):
@@ -107,6 +130,11 @@ class Outbox:
                 # A DeliveryError's text is lungdx's own (no patient data); any other error's text may quote the
                 # payload's header values, so only its type is kept.
                 error = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__} (payload not deliverable)"
+                if getattr(err, "permanent", False):
+                    self.refused(item, error)
+                    logger.error("delivery of %s refused for good, kept in %s: %s", item.label,
+                                 self.folder / "refused" / item.folder.name, error)
+                    continue
                 delay_s = self.failed(item, error)
                 logger.warning("delivery of %s failed (attempt %d), retrying in %.0f s: %s",
                                item.label, item.attempts + 1, delay_s, error)
