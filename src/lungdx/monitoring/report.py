@@ -108,21 +108,18 @@ def _performance_section(performance: dict) -> str:
 
 
 def _figure_uri(draw) -> str | None:
-    import matplotlib
+    # A Figure of its own, not pyplot's: the service renders reports on its thread pool, and pyplot's figure
+    # registry and current figure are one global state that two requests at once would share.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5.2, 3.4), dpi=100)
-    try:
-        if draw(axes) is False:
-            return None
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-    finally:
-        plt.close(figure)
+    figure = Figure(figsize=(5.2, 3.4), dpi=100)
+    axes = figure.subplots()
+    if draw(axes) is False:
+        return None
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _volume_figure(per_day: list[dict]) -> str | None:
