@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    DigitalXRayImageStorageForProcessing,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 
 from lungdx.cli import main
 from lungdx.io import read_image
@@ -77,6 +83,9 @@ def corpus(chest, tmp_path_factory) -> dict[str, tuple[Path, str]]:
         "mr": (write_dicom(folder / "mr.dcm", stored, modality="MR", sop_class=MRImageStorage, body_part="HEAD"), "modality"),
         "lateral": (write_dicom(folder / "lateral.dcm", stored, view="LL"), "view"),
         "knee": (write_dicom(folder / "knee.dcm", stored, body_part="KNEE"), "body_part"),
+        # raw detector data, before the processing every training image had: it was scored
+        "for processing": (write_dicom(folder / "raw.dcm", stored, modality="DX",
+                                       sop_class=DigitalXRayImageStorageForProcessing), "presentation"),
         "constant": (write_dicom(folder / "constant.dcm", np.full((128, 128), 1800)), "blank"),
         # 1800 +- 2 in a 4096-wide window: 0.1% of the scale
         "nearly constant": (write_dicom(folder / "flat.dcm", 1800 + rng.integers(-2, 3, (128, 128)), window=(2048, 4096)),
@@ -161,7 +170,7 @@ def verdict_pacs_node(run, path, processor, **_):
 
 ENTRANCES = {"predict": verdict_cli_predict, "explain": verdict_cli_explain, "service": verdict_service,
              "pacs node (listen, pacs-run)": verdict_pacs_node}
-KINDS = ["ct", "mr", "lateral", "knee", "constant", "nearly constant", "tiny", "over the pixel limit", "colour",
+KINDS = ["ct", "mr", "lateral", "knee", "for processing", "constant", "nearly constant", "tiny", "over the pixel limit", "colour",
          "inverted polarity", "accepted"]
 
 

@@ -458,7 +458,8 @@ def _add_acceptance(parser: argparse.ArgumentParser) -> None:
     from lungdx.io.acceptance import DEFAULT_MAX_PIXELS
 
     parser.add_argument("--allow-non-chest", action="store_true",
-                        help="score DICOM images whose header says not CR/DX, not chest or not PA/AP, with a warning, "
+                        help="score DICOM images whose header says not CR/DX, For Processing, not chest or not PA/AP, "
+                             "with a warning, "
                              "instead of refusing them (research only)")
     parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
                         help="largest image, read from its header before decoding (default: %(default)g)")

@@ -6,10 +6,11 @@ it comes in. The checks run cheapest first:
 
 1. **Header, before any pixel is decoded** (:func:`read_header`): the pixel count against
    ``max_pixels`` (a decompression bomb is refused for the price of its header), a minimum side,
-   and for DICOM the modality (0008,0060) CR/DX or a CR/DX SOP class (0008,0016), the body part
-   (0018,0015) CHEST/THORAX or missing, the view (0018,5101) PA/AP or missing, and one grayscale
-   sample (0028,0002)/(0028,0004). ``allow_non_chest`` turns the modality, body-part and view checks
-   into warnings, for research; the result then says so.
+   and for DICOM the modality (0008,0060) CR/DX or a CR/DX SOP class (0008,0016), not a 'For
+   Processing' image (raw detector data), the body part (0018,0015) CHEST/THORAX or missing, the view
+   (0018,5101) PA/AP or missing, and one grayscale sample (0028,0002)/(0028,0004). ``allow_non_chest``
+   turns the modality, For Processing, body-part and view checks into warnings, for research; the
+   result then says so.
 2. **Pixels**: too little information (constant, or a 1st-99th percentile range under
    :data:`MIN_CONTRAST` of the full scale) and colour (channels that differ by more than
    :data:`MAX_COLOUR_SPREAD` on average; a gray image stored as RGB passes).
@@ -48,7 +49,7 @@ POLARITY_MARGIN = 0.02
 """How far below the reference's 1st percentile the polarity contrast must lie to count as inverted."""
 MIN_REFERENCE_IMAGES = 8
 
-HEADER_KINDS = ("modality", "body_part", "view")
+HEADER_KINDS = ("modality", "presentation", "body_part", "view")
 """Refusal kinds that ``allow_non_chest`` turns into warnings."""
 
 
@@ -149,6 +150,7 @@ def _dicom_header(file: Path) -> Header:
 
     try:
         fields = {"modality": text("Modality"), "sop_class_uid": str(ds.get("SOPClassUID", "") or "").strip(),
+                  "presentation_intent": text("PresentationIntentType"),
                   "body_part": text("BodyPartExamined"), "view_position": text("ViewPosition"),
                   "samples": int(ds.get("SamplesPerPixel", 1) or 1),
                   "photometric_interpretation": text("PhotometricInterpretation")}
@@ -202,7 +204,7 @@ class AcceptancePolicy:
     Args:
         max_pixels: rows x columns above which an image is refused from its header.
         min_side_px: shorter side below which an image is refused.
-        allow_non_chest: header checks (modality, body part, view) warn instead of refusing.
+        allow_non_chest: header checks (modality, For Processing, body part, view) warn instead of refusing.
         reference: a checkpoint's ``val_reference["intensity"]`` (``lungdx.reference.summarize_intensity``).
     """
 

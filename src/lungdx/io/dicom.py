@@ -240,6 +240,7 @@ def dicom_meta(ds: Dataset, file: Path, voi: str) -> dict:
         "modality": _text(ds, "Modality"),  # (0008,0060)
         "sop_class_uid": _text(ds, "SOPClassUID"),  # (0008,0016)
         "photometric_interpretation": _text(ds, "PhotometricInterpretation"),  # (0028,0004)
+        "presentation_intent": _text(ds, "PresentationIntentType"),  # (0008,0068)
         "body_part": _text(ds, "BodyPartExamined"),  # (0018,0015)
         "view_position": _text(ds, "ViewPosition"),  # (0018,5101)
         "transfer_syntax": _text(ds.file_meta, "TransferSyntaxUID"),  # (0002,0010)
@@ -298,18 +299,26 @@ def is_chest_radiograph(meta: dict) -> tuple[bool, str]:
 def chest_header_problem(fields: dict) -> tuple[str, str] | None:
     """(kind, reason) when DICOM header fields say the image is not a frontal chest radiograph, else None.
 
-    Requires Modality (0008,0060) CR or DX, or a CR/DX SOP Class (0008,0016); Body Part Examined
+    Requires Modality (0008,0060) CR or DX, or a CR/DX SOP Class (0008,0016); not a 'For Processing' image
+    (DX For Processing SOP class, or Presentation Intent Type (0008,0068) FOR PROCESSING); Body Part Examined
     (0018,0015) CHEST or THORAX, or missing; View Position (0018,5101) PA or AP, or missing. ``kind`` is
-    ``modality``, ``body_part`` or ``view``.
+    ``modality``, ``presentation``, ``body_part`` or ``view``.
 
     Args:
-        fields: ``modality``, ``sop_class_uid``, ``body_part`` and ``view_position`` (as in ``dicom_meta``).
+        fields: ``modality``, ``sop_class_uid``, ``presentation_intent``, ``body_part`` and ``view_position``
+            (as in ``dicom_meta``).
     """
     modality, sop_class = (fields.get("modality") or "").upper(), fields.get("sop_class_uid") or ""
     if modality not in _RADIOGRAPHY_MODALITIES and sop_class not in _RADIOGRAPHY_SOP_CLASSES:
         name = UID(sop_class).name if sop_class else "missing"
         return "modality", (f"modality {modality or 'missing'} (0008,0060) is not CR or DX and SOP class {name} "
                             "(0008,0016) is not a radiography class")
+    intent = (fields.get("presentation_intent") or "").upper()
+    if sop_class == DigitalXRayImageStorageForProcessing or intent == "FOR PROCESSING":
+        # The detector's raw signal, before the vendor's processing a reader (and every training image) sees
+        return "presentation", ("a 'For Processing' image (SOP class (0008,0016) / Presentation Intent Type "
+                                "(0008,0068)): raw detector data, not the image a reader sees; send the 'For "
+                                "Presentation' image")
     body_part = (fields.get("body_part") or "").upper()
     if body_part and body_part not in _CHEST_BODY_PARTS:
         return "body_part", f"body part {body_part} (0018,0015) is not CHEST or THORAX"
