@@ -97,6 +97,22 @@ def test_compare_pairs_cases_and_refuses_different_test_sets(runs):
         compare_runs(first, other)
 
 
+def test_different_test_sets_name_dicom_instances_by_their_digest_only():
+    from lungdx.compare import paired_test_cases
+    from lungdx.io.deidentify import uid_digest
+
+    def predictions(case_ids):
+        return pd.DataFrame({"case_id": case_ids, "patient_id": "p", "target": 0, "probability": 0.5,
+                             "label": 0}).set_index("case_id")
+
+    uid = "1.2.826.0.1.3680043.8.498.12345"
+    with pytest.raises(DifferentTestSets) as refused:
+        paired_test_cases(predictions([uid, "JPCLN001"]), predictions(["JPCLN001"]))
+    assert uid not in str(refused.value) and f"instance {uid_digest(uid)}" in str(refused.value)
+    with pytest.raises(DifferentTestSets, match=r"e.g. JPCLN002\)"):
+        paired_test_cases(predictions(["JPCLN001"]), predictions(["JPCLN001", "JPCLN002"]))
+
+
 def test_with_several_images_per_patient_the_verdict_is_the_patient_level_bootstrap():
     import numpy as np
 

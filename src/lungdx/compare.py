@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -50,7 +51,7 @@ def paired_test_cases(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] =
     """Join two runs' test predictions case by case; raise DifferentTestSets unless cases and truths agree."""
     only_a, only_b = a.index.difference(b.index), b.index.difference(a.index)
     if len(only_a) or len(only_b):
-        examples = ", ".join(map(str, list(only_a[:2]) + list(only_b[:2])))
+        examples = ", ".join(map(_shown, list(only_a[:2]) + list(only_b[:2])))
         raise DifferentTestSets(f"the test sets differ: {len(only_a)} cases only in {names[0]}, {len(only_b)} only in "
                               f"{names[1]} (e.g. {examples}); a paired comparison needs the same test cases (train B "
                               f"with --set data.split_file=<A>/split.csv)")
@@ -59,8 +60,17 @@ def paired_test_cases(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] =
     differing = joined[joined["target_a"] != joined["target_b"]]
     if len(differing):
         raise DifferentTestSets(f"the runs disagree on the ground truth of {len(differing)} test cases "
-                              f"(e.g. {differing.index[0]}): different tasks or label files")
+                              f"(e.g. {_shown(differing.index[0])}): different tasks or label files")
     return joined
+
+
+def _shown(case_id: object) -> str:
+    """A case ID as an error may name it: a DICOM dataset's case IDs are SOP Instance UIDs, which only appear as
+    their ``uid_digest`` (as in every log); names such as JPCLN001 as they are."""
+    from lungdx.io.deidentify import uid_digest
+
+    text = str(case_id)
+    return f"instance {uid_digest(text)}" if re.fullmatch(r"\d+(\.\d+)+", text) else text
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, *, n_resamples: int = 2000, confidence: float = 0.95,
