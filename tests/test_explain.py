@@ -491,6 +491,9 @@ def test_cli_writes_overlay_and_heatmap_in_the_image_geometry(run, phantom_dir, 
     assert main(["explain", str(run), str(image), "--method", "occlusion", "--patch", "16", "--stride", "16",
                  "--out", str(occluded)]) == 0
     assert np.load(occluded.with_suffix(".npy")).shape == (128, 128)
+    # A folder not made yet, said by its trailing slash: written inside it (it wrote newdir.png beside)
+    assert main(["explain", str(run), str(image), "--out", f"{tmp_path / 'newdir'}/"]) == 0
+    assert {path.name for path in (tmp_path / "newdir").iterdir()} == {"PHANT0001_gradcam.png", "PHANT0001_gradcam.npy"}
 
 
 def test_written_paths_are_the_files_written_for_a_bare_name_or_a_folder(tmp_path):

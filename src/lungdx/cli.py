@@ -541,7 +541,10 @@ def _cmd_explain(args) -> int:
         print(f"{err.path}\tREFUSED\t{err.reason}" if isinstance(err, Refused) else f"lungdx explain: error: {err}",
               file=sys.stderr)
         return 2
-    png, npy = write_explanation(explanation, args.out or f"{Path(args.image).stem}_{args.method}.png")
+    out = args.out or f"{Path(args.image).stem}_{args.method}.png"
+    if out.endswith(("/", os.sep)):  # a folder still to make (Path drops the slash that says so)
+        Path(out).mkdir(parents=True, exist_ok=True)
+    png, npy = write_explanation(explanation, out)
     threshold = "no threshold" if explanation.threshold is None else f"threshold {explanation.threshold:.4f}"
     notices = [] if explanation.notice is None else [
         explanation.notice + ("" if args.method == "occlusion" else "; try --method occlusion")]
