@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -163,3 +164,18 @@ def test_cli_evaluate_by_report_and_compare(runs, capsys, tmp_path):
     assert "test sets differ" in capsys.readouterr().err
     assert main(["-q", "evaluate", str(first), "--by", "no_such_column"]) == 2
     assert "no such column" in capsys.readouterr().err
+
+
+def test_the_model_card_gives_a_staged_models_own_training_settings():
+    # It gave nodule_net's train.epochs and train.patience, which its staged training ignores.
+    from lungdx.config import load_config, to_dict
+    from lungdx.report import _training_line
+
+    config = to_dict(load_config(Path(__file__).parents[1] / "configs" / "nodule-blackout.yaml"))
+    line = _training_line(config, {"epoch": 57}, {"best_epochs": {"lungs": 21, "detector": 57, "judge": 60}})
+    assert "detector up to 100 (patience 100)" in line and "epochs kept: lungs 21, detector 57, judge 60" in line
+    assert f"{config['train']['epochs']} epochs at most" not in line
+    members = _training_line(config, {}, {"best_epochs": {"detector": "57/60"}, "members": ["runs/a", "runs/b"]})
+    assert members.startswith("- Assembled from 2 finished runs")
+    plain = _training_line(to_dict(load_config()), {"epoch": 7}, {"epochs_run": 12})
+    assert "50 epochs at most" in plain and "best epoch 7 of 12" in plain

@@ -95,6 +95,26 @@ def _gallery(run_dir: Path, out_dir: Path, device: str) -> list[dict]:
         return [{"error": str(err)}]
 
 
+def _training_line(config: dict, info: dict, summary: dict) -> str:
+    """The model card's training line: one fit's settings, or the stages of a staged model (``nodule_net``), which
+    ignores ``train.epochs`` and ``train.patience``, or an ensemble's members (trained elsewhere, not here)."""
+    train, stages = config["train"], summary.get("best_epochs")
+    if summary.get("members"):
+        return f"- Assembled from {len(summary['members'])} finished runs (no training of its own): " \
+               f"{', '.join(f'`{member}`' for member in summary['members'])}."
+    if isinstance(stages, dict) and "nodule" in config:
+        nodule = config["nodule"]
+        kept = ", ".join(f"{stage} {epoch}" for stage, epoch in stages.items())
+        return (f"- Training in stages, each stopping on its validation loss: lungs up to {nodule['seg_epochs']} epochs "
+                f"(patience {nodule['seg_patience']}), detector up to {nodule['det_epochs']} (patience "
+                f"{nodule['det_patience']}), verifier and judge up to {nodule['judge_epochs']} (patience "
+                f"{nodule['judge_patience']}, judge keeps its {nodule['judge_keep']} epoch); lr {train['lr']}, "
+                f"batch {nodule['batch_size']} (judge {train['batch_size']}); epochs kept: {kept}.")
+    return (f"- Training: {train['epochs']} epochs at most, lr {train['lr']}, batch {train['batch_size']}, early "
+            f"stopping on validation loss (patience {train['patience']}); best epoch {info.get('epoch')} of "
+            f"{summary.get('epochs_run', '?')}.")
+
+
 def model_card(results: dict, info: dict) -> str:
     """The model card in Markdown: intended use, data, metrics with CIs, subgroups, calibration, limitations."""
     config, summary = info["config"], info["summary"]
@@ -109,9 +129,7 @@ def model_card(results: dict, info: dict) -> str:
              f"sigmoid probability of '{(info.get('class_names') or ['', 'positive'])[-1]}'.",
              f"- Input: {results['image_size']}x{results['image_size']} px, preprocessing "
              f"`{json.dumps(config.get('preprocess', {}))}`.",
-             f"- Training: {config['train']['epochs']} epochs at most, lr {config['train']['lr']}, batch "
-             f"{config['train']['batch_size']}, early stopping on validation loss (patience {config['train']['patience']}); "
-             f"best epoch {info.get('epoch')} of {summary.get('epochs_run', '?')}.",
+             _training_line(config, info, summary),
              f"- Operating threshold {results['threshold']:.4f} ({results['threshold_method']}), chosen on validation "
              "and frozen for test.",
              f"- Software: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}.", "",
