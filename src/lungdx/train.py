@@ -31,7 +31,7 @@ from lungdx.data.split import check_leakage, split_patients
 from lungdx.io.files import write_atomic
 from lungdx.models import create_model
 from lungdx.models.registry import assembled, localises
-from lungdx.models.weights import WeightsError, head_prefixes, is_head, load_weights, split_parameters
+from lungdx.models.weights import IMAGENET, WeightsError, head_prefixes, is_head, load_weights, split_parameters
 from lungdx.predict import compute_logits, model_input, sigmoid
 from lungdx.reference import build_reference
 from lungdx.runtime import Hardware
@@ -492,7 +492,7 @@ def check_weights_held_out(weights: str | Path, frame: pd.DataFrame) -> None:
     """
     source = Path(weights).expanduser()
     split_file = source / "split.csv" if source.is_dir() else source.parent / "split.csv"
-    if str(weights) == "imagenet" or not split_file.is_file():
+    if str(weights) == IMAGENET or not split_file.is_file():
         return
     try:
         seen = pd.read_csv(split_file, dtype={"patient_id": str}, usecols=["patient_id", "path", "split"])

@@ -151,12 +151,15 @@ def _dicom_patient_id(path: Path) -> str | None:
 
 def _is_dicom(path: Path) -> bool:
     """True for a DICOM file (by content, else extension); files named as rasters or JSRT raw are not opened."""
-    if path.suffix.lower() in RASTER_SUFFIXES:
-        return False
+    return path.suffix.lower() not in RASTER_SUFFIXES and _sniffed(path) == "dicom"
+
+
+def _sniffed(path: Path) -> str | None:
+    """``lungdx.io.sniff_format``, None for a file it cannot open."""
     try:
-        return sniff_format(path) == "dicom"
+        return sniff_format(path)
     except ImageReadError:
-        return False
+        return None
 
 
 def _image_files(folder: Path, kind: str | None = None) -> list[Path]:
@@ -164,10 +167,7 @@ def _image_files(folder: Path, kind: str | None = None) -> list[Path]:
     those of ``kind``; the others are named in a warning, never dropped unsaid."""
     taken, skipped = [], []
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "labels.csv"):
-        try:
-            found = sniff_format(file)
-        except ImageReadError:
-            found = None
+        found = _sniffed(file)
         if found is not None and kind in (None, found):
             taken.append(file)
         elif not file.name.startswith("."):
