@@ -43,6 +43,21 @@ def test_ctrl_c_says_how_that_command_goes_on(command, hint, monkeypatch, tmp_pa
     assert hint in said and ("lungdx train" not in said or command == "train"), said
 
 
+def test_the_patient_id_pattern_is_taken_as_given(monkeypatch, tmp_path):
+    # A regular expression is not YAML: '[A-Z]+\\d+ #1' through --set would be refused or cut at ' #'.
+    from lungdx import train
+
+    seen = {}
+
+    def record(config, *args, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", record)
+    assert main(["train", "--data", str(tmp_path), "--patient-id-pattern", r"[A-Z]+\d+ #1", "--out", str(tmp_path / "o")]) == 130
+    assert seen["config"].data.patient_id_pattern == r"[A-Z]+\d+ #1"
+
+
 def test_models_lists_paper_cnn(capsys):
     assert main(["models"]) == 0
     assert "paper_cnn" in capsys.readouterr().out

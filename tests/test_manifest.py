@@ -202,3 +202,58 @@ def test_an_empty_labels_csv_is_named(tmp_path):
     (tmp_path / "labels.csv").write_text("")
     with pytest.raises(DatasetError, match=r"labels.csv: empty CSV"):
         load_dataset(tmp_path)
+
+
+KERMANY_PATTERN = r"(person\d+)_|(IM-\d+)-"
+
+
+def test_kermany_file_names_give_the_patient_ids(shared_data):
+    # Kermany's pediatric set names each patient in its file names and has no patient_id column: without the
+    # pattern each image is its own patient, so a patient's two films could land in train and test.
+    folder = shared_data / "kermany_pediatric_cxr_val16"
+    if not (folder / "labels.csv").is_file():
+        pytest.skip("../shared/data/kermany_pediatric_cxr_val16 not found: the Kermany test needs it")
+    alone = load_dataset(folder)
+    frame = load_dataset(folder, patient_id_pattern=KERMANY_PATTERN).set_index("case_id")
+    assert alone["patient_id"].nunique() == len(alone) == 16
+    assert frame.loc["person1946_bacteria_4874", "patient_id"] == frame.loc["person1946_bacteria_4875", "patient_id"] \
+        == "person1946"
+    assert frame.loc["NORMAL2-IM-1427-0001", "patient_id"] == "IM-1427"
+    assert frame["patient_id"].nunique() == 15  # 16 films, one patient with two
+
+
+def test_a_patient_id_pattern_fills_only_the_missing_ids(tmp_path, caplog):
+    names = ["s01_a.dcm", "s01_b.dcm", "x9_a.dcm"]
+    for name, patient in zip(names, ("P1", "", "P2"), strict=True):
+        _write_dicom(tmp_path / name, patient=patient)
+    with caplog.at_level("WARNING"):
+        plain = load_dataset(tmp_path, "dicom").set_index(pd.Index(names))
+    assert plain["patient_id"].tolist() == ["P1", "s01_b", "P2"]
+    assert "1 of 3 images have no patient ID (no PatientID (0010,0020) in their headers)" in caplog.text
+    assert "--patient-id-pattern" in caplog.text
+    read = load_dataset(tmp_path, "dicom", patient_id_pattern=r"^(s\d+)_").set_index(pd.Index(names))
+    # x9_a.dcm does not match, but its header gives P2: the pattern reads only the IDs the layout lacks.
+    assert read["patient_id"].tolist() == ["P1", "s01", "P2"]
+
+
+def test_class_folders_with_a_patient_id_pattern(tmp_path, caplog):
+    for name, files in (("normal", ["pat7-1.png", "pat8-1.png"]), ("nodule", ["pat7-2.png", "pat9-1.png"])):
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_bytes(b"")
+    frame = load_dataset(tmp_path, patient_id_pattern=r"pat\d+").set_index("case_id")
+    assert frame["patient_id"].to_dict() == {"pat7-1": "pat7", "pat8-1": "pat8", "pat7-2": "pat7", "pat9-1": "pat9"}
+    (tmp_path / "normal" / "anonymous.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"matches no patient ID in 1 of 5 file names, e\.g\. .*anonymous\.png"):
+        load_dataset(tmp_path, patient_id_pattern=r"pat\d+")
+    with pytest.raises(DatasetError, match="is not a regular expression"):
+        load_dataset(tmp_path, patient_id_pattern=r"(pat\d+")
+
+
+def test_a_patient_id_pattern_leaves_given_ids_alone(tmp_path, caplog):
+    pd.DataFrame({"image": ["p1_a.png", "p1_b.png"], "label": ["normal", "nodule"],
+                  "patient_id": ["A", "B"]}).to_csv(tmp_path / "m.csv", index=False)
+    with caplog.at_level("WARNING"):
+        frame = load_dataset(tmp_path / "m.csv", patient_id_pattern=r"^(p\d+)_")
+    assert frame["patient_id"].tolist() == ["A", "B"]
+    assert "every image has a patient ID from its layout; the patient ID pattern" in caplog.text

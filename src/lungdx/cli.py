@@ -123,6 +123,11 @@ def _add_evaluate(commands) -> None:
 def _add_run_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dataset path (overrides data.path)")
     parser.add_argument("--task", help="what to predict (overrides data.task)")
+    parser.add_argument("--patient-id-pattern", metavar="REGEX",
+                        help="read the patient ID from the file names of images whose layout gives none (class "
+                             "folders, a manifest without patient_id, DICOM without PatientID): the first group that "
+                             "matched, else the whole match; e.g. '(person\\d+)_|(IM-\\d+)-' for Kermany's pediatric "
+                             "set. A name it does not match is an error. Overrides data.patient_id_pattern")
     parser.add_argument("--model", help="registered model name (overrides model.name); see `lungdx models`")
     parser.add_argument("--weights", metavar="imagenet|PATH|RUN",
                         help="start from pretrained weights (overrides model.weights): imagenet, a state_dict file, "
@@ -136,7 +141,7 @@ def _add_run_config(parser: argparse.ArgumentParser) -> None:
 def _config_given(args) -> bool:
     """Whether the command line sets anything of the run's config (``--config``, ``--set`` or a shortcut flag)."""
     return bool(args.config or args.set) or any(getattr(args, name, None) is not None
-                                                for name in ("data", "task", "model", "weights"))
+                                                for name in ("data", "task", "patient_id_pattern", "model", "weights"))
 
 
 def _run_config(args, *, require_data: bool = True):
@@ -145,7 +150,7 @@ def _run_config(args, *, require_data: bool = True):
 
     config = apply_overrides(load_config(args.config), list(args.set))
     # The shortcut flags are taken as given, not read as YAML: '/data/scan #2' is a path, not '/data/scan'.
-    for section, given in (("data", {"path": args.data, "task": args.task}),
+    for section, given in (("data", {"path": args.data, "task": args.task, "patient_id_pattern": args.patient_id_pattern}),
                            ("model", {"name": args.model, "weights": args.weights})):
         given = {key: value for key, value in given.items() if value is not None}
         if given:

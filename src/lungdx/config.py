@@ -36,6 +36,10 @@ class DataConfig:
         split_seed: seed of the patient-level split.
         split_file: reuse the split of an earlier run (its ``split.csv``) instead of drawing one.
         cache_dir: where preprocessed images are cached; None means ``~/.cache/lungdx``.
+        patient_id_pattern: a regular expression that reads the patient ID from the file name of each image
+            whose layout gives none (class folders, a manifest without ``patient_id``, DICOM without
+            PatientID): the first group that matched, else the whole match
+            (``lungdx.data.manifest.patient_ids_from_names``). None: each such image is its own patient.
     """
 
     path: str = ""
@@ -45,6 +49,7 @@ class DataConfig:
     split_seed: int = 0
     split_file: str | None = None
     cache_dir: str | None = None
+    patient_id_pattern: str | None = None
 
 
 @dataclass(frozen=True)

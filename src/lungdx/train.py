@@ -56,7 +56,7 @@ class PreparedData:
 
 def prepare_data(config: RunConfig, *, progress: bool = False) -> PreparedData:
     """Read the dataset, build or open its cache, pick the task's rows and split by patient."""
-    frame = load_dataset(config.data.path, config.data.format)
+    frame = load_dataset(config.data.path, config.data.format, config.data.patient_id_pattern)
     with tqdm(total=len(frame), desc="decode + preprocess", unit="img", disable=not progress, leave=False) as bar:
         cache = build_cache(frame["path"].tolist(), config.preprocess, config.data.cache_dir, progress=bar.update)
     frame["cache_index"] = np.arange(len(frame))

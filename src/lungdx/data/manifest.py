@@ -13,12 +13,15 @@ Adapters turn each on-disk layout into that table:
 - ``dicom``: a folder of DICOM files; patient from PatientID (0010,0020), class from the
   sub-folder name, or from a ``labels.csv`` with ``file`` and ``label`` columns.
 
-A task (``apply_task``) then picks the rows and the 0/1 ``target``.
+Where a layout gives no patient ID (class folders, a manifest without ``patient_id``, a DICOM file without
+PatientID) each image is its own patient, unless ``patient_id_pattern`` reads one from the file name
+(``patient_ids_from_names``). A task (``apply_task``) then picks the rows and the 0/1 ``target``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +41,13 @@ class DatasetError(ValueError):
     """A dataset cannot be read; the message names the file or folder and the problem."""
 
 
-def load_dataset(path: str | Path, format: str = "auto") -> pd.DataFrame:
+def load_dataset(path: str | Path, format: str = "auto", patient_id_pattern: str | None = None) -> pd.DataFrame:
     """Read any supported layout into a manifest with ``path``, ``case_id`` and ``patient_id``.
 
-    IDs are stripped of surrounding spaces. Raises DatasetError for an image without a case or patient ID,
-    an image or case ID listed twice, and patient IDs that differ only in upper/lower case.
+    Images whose layout gives no patient ID take one from their file name by ``patient_id_pattern`` (see
+    ``patient_ids_from_names``), else each is its own patient, said in a warning. IDs are stripped of
+    surrounding spaces. Raises DatasetError for an image without a case or patient ID, an image or case ID
+    listed twice, patient IDs that differ only in upper/lower case, and a pattern that does not match a file name.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -55,6 +60,16 @@ def load_dataset(path: str | Path, format: str = "auto") -> pd.DataFrame:
     frame = readers[format](path)
     if frame.empty:
         raise DatasetError(f"{path}: the dataset has no images")
+    # Readers flag the images whose patient_id is only their case_id (``no_patient_id``); an unflagged ID was given.
+    given = frame.pop("no_patient_id") if "no_patient_id" in frame.columns else pd.Series(False, index=frame.index)
+    without = given.fillna(False).astype(bool)
+    if patient_id_pattern:
+        frame = patient_ids_from_names(frame, patient_id_pattern, without, path)
+    elif without.any():
+        logger.warning("%s: %d of %d images have no patient ID (%s); each is treated as its own patient, so two "
+                       "images of one patient could land in different splits. If the file names carry one, give "
+                       "--patient-id-pattern (data.patient_id_pattern)", path, int(without.sum()), len(frame),
+                       _WITHOUT_ID.get(format, "none given"))
     for column in ("case_id", "patient_id"):
         # Patient-level splits group by these: a blank one would leave its image out of every split unnoticed, and
         # "P00" beside "P00 " would put one patient's images in different splits.
@@ -73,6 +88,54 @@ def load_dataset(path: str | Path, format: str = "auto") -> pd.DataFrame:
                            f"{', '.join(map(repr, clashing.iloc[0]))}: one patient's images could land in different "
                            "splits; write each patient's ID one way")
     return frame.reset_index(drop=True)
+
+
+_WITHOUT_ID = {"manifest": "no patient_id column, no DICOM PatientID", "nih": "no patient_id column",
+               "folders": "class folders carry none",
+               "dicom": "no PatientID (0010,0020) in their headers"}
+
+
+def patient_ids_from_names(frame: pd.DataFrame, pattern: str, without: pd.Series, source: Path) -> pd.DataFrame:
+    """Give the images without a patient ID (``without``, a boolean per row) the ID in their file name.
+
+    ``pattern`` is a regular expression searched (``re.search``) in each file name, its extension included;
+    the ID is the first of its groups that took part in the match, else the whole match. Kermany's pediatric
+    set, say (``person1946_bacteria_4874.jpeg``, ``NORMAL2-IM-1427-0001.jpeg``): ``(person\\d+)_|(IM-\\d+)-``.
+    An ID the layout gives (a ``patient_id`` column, a DICOM PatientID) is kept.
+
+    Raises:
+        DatasetError: the pattern is not a regular expression, or a file name it should read does not match
+            (its image would silently become a patient of its own).
+    """
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise DatasetError(f"patient ID pattern {pattern!r} is not a regular expression: {err}") from err
+    rows = without
+    if not rows.any():
+        logger.warning("%s: every image has a patient ID from its layout; the patient ID pattern %r is not used",
+                       source, pattern)
+        return frame
+    names = frame.loc[rows, "path"].map(lambda p: Path(p).name)
+    found = names.map(lambda name: _id_in_name(compiled, name))
+    missed = found.isna()
+    if missed.any():
+        raise DatasetError(f"{source}: the patient ID pattern {pattern!r} matches no patient ID in {int(missed.sum())} "
+                           f"of {len(names)} file names, e.g. {frame.loc[missed[missed].index[0], 'path']}")
+    frame = frame.copy()
+    frame.loc[rows, "patient_id"] = found
+    logger.info("%s: %d images take their patient ID from their file name (%d patients)", source, len(found),
+                found.nunique())
+    return frame
+
+
+def _id_in_name(pattern: re.Pattern, name: str) -> str | None:
+    """The first group of ``pattern`` that took part in its match in ``name`` (else the whole match); None when none."""
+    match = pattern.search(name)
+    if match is None:
+        return None
+    found = next((group for group in match.groups() if group is not None), match.group(0))
+    return found.strip() or None
 
 
 def detect_format(path: Path) -> str:
@@ -129,10 +192,8 @@ def read_manifest(csv_path: Path, one_image_per_patient: bool = False) -> pd.Dat
         # A DICOM file names its patient (0010,0020): two images of one patient must not land in two splits.
         frame["patient_id"] = [None if one_image_per_patient else _dicom_patient_id(Path(p)) for p in frame["path"]]
         own = frame["patient_id"].isna()
-        if own.any() and not one_image_per_patient:
-            logger.warning("%s: no patient_id column; %d images without a DICOM PatientID are each treated as their "
-                           "own patient", csv_path, int(own.sum()))
         frame.loc[own, "patient_id"] = frame.loc[own, "case_id"]
+        frame["no_patient_id"] = own & (not one_image_per_patient)  # said, or read from the names, by load_dataset
     return frame
 
 
@@ -299,8 +360,8 @@ def read_class_folders(folder: Path) -> pd.DataFrame:
     clash = frame["case_id"].duplicated(keep=False)
     frame.loc[clash, "case_id"] = frame.loc[clash, "relative"]
     frame = frame.drop(columns="relative")
-    logger.warning("%s: class folders carry no patient IDs; every image is treated as its own patient", folder)
     frame["patient_id"] = frame["case_id"]
+    frame["no_patient_id"] = True  # said, or read from the names, by load_dataset
     return frame
 
 
@@ -332,11 +393,9 @@ def read_dicom_folder(folder: Path) -> pd.DataFrame:
         # The CSV's own columns (a label, and patient_id or case_id where it gives them) win over the headers'.
         frame = frame.drop(columns=[c for c in labels.columns if c != "path" and c in frame.columns] + ["label"],
                            errors="ignore").merge(labels, on="path", how="left")
-    without = int(frame.pop("no_patient_id").sum()) if "no_patient_id" in frame.columns else 0
-    if without:
-        logger.warning("%s: %d DICOM files have no PatientID (0010,0020); each is treated as its own patient", folder,
-                       without)
-    return frame
+        if "patient_id" in labels.columns:  # given IDs: a blank one is an error of load_dataset, not a patient's own
+            frame["no_patient_id"] = False
+    return frame  # a file without PatientID is said, or read from its name, by load_dataset
 
 
 def apply_task(frame: pd.DataFrame, task: str) -> pd.DataFrame:
