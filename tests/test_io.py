@@ -34,7 +34,7 @@ from lungdx.io import (
     sniff_format,
     write_jsrt_raw,
 )
-from lungdx.io.dicom import scale_to_unit, spacing_mm
+from lungdx.io.dicom import padding_mask, scale_to_unit, spacing_mm
 
 RG1_J2KI = "nema_wg04_RG1_J2KI_cr_chest_pa.dcm"
 RG1_RAW = "nema_wg04_RG1_cr_chest_pa_uncompressed.dcm"
@@ -195,6 +195,7 @@ def test_dicom_sample_reads_with_its_header_facts(name, dicom_dir, dicom_rows):
     assert meta["view_position"] == (row["view_position"] or None)
     assert pydicom.uid.UID(meta["transfer_syntax"]).name == row["transfer_syntax"]
     assert meta["source"] == str(dicom_dir / name)
+    assert meta["padding_pixels"] == 0  # no sample carries Pixel Padding Value (0028,0120)
     assert json.loads(json.dumps(meta)) == meta
 
 
@@ -334,6 +335,170 @@ def test_dicom_objects_that_are_not_one_grayscale_frame_are_refused(name, words)
     with pytest.raises(ImageReadError) as info:
         read_dicom(file)
     assert words in info.value.reason and info.value.path == file
+
+
+# --- pixel padding (0028,0120)/(0028,0121) --------------------------------------------------------
+
+_BORDER = np.ones((32, 32), dtype=bool)
+_BORDER[4:28, 4:28] = False  # a 4-pixel frame around a 24x24 collimated field
+_ANATOMY = np.linspace(1000, 3000, 24 * 24).round().reshape(24, 24)  # stored values 1000..3000
+
+
+def _padded(border, anatomy=_ANATOMY) -> np.ndarray:
+    """A 32x32 image: ``anatomy`` in the field, ``border`` (a value or a 32x32 array) in the frame."""
+    stored = np.broadcast_to(np.asarray(border, dtype=np.int64), (32, 32)).copy()
+    stored[4:28, 4:28] = anatomy
+    return stored
+
+
+def _dx_file(path: Path, stored: np.ndarray, photometric: str = "MONOCHROME2", signed: bool = False, **tags) -> Path:
+    """A 12-bit single-frame DX For Presentation file, Explicit VR Little Endian, with extra ``tags`` by keyword."""
+    ds = Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = _DX_FOR_PRESENTATION
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.Modality, ds.PhotometricInterpretation = "DX", photometric
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 12, 11
+    ds.PixelRepresentation = int(signed)
+    ds.PixelData = stored.astype("<i2" if signed else "<u2").tobytes()
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_minmax_ranges_over_the_anatomy_and_padding_reads_black(tmp_path):
+    image = read_dicom(_dx_file(tmp_path / "padded.dcm", _padded(0), PixelPaddingValue=0))
+    field = image.pixels[4:28, 4:28]
+    np.testing.assert_allclose(field, (_ANATOMY - 1000) / 2000, rtol=0, atol=1e-6)  # not (x - 0) / 3000
+    assert (field.min(), field.max()) == (0.0, 1.0)
+    assert not image.pixels[_BORDER].any()
+    assert image.meta["voi"] == "minmax"
+    assert image.meta["padding_pixels"] == 32 * 32 - 24 * 24 and type(image.meta["padding_pixels"]) is int
+
+
+@pytest.mark.parametrize("padding", [4095, 0], ids=["at-maximum", "at-minimum"])
+def test_monochrome1_padding_reads_black_after_inversion(padding, tmp_path):
+    # Stored 0 is shown white in MONOCHROME1: that border read 1 before, and 4095 squeezed the anatomy.
+    file = _dx_file(tmp_path / "mono1.dcm", _padded(padding), "MONOCHROME1", PixelPaddingValue=padding)
+    image = read_dicom(file)
+    np.testing.assert_allclose(image.pixels[4:28, 4:28], 1 - (_ANATOMY - 1000) / 2000, rtol=0, atol=1e-6)
+    assert not image.pixels[_BORDER].any()
+
+
+@pytest.mark.parametrize(("value", "limit"), [(4000, 4095), (4095, 4000)], ids=["ascending", "descending"])
+def test_padding_range_limit_marks_every_value_between_inclusive(value, limit, tmp_path):
+    border = np.resize([4000, 4050, 4095], (32, 32))
+    file = _dx_file(tmp_path / "range.dcm", _padded(border), "MONOCHROME1",
+                    PixelPaddingValue=value, PixelPaddingRangeLimit=limit)
+    image = read_dicom(file)
+    np.testing.assert_allclose(image.pixels[4:28, 4:28], 1 - (_ANATOMY - 1000) / 2000, rtol=0, atol=1e-6)
+    assert not image.pixels[_BORDER].any()
+    assert image.meta["padding_pixels"] == int(_BORDER.sum())
+
+
+def test_padding_mask_bounds_are_inclusive_and_absent_tags_give_none():
+    ds = Dataset()
+    ds.PixelRepresentation, ds.BitsStored = 0, 12
+    stored = np.array([3999, 4000, 4050, 4095, 0], dtype=np.uint16)
+    assert padding_mask(stored, ds) is None
+    ds.PixelPaddingValue = 4000
+    np.testing.assert_array_equal(padding_mask(stored, ds), [False, True, False, False, False])
+    ds.PixelPaddingRangeLimit = 4095
+    np.testing.assert_array_equal(padding_mask(stored, ds), [False, True, True, True, False])
+
+
+@pytest.mark.parametrize("encoded_as", ["SS", "US"])
+def test_signed_padding_is_compared_as_a_signed_stored_value(encoded_as, tmp_path):
+    # pydicom writes SS from Pixel Representation 1; an Explicit VR file may say US, read as the 16-bit pattern.
+    anatomy = _ANATOMY - 2000  # -1000..1000
+    ds_tags = {"PixelPaddingValue": -2048} if encoded_as == "SS" else {}
+    file = _dx_file(tmp_path / "signed.dcm", _padded(-2048, anatomy), signed=True, **ds_tags)
+    if encoded_as == "US":
+        ds = pydicom.dcmread(file)
+        ds.add_new(0x00280120, "US", 0xF800)
+        ds.save_as(file)
+    element = pydicom.dcmread(file)["PixelPaddingValue"]
+    assert (element.VR, element.value) == (encoded_as, -2048 if encoded_as == "SS" else 63488)
+    image = read_dicom(file)
+    np.testing.assert_allclose(image.pixels[4:28, 4:28], (anatomy + 1000) / 2000, rtol=0, atol=1e-6)
+    assert not image.pixels[_BORDER].any() and image.meta["padding_pixels"] == int(_BORDER.sum())
+
+
+def _voi_lut_item() -> Dataset:
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 16])  # LUT Descriptor: entries, first, bits
+    item.add_new(0x00283006, "US", np.round(65535 * np.sqrt(np.arange(4096) / 4095)).astype(int).tolist())
+    return item
+
+
+@pytest.mark.parametrize(
+    ("voi", "tags"),
+    [("window", {"WindowCenter": 2000, "WindowWidth": 2000}), ("voi_lut", {"VOILUTSequence": [_voi_lut_item()]})],
+)
+def test_voi_transform_is_untouched_and_its_padding_reads_black(voi, tags, tmp_path):
+    stored = _padded(4095)  # the window and the LUT both show 4095 white
+    unpadded = read_dicom(_dx_file(tmp_path / "plain.dcm", stored, **tags))
+    padded = read_dicom(_dx_file(tmp_path / "padded.dcm", stored, PixelPaddingValue=4095, **tags))
+    assert padded.meta["voi"] == unpadded.meta["voi"] == voi
+    assert unpadded.pixels[_BORDER].min() == 1.0 and not padded.pixels[_BORDER].any()
+    np.testing.assert_array_equal(padded.pixels[~_BORDER], unpadded.pixels[~_BORDER])
+
+
+def test_without_padding_tags_the_output_is_the_old_min_max(tmp_path):
+    stored = _padded(0)
+    image = read_dicom(_dx_file(tmp_path / "untagged.dcm", stored))
+    np.testing.assert_allclose(image.pixels, stored / 3000, rtol=0, atol=1e-6)  # the border takes part, as before
+    assert image.meta["padding_pixels"] == 0
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [{"PixelPaddingRangeLimit": 0}, {"PixelPaddingValue": 5000}, {"PixelPaddingValue": [0, 1]}],
+    ids=["limit-without-value", "outside-12-bits", "two-values"],
+)
+def test_malformed_padding_tags_are_ignored_with_a_warning(tags, tmp_path, caplog):
+    stored = _padded(0)
+    image = read_dicom(_dx_file(tmp_path / "malformed.dcm", stored, **tags))
+    np.testing.assert_allclose(image.pixels, stored / 3000, rtol=0, atol=1e-6)
+    assert image.meta["padding_pixels"] == 0
+    assert "ignoring pixel padding" in caplog.text
+
+
+def test_image_that_is_all_padding_reads_black(tmp_path):
+    image = read_dicom(_dx_file(tmp_path / "blank.dcm", np.full((8, 8), 4095), PixelPaddingValue=4095))
+    assert not image.pixels.any() and image.meta["padding_pixels"] == 64
+
+
+def test_real_dx_padded_at_an_unused_value_keeps_its_anatomy_range(dicom_dir, tmp_path):
+    ds = pydicom.dcmread(dicom_dir / NIH_DX)
+    stored = ds.pixel_array.copy()
+    assert stored.max() < 255  # the padding value is no anatomy value
+    stored[:64], stored[-64:], stored[:, :64], stored[:, -64:] = 255, 255, 255, 255
+    field = stored[64:-64, 64:-64].astype(np.float64)
+    ds.PixelData = stored.tobytes()
+    ds.add_new(0x00280120, "US", 255)  # Pixel Padding Value, VR of Pixel Representation 0
+    ds.save_as(tmp_path / "nih_padded.dcm")
+    pixels = read_dicom(tmp_path / "nih_padded.dcm").pixels
+    expected = (field - field.min()) / (field.max() - field.min())
+    np.testing.assert_allclose(pixels[64:-64, 64:-64], expected, rtol=0, atol=1e-6)
+    assert not pixels[:64].any() and not pixels[:, -64:].any()
+
+
+def test_real_monochrome1_cr_padding_reads_black_not_white(dicom_dir, tmp_path):
+    ds = pydicom.dcmread(dicom_dir / RG1_RAW)
+    stored = ds.pixel_array.copy()
+    assert stored.min() > 0  # 0 is no anatomy value
+    stored[:, :100] = 0
+    ds.PixelData = stored.tobytes()
+    ds.add_new(0x00280120, "US", 0)  # Pixel Padding Value, VR of Pixel Representation 0
+    ds.save_as(tmp_path / "rg1_padded.dcm")
+    pixels = read_dicom(tmp_path / "rg1_padded.dcm").pixels
+    windowed = np.clip((stored[:, 100:].astype(np.float64) - 14999.5) / 29999 + 0.5, 0, 1)  # as in the unpadded test
+    np.testing.assert_allclose(pixels[:, 100:], 1 - windowed, rtol=0, atol=1e-6)
+    assert not pixels[:, :100].any()  # stored 0 is shown white in MONOCHROME1: 1.0 before
 
 
 # --- errors -------------------------------------------------------------------------------------

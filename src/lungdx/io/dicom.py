@@ -10,19 +10,28 @@ citing the tags that decide it:
    something else (fluoroscopy, tomosynthesis) that the models were not trained on.
    Compressed transfer syntaxes go through pydicom's decoder plugins (python-gdcm,
    pylibjpeg-openjpeg, Pillow, pydicom's own RLE): which decodes what is in docs/decoders.md.
-2. ``apply_modality``: Modality LUT Sequence (0028,3000) or Rescale Slope/Intercept
+2. ``padding_mask``: the pixels that Pixel Padding Value (0028,0120), alone or up to Pixel Padding
+   Range Limit (0028,0121), marks as padding (the area outside a collimated or shuttered CR/DX
+   field). Compared with the stored values, before the Modality LUT (PS3.3 C.7.5.1.1.2), in the
+   signed or unsigned form of Pixel Representation (0028,0103). Malformed padding tags are ignored
+   with a logged warning, not refused: the image then reads as it would without them.
+3. ``apply_modality``: Modality LUT Sequence (0028,3000) or Rescale Slope/Intercept
    (0028,1053)/(0028,1052), through ``pydicom.pixels.apply_modality_lut``.
-3. ``apply_window``: VOI LUT Sequence (0028,3010) when present, else Window Center/Width
+4. ``apply_window``: VOI LUT Sequence (0028,3010) when present, else Window Center/Width
    (0028,1050)/(0028,1051) (first of several, VOI LUT Function (0028,1056) honoured), through
    pydicom. It returns the output range that the VOI transform maps onto. Without a VOI
    transform, or with an invalid one, the range is the minimum and maximum of the
-   modality values (min-max): raw CR/DX detector data rarely spans its Bits Stored (0028,0101)
-   range, so that range would give faint, low-contrast images.
-4. ``scale_to_unit``: map that range onto [0, 1], clipped, float32.
-5. ``to_monochrome2``: MONOCHROME1 (0028,0004) means the minimum is displayed white after the
+   modality values of the pixels that are not padding (min-max): raw CR/DX detector data rarely
+   spans its Bits Stored (0028,0101) range, so that range would give faint, low-contrast images,
+   and a padding value of 0 or 65535 would do the same.
+5. ``scale_to_unit``: map that range onto [0, 1], clipped, float32.
+6. ``to_monochrome2``: MONOCHROME1 (0028,0004) means the minimum is displayed white after the
    VOI transform (PS3.3 C.7.6.3.1.2), so it is inverted there with ``invert_polarity``
    (x -> 1 - x). Presentation LUT Shape (2050,0020) is not applied on top: in DX it only
    restates the photometric interpretation (INVERSE for MONOCHROME1).
+7. ``black_out_padding``: padding pixels become 0 (black) whatever the VOI transform and the
+   polarity made of them, since padding is not anatomy; a model never sees a white or grey
+   frame around the field.
 """
 
 from __future__ import annotations
@@ -87,10 +96,11 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
     ds = read_dataset(file)
     try:
         stored = decode_pixels(ds, file)
+        padding = padding_mask(stored, ds)
         values = apply_modality(stored, ds)
-        windowed, (low, high), voi = apply_window(values, ds)
-        pixels = to_monochrome2(scale_to_unit(windowed, low, high), ds)
-        meta = dicom_meta(ds, file, voi)
+        windowed, (low, high), voi = apply_window(values, ds, padding)
+        pixels = black_out_padding(to_monochrome2(scale_to_unit(windowed, low, high), ds), padding)
+        meta = dicom_meta(ds, file, voi, padding)
     except ImageReadError:
         raise
     except Exception as exc:  # an empty Rows, a VOI LUT item without its descriptor...: pydicom raises many types
@@ -176,17 +186,91 @@ def _decode_failure_reason(syntax: UID | None, exc: Exception) -> str:
     return f"cannot decode transfer syntax {syntax.name} ({syntax}): {detail}"
 
 
+def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Mark the stored values that Pixel Padding Value (0028,0120) and Range Limit (0028,0121) call padding.
+
+    A pixel is padding when its stored value, before the Modality LUT (PS3.3 C.7.5.1.1.2), equals the
+    Pixel Padding Value or, with a Range Limit, lies between the two inclusive (in either order).
+
+    Returns:
+        A boolean mask of ``stored``'s shape, or None when the image declares no padding, or declares it
+        with malformed tags: those are ignored with a warning rather than refused, because padding only
+        decides how non-anatomy is displayed and the image without it is what lungdx read before.
+    """
+    try:
+        limits = padding_limits(ds)
+    except ValueError as exc:
+        logger.warning("ignoring pixel padding (0028,0120)/(0028,0121): %s", exc)
+        return None
+    if limits is None:
+        return None
+    low, high = limits
+    return (stored >= low) & (stored <= high)
+
+
+def padding_limits(ds: Dataset) -> tuple[int, int] | None:
+    """(lowest, highest) stored value that is padding, or None without Pixel Padding Value (0028,0120).
+
+    Raises:
+        ValueError: A tag that is not one integer within the stored range, or a Pixel Padding Range Limit
+            (0028,0121) without the Pixel Padding Value it is paired with (PS3.3 C.7.5.1.1.2).
+    """
+    value = _stored_padding_value(ds, "PixelPaddingValue")
+    limit = _stored_padding_value(ds, "PixelPaddingRangeLimit")
+    if value is None:
+        if limit is not None:
+            raise ValueError("Pixel Padding Range Limit (0028,0121) without Pixel Padding Value (0028,0120)")
+        return None
+    limit = value if limit is None else limit
+    return min(value, limit), max(value, limit)
+
+
+def _stored_padding_value(ds: Dataset, keyword: str) -> int | None:
+    """A padding tag as a stored value of Pixel Representation (0028,0103) and Bits Stored (0028,0101), as decoded.
+
+    Both tags take the VR of the pixels, SS when Pixel Representation is 1 and US otherwise. pydicom resolves
+    that "US or SS" from Pixel Representation when it writes a tag and when it reads Implicit VR, but keeps an
+    Explicit VR file's own VR: a signed image's -2048 written as US reads 63488, an unsigned image's 65535
+    written as SS reads -1. Such a value is read back as the same 16 bits in the image's representation.
+    """
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # a value of the wrong length: pydicom raises several types
+        raise ValueError(f"{keyword} cannot be read: {exc}") from exc
+    if value is None:  # absent, or present without a value
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{keyword} {value!r} is not one integer")
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    if bits <= 16 and signed and value >= 2**15:
+        value -= 2**16
+    elif bits <= 16 and not signed and value < 0:
+        value += 2**16
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if not low <= value <= high:
+        kind = "signed" if signed else "unsigned"
+        raise ValueError(f"{keyword} {value} is outside the {bits}-bit {kind} stored range [{low}, {high}]")
+    return value
+
+
 def apply_modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     """Apply the Modality LUT (0028,3000) or Rescale Slope/Intercept (0028,1053)/(0028,1052)."""
     return apply_modality_lut(stored, ds)
 
 
-def apply_window(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float, float], str]:
+def apply_window(
+    values: np.ndarray, ds: Dataset, padding: np.ndarray | None = None
+) -> tuple[np.ndarray, tuple[float, float], str]:
     """Apply the VOI transform and return (values, (value shown black, value shown white), method).
 
     The VOI LUT Sequence (0028,3010) wins over Window Center/Width (0028,1050)/(0028,1051), as in
     ``pydicom.pixels.apply_voi_lut``. Without a usable VOI transform, ``method`` is "minmax" and
-    the range is the data's own minimum and maximum.
+    the range is the data's own minimum and maximum over the pixels that are not padding.
+
+    Args:
+        padding: ``padding_mask``'s mask, used by "minmax" only. When every pixel is padding there is no
+            anatomy to range over, and all pixels are used as without padding.
     """
     if ds.get("VOILUTSequence"):
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])  # PS3.3 C.11.2.1.1: bits per entry
@@ -201,7 +285,8 @@ def apply_window(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[flo
         else:
             if low != high:
                 return windowed, (float(low), float(high)), "window"
-    return values, (float(np.min(values)), float(np.max(values))), "minmax"
+    anatomy = values if padding is None or padding.all() else values[~padding]
+    return values, (float(np.min(anatomy)), float(np.max(anatomy))), "minmax"
 
 
 def scale_to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -230,8 +315,19 @@ def to_monochrome2(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     return pixels
 
 
-def dicom_meta(ds: Dataset, file: Path, voi: str) -> dict:
-    """Collect the JSON-serialisable header facts that later stages and audits need."""
+def black_out_padding(pixels: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
+    """Set padding pixels (0028,0120)/(0028,0121) to 0, black: padding is not anatomy, whatever the VOI made of it."""
+    if padding is None:
+        return pixels
+    return np.where(padding, np.float32(0.0), pixels).astype(np.float32)
+
+
+def dicom_meta(ds: Dataset, file: Path, voi: str, padding: np.ndarray | None = None) -> dict:
+    """Collect the JSON-serialisable header facts that later stages and audits need.
+
+    Args:
+        padding: ``padding_mask``'s mask; its count is ``padding_pixels`` (0 without one).
+    """
     return {
         "source": str(file),
         "format": "dicom",
@@ -250,6 +346,7 @@ def dicom_meta(ds: Dataset, file: Path, voi: str) -> dict:
         "study_instance_uid": _text(ds, "StudyInstanceUID"),  # (0020,000D)
         "manufacturer": _text(ds, "Manufacturer"),  # (0008,0070)
         "voi": voi,
+        "padding_pixels": 0 if padding is None else int(np.count_nonzero(padding)),  # (0028,0120), (0028,0121)
     }
 
 
