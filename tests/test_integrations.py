@@ -6,6 +6,7 @@ Skipped with the reason where Orthanc, its DICOMweb plugin, storescu or the DICO
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -329,6 +330,173 @@ def test_a_payload_that_fails_otherwise_does_not_hold_back_the_items_behind_it(t
     assert waiting.label == "SR first" and waiting.attempts == 1 and sent == ["1.2.3.4"]
     error = json.loads((waiting.folder / "state.json").read_text())["last_error"]
     assert error.startswith("InvalidDicomError") and "delivery of SR first failed" in caplog.text
+
+
+def _retired(outbox, name: str, days_ago: float, *, refuse: bool = False) -> Path:
+    """An item delivered (or refused for good) ``days_ago`` days ago, by its recorded ``moved_at``."""
+    from lungdx.integrations.outbox import DAY_S
+
+    item = outbox.put("dicom", _dataset_bytes(), ".dcm", name)
+    before = time.time()
+    kept = outbox.refused(item, "refused") if refuse else outbox.delivered(item)
+    state = json.loads((kept / "state.json").read_text())
+    assert before <= state["moved_at"] <= time.time(), "the move's time is recorded in state.json"
+    state["moved_at"] -= days_ago * DAY_S
+    (kept / "state.json").write_text(json.dumps(state))
+    return kept
+
+
+def test_retention_deletes_old_sent_items_keeps_young_ones_and_refused_ones_longer(tmp_path, caplog):
+    from lungdx.integrations.outbox import Outbox, Retention
+
+    outbox = Outbox(tmp_path, retention=Retention(sent_days=7, refused_days=30))
+    old, young = _retired(outbox, "SR old", 8), _retired(outbox, "SR young", 6)
+    refused, refused_old = _retired(outbox, "SR refused", 8, refuse=True), _retired(outbox, "SC refused", 31, refuse=True)
+    with caplog.at_level("INFO", logger="lungdx"):
+        assert outbox.prune() == 2
+    assert not old.exists() and young.is_dir() and refused.is_dir() and not refused_old.exists()
+    assert f"deleted 1 item(s) from {tmp_path / 'sent'}" in caplog.text
+    assert f"deleted 1 item(s) from {tmp_path / 'refused'}" in caplog.text
+    for private in ("Smith", "PID4711", "SR old", "SC refused", old.name):  # the count and the folder only
+        assert private not in caplog.text
+    assert outbox.prune(now=time.time() + 2 * 86400) == 1 and not young.exists() and refused.is_dir()
+
+
+def test_a_refused_item_moved_back_to_pending_is_delivered_and_aged_from_its_delivery(tmp_path):
+    from lungdx.integrations.outbox import Outbox
+
+    outbox = Outbox(tmp_path)
+    refused = _retired(outbox, "SR refused", 20, refuse=True)
+    refused.rename(tmp_path / "pending" / refused.name)  # the cause fixed, a person puts it back
+    assert outbox.deliver({"dicom": lambda _: None}) == 1
+    assert outbox.prune() == 0 and (tmp_path / "sent" / refused.name).is_dir()
+
+
+def test_retention_0_deletes_at_delivery_and_none_keeps_for_good(tmp_path):
+    from lungdx.integrations.outbox import Outbox, Retention
+
+    at_once = Outbox(tmp_path / "at-once", retention=Retention(sent_days=0, refused_days=0, every_s=3600))
+    at_once.prune_when_due()  # the first round's prune is spent: what goes now goes at delivery
+    at_once.put("dicom", _dataset_bytes(), ".dcm", "SR")
+    assert at_once.deliver({"dicom": lambda _: None}) == 1
+    assert list((at_once.folder / "sent").iterdir()) == [] and at_once.pending() == []
+    assert at_once.refused(at_once.put("dicom", b"x", ".dcm", "SC"), "refused") is None
+    assert list((at_once.folder / "refused").iterdir()) == []
+
+    forever = Outbox(tmp_path / "forever", retention=Retention(sent_days=None, refused_days=None))
+    kept = [_retired(forever, "SR", 3650), _retired(forever, "SC", 3650, refuse=True)]
+    assert forever.prune() == 0 and all(folder.is_dir() for folder in kept)
+
+
+def test_retention_ages_an_item_moved_by_an_older_lungdx_by_its_folder_mtime(tmp_path):
+    from lungdx.integrations.outbox import DAY_S, Outbox
+
+    outbox = Outbox(tmp_path)  # the defaults: sent/ kept 7 days
+    now = time.time()
+    folders = {}
+    for name, age_days in (("old", 8), ("young", 6)):
+        folder = folders[name] = tmp_path / "sent" / name
+        folder.mkdir()
+        (folder / "payload.dcm").write_bytes(_dataset_bytes())
+        state = {"kind": "dicom", "attempts": 0, "next_attempt": 0.0, "label": name, "last_error": None}  # no moved_at
+        (folder / "state.json").write_text(json.dumps(state))
+        os.utime(folder, (now - age_days * DAY_S, now - age_days * DAY_S))
+    recorded = _retired(outbox, "recorded today", 0)
+    os.utime(recorded, (now - 30 * DAY_S, now - 30 * DAY_S))  # a recorded moved_at wins over the mtime
+    assert outbox.prune(now=now) == 1
+    assert not folders["old"].exists() and folders["young"].is_dir() and recorded.is_dir()
+
+
+def test_prune_never_touches_pending_or_tmp(tmp_path):
+    from lungdx.integrations.outbox import DAY_S, Outbox, Retention
+
+    outbox = Outbox(tmp_path, retention=Retention(sent_days=0, refused_days=0))
+    waiting = outbox.put("dicom", _dataset_bytes(), ".dcm", "SR waiting")
+    outbox.failed(waiting, "PACS down")
+    state = json.loads((waiting.folder / "state.json").read_text())
+    (waiting.folder / "state.json").write_text(json.dumps({**state, "moved_at": 0.0}))  # even with a time recorded
+    staging = tmp_path / "tmp" / "half-written"
+    staging.mkdir()
+    (staging / "payload.dcm").write_bytes(b"...")
+    long_ago = time.time() - 3650 * DAY_S
+    for folder in (waiting.folder, staging):
+        os.utime(folder, (long_ago, long_ago))
+    assert outbox.prune() == 0
+    assert [item.label for item in outbox.pending()] == ["SR waiting"] and (staging / "payload.dcm").is_file()
+
+
+def test_a_prune_failure_on_one_item_does_not_stop_the_others_nor_delivery(tmp_path, monkeypatch, caplog):
+    """An item whose payload cannot be deleted (permissions) and one gone mid-prune: the rest still goes."""
+    import lungdx.integrations.outbox as outbox_module
+    from lungdx.integrations.outbox import Outbox
+
+    outbox = Outbox(tmp_path)
+    blocked, vanishing, deleted = (_retired(outbox, name, 8) for name in ("SR blocked", "SR vanishing", "SC deleted"))
+    unlink, moved_at = Path.unlink, outbox_module._moved_at
+
+    def refuse_blocked(path, *args, **kwargs):
+        if path.parent == blocked and path.name.startswith("payload"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, *args, **kwargs)
+
+    def vanish(item):  # another process deletes it between the listing and the deletion
+        when = moved_at(item)
+        if item == vanishing:
+            shutil.rmtree(item)
+        return when
+
+    monkeypatch.setattr(Path, "unlink", refuse_blocked)
+    monkeypatch.setattr(outbox_module, "_moved_at", vanish)
+    outbox.put("dicom", _dataset_bytes(), ".dcm", "SR new")
+    with caplog.at_level("INFO", logger="lungdx"):
+        assert outbox.deliver({"dicom": lambda _: None}) == 1  # delivers, then prunes (its first round)
+    assert blocked.is_dir() and not vanishing.exists() and not deleted.exists() and outbox.pending() == []
+    assert (blocked / "state.json").is_file(), "state.json goes last: the item keeps its recorded time"
+    assert "cannot delete an item of sent, tried again at the next prune: Permission denied" in caplog.text
+    assert "deleted 2 item(s)" in caplog.text and "Smith" not in caplog.text
+    monkeypatch.undo()
+    assert outbox.prune() == 1 and not blocked.exists()
+
+
+def test_deliver_prunes_at_most_once_per_interval(tmp_path):
+    from lungdx.integrations.outbox import Outbox, Retention
+
+    hourly = Outbox(tmp_path / "hourly", retention=Retention(every_s=3600))
+    first = _retired(hourly, "SR first", 8)
+    hourly.deliver({})
+    second = _retired(hourly, "SR second", 8)
+    hourly.deliver({})
+    assert not first.exists() and second.is_dir(), "the second round, within the hour, does not prune"
+    assert hourly.prune() == 1 and not second.exists()  # prune on its own always does
+
+    every_round = Outbox(tmp_path / "every-round", retention=Retention(every_s=0))
+    every_round.deliver({})
+    third = _retired(every_round, "SR third", 8)
+    every_round.deliver({})
+    assert not third.exists()
+
+
+@pytest.mark.parametrize("flags, sent_days, refused_days", [
+    ([], 7.0, 30.0), (["--keep-sent", "0", "--keep-refused", "never"], 0.0, None), (["--keep-sent", "1.5"], 1.5, 30.0)])
+def test_listen_and_pacs_run_take_the_retention(flags, sent_days, refused_days, monkeypatch):
+    import lungdx.integrations.service as service
+    from lungdx.cli import _pacs_processor, build_parser
+    from lungdx.integrations.outbox import Retention
+
+    made = {}
+    monkeypatch.setattr(service, "make_processor", lambda *args, **kwargs: made.update(kwargs))
+    for command in (["listen", "run"], ["pacs-run", "run", "--study", "1.2.3"]):
+        _pacs_processor(build_parser().parse_args([*command, "--pacs", "http://127.0.0.1:1/dicom-web", *flags]))
+        assert made["retention"] == Retention(sent_days=sent_days, refused_days=refused_days)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "a week"])
+def test_a_retention_that_is_not_days_is_refused(value, capsys):
+    from lungdx.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["listen", "run", "--keep-sent", value])
+    assert "expected a number of days (0 or more) or 'never'" in capsys.readouterr().err
 
 
 def _dataset_bytes(**values) -> bytes:

@@ -729,16 +729,46 @@ def _add_destination(parser: argparse.ArgumentParser) -> None:
                         help="how results go back to the PACS (default: %(default)s)")
     parser.add_argument("--fhir", help="FHIR base URL to POST the DiagnosticReport bundles to (optional)")
     parser.add_argument("--state", default="lungdx-pacs", help="inbox/outbox folder (default: %(default)s)")
+    _add_retention(parser)
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda (default: %(default)s)")
     _add_acceptance(parser)
 
 
+def _add_retention(parser: argparse.ArgumentParser) -> None:
+    """How long the outbox keeps results (lungdx.integrations.outbox.Retention): they hold the patient's name and ID."""
+    from lungdx.integrations.outbox import Retention
+
+    parser.add_argument("--keep-sent", type=_retention_days, default=Retention.sent_days, metavar="DAYS",
+                        help="delete delivered results (SR, heatmap, FHIR bundle: patient data) from STATE/outbox/sent/ "
+                             "DAYS days after delivery; 0 deletes each as soon as the PACS or EHR took it, 'never' "
+                             "keeps them all (default: %(default)g)")
+    parser.add_argument("--keep-refused", type=_retention_days, default=Retention.refused_days, metavar="DAYS",
+                        help="delete results a destination refused for good from STATE/outbox/refused/ DAYS days "
+                             "after the refusal; the default is longer than --keep-sent's, as a person must read why "
+                             "each was refused (its state.json) and move it back to pending/ once the cause is fixed; "
+                             "0 deletes each at once, 'never' keeps them (default: %(default)g)")
+
+
+def _retention_days(text: str) -> float | None:
+    if text.strip().lower() == "never":
+        return None
+    try:
+        days = float(text)
+        if days >= 0:  # also refuses NaN
+            return days
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a number of days (0 or more) or 'never', got {text!r}")
+
+
 def _pacs_processor(args):
+    from lungdx.integrations.outbox import Retention
     from lungdx.integrations.service import dicom_sender, make_processor
 
     sender = dicom_sender(args.send_by, dicomweb=args.pacs, host=args.pacs_host, port=args.pacs_port,
                           called_aet=args.pacs_aet, calling_aet=getattr(args, "aet", "LUNGDX"))
-    return make_processor(args.run, args.state, sender, fhir_url=args.fhir, device=args.device, policy=_policy(args))
+    return make_processor(args.run, args.state, sender, fhir_url=args.fhir, device=args.device, policy=_policy(args),
+                          retention=Retention(sent_days=args.keep_sent, refused_days=args.keep_refused))
 
 
 def _cmd_listen(args) -> int:

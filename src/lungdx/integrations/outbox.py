@@ -6,12 +6,18 @@ renamed), so a crash or a restart never leaves half an item, and whatever is pen
 listener stops is delivered after it starts again. Delivered items move to ``sent/``; an item a destination
 refuses for good (``DeliveryError(permanent=True)``: a payload it will never take, whatever the retries)
 moves to ``refused/`` with its last error, kept for a person to look at; every other failure is retried.
+
+Payloads hold patient data (the DICOM objects name the patient, a FHIR Bundle carries the patient's ID), so
+``sent/`` and ``refused/`` are emptied by a ``Retention``: an item older than its folder's limit, counted from
+``moved_at`` in its ``state.json`` (the folder's mtime for an item moved by a lungdx that did not record it),
+is deleted by ``Outbox.prune``, which ``deliver`` runs at most once per ``Retention.every_s``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -52,6 +58,36 @@ class RetryPolicy:
         return min(self.max_s, self.base_s * 2 ** max(0, attempts - 1))
 
 
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long delivered (``sent/``) and refused (``refused/``) items are kept, in days from when they moved there.
+
+    ``0`` deletes an item as soon as it moves there (a delivered payload is gone once the destination took it);
+    ``None`` keeps items for good (lungdx before retention: someone else must delete them). Refused items are
+    kept longer by default, as a person has to read why they were refused before they go.
+
+    Attributes:
+        sent_days: limit for ``sent/``; None keeps.
+        refused_days: limit for ``refused/``; None keeps.
+        every_s: ``deliver`` prunes at most this often (the first ``deliver`` prunes); ``prune`` itself always does.
+    """
+
+    sent_days: float | None = 7.0
+    refused_days: float | None = 30.0
+    every_s: float = 3600.0
+
+    def __post_init__(self):
+        for name in ("sent_days", "refused_days"):
+            days = getattr(self, name)
+            if days is not None and not days >= 0:  # also refuses NaN
+                raise ValueError(f"{name} must be 0 or more days, or None to keep items for good; got {days}")
+        if not self.every_s >= 0:
+            raise ValueError(f"every_s must not be negative, got {self.every_s}")
+
+
 @dataclass(frozen=True)
 class Item:
     """One pending payload."""
@@ -65,11 +101,13 @@ class Item:
 
 
 class Outbox:
-    """Pending deliveries under ``folder`` (``pending/``, ``sent/``, ``tmp/``)."""
+    """Pending deliveries under ``folder`` (``pending/``, ``tmp/``), delivered (``sent/``) and ``refused/`` ones."""
 
-    def __init__(self, folder: str | Path, retry: RetryPolicy | None = None):
+    def __init__(self, folder: str | Path, retry: RetryPolicy | None = None, retention: Retention | None = None):
         self.folder = Path(folder)
         self.retry = retry or RetryPolicy()
+        self.retention = retention or Retention()
+        self._next_prune = -math.inf  # time.monotonic() of the next prune due in deliver
         for name in ("pending", "sent", "refused", "tmp"):
             (self.folder / name).mkdir(parents=True, exist_ok=True)
 
@@ -93,15 +131,32 @@ class Outbox:
         now = time.time() if now is None else now
         return [item for item in self.pending() if item.next_attempt <= now]
 
-    def delivered(self, item: Item) -> None:
-        shutil.move(str(item.folder), str(self.folder / "sent" / item.folder.name))
+    def delivered(self, item: Item) -> Path | None:
+        """Move a delivered item to ``sent/``; returns where it is kept, None where ``Retention.sent_days`` 0 deleted it."""
+        return self._retire(item, json.loads((item.folder / "state.json").read_text()), "sent", self.retention.sent_days)
 
-    def refused(self, item: Item, error: str) -> None:
-        """Move an item its destination refuses for good to ``refused/``, its error in ``state.json``."""
+    def refused(self, item: Item, error: str) -> Path | None:
+        """Move an item its destination refuses for good to ``refused/``, its error in ``state.json``.
+
+        Returns:
+            Where it is kept, or None where ``Retention.refused_days`` 0 deleted it.
+        """
         state = {"kind": item.kind, "attempts": item.attempts + 1, "next_attempt": None, "label": item.label,
                  "last_error": error}
+        return self._retire(item, state, "refused", self.retention.refused_days)
+
+    def _retire(self, item: Item, state: dict, name: str, days: float | None) -> Path | None:
+        """Record when ``item`` moves to the folder ``name`` (``moved_at``), move it, and delete it there at once
+        when ``days`` is 0; returns where it is kept."""
+        # Always this move's time, never an earlier one: a refused item moved back to pending/ by hand (the cause
+        # fixed) still holds its refusal's moved_at, and would otherwise be aged from the refusal once delivered.
+        state["moved_at"] = time.time()
         write_atomic(item.folder / "state.json", json.dumps(state).encode())
-        shutil.move(str(item.folder), str(self.folder / "refused" / item.folder.name))
+        kept = self.folder / name / item.folder.name
+        shutil.move(str(item.folder), str(kept))
+        if days == 0 and _delete(kept, name):  # moved first: a deletion cut short is finished by the next prune
+            return None
+        return kept
 
     def failed(self, item: Item, error: str) -> float:
         """Record a failed attempt and schedule the next; returns the delay in seconds."""
@@ -112,13 +167,51 @@ class Outbox:
         write_atomic(item.folder / "state.json", json.dumps(state).encode())
         return delay_s
 
+    def prune(self, now: float | None = None) -> int:
+        """Delete the items of ``sent/`` and ``refused/`` older than the ``Retention``; returns how many went.
+
+        Never touches ``pending/`` or ``tmp/``. An item that cannot be deleted (permissions, say) is logged and
+        tried again at the next prune; the others still go.
+        """
+        now = time.time() if now is None else now
+        count = 0
+        for name, days in (("sent", self.retention.sent_days), ("refused", self.retention.refused_days)):
+            if days is not None:
+                count += self._prune_folder(name, now - days * DAY_S)
+        return count
+
+    def prune_when_due(self) -> int:
+        """``prune`` if ``Retention.every_s`` has passed since the last time this did; returns how many went."""
+        if time.monotonic() < self._next_prune:
+            return 0
+        self._next_prune = time.monotonic() + self.retention.every_s
+        return self.prune()
+
+    def _prune_folder(self, name: str, cutoff: float) -> int:
+        folder = self.folder / name
+        try:
+            items = [item for item in folder.iterdir() if item.is_dir()]
+        except OSError as err:  # the folder itself gone or unreadable: nothing to do until it is back
+            logger.error("outbox retention: cannot list %s: %s", folder, err.strerror or type(err).__name__)
+            return 0
+        count = sum(_delete(item, name) for item in items if _moved_at(item) <= cutoff)
+        if count:  # the count and the folder only: an item's label or payload may lead back to the patient
+            logger.info("outbox retention: deleted %d item(s) from %s", count, folder)
+        return count
+
     def deliver(self, senders: Mapping[str, Callable[[Path], None]], now: float | None = None) -> int:
         """Try every due item with the sender of its kind; returns how many were delivered.
 
         Any error of a sender (a PACS down, a refused SOP class, an unreadable payload) is a failed attempt of
         that item, retried after its backoff, unless it is a permanent refusal (``refused/``); the items behind it
-        are still tried.
+        are still tried. Then ``prune_when_due``, also when a broken pending item ended the round.
         """
+        try:
+            return self._deliver_due(senders, now)
+        finally:
+            self.prune_when_due()
+
+    def _deliver_due(self, senders: Mapping[str, Callable[[Path], None]], now: float | None) -> int:
         count = 0
         for item in self.due(now):
             sender = senders.get(item.kind)
@@ -131,9 +224,9 @@ class Outbox:
                 # payload's header values, so only its type is kept.
                 error = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__} (payload not deliverable)"
                 if getattr(err, "permanent", False):
-                    self.refused(item, error)
-                    logger.error("delivery of %s refused for good, kept in %s: %s", item.label,
-                                 self.folder / "refused" / item.folder.name, error)
+                    kept = self.refused(item, error)
+                    logger.error("delivery of %s refused for good, %s: %s", item.label,
+                                 f"kept in {kept}" if kept else "deleted (refused items kept 0 days)", error)
                     continue
                 delay_s = self.failed(item, error)
                 logger.warning("delivery of %s failed (attempt %d), retrying in %.0f s: %s",
@@ -147,5 +240,38 @@ class Outbox:
     def _item(self, folder: Path) -> Item:
         state = json.loads((folder / "state.json").read_text())
         payload = next(p for p in folder.iterdir() if p.name.startswith("payload"))
+        # next_attempt is null in a refused item that a person moved back to pending/: it is due now
         return Item(folder=folder, kind=state["kind"], payload=payload, attempts=int(state["attempts"]),
-                    next_attempt=float(state["next_attempt"]), label=state["label"])
+                    next_attempt=float(state["next_attempt"] or 0.0), label=state["label"])
+
+
+def _moved_at(item: Path) -> float:
+    """When an item moved to ``sent/`` or ``refused/``: its ``moved_at``, else (moved by an older lungdx, or a
+    ``state.json`` that does not read) the folder's mtime, the time its last file was written."""
+    try:
+        return float(json.loads((item / "state.json").read_text())["moved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        return item.stat().st_mtime
+    except OSError:  # gone since it was listed: nothing to delete
+        return math.inf
+
+
+def _delete(item: Path, name: str) -> bool:
+    """Delete an item folder, its ``state.json`` last, so that a deletion cut short keeps the recorded time and is
+    tried again on time; False (logged) where it cannot be deleted."""
+    try:
+        for path in sorted(item.iterdir(), key=lambda path: path.name == "state.json"):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        item.rmdir()
+    except FileNotFoundError:  # deleted meanwhile by someone else
+        return not item.exists()
+    except OSError as err:
+        logger.warning("outbox retention: cannot delete an item of %s, tried again at the next prune: %s (%s)",
+                       name, err.strerror or type(err).__name__, item.name)
+        return False
+    return True

@@ -37,7 +37,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from lungdx.integrations import uid_digest
-from lungdx.integrations.outbox import DeliveryError, Outbox, RetryPolicy, write_atomic
+from lungdx.integrations.outbox import DeliveryError, Outbox, Retention, RetryPolicy, write_atomic
 from lungdx.io import ImageReadError, sniff_format
 from lungdx.io.acceptance import Refused
 from lungdx.predict import Prediction, Predictor
@@ -173,7 +173,7 @@ class Processor:
 
     def __init__(self, predictor: Predictor, state_dir: str | Path, *, send_dicom: Callable[[Path], None] | None,
                  send_fhir: Callable[[Path], None] | None = None, retry: RetryPolicy | None = None,
-                 method: str = "auto"):
+                 method: str = "auto", retention: Retention | None = None):
         from lungdx.integrations.results import task_concepts
 
         task_concepts(predictor.identity["task"])  # refused at start-up, not on every instance
@@ -181,7 +181,7 @@ class Processor:
         self.state_dir = Path(state_dir)
         self.inbox = self.state_dir / "inbox"
         self.inbox.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(self.state_dir / "outbox", retry)
+        self.outbox = Outbox(self.state_dir / "outbox", retry, retention)
         self.senders = {kind: sender for kind, sender in (("dicom", send_dicom), ("fhir", send_fhir)) if sender}
         self._events = threading.Lock()
         self.version = predictor.identity["version"]
@@ -250,7 +250,7 @@ class Processor:
         return len(files)
 
     def deliver(self) -> int:
-        """Try to deliver every due result; the rest stays in the outbox."""
+        """Try to deliver every due result (the rest stays in the outbox); prunes it as ``Outbox.deliver`` does."""
         return self.outbox.deliver(self.senders)
 
     def last_event_reason(self, digest: str) -> str:

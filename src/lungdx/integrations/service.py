@@ -7,7 +7,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from lungdx.integrations.outbox import RetryPolicy
+from lungdx.integrations.outbox import Retention, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +32,12 @@ def dicom_sender(by: str, *, dicomweb: str | None = None, host: str | None = Non
 
 
 def make_processor(run: str | Path, state_dir: str | Path, sender: Callable[[Path], None], *,
-                   fhir_url: str | None = None, device: str = "cpu", retry: RetryPolicy | None = None, policy=None):
+                   fhir_url: str | None = None, device: str = "cpu", retry: RetryPolicy | None = None, policy=None,
+                   retention: Retention | None = None):
     """The ``Processor`` of a run folder (or model.pt) with its result senders.
 
     ``policy``: the ``lungdx.io.acceptance.AcceptancePolicy`` received instances are read through (default: the default one).
+    ``retention``: how long the outbox keeps delivered and refused results (default: ``Retention()``).
     """
     from lungdx.integrations.fhir import post_bundle
     from lungdx.integrations.pipeline import Processor
@@ -43,4 +45,4 @@ def make_processor(run: str | Path, state_dir: str | Path, sender: Callable[[Pat
 
     predictor = Predictor.from_path(run, device=device, policy=policy)
     send_fhir = partial(post_bundle, base_url=fhir_url) if fhir_url else None
-    return Processor(predictor, state_dir, send_dicom=sender, send_fhir=send_fhir, retry=retry)
+    return Processor(predictor, state_dir, send_dicom=sender, send_fhir=send_fhir, retry=retry, retention=retention)
