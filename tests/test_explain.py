@@ -437,6 +437,26 @@ def test_a_flat_map_has_no_peak_and_no_say_in_the_peak_in_lung_mean():
     assert summary["peak_in_lung"] == 1.0  # the one map with a peak
 
 
+def test_a_constant_map_is_flat_too():
+    # An occlusion patch as large as the image gives one value everywhere: its argmax at (0, 0) was a made-up peak.
+    heatmaps = np.full((1, 10, 10), 0.4)
+    circles = np.array([[0, 0, 1]], dtype=float)  # the made-up peak would have hit this nodule
+    cases = pointing_game(heatmaps, circles)
+    assert cases.loc[0, "flat"] and not cases.loc[0, "hit"] and np.isnan(cases.loc[0, "peak_x"])
+    assert cases.loc[0, "energy_share"] == pytest.approx(cases.loc[0, "random_image"])  # a uniform map's share
+
+
+def test_an_unreadable_lung_mask_is_named_and_left_out(tmp_path, caplog):
+    from lungdx.explain import _lung_field
+
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "bad.png").write_bytes(b"not a PNG")
+    grid = GridMap.of((64, 64), PreprocessConfig(size=32))
+    with caplog.at_level(logging.WARNING, logger="lungdx.explain"):
+        assert _lung_field(tmp_path, "masks/bad.png", grid) is None
+    assert "masks/bad.png: lung mask cannot be read" in caplog.text
+
+
 def test_bootstrap_means_and_summary():
     values = np.array([[1.0, 0.2], [0.0, np.nan], [1.0, 0.4], [1.0, 0.6]])
     means, lows, highs = bootstrap_means(values, np.arange(4), 500, 0.9, seed=1)

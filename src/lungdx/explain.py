@@ -595,14 +595,15 @@ def pointing_game(heatmaps: np.ndarray, circles: np.ndarray, *, tolerance_px: fl
         regions: (N, H, W) boolean lung fields for the lung-field baseline (None: not reported).
 
     Returns:
-        ``hit`` (the first maximum, in row-major order, lies in the enlarged circle; an all-zero
+        ``hit`` (the first maximum, in row-major order, lies in the enlarged circle; a flat
         heatmap has no maximum and misses), ``energy_share`` (heatmap sum inside the enlarged
-        circle over its total; 0 for an all-zero heatmap), ``flat`` (all zero), ``random_image``
+        circle over its total; 0 for an all-zero heatmap), ``flat`` (one value everywhere: all zero,
+        or constant), ``random_image``
         and ``random_lung`` (the enlarged circle's area fraction of the image / lung field: both
         the hit probability of a uniformly random maximum and the energy share of a uniform heatmap),
         ``peak_x``, ``peak_y`` (the maximum's column and row), ``peak_distance_px`` (from the nodule
         centre) and ``peak_in_lung`` (1 when the maximum lies in the lung field); the four are NaN for
-        an all-zero heatmap, so that its made-up peak enters no mean.
+        a flat heatmap, so that its made-up peak enters no mean.
     """
     heatmaps, circles = np.asarray(heatmaps, dtype=np.float64), np.asarray(circles, dtype=np.float64)
     if heatmaps.ndim != 3 or circles.shape != (len(heatmaps), 3):
@@ -611,11 +612,13 @@ def pointing_game(heatmaps: np.ndarray, circles: np.ndarray, *, tolerance_px: fl
     records = []
     for index, (heatmap, (x, y, radius)) in enumerate(zip(heatmaps, circles, strict=True)):
         inside = (columns - x) ** 2 + (rows - y) ** 2 <= (radius + tolerance_px) ** 2
-        total, flat = heatmap.sum(), not heatmap.max() > 0
+        # Flat: one value everywhere (all zero, or a constant map such as an occlusion patch as large as the image
+        # gives), so no maximum; its argmax would be a made-up peak at the corner.
+        total, flat = heatmap.sum(), not heatmap.max() > heatmap.min()
         peak = np.unravel_index(np.argmax(heatmap), heatmap.shape)
         region = None if regions is None else np.asarray(regions[index], dtype=bool)
         records.append({
-            "hit": bool(inside[peak]) and not flat, "energy_share": 0.0 if flat else float(heatmap[inside].sum() / total),
+            "hit": bool(inside[peak]) and not flat, "energy_share": float(heatmap[inside].sum() / total) if total > 0 else 0.0,
             "flat": flat, "random_image": float(inside.mean()),
             "random_lung": float((inside & region).sum() / region.sum()) if region is not None and region.any() else np.nan,
             **(_NO_PEAK if flat else {
@@ -794,13 +797,18 @@ def _localization_inputs(cases: pd.DataFrame, predictor: Predictor, data_path: P
 
 
 def _lung_field(root: Path, mask: object, grid: GridMap) -> np.ndarray | None:
-    """The dataset's lung mask (a path relative to its folder) on the model grid, or None."""
+    """The dataset's lung mask (a path relative to its folder) on the model grid, or None (also for a mask that
+    cannot be read, named in a warning: the case keeps its pointing game, the run loses its lung-field baseline)."""
     if not isinstance(mask, str) or not mask or not (root / mask).is_file():
         return None
     from PIL import Image
 
-    with Image.open(root / mask) as image:
-        return grid.to_grid(np.asarray(image) > 0) > 0.5
+    try:
+        with Image.open(root / mask) as image:
+            return grid.to_grid(np.asarray(image) > 0) > 0.5
+    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        logger.warning("%s: lung mask cannot be read (%s); left out", root / mask, err)
+        return None
 
 
 def write_localization(result: Localization, out_dir: str | Path) -> dict[str, Path]:
