@@ -499,6 +499,143 @@ def test_a_retention_that_is_not_days_is_refused(value, capsys):
     assert "expected a number of days (0 or more) or 'never'" in capsys.readouterr().err
 
 
+def _state_processor(state: Path, **retention):
+    """A ``Processor`` on ``state`` with a stand-in predictor: what is tested here never reaches a model."""
+    from types import SimpleNamespace
+
+    from lungdx.integrations.outbox import Retention
+    from lungdx.integrations.pipeline import Processor
+
+    predictor = SimpleNamespace(identity={**IDENTITY, "task": "malignant_vs_rest"})
+    return Processor(predictor, state, send_dicom=lambda _: None, retention=Retention(**retention))
+
+
+def _aged(path: Path, days_ago: float, now: float, data: bytes = b"{}") -> Path:
+    from lungdx.integrations.outbox import DAY_S
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.utime(path, (now - days_ago * DAY_S, now - days_ago * DAY_S))
+    return path
+
+
+def test_retention_prunes_fhir_copies_as_sent_and_failed_and_unreadable_instances_as_refused(tmp_path, caplog):
+    """fhir/ by --keep-sent, failed/ and unreadable/ by --keep-refused, pruned where the outbox prunes (deliver);
+    the inbox, what is pending, a file being written and the logs of the state folder are never touched."""
+    processor = _state_processor(tmp_path, sent_days=7, refused_days=30)
+    now = time.time()
+    source = _dataset_bytes()
+    fhir_old, fhir_young = _aged(tmp_path / "fhir" / "a1.json", 8, now), _aged(tmp_path / "fhir" / "a2.json", 6, now)
+    failed_old, failed_young = (_aged(tmp_path / "failed" / f"b{days}.dcm", days, now, source) for days in (31, 8))
+    unreadable_old, unreadable_young = (_aged(tmp_path / "unreadable" / f"c{days}.dcm", days, now, source) for days in (31, 29))
+    untouched = [_aged(processor.inbox / "received-long-ago.dcm", 3650, now, source),
+                 _aged(tmp_path / "fhir" / ".a3.json.0123.partial", 3650, now),
+                 _aged(tmp_path / "done.jsonl", 3650, now, b'{"instance": "b31"}\n'),
+                 _aged(tmp_path / "events.jsonl", 3650, now, b'{"instance": "b31"}\n')]
+    waiting = processor.outbox.put("dicom", source, ".dcm", "SR waiting")
+    processor.outbox.failed(waiting, "PACS down")
+    with caplog.at_level("INFO", logger="lungdx"):
+        assert processor.deliver() == 0  # a round with nothing due still prunes (its first)
+    assert not any(path.exists() for path in (fhir_old, failed_old, unreadable_old))
+    assert all(path.is_file() for path in (fhir_young, failed_young, unreadable_young, *untouched))
+    assert [item.label for item in processor.outbox.pending()] == ["SR waiting"]
+    for folder in ("fhir", "failed", "unreadable"):
+        assert f"retention: deleted 1 file(s) from {tmp_path / folder}" in caplog.text
+    for private in ("Smith", "PID4711", "a1", "b31", "c31"):  # the count and the folder only
+        assert private not in caplog.text
+    assert processor.outbox.prune(now=now + 2 * 86400) == 2 and not fhir_young.exists() and not unreadable_young.exists()
+    assert failed_young.is_file()
+
+
+@pytest.mark.parametrize("folder", ["failed", "unreadable"])
+def test_retention_ages_an_instance_kept_for_a_person_from_when_it_was_kept(folder, tmp_path, monkeypatch):
+    """Received 40 days ago (the node was down, a backlog): kept today, it gets --keep-refused's 30 days from today."""
+    import lungdx.integrations.pipeline as pipeline
+    from lungdx.integrations.outbox import DAY_S
+
+    def analyse(*_args, **_kwargs):
+        if folder == "unreadable":
+            raise pipeline.Skipped("no decoder installed", unreadable=True)
+        raise ValueError("analysis failed")
+
+    monkeypatch.setattr(pipeline, "analyse_file", analyse)
+    processor = _state_processor(tmp_path, refused_days=30)
+    received = _aged(processor.inbox / "received.dcm", 40, time.time(), _dataset_bytes())
+    before = time.time()
+    assert processor.process_inbox() == 1 and not received.exists()
+    [kept] = (tmp_path / folder).iterdir()
+    assert kept.stat().st_mtime >= before - 1
+    assert processor.outbox.prune() == 0 and kept.is_file()
+    assert processor.outbox.prune(now=time.time() + 31 * DAY_S) == 1 and not kept.exists()
+
+
+def test_retention_0_writes_no_fhir_copy_and_keeps_no_failed_instance_and_never_keeps_all(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from pydicom.filebase import DicomBytesIO
+
+    import lungdx.integrations.pipeline as pipeline
+
+    source = _dataset_bytes()
+    result = pydicom.dcmread(DicomBytesIO(source))
+    outcomes = iter([pipeline.Results(prediction=SimpleNamespace(probability=0.25), sr=result, secondary_capture=result,
+                                      fhir_bundle={"resourceType": "Bundle"}),
+                     ValueError("analysis failed")])
+
+    def analyse(*_args, **_kwargs):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(pipeline, "analyse_file", analyse)
+    processor = _state_processor(tmp_path / "at-once", sent_days=0, refused_days=0)
+    for name, uid in (("analysed", "1.2.3.4"), ("failing", "1.2.3.6")):
+        (processor.inbox / f"{name}.dcm").write_bytes(_dataset_bytes(SOPInstanceUID=("UI", uid)))
+        assert processor.process_inbox() == 1
+    events = [json.loads(line)["status"] for line in (processor.state_dir / "events.jsonl").read_text().splitlines()]
+    assert events == ["analysed", "failed"] and len(processor.outbox.pending()) == 2, "the results still wait for delivery"
+    assert not (processor.state_dir / "fhir").exists() and not (processor.state_dir / "failed").exists()
+    assert not any(processor.inbox.iterdir())
+
+    forever = _state_processor(tmp_path / "forever", sent_days=None, refused_days=None)
+    kept = [_aged(forever.state_dir / name, 3650, time.time()) for name in ("fhir/a.json", "failed/b.dcm", "unreadable/c.dcm")]
+    assert forever.outbox.prune() == 0 and all(path.is_file() for path in kept)
+
+
+def test_retention_tries_a_kept_file_that_cannot_be_deleted_again_and_the_rest_still_goes(tmp_path, monkeypatch, caplog):
+    processor = _state_processor(tmp_path, sent_days=7, refused_days=30)
+    now = time.time()
+    blocked, deleted = _aged(tmp_path / "failed" / "b1.dcm", 31, now), _aged(tmp_path / "failed" / "b2.dcm", 31, now)
+    copy = _aged(tmp_path / "fhir" / "a1.json", 8, now)
+    unlink = os.unlink
+
+    def refuse_blocked(path, *args, **kwargs):
+        if Path(path) == blocked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse_blocked)
+    processor.outbox.put("dicom", _dataset_bytes(), ".dcm", "SR new")
+    with caplog.at_level("INFO", logger="lungdx"):
+        assert processor.deliver() == 1  # delivers, then prunes, without raising
+    assert blocked.is_file() and not deleted.exists() and not copy.exists()
+    assert f"cannot delete 1 file(s) of {tmp_path / 'failed'}, tried again at the next prune: Permission denied" in caplog.text
+    assert f"deleted 1 file(s) from {tmp_path / 'failed'}" in caplog.text and "b1" not in caplog.text
+    monkeypatch.undo()
+    assert processor.outbox.prune() == 1 and not blocked.exists()
+
+
+def test_the_retention_help_names_every_folder_it_prunes(capsys):
+    from lungdx.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["listen", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for folder in ("STATE/outbox/sent/", "STATE/fhir/", "STATE/outbox/refused/", "STATE/failed/", "STATE/unreadable/"):
+        assert folder in text
+
+
 def _dataset_bytes(**values) -> bytes:
     """A small PS3.10 file (a CR image header and 8 x 8 pixels) with ``values`` set, invalid ones included."""
     import numpy as np

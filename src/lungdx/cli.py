@@ -735,18 +735,23 @@ def _add_destination(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_retention(parser: argparse.ArgumentParser) -> None:
-    """How long the outbox keeps results (lungdx.integrations.outbox.Retention): they hold the patient's name and ID."""
+    """How long results and kept instances stay in STATE (lungdx.integrations.outbox.Retention): they are patient data."""
     from lungdx.integrations.outbox import Retention
 
     parser.add_argument("--keep-sent", type=_retention_days, default=Retention.sent_days, metavar="DAYS",
                         help="delete delivered results (SR, heatmap, FHIR bundle: patient data) from STATE/outbox/sent/ "
-                             "DAYS days after delivery; 0 deletes each as soon as the PACS or EHR took it, 'never' "
-                             "keeps them all (default: %(default)g)")
+                             "DAYS days after delivery, and the copy of each FHIR bundle in STATE/fhir/ DAYS days after "
+                             "it was written (a system collecting bundles from that folder must take them sooner); 0 "
+                             "deletes each result as soon as the PACS or EHR took it and writes no copy, 'never' keeps "
+                             "them all (default: %(default)g)")
     parser.add_argument("--keep-refused", type=_retention_days, default=Retention.refused_days, metavar="DAYS",
-                        help="delete results a destination refused for good from STATE/outbox/refused/ DAYS days "
-                             "after the refusal; the default is longer than --keep-sent's, as a person must read why "
-                             "each was refused (its state.json) and move it back to pending/ once the cause is fixed; "
-                             "0 deletes each at once, 'never' keeps them (default: %(default)g)")
+                        help="delete what waits for a person DAYS days after it began to wait: results a destination "
+                             "refused for good, in STATE/outbox/refused/ (read why in its state.json, move it back to "
+                             "pending/ once the cause is fixed), and received instances whose analysis failed or whose "
+                             "pixels could not be read, in STATE/failed/ and STATE/unreadable/ (put one back into "
+                             "STATE/inbox/ once fixed, or send it again from the PACS after it went); longer than "
+                             "--keep-sent's by default, for that review; 0 keeps none of them, 'never' keeps them all "
+                             "(default: %(default)g)")
 
 
 def _retention_days(text: str) -> float | None:

@@ -10,7 +10,9 @@ moves to ``refused/`` with its last error, kept for a person to look at; every o
 Payloads hold patient data (the DICOM objects name the patient, a FHIR Bundle carries the patient's ID), so
 ``sent/`` and ``refused/`` are emptied by a ``Retention``: an item older than its folder's limit, counted from
 ``moved_at`` in its ``state.json`` (the folder's mtime for an item moved by a lungdx that did not record it),
-is deleted by ``Outbox.prune``, which ``deliver`` runs at most once per ``Retention.every_s``.
+is deleted by ``Outbox.prune``, which ``deliver`` runs at most once per ``Retention.every_s``. The same prune
+empties folders of plain files its owner names (``file_folders``: the state folder's FHIR copies and kept source
+instances, ``pipeline.Processor``), aged by each file's modification time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import uuid
@@ -69,6 +72,10 @@ class Retention:
     ``None`` keeps items for good (lungdx before retention: someone else must delete them). Refused items are
     kept longer by default, as a person has to read why they were refused before they go.
 
+    ``pipeline.Processor`` applies the same two limits to its state folder: ``sent_days`` to ``fhir/`` (copies of
+    results, as delivered ones are), ``refused_days`` to ``failed/`` and ``unreadable/`` (received instances
+    waiting for a person, as refused results are).
+
     Attributes:
         sent_days: limit for ``sent/``; None keeps.
         refused_days: limit for ``refused/``; None keeps.
@@ -103,10 +110,14 @@ class Item:
 class Outbox:
     """Pending deliveries under ``folder`` (``pending/``, ``tmp/``), delivered (``sent/``) and ``refused/`` ones."""
 
-    def __init__(self, folder: str | Path, retry: RetryPolicy | None = None, retention: Retention | None = None):
+    def __init__(self, folder: str | Path, retry: RetryPolicy | None = None, retention: Retention | None = None, *,
+                 file_folders: Mapping[str | Path, float | None] | None = None):
+        """``file_folders``: folders of plain files outside the outbox that ``prune`` also empties, each with its
+        limit in days (None keeps), the files aged by their modification time; a folder not there yet is skipped."""
         self.folder = Path(folder)
         self.retry = retry or RetryPolicy()
         self.retention = retention or Retention()
+        self.file_folders = {Path(folder): days for folder, days in (file_folders or {}).items()}
         self._next_prune = -math.inf  # time.monotonic() of the next prune due in deliver
         for name in ("pending", "sent", "refused", "tmp"):
             (self.folder / name).mkdir(parents=True, exist_ok=True)
@@ -168,16 +179,20 @@ class Outbox:
         return delay_s
 
     def prune(self, now: float | None = None) -> int:
-        """Delete the items of ``sent/`` and ``refused/`` older than the ``Retention``; returns how many went.
+        """Delete the items of ``sent/`` and ``refused/`` older than the ``Retention``, and the files of
+        ``file_folders`` older than theirs; returns how many went.
 
-        Never touches ``pending/`` or ``tmp/``. An item that cannot be deleted (permissions, say) is logged and
-        tried again at the next prune; the others still go.
+        Never touches ``pending/`` or ``tmp/``. An item or a file that cannot be deleted (permissions, say) is
+        logged and tried again at the next prune; the others still go.
         """
         now = time.time() if now is None else now
         count = 0
         for name, days in (("sent", self.retention.sent_days), ("refused", self.retention.refused_days)):
             if days is not None:
                 count += self._prune_folder(name, now - days * DAY_S)
+        for folder, days in self.file_folders.items():
+            if days is not None:
+                count += _prune_files(folder, now - days * DAY_S)
         return count
 
     def prune_when_due(self) -> int:
@@ -256,6 +271,37 @@ def _moved_at(item: Path) -> float:
         return item.stat().st_mtime
     except OSError:  # gone since it was listed: nothing to delete
         return math.inf
+
+
+def _prune_files(folder: Path, cutoff: float) -> int:
+    """Delete the plain files of ``folder`` last modified at ``cutoff`` or before; returns how many went.
+
+    Names starting with a dot are left alone: ``write_atomic``'s ``.partial`` files, one of which may be being
+    written now. The log gives counts and the folder only: a file's name is the digest of a UID.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:  # nothing was ever kept there
+        return 0
+    except OSError as err:
+        logger.error("retention: cannot list %s: %s", folder, err.strerror or type(err).__name__)
+        return 0
+    count, failures, error = 0, 0, ""
+    for entry in entries:
+        try:
+            if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime > cutoff:
+                continue
+            os.unlink(entry.path)
+            count += 1
+        except FileNotFoundError:  # deleted meanwhile, or moved back to the inbox by a person
+            continue
+        except OSError as err:
+            failures, error = failures + 1, err.strerror or type(err).__name__
+    if count:
+        logger.info("retention: deleted %d file(s) from %s", count, folder)
+    if failures:
+        logger.warning("retention: cannot delete %d file(s) of %s, tried again at the next prune: %s", failures, folder, error)
+    return count
 
 
 def _delete(item: Path, name: str) -> bool:

@@ -11,6 +11,12 @@ never patient data), ``done.jsonl`` one line per result queued (the digest and t
 ``failed/`` instances whose analysis failed and ``unreadable/`` instances whose pixels could not be read
 (a decoder not installed, say): both kept, named by the digest, to be put back into ``inbox/``.
 
+``fhir/``, ``failed/`` and ``unreadable/`` hold patient data (the Bundle carries the patient's ID, a kept instance
+is the received image and its header), so the outbox's ``Retention`` prunes them with its own folders: ``fhir/``
+as ``sent/``, from when the copy was written; ``failed/`` and ``unreadable/`` as ``refused/``, from when the
+instance was kept there. ``inbox/``, ``events.jsonl`` and ``done.jsonl`` (digests, statuses, reasons,
+probabilities, model versions and times: no name, ID or date of the patient) are never pruned.
+
 Delivery is idempotent: a result for one source instance and one model version is queued once, by
 ``done.jsonl`` across listener restarts and ``pacs-run`` runs, and ``pacs_run`` also finds results
 already in the study (their UIDs are derived from the source's, ``results.result_uid``), so a second
@@ -167,6 +173,11 @@ class Processor:
     after the decoder is installed, say, put it back into ``inbox/`` to analyse it). An instance the acceptance
     policy refuses (not a chest radiograph) is refused again on a second try, and is deleted.
 
+    ``retention`` (default ``Retention()``) limits the outbox and, on the same schedule, ``fhir/`` (by
+    ``sent_days``: a copy of a result, kept no longer than the delivered result) and ``failed/`` and
+    ``unreadable/`` (by ``refused_days``: waiting for a person, as a refused result is). A limit of 0 keeps
+    nothing there: no FHIR copy is written, and a failed or unreadable instance is not kept (the inbox deletes it).
+
     Raises:
         ValueError: the model's task has no coded result for a PACS or an EHR (``results.task_concepts``).
     """
@@ -181,7 +192,11 @@ class Processor:
         self.state_dir = Path(state_dir)
         self.inbox = self.state_dir / "inbox"
         self.inbox.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(self.state_dir / "outbox", retry, retention)
+        self.retention = retention or Retention()
+        self.outbox = Outbox(self.state_dir / "outbox", retry, self.retention, file_folders={
+            self.state_dir / "fhir": self.retention.sent_days,
+            self.state_dir / "failed": self.retention.refused_days,
+            self.state_dir / "unreadable": self.retention.refused_days})
         self.senders = {kind: sender for kind, sender in (("dicom", send_dicom), ("fhir", send_fhir)) if sender}
         self._events = threading.Lock()
         self.version = predictor.identity["version"]
@@ -217,7 +232,8 @@ class Processor:
             self._keep(path, "failed", digest)
             return None
         fhir_json = json.dumps(results.fhir_bundle, indent=2).encode()
-        write_atomic(self.state_dir / "fhir" / f"{uid_digest(results.sr.SOPInstanceUID)}.json", fhir_json)
+        if self.retention.sent_days != 0:  # a copy kept 0 days is not written
+            write_atomic(self.state_dir / "fhir" / f"{uid_digest(results.sr.SOPInstanceUID)}.json", fhir_json)
         for kind, dataset in (("SR", results.sr), ("SC", results.secondary_capture)):
             self.outbox.put("dicom", to_bytes(dataset), ".dcm", f"{kind} {uid_digest(dataset.SOPInstanceUID)}")
         if "fhir" in self.senders:
@@ -228,9 +244,17 @@ class Processor:
         return results
 
     def _keep(self, path: Path, folder: str, digest: str) -> None:
-        """Move an instance that was not analysed to ``folder`` in the state folder, named by its UID's digest."""
+        """Move an instance that was not analysed to ``folder`` in the state folder, named by its UID's digest;
+        left where it is (the inbox deletes it) where ``Retention.refused_days`` is 0."""
+        if self.retention.refused_days == 0:
+            return
         kept = self.state_dir / folder / f"{digest}{path.suffix}"
         kept.parent.mkdir(exist_ok=True)
+        # Retention ages a kept instance by its modification time, which is its reception until now: set before the
+        # move, so that a prune never sees an instance received long ago (a backlog) as kept long ago. A file that
+        # is not lungdx's own (put back by a person) may refuse it: then it is aged from its reception.
+        with contextlib.suppress(OSError):
+            os.utime(path)
         shutil.move(path, kept)
 
     def _mark_done(self, digest: str) -> None:

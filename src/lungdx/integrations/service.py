@@ -37,7 +37,8 @@ def make_processor(run: str | Path, state_dir: str | Path, sender: Callable[[Pat
     """The ``Processor`` of a run folder (or model.pt) with its result senders.
 
     ``policy``: the ``lungdx.io.acceptance.AcceptancePolicy`` received instances are read through (default: the default one).
-    ``retention``: how long the outbox keeps delivered and refused results (default: ``Retention()``).
+    ``retention``: how long the outbox keeps delivered and refused results, and the state folder its FHIR copies
+    and its failed and unreadable instances (default: ``Retention()``; see ``Processor``).
     """
     from lungdx.integrations.fhir import post_bundle
     from lungdx.integrations.pipeline import Processor
