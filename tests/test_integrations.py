@@ -9,7 +9,9 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pydicom
@@ -732,17 +734,45 @@ def test_results_of_a_source_with_code_extensions_keep_the_patient_name(extensio
     ("PatientSex", "U", ""), ("PatientSex", "m", "M"), ("PatientSex", " F", "F"), ("PatientSex", "MALE", "M"),
     ("PatientSex", "female", "F"), ("PatientSex", "O", "O"),
     ("PatientName", ["Doe^Jane", "Roe^Jane"], "Doe^Jane"), ("ReferringPhysicianName", ["A^B", "C^D"], "A^B"),
-    ("StudyDate", ["20200101", "20200102"], "20200101")])
+    ("StudyDate", ["20200101", "20200102"], "20200101"),
+    ("PatientID", ["12345", "678"], None), ("AccessionNumber", ["A1001", "A1002"], None), ("StudyID", ["71", "72"], None)])
 def test_results_survive_a_patient_sex_or_a_single_valued_attribute_highdicom_refuses(keyword, value, expected):
     """Patient's Sex is M, F or O (PS3.3 C.7.1.1) and a patient or study attribute has one value (PS3.6): anything
-    else made highdicom raise and lost the image's results. The result gets the value it means, or none."""
+    else made highdicom raise and lost the image's results. The result gets the value it means, or none; an identifying
+    attribute (expected None) is never cut to its first value, which could file the result under another patient: no
+    result is made, and the error names the attribute, not its values."""
     from pydicom.datadict import dictionary_VR
     from pydicom.filebase import DicomBytesIO
 
+    from lungdx.integrations.results import AmbiguousIdentifier
+
     source = pydicom.dcmread(DicomBytesIO(_dataset_bytes(**{keyword: (dictionary_VR(keyword), value)})))  # as received
-    for result in _results_read_back(source):
-        assert str(result.get(keyword)) == expected
+    if expected is None:
+        with pytest.raises(AmbiguousIdentifier, match=f"^{keyword} has 2 values") as raised:
+            _results_read_back(source)
+        assert not any(part in str(raised.value) for part in value)
+    else:
+        for result in _results_read_back(source):
+            assert str(result.get(keyword)) == expected
     assert source.get(keyword) == value
+
+
+def test_an_instance_with_two_patient_ids_is_kept_in_failed_naming_the_attribute(predictor, dicom_dir, tmp_path, caplog):
+    """A Patient ID 12345\\678 became 12345 in the SR and ['12345', '678'] as the FHIR subject: the instance is kept in
+    failed/ before the model runs, its reason naming the attribute and quoting no value, and nothing is queued."""
+    from lungdx.integrations.pipeline import Processor
+
+    source = pydicom.dcmread(_sample(dicom_dir, CHEST_DX))
+    source.PatientID = "12345\\678"
+    processor = Processor(predictor, tmp_path, send_dicom=lambda _: None)
+    source.save_as(processor.inbox / "received.dcm")
+    with caplog.at_level("INFO", logger="lungdx"):
+        assert processor.process_inbox() == 1
+    [event] = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert event["status"] == "failed" and event["reason"].startswith("AmbiguousIdentifier: PatientID has 2 values")
+    assert "12345" not in event["reason"] + caplog.text and "678" not in event["reason"]
+    assert [p.name for p in (tmp_path / "failed").iterdir()] == [f"{event['instance']}.dcm"]
+    assert not processor.outbox.pending() and not (tmp_path / "fhir").exists()
 
 
 def test_a_failed_result_names_the_step_without_the_value(predictor, dicom_dir, tmp_path, monkeypatch):
@@ -836,3 +866,170 @@ def test_pacs_run_goes_on_past_an_instance_the_pacs_will_not_give(predictor, dic
     run = pacs_run(Processor(predictor, tmp_path, send_dicom=lambda _: None), DicomWebClient("http://pacs"), "1.2.3")
     assert len(run.analysed) == 1 and len(run.skipped) == 1
     assert gone_uid not in run.skipped[0] and uid_digest(gone_uid) in run.skipped[0] and "HTTP 404" in run.skipped[0]
+
+
+def test_c_store_failures_that_every_retry_repeats_are_told_from_those_that_pass():
+    """One classifier for C-STORE statuses and STOW-RS Failure Reasons (PS3.4 B.2.3, PS3.18 10.5.3)."""
+    from lungdx.integrations.outbox import refused_for_good
+
+    assert [refused_for_good(code) for code in (0xA900, 0xA9FF, 0xC000, 0xCFFF, 0x0122)] == [True] * 5
+    assert [refused_for_good(code) for code in (0xA700, 0x0110, 0xB000, 0x0000, None)] == [False] * 5
+
+
+class _HttpStub(BaseHTTPRequestHandler):
+    """An HTTP server on loopback answering each request with the next of ``answers`` (status, headers, body), then
+    200 with an empty Store Instances Response; it records each request's method and path."""
+
+    answers: list[tuple[int, dict, bytes]] = []
+    requests: list[tuple[str, str]] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer()
+
+    def do_GET(self):  # noqa: N802
+        self._answer()
+
+    def _answer(self):
+        _HttpStub.requests.append((self.command, self.path))
+        status, headers, body = _HttpStub.answers.pop(0) if _HttpStub.answers else (200, {}, b"{}")
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/dicom+json", **headers}.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_stub():
+    """The base URL of a fresh ``_HttpStub``."""
+    _HttpStub.answers, _HttpStub.requests = [], []
+    server = HTTPServer(("127.0.0.1", 0), _HttpStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _stow_failures(*reasons: int | None) -> bytes:
+    """A Store Instances Response (DICOM JSON, PS3.18 10.5.3) whose Failed SOP Sequence has one item per reason."""
+    items = [{"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.33"]},
+              "00081155": {"vr": "UI", "Value": [f"1.2.3.{number}"]},
+              **({"00081197": {"vr": "US", "Value": [reason]}} if reason is not None else {})}
+             for number, reason in enumerate(reasons)]
+    return json.dumps({"00081198": {"vr": "SQ", "Value": items}}).encode()
+
+
+@pytest.mark.parametrize("status, headers, body, kept, error", [
+    (200, {}, _stow_failures(0x0110), "pending", "HTTP 200, 1 instance(s) not stored, failure reason 0x0110"),
+    (202, {}, _stow_failures(0xA900), "refused", "HTTP 202, 1 instance(s) not stored, failure reason 0xA900"),
+    (200, {}, _stow_failures(0xA900, 0x0110), "pending", "2 instance(s) not stored, failure reason 0xA900, 0x0110"),
+    (200, {}, _stow_failures(0xC000, 0x0122), "refused", "failure reason 0xC000, 0x0122"),
+    (200, {}, _stow_failures(None), "pending", "failure reason none"),
+    (409, {}, _stow_failures(0xA700), "pending", "HTTP 409, 1 instance(s) not stored, failure reason 0xA700"),
+    (409, {}, _stow_failures(0xA900), "refused", "HTTP 409, 1 instance(s) not stored, failure reason 0xA900"),
+    (409, {}, b"", "refused", "/dicom-web/studies: HTTP 409"),
+    (400, {"Content-Type": "text/plain"}, b"Doe^Jane: bad multipart", "refused", "/dicom-web/studies: HTTP 400"),
+    (413, {"Content-Type": "text/plain"}, b"body too large", "pending", "/dicom-web/studies: HTTP 413"),
+    (415, {}, b"", "pending", "/dicom-web/studies: HTTP 415"),
+    (200, {"Content-Type": "text/html"}, b"<html>login</html>", "pending", "HTTP 200 with an answer that is not DICOM JSON"),
+    (301, {"Location": "https://pacs.example.org:8443/dicom-web/studies?token=s3cret"}, b"", "pending",
+     "HTTP 301, redirected to https://pacs.example.org:8443/dicom-web/studies: configure the final URL"),
+    (308, {"Location": "/moved/dicom-web/studies?token=s3cret"}, b"", "pending",
+     "/moved/dicom-web/studies: configure the final URL")],
+    ids=["200-0110", "202-A900", "200-A900-0110", "200-C000-0122", "200-no-reason", "409-A700", "409-A900", "409-no-body",
+         "400", "413", "415", "200-not-json", "301", "308-relative"])
+def test_stow_answers_decide_whether_a_result_waits_or_is_refused_and_the_rest_goes_on(
+        http_stub, tmp_path, caplog, status, headers, body, kept, error):
+    """Through the real client over loopback: a Failed SOP Sequence is a refusal for good only where every Failure
+    Reason is (Orthanc answers a full disk with 200 and 0110, which passes later); a 409 is read the same way; a
+    misconfigured endpoint (413, 415) or a redirect, which is not followed, waits; the answer is kept in state.json
+    (``detail``), never in the log; the result behind the first is delivered in the same round."""
+    from lungdx.integrations.outbox import Outbox, RetryPolicy
+    from lungdx.integrations.service import dicom_sender
+
+    outbox = Outbox(tmp_path, RetryPolicy(base_s=0.0, max_s=0.0))
+    outbox.put("dicom", _dataset_bytes(), ".dcm", "first")
+    outbox.put("dicom", _dataset_bytes(), ".dcm", "second")
+    _HttpStub.answers = [(status, headers, body)]
+    with caplog.at_level("WARNING", logger="lungdx"):
+        assert outbox.deliver({"dicom": dicom_sender("stow", dicomweb=f"{http_stub}/dicom-web")}) == 1
+    assert _HttpStub.requests == [("POST", "/dicom-web/studies")] * 2, "a redirect was followed"
+    [sent] = (tmp_path / "sent").iterdir()
+    folders = {name: list((tmp_path / name).iterdir()) for name in ("pending", "refused")}
+    assert json.loads((sent / "state.json").read_text())["label"] == "second"
+    assert len(folders[kept]) == 1 and not folders[{"pending": "refused", "refused": "pending"}[kept]]
+    state = json.loads((folders[kept][0] / "state.json").read_text())
+    assert state["label"] == "first" and error in state["last_error"], state["last_error"]
+    assert "s3cret" not in state["last_error"] + caplog.text
+    assert state.get("detail") == (body.decode() or None)
+    if body:
+        assert body.decode() not in caplog.text, "a server's answer may quote patient data: state.json only"
+
+
+def _result_files(folder: Path) -> tuple[Path, Path]:
+    """A Comprehensive SR and a Secondary Capture made from a small CR, as PS3.10 files in ``folder``."""
+    from pydicom.filebase import DicomBytesIO
+
+    from lungdx.integrations.pipeline import to_bytes
+
+    sr, capture = _results_read_back(pydicom.dcmread(DicomBytesIO(_dataset_bytes())))
+    paths = folder / "sr.dcm", folder / "sc.dcm"
+    for path, dataset in zip(paths, (sr, capture), strict=True):
+        path.write_bytes(to_bytes(dataset))
+    return paths
+
+
+def test_a_sop_class_the_peer_does_not_accept_is_refused_for_good_and_the_rest_goes_on(tmp_path):
+    """The peer (lungdx's own C-STORE SCP: radiographs and Secondary Capture, no SR) rejects Comprehensive SR at
+    association. Sent alone (pynetdicom aborts an association with no context accepted) or with an SC (its
+    send_c_store raises ValueError): both were retried for ever; the SR is refused, the SC behind it is stored."""
+    from lungdx.integrations.dimse import StoreListener, send_cstore
+    from lungdx.integrations.outbox import DeliveryError, Outbox, RetryPolicy
+    from lungdx.integrations.service import dicom_sender
+
+    sr_path, sc_path = _result_files(tmp_path)
+    peer = StoreListener(tmp_path / "peer", aet="PEER", host="127.0.0.1", port=free_port())
+    peer.start()
+    try:
+        outbox = Outbox(tmp_path / "outbox", RetryPolicy(base_s=0.0, max_s=0.0))
+        outbox.put("dicom", sr_path.read_bytes(), ".dcm", "SR")
+        outbox.put("dicom", sc_path.read_bytes(), ".dcm", "SC")
+        sender = dicom_sender("cstore", host="127.0.0.1", port=peer.port, called_aet="PEER")
+        assert outbox.deliver({"dicom": sender}) == 1 and not outbox.pending()
+        [refused] = (tmp_path / "outbox" / "refused").iterdir()
+        state = json.loads((refused / "state.json").read_text())
+        assert state["label"] == "SR"
+        assert "PEER does not accept Comprehensive SR Storage (1.2.840.10008.5.1.4.1.1.88.33)" in state["last_error"]
+        assert "abstract syntax not supported" in state["last_error"]
+        assert len(list((tmp_path / "peer").glob("*.dcm"))) == 1, "the SC behind the SR was not stored"
+        with pytest.raises(DeliveryError, match="does not accept Comprehensive SR Storage") as raised:
+            send_cstore([sc_path, sr_path], "127.0.0.1", peer.port, "PEER")
+        assert raised.value.permanent
+    finally:
+        peer.stop()
+
+
+def test_a_pending_item_that_does_not_read_is_left_for_the_next_round(tmp_path, caplog):
+    """An item copied back with cp -r has its state.json before its payload: the round goes on without it, with
+    one warning naming its folder, and delivers it once it reads."""
+    from lungdx.integrations.outbox import Outbox
+
+    outbox = Outbox(tmp_path)
+    item = outbox.put("dicom", _dataset_bytes(), ".dcm", "SR copied back")
+    half = tmp_path / "pending" / "00000000000000000000-halfcopy"  # oldest first: tried before the good one
+    half.mkdir()
+    (half / "state.json").write_text(json.dumps({"kind": "dicom", "attempts": 1, "next_attempt": None,
+                                                 "label": "SR half", "last_error": "refused"}))
+    sent = []
+    with caplog.at_level("WARNING", logger="lungdx"):
+        for _ in range(2):
+            outbox.deliver({"dicom": sent.append})
+    assert sent == [item.payload]  # the good item, delivered in the first round
+    assert caplog.text.count(f"pending item {half} does not read") == 1 and "SR half" not in caplog.text
+    (half / "payload.dcm").write_bytes(_dataset_bytes())
+    assert outbox.deliver({"dicom": sent.append}) == 1 and sent[-1] == half / "payload.dcm"

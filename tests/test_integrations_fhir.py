@@ -18,6 +18,9 @@ from lungdx.wording import state_result  # noqa: E402
 CHEST_DX = "nih_cxr14_dx_chest_nofinding.dcm"
 
 
+TRANSACTION_RESPONSE = b'{"resourceType": "Bundle", "type": "transaction-response"}'
+
+
 class FhirServer(BaseHTTPRequestHandler):
     """A FHIR base URL on loopback that records what it is sent and answers with ``status``.
 
@@ -28,21 +31,34 @@ class FhirServer(BaseHTTPRequestHandler):
 
     status = 503
     commits = False
+    location: str | None = None
+    """A Location header to answer with (a redirect)."""
+    answer = TRANSACTION_RESPONSE
     received: list[tuple[str, str, dict]] = []
     stored: list[dict] = []
+    requests: list[tuple[str, str]] = []
 
-    def do_POST(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):  # noqa: N802 (http.server's name): a redirected POST would come back as a GET
+        FhirServer.requests.append(("GET", self.path))
+        self.send_response(200)
+        self.end_headers()
+
+    def do_POST(self):  # noqa: N802
+        FhirServer.requests.append(("POST", self.path))
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if FhirServer.status < 400:
+        accepted = 200 <= FhirServer.status < 300
+        if accepted:
             FhirServer.received.append((self.path, self.headers["Content-Type"], body))
-        if FhirServer.status < 400 or FhirServer.commits:
+        if accepted or FhirServer.commits:
             for entry in body["entry"]:
                 if not _exists(entry["resource"]["resourceType"], entry["request"].get("ifNoneExist")):
                     FhirServer.stored.append(entry["resource"])
         self.send_response(FhirServer.status)
         self.send_header("Content-Type", "application/fhir+json")
+        if FhirServer.location:
+            self.send_header("Location", FhirServer.location)
         self.end_headers()
-        self.wfile.write(b'{"resourceType": "Bundle", "type": "transaction-response"}')
+        self.wfile.write(FhirServer.answer)
 
     def log_message(self, *args):
         pass
@@ -61,6 +77,7 @@ def _exists(resource_type: str, condition: str | None) -> bool:
 @pytest.fixture
 def fhir_url():
     FhirServer.status, FhirServer.commits, FhirServer.received, FhirServer.stored = 503, False, [], []
+    FhirServer.location, FhirServer.answer, FhirServer.requests = None, TRANSACTION_RESPONSE, []
     server = HTTPServer(("127.0.0.1", 0), FhirServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/fhir"
@@ -112,27 +129,52 @@ def test_a_bundle_delivered_again_stores_one_report(fhir_url, tmp_path):
     assert stored == ["DiagnosticReport", "DiagnosticReport", "Observation", "Observation"]  # one each per instance
 
 
-def test_a_bundle_the_server_refuses_for_what_it_is_goes_to_refused_and_the_rest_goes_on(fhir_url, tmp_path, caplog):
-    """An HTTP 422 answers the payload itself: it was retried every 5 minutes for ever. A 503 is retried."""
+def _bundle(instance_uid: str = "1.2.3.4") -> bytes:
     identity = {"name": "lungdx nodule_net", "model": "nodule_net", "version": "0123456789ab",
                 "software_version": "test", "task": "nodule_vs_normal"}
     statement = state_result(0.7, {"threshold": 0.5, "threshold_method": "youden", "class_names": ["a", "b"]})
+    return json.dumps(make_bundle(statement, identity, "1.2.3", "PID4711", instance_uid=instance_uid)).encode()
+
+
+OUTCOME = (b'{"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing", '
+           b'"diagnostics": "Patient PID4711 not found"}]}')
+
+
+def test_a_bundle_the_server_refuses_for_what_it_is_goes_to_refused_and_the_rest_goes_on(fhir_url, tmp_path, caplog):
+    """An HTTP 422 answers the payload itself: it was retried every 5 minutes for ever. A 503 and a 413 (a proxy's
+    body size limit: every Bundle would be refused) are retried. The server's OperationOutcome is kept in the refused
+    item's state.json (truncated), never in the log: it may quote the patient."""
     outbox = Outbox(tmp_path, RetryPolicy(base_s=0.0, max_s=0.0))
     senders = {"fhir": lambda path: post_bundle(path, fhir_url)}
-    bundle = json.dumps(make_bundle(statement, identity, "1.2.3", None, instance_uid="1.2.3.4")).encode()
-    outbox.put("fhir", bundle, ".json", "down")
+    outbox.put("fhir", _bundle(), ".json", "down")
     assert outbox.deliver(senders) == 0 and [item.label for item in outbox.pending()] == ["down"]  # 503: waits
-    FhirServer.status = 422
-    with caplog.at_level("ERROR", logger="lungdx"):
+    FhirServer.status = 413
+    assert outbox.deliver(senders) == 0 and [item.label for item in outbox.pending()] == ["down"]  # 413: waits
+    FhirServer.status, FhirServer.answer = 422, OUTCOME + b" " * 3000
+    outbox.put("fhir", _bundle("1.2.3.5"), ".json", "behind")
+    with caplog.at_level("INFO", logger="lungdx"):
         assert outbox.deliver(senders) == 0
-    assert outbox.pending() == [] and "refused for good" in caplog.text
-    [kept] = (tmp_path / "refused").iterdir()
-    state = json.loads((kept / "state.json").read_text())
-    assert state["attempts"] == 2 and state["last_error"].endswith("HTTP 422") and (kept / "payload.json").is_file()
+    assert outbox.pending() == [] and "refused for good" in caplog.text and "PID4711" not in caplog.text
+    kept = {json.loads((item / "state.json").read_text())["label"]: item for item in (tmp_path / "refused").iterdir()}
+    assert sorted(kept) == ["behind", "down"], "the item behind the refused one was not tried"
+    state = json.loads((kept["down"] / "state.json").read_text())
+    assert state["attempts"] == 3 and state["last_error"].endswith("HTTP 422") and (kept["down"] / "payload.json").is_file()
+    assert state["detail"].startswith(OUTCOME.decode()) and state["detail"].endswith("characters, cut)")
+    assert len(state["detail"]) < 2100
 
 
-def test_c_store_failures_that_every_retry_repeats_are_told_from_those_that_pass():
-    from lungdx.integrations.dimse import _refused_for_good
+def test_a_redirect_is_not_followed_and_the_bundle_waits_naming_where_it_points(fhir_url, tmp_path, caplog):
+    """httpx follows no redirect: a 301 (http to https, say) counted as delivered and the Bundle went to sent/ while
+    nothing arrived. It waits, and the message names the new place (no query string) to configure instead."""
+    outbox = Outbox(tmp_path, RetryPolicy(base_s=0.0, max_s=0.0))
+    senders = {"fhir": lambda path: post_bundle(path, fhir_url)}
+    FhirServer.status, FhirServer.location = 301, "https://ehr.example.org/fhir?_token=s3cret"
+    outbox.put("fhir", _bundle(), ".json", "moved")
+    with caplog.at_level("WARNING", logger="lungdx"):
+        assert outbox.deliver(senders) == 0
+    [item] = outbox.pending()
+    error = json.loads((item.folder / "state.json").read_text())["last_error"]
+    assert "HTTP 301, redirected to https://ehr.example.org/fhir: configure the final URL" in error
+    assert "s3cret" not in error + caplog.text
+    assert FhirServer.requests == [("POST", "/fhir")] and not list((tmp_path / "sent").iterdir())
 
-    assert [_refused_for_good(code) for code in (0xA900, 0xC000, 0x0122)] == [True] * 3
-    assert [_refused_for_good(code) for code in (0xA700, 0x0110, None)] == [False] * 3

@@ -20,7 +20,7 @@ from pydicom.uid import (
 )
 
 from lungdx.integrations import uid_digest
-from lungdx.integrations.outbox import DeliveryError, write_atomic
+from lungdx.integrations.outbox import DeliveryError, refused_for_good, truncated, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,11 @@ class StoreListener:
 
 def send_cstore(files: Sequence[Path], host: str, port: int, called_aet: str, calling_aet: str = "LUNGDX",
                 timeout_s: float = 30.0) -> None:
-    """C-STORE PS3.10 files to a peer; raises DeliveryError when it is down or refuses any of them."""
+    """C-STORE PS3.10 files to a peer; raises DeliveryError when it is down or refuses any of them.
+
+    A SOP class the peer does not accept at association (PS3.8 9.3.3.2: a presentation context rejected) is refused
+    for good, as a C-STORE status 0122 is, before anything is sent.
+    """
     import pydicom
     from pynetdicom import AE
 
@@ -90,25 +94,42 @@ def send_cstore(files: Sequence[Path], host: str, port: int, called_aet: str, ca
     for sop_class, syntax in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(host, port, ae_title=called_aet)
-    if not assoc.is_established:
-        raise DeliveryError(f"no association with {called_aet} at {host}:{port}")
     try:
+        # With every context rejected pynetdicom aborts the association it got (is_established False), so the
+        # contexts are checked first; a rejected association or no answer negotiated none, and is retried.
+        _check_contexts(assoc, datasets, called_aet)
+        if not assoc.is_established:
+            raise DeliveryError(f"no association with {called_aet} at {host}:{port}")
         for dataset in datasets:
             status = assoc.send_c_store(dataset)
             code = getattr(status, "Status", None)
             # Success (0000) or a Warning (B000, B007, B006) stores the instance (PS3.4 B.2.3).
             if code is None or not (code == _SUCCESS or 0xB000 <= code <= 0xBFFF):
                 raise DeliveryError(f"{called_aet} refused instance {uid_digest(dataset.SOPInstanceUID)}: "
-                                    f"status {'none' if code is None else hex(code)}", permanent=_refused_for_good(code))
+                                    f"status {'none' if code is None else f'0x{code:04X}'}", permanent=refused_for_good(code),
+                                    detail=truncated(str(getattr(status, "ErrorComment", "") or "")))
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
 
 
-def _refused_for_good(code: int | None) -> bool:
-    """A C-STORE failure status that every retry gets again (PS3.4 B.2.3, PS3.7 C): a data set that does not
-    match its SOP class (A9xx), one the peer cannot understand (Cxxx), a SOP class it does not support (0122).
-    Out of resources (A7xx), a processing failure (0110) or no answer may pass later."""
-    return code is not None and (0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF or code == 0x0122)
+_CONTEXT_RESULTS = {0x01: "rejected by the user", 0x02: "rejected, no reason given",
+                    0x03: "abstract syntax not supported", 0x04: "transfer syntax not supported"}
+"""A rejected presentation context's Result/Reason (PS3.8 Table 9-18)."""
+
+
+def _check_contexts(assoc, datasets, called_aet: str) -> None:
+    """Raise a permanent DeliveryError where the peer accepted the association but none of the contexts proposed for
+    a dataset's SOP class (pynetdicom's ``send_c_store`` would raise ValueError, which looks transient)."""
+    accepted = {context.abstract_syntax for context in assoc.accepted_contexts}
+    if not (accepted or assoc.rejected_contexts):
+        return  # no association was negotiated: nothing is known about the SOP classes
+    for dataset in datasets:
+        if dataset.SOPClassUID not in accepted:
+            results = sorted({_CONTEXT_RESULTS.get(context.result, f"result 0x{context.result:02X}")
+                              for context in assoc.rejected_contexts if context.abstract_syntax == dataset.SOPClassUID})
+            raise DeliveryError(f"{called_aet} does not accept {dataset.SOPClassUID.name} ({dataset.SOPClassUID}): "
+                                f"{', '.join(results) or 'not accepted'} at association", permanent=True)
 
 
 def echo(host: str, port: int, called_aet: str, calling_aet: str = "ECHOSCU") -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from lungdx.integrations.outbox import PERMANENT_HTTP, DeliveryError
+from lungdx.integrations.outbox import DeliveryError, http_failure
 from lungdx.integrations.results import result_uid, task_concepts
 from lungdx.wording import ResultStatement
 
@@ -135,13 +135,19 @@ def validate(bundle: dict) -> None:
 
 
 def post_bundle(path, base_url: str, timeout_s: float = 30.0) -> None:
-    """POST a Bundle JSON file to a FHIR server's base URL; raises DeliveryError on failure."""
+    """POST a Bundle JSON file to a FHIR server's base URL; raises DeliveryError on failure.
+
+    Only a 2xx delivers it. A redirect is not followed (a 301 or 302 turns the POST into a GET) and is retried, naming
+    where it points; a refusal keeps the server's answer (an OperationOutcome, truncated) as the error's ``detail``.
+    A 409 stays a refusal for good (``outbox.PERMANENT_HTTP``): a conflict of this Bundle's conditional creates.
+    """
     body = json.loads(Path(path).read_text(encoding="utf-8"))
+    url = base_url.rstrip("/")
     try:
-        response = httpx.post(base_url.rstrip("/"), json=body, timeout=timeout_s,
+        response = httpx.post(url, json=body, timeout=timeout_s, follow_redirects=False,
                               headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
     except httpx.HTTPError as err:
         raise DeliveryError(f"FHIR server {base_url} unreachable: {type(err).__name__}") from err
-    if response.status_code >= 400:
-        raise DeliveryError(f"FHIR server {base_url} refused the bundle: HTTP {response.status_code}",
-                            permanent=response.status_code in PERMANENT_HTTP)
+    failure = http_failure(response, f"FHIR bundle to {base_url}", url)
+    if failure is not None:
+        raise failure

@@ -1,8 +1,8 @@
 """A folder-backed outbox: results wait on disk until delivered, retried with exponential backoff.
 
 Each item is a folder ``pending/<id>/`` holding ``payload<suffix>`` and ``state.json`` (kind,
-attempts, next attempt time, last error). Items appear atomically (written under ``tmp/`` and
-renamed), so a crash or a restart never leaves half an item, and whatever is pending when the
+attempts, next attempt time, last error, what the destination said where it did). Items appear atomically
+(written under ``tmp/`` and renamed), so a crash or a restart never leaves half an item, and whatever is pending when the
 listener stops is delivered after it starts again. Delivered items move to ``sent/``; an item a destination
 refuses for good (``DeliveryError(permanent=True)``: a payload it will never take, whatever the retries)
 moves to ``refused/`` with its last error, kept for a person to look at; every other failure is retried.
@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 from lungdx.io.files import write_atomic
 
@@ -36,18 +37,75 @@ logger = logging.getLogger(__name__)
 class DeliveryError(RuntimeError):
     """A destination is down or refused a payload; the item stays in the outbox.
 
-    ``permanent``: the destination refused this payload for what it is (HTTP 400, 409, 422..., a C-STORE
-    failure that is not "out of resources"), so sending it again gives the same answer: it goes to ``refused/``.
+    ``permanent``: the destination refused this payload for what it is (HTTP 400, 409, 412, 422; a DICOM failure
+    status ``refused_for_good`` calls permanent), so sending it again gives the same answer: it goes to ``refused/``.
+    The message is lungdx's own and is logged: codes, digests and URLs, never a header value or patient data.
+    ``detail``: what the destination said (a truncated response body, a status's error comment), kept in the item's
+    ``state.json`` for a person to read and never logged, as an answer may quote the payload's patient data.
     """
 
-    def __init__(self, message: str, *, permanent: bool = False):
+    def __init__(self, message: str, *, permanent: bool = False, detail: str | None = None):
         super().__init__(message)
         self.permanent = permanent
+        self.detail = detail
 
 
-PERMANENT_HTTP = frozenset({400, 405, 406, 409, 410, 411, 412, 413, 414, 415, 422})
-"""HTTP answers about the payload itself, which a retry repeats. 401, 403 and 404 (credentials, a wrong URL),
-408 and 429 (timeouts, rate limits) and 5xx are fixed on the other side, so those are retried."""
+PERMANENT_HTTP = frozenset({400, 409, 412, 422})
+"""HTTP answers about the request's content, which every retry gets again: 400 Bad Request, 409 Conflict, 412 Precondition
+Failed, 422 Unprocessable Content (RFC 9110 15.5.1, 15.5.10, 15.5.13, 15.5.21). A FHIR server's 409 is a conflict of this
+Bundle (its conditional create, FHIR R4 http.html); a STOW-RS 409 (PS3.18 10.5.3: no instance stored, "for a mixture of
+reasons") is decided by the Failure Reasons of its body where it gives them (``dicomweb``), by this set where it does not.
+
+Every other answer is retried at the capped backoff. 405, 406, 410, 411, 413, 414 and 415 describe an endpoint or a proxy
+that is misconfigured (a wrong path, a read-only gateway, a body size limit), not this payload: refused, one
+misconfiguration would send every result to ``refused/``, which retention empties; one fix on the other side mends them
+all. So are 401, 403 and 404 (credentials, a wrong URL), 408 and 429 (timeouts, rate limits), 5xx and a redirect (3xx)."""
+
+DETAIL_CHARS = 2000
+"""``DeliveryError.detail`` keeps at most this many characters of an answer (an OperationOutcome's issues come first)."""
+
+
+def refused_for_good(status: int | None) -> bool:
+    """A DICOM failure status that every retry gets again (PS3.4 B.2.3, PS3.7 C; a STOW-RS Failure Reason (0008,1197)
+    uses the same codes, PS3.18 10.5.3): a data set that does not match its SOP class (A9xx), one the peer cannot
+    understand (Cxxx), a SOP class it does not support (0122). Out of resources (A7xx), a processing failure (0110, as
+    Orthanc answers a full disk or a database error), any other code and no status at all may pass later."""
+    return status is not None and (0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF or status == 0x0122)
+
+
+def http_failure(response, where: str, url: str, shown: Callable[[str], str] = lambda path: path) -> DeliveryError | None:
+    """The failure an HTTP answer (an ``httpx.Response``) is, or None for a 2xx: anything else was not delivered.
+
+    A redirect (3xx) is not followed, as a 301 or 302 turns a POST into a GET: it is retried, and the message names
+    the ``Location`` (scheme, host and path; ``shown`` rewrites the path, no query string) to configure instead.
+    Other answers are permanent where ``PERMANENT_HTTP`` says so, with the body as ``detail``.
+
+    Args:
+        where: what was asked, for the message (``POST http://pacs/dicom-web/studies``).
+        url: the URL asked, which a relative ``Location`` is resolved against.
+    """
+    status = response.status_code
+    if 200 <= status < 300:
+        return None
+    if 300 <= status < 400:
+        location = response.headers.get("location")
+        target = _without_query(urljoin(url, location), shown) if location else "no Location given"
+        return DeliveryError(f"{where}: HTTP {status}, redirected to {target}: configure the final URL (redirects are "
+                             "not followed: a 301 or 302 turns a POST into a GET)")
+    return DeliveryError(f"{where}: HTTP {status}", permanent=status in PERMANENT_HTTP, detail=truncated(response.text))
+
+
+def _without_query(url: str, shown: Callable[[str], str]) -> str:
+    """Scheme, host (and port) and path of a URL: no user, password, query or fragment, which may hold secrets."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{shown(parts.path)}"
+
+
+def truncated(text: str | None) -> str | None:
+    """At most ``DETAIL_CHARS`` characters of ``text``, saying how long it was where it was cut; None for no text."""
+    if not text:
+        return None
+    return text if len(text) <= DETAIL_CHARS else f"{text[:DETAIL_CHARS]}... ({len(text)} characters, cut)"
 
 
 @dataclass(frozen=True)
@@ -119,6 +177,7 @@ class Outbox:
         self.retention = retention or Retention()
         self.file_folders = {Path(folder): days for folder, days in (file_folders or {}).items()}
         self._next_prune = -math.inf  # time.monotonic() of the next prune due in deliver
+        self._unreadable: set[str] = set()  # pending items already warned about, so one is not logged every round
         for name in ("pending", "sent", "refused", "tmp"):
             (self.folder / name).mkdir(parents=True, exist_ok=True)
 
@@ -133,9 +192,23 @@ class Outbox:
         return self._item(self.folder / "pending" / name)
 
     def pending(self) -> list[Item]:
-        """Every pending item, oldest first."""
-        folders = sorted(p for p in (self.folder / "pending").iterdir() if (p / "state.json").is_file())
-        return [self._item(folder) for folder in folders]
+        """Every pending item, oldest first.
+
+        An item that does not read (copied back with ``cp -r``: its ``state.json`` there, its payload not yet) is left
+        out with a warning naming its folder, and read again at the next call.
+        """
+        items = []
+        for folder in sorted(p for p in (self.folder / "pending").iterdir() if (p / "state.json").is_file()):
+            try:
+                items.append(self._item(folder))
+            except (OSError, ValueError, KeyError, TypeError, StopIteration) as err:
+                if folder.name not in self._unreadable:  # the folder's name is a time and a random number: no patient data
+                    self._unreadable.add(folder.name)
+                    logger.warning("outbox: pending item %s does not read (%s), left for the next round",
+                                   folder, getattr(err, "strerror", None) or type(err).__name__)
+                continue
+            self._unreadable.discard(folder.name)
+        return items
 
     def due(self, now: float | None = None) -> list[Item]:
         """Pending items whose next attempt time has come."""
@@ -146,14 +219,15 @@ class Outbox:
         """Move a delivered item to ``sent/``; returns where it is kept, None where ``Retention.sent_days`` 0 deleted it."""
         return self._retire(item, json.loads((item.folder / "state.json").read_text()), "sent", self.retention.sent_days)
 
-    def refused(self, item: Item, error: str) -> Path | None:
-        """Move an item its destination refuses for good to ``refused/``, its error in ``state.json``.
+    def refused(self, item: Item, error: str, detail: str | None = None) -> Path | None:
+        """Move an item its destination refuses for good to ``refused/``, its error (and ``detail``, what the
+        destination said, where known) in ``state.json``.
 
         Returns:
             Where it is kept, or None where ``Retention.refused_days`` 0 deleted it.
         """
         state = {"kind": item.kind, "attempts": item.attempts + 1, "next_attempt": None, "label": item.label,
-                 "last_error": error}
+                 "last_error": error, **({"detail": detail} if detail else {})}
         return self._retire(item, state, "refused", self.retention.refused_days)
 
     def _retire(self, item: Item, state: dict, name: str, days: float | None) -> Path | None:
@@ -169,12 +243,13 @@ class Outbox:
             return None
         return kept
 
-    def failed(self, item: Item, error: str) -> float:
-        """Record a failed attempt and schedule the next; returns the delay in seconds."""
+    def failed(self, item: Item, error: str, detail: str | None = None) -> float:
+        """Record a failed attempt (``detail``: what the destination said) and schedule the next; returns the delay in
+        seconds."""
         attempts = item.attempts + 1
         delay_s = self.retry.delay_s(attempts)
         state = {"kind": item.kind, "attempts": attempts, "next_attempt": time.time() + delay_s,
-                 "label": item.label, "last_error": error}
+                 "label": item.label, "last_error": error, **({"detail": detail} if detail else {})}
         write_atomic(item.folder / "state.json", json.dumps(state).encode())
         return delay_s
 
@@ -217,9 +292,10 @@ class Outbox:
     def deliver(self, senders: Mapping[str, Callable[[Path], None]], now: float | None = None) -> int:
         """Try every due item with the sender of its kind; returns how many were delivered.
 
-        Any error of a sender (a PACS down, a refused SOP class, an unreadable payload) is a failed attempt of
+        Any error of a sender (a PACS down, a payload that does not read) is a failed attempt of
         that item, retried after its backoff, unless it is a permanent refusal (``refused/``); the items behind it
-        are still tried. Then ``prune_when_due``, also when a broken pending item ended the round.
+        are still tried, as are those behind a pending item that does not read (``pending`` leaves it out). Then
+        ``prune_when_due``, also when an error (the outbox folder unreadable) ended the round.
         """
         try:
             return self._deliver_due(senders, now)
@@ -238,12 +314,13 @@ class Outbox:
                 # A DeliveryError's text is lungdx's own (no patient data); any other error's text may quote the
                 # payload's header values, so only its type is kept.
                 error = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__} (payload not deliverable)"
+                detail = err.detail if isinstance(err, DeliveryError) else None  # state.json only: never logged
                 if getattr(err, "permanent", False):
-                    kept = self.refused(item, error)
+                    kept = self.refused(item, error, detail)
                     logger.error("delivery of %s refused for good, %s: %s", item.label,
                                  f"kept in {kept}" if kept else "deleted (refused items kept 0 days)", error)
                     continue
-                delay_s = self.failed(item, error)
+                delay_s = self.failed(item, error, detail)
                 logger.warning("delivery of %s failed (attempt %d), retrying in %.0f s: %s",
                                item.label, item.attempts + 1, delay_s, error)
             else:

@@ -108,11 +108,13 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", a
     Raises:
         Skipped: not a DICOM file, refused by the acceptance policy, or pixels that cannot be read (the
             reason says which).
+        results.AmbiguousIdentifier: a Patient ID, Accession Number, Study ID or Issuer of Patient ID with more than
+            one value (the text names it, never its values).
         StepFailed: any other error, with the step it happened in.
     """
     from lungdx.explain import choose_heatmap, explain_levelled, resolve_method, to_original_grid
     from lungdx.integrations.fhir import make_bundle
-    from lungdx.integrations.results import make_secondary_capture, make_sr, overlay_rgb
+    from lungdx.integrations.results import check_identifiers, make_secondary_capture, make_sr, overlay_rgb
 
     try:
         if sniff_format(path) != "dicom":
@@ -124,6 +126,7 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", a
         raise Skipped(err.reason, unreadable=True) from err
     with _step("reading the DICOM header"):
         source = pydicom.dcmread(path, stop_before_pixels=True)
+    check_identifiers(source)  # before the model runs: a result it could not file safely is not made
     with _step("predicting"):
         levelled = predictor.level(image.pixels)  # once, for the prediction and the heatmap
         prediction = predictor.predict_levelled(levelled, image.pixels.shape[:2], str(path), image.meta)
@@ -291,8 +294,13 @@ class Processor:
 def _failure(err: BaseException) -> str:
     """An error without its message: the step it failed (``StepFailed``), its type and the last frame it passed.
 
-    The message is left out because it may quote the header's values (highdicom's quotes the refused value).
+    The message is left out because it may quote the header's values (highdicom's quotes the refused value), except
+    lungdx's own refusal of an ambiguous identifier, which names the attribute and never its values.
     """
+    from lungdx.integrations.results import AmbiguousIdentifier
+
+    if isinstance(err, AmbiguousIdentifier):
+        return f"{type(err).__name__}: {err}"
     if isinstance(err, StepFailed) and err.__cause__ is not None:
         return f"{err.step}: {_failure(err.__cause__)}"
     frames = traceback.extract_tb(err.__traceback__)

@@ -198,6 +198,27 @@ def read_sr_location(sr: Dataset) -> tuple[float, float, float] | None:
     return None
 
 
+IDENTIFYING = ("PatientID", "IssuerOfPatientID", "StudyID", "AccessionNumber")
+"""Attributes the PACS and the EHR file a result under (all VM 1, PS3.6), copied into the results: never cut to one value."""
+
+
+class AmbiguousIdentifier(ValueError):
+    """An identifying attribute (``IDENTIFYING``) with more than one value: a result filed under one of them could go to
+    another patient's record or order, so none is made. The text names the attribute, never its values."""
+
+    def __init__(self, keyword: str, count: int):
+        super().__init__(f"{keyword} has {count} values where the standard allows one (PS3.6): a result filed under one "
+                         "of them could go to another patient's record, so none is made")
+        self.keyword = keyword
+
+
+def check_identifiers(source: Dataset) -> None:
+    """Raise ``AmbiguousIdentifier`` for the first identifying attribute of ``source`` with more than one value."""
+    for keyword in IDENTIFYING:
+        if keyword in source and source[keyword].VM > 1:
+            raise AmbiguousIdentifier(keyword, source[keyword].VM)
+
+
 def evidence_header(source: Dataset) -> Dataset:
     """The source's header without pixels, with the Type 2 patient and study attributes highdicom copies.
 
@@ -207,7 +228,12 @@ def evidence_header(source: Dataset) -> Dataset:
     touched): dates and times that do not parse (DA, TM, DT; PS3.5 6.2) are emptied, a malformed Patient's
     Age is dropped, a multi-valued patient or study attribute keeps its first value, a Patient's Sex is made
     one of M, F, O or empty, and an empty first value of Specific Character Set is named (ISO 2022 IR 6).
+
+    Raises:
+        AmbiguousIdentifier: a multi-valued Patient ID, Issuer of Patient ID, Study ID or Accession Number, which
+            is never cut to its first value.
     """
+    check_identifiers(source)
     header = Dataset()
     header.file_meta = getattr(source, "file_meta", Dataset())
     for element in source:
@@ -218,7 +244,8 @@ def evidence_header(source: Dataset) -> Dataset:
         del header.PatientAge  # PS3.5 6.2 AS is nnnD/W/M/Y; a malformed value would make the result invalid
     for keyword in _TYPE2_COPIED:
         if keyword in header and header[keyword].VM > 1:
-            # All are VM 1 (PS3.6); highdicom refuses a list (a PN list raises TypeError): the first is kept
+            # All are VM 1 (PS3.6); highdicom refuses a list (a PN list raises TypeError): the first is kept, as
+            # none of these files the result (the identifying ones were refused above)
             _replace(header, keyword, header[keyword].value[0])
     for element in list(header):
         if element.VR in _PARSED_VRS and element.value not in (None, "") and not _parses(element):
