@@ -272,12 +272,19 @@ def test_pacs_run_delivers_each_result_once(predictor, orthanc, dicom_dir, tmp_p
         pacs_run(processor, client, str(pydicom.dcmread(tibia, stop_before_pixels=True).StudyInstanceUID))
 
 
-def test_pacs_run_command_exits_non_zero_on_a_missing_study(trained_run, orthanc, tmp_path, capsys):
+def test_pacs_run_command_exits_non_zero_on_a_missing_study(trained_run, orthanc, dicom_dir, tmp_path, capsys):
+    # ... and still delivers what an earlier run left waiting (it returned before delivering and pruning).
     from lungdx.cli import main
+    from lungdx.integrations.outbox import Outbox
 
+    waiting = _new_study_copy(_sample(dicom_dir, CHEST_DX), tmp_path / "waiting.dcm")
+    Outbox(tmp_path / "state" / "outbox").put("dicom", waiting.read_bytes(), ".dcm", "left by an earlier run")
     code = main(["pacs-run", str(trained_run), "--study", "1.2.826.0.1.3680043.8.498.2", "--pacs", orthanc.dicomweb,
                  "--state", str(tmp_path / "state")])
-    assert code == 1 and "is not in the PACS" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert code == 1 and "is not in the PACS" in said and "delivered 1 earlier result(s), 0 waiting" in said
+    assert not list((tmp_path / "state" / "outbox" / "pending").iterdir())
+    assert len(orthanc.study_instances(pydicom.dcmread(waiting, stop_before_pixels=True).StudyInstanceUID)) == 1
 
 
 def test_an_instance_received_again_is_not_analysed_again(predictor, dicom_dir, tmp_path):

@@ -809,6 +809,11 @@ def _cmd_pacs_run(args) -> int:
         run = pacs_run(processor, DicomWebClient(args.pacs), args.study)
     except NothingToAnalyse as err:
         print(f"lungdx pacs-run: {err}", file=sys.stderr)
+        # What earlier runs left waiting still goes, and the retention still prunes: an empty study is no reason not to.
+        delivered = processor.deliver()
+        if delivered or processor.outbox.pending():
+            print(f"lungdx pacs-run: delivered {delivered} earlier result(s), {len(processor.outbox.pending())} waiting in "
+                  f"{processor.outbox.folder}", file=sys.stderr)
         return 1
     delivered = processor.deliver()
     waiting = len(processor.outbox.pending())
