@@ -5,6 +5,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import pydicom
 import pytest
 
 pytest.importorskip("fhir.resources", reason="the FHIR tests need the pacs extra (pip install -e '.[pacs]')")
@@ -91,7 +92,7 @@ def test_bundle_waits_while_the_fhir_server_refuses_and_is_posted_when_it_accept
     sample = dicom_dir / CHEST_DX
     stored_dicom = []
     processor = make_processor(trained_run, tmp_path / "state", stored_dicom.append, fhir_url=fhir_url,
-                               retry=RetryPolicy(base_s=0.01, max_s=0.05))
+                               retry=RetryPolicy(base_s=0.01, max_s=0.05), patient_system="urn:oid:1.2.3.4.5")
     assert processor.process(sample) is not None
     processor.deliver()
     assert FhirServer.received == [] and [item.kind for item in processor.outbox.pending()] == ["fhir"]
@@ -104,7 +105,23 @@ def test_bundle_waits_while_the_fhir_server_refuses_and_is_posted_when_it_accept
     observation = next(entry.resource for entry in bundle.entry if entry.resource.get_resource_type() == "Observation")
     expected = Predictor.from_path(trained_run, device="cpu").predict_files([sample])[0].probability
     assert float(observation.valueQuantity.value) == pytest.approx(expected, rel=1e-9)
+    patient = str(pydicom.dcmread(sample, stop_before_pixels=True).PatientID)
+    for entry in bundle.entry:  # the EHR matches the patient by system and value, not by a bare value
+        assert (entry.resource.subject.identifier.system, entry.resource.subject.identifier.value) == (
+            "urn:oid:1.2.3.4.5", patient)
     assert len(stored_dicom) == 2  # the SR and the secondary capture went their own way
+
+
+def test_a_patient_without_an_identifier_system_is_said_once(trained_run, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="lungdx.integrations.pipeline"):
+        make_processor(trained_run, tmp_path / "a", lambda path: None, fhir_url="http://127.0.0.1:9/fhir")
+        make_processor(trained_run, tmp_path / "b", lambda path: None)  # no FHIR: nothing to say
+    warnings = [record.getMessage() for record in caplog.records if "--fhir-patient-system" in record.getMessage()]
+    assert len(warnings) == 1
+    statement = state_result(0.7, {"threshold": 0.5, "threshold_method": "youden", "class_names": ["a", "b"]})
+    identity = {"name": "n", "model": "m", "version": "0123456789ab", "software_version": "t", "task": "nodule_vs_normal"}
+    bare = make_bundle(statement, identity, "1.2.3", "PID4711", instance_uid="1.2.3.4")
+    assert all(entry["resource"]["subject"]["identifier"] == {"value": "PID4711"} for entry in bare["entry"])
 
 
 def test_a_bundle_delivered_again_stores_one_report(fhir_url, tmp_path):

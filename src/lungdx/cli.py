@@ -728,6 +728,10 @@ def _add_destination(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--send-by", default="stow", choices=("stow", "cstore"),
                         help="how results go back to the PACS (default: %(default)s)")
     parser.add_argument("--fhir", help="FHIR base URL to POST the DiagnosticReport bundles to (optional)")
+    parser.add_argument("--fhir-patient-system", metavar="URI",
+                        help="the FHIR identifier system of this site's Patient IDs (0010,0020), e.g. "
+                             "'urn:oid:1.2.3.4.5' or 'https://hospital.example/mrn': the Bundles' subject gets it, so "
+                             "the EHR can match the patient; without it the subject is the ID alone (a warning says so)")
     parser.add_argument("--state", default="lungdx-pacs", help="inbox/outbox folder (default: %(default)s)")
     _add_retention(parser)
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda (default: %(default)s)")
@@ -773,7 +777,8 @@ def _pacs_processor(args):
     sender = dicom_sender(args.send_by, dicomweb=args.pacs, host=args.pacs_host, port=args.pacs_port,
                           called_aet=args.pacs_aet, calling_aet=getattr(args, "aet", "LUNGDX"))
     return make_processor(args.run, args.state, sender, fhir_url=args.fhir, device=args.device, policy=_policy(args),
-                          retention=Retention(sent_days=args.keep_sent, refused_days=args.keep_refused))
+                          retention=Retention(sent_days=args.keep_sent, refused_days=args.keep_refused),
+                          patient_system=args.fhir_patient_system)
 
 
 def _cmd_listen(args) -> int:

@@ -36,7 +36,7 @@ _PRIVATE_SYSTEM = "urn:lungdx:codes"
 
 
 def make_bundle(statement: ResultStatement, identity: dict, study_uid: str, patient_id: str | None = None, *,
-                instance_uid: str) -> dict:
+                instance_uid: str, patient_system: str | None = None) -> dict:
     """A transaction Bundle (dict) holding the Observation and the DiagnosticReport, validated as FHIR.
 
     The statement (``lungdx.wording``) gives the report's conclusion word for word (decision, threshold and
@@ -49,13 +49,16 @@ def make_bundle(statement: ResultStatement, identity: dict, study_uid: str, pati
         identity: ``checkpoint.model_identity`` of the model.
         study_uid: the Study Instance UID (0020,000D): the ImagingStudy is referred to by identifier.
         patient_id: Patient ID (0010,0020) for ``subject``, when the EHR is to link the result.
+        patient_system: the FHIR identifier system (a URI) of the site's Patient IDs, which an EHR needs to match
+            the subject to its patient (FHIR R4 Identifier.system); None gives the value alone.
         instance_uid: the analysed instance's SOP Instance UID (0008,0018): with the model version, it gives the
             resources' identifiers, the same for every Bundle of this result.
     """
     now = datetime.now(UTC).isoformat(timespec="seconds")
     observation_url, report_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
     study = {"type": "ImagingStudy", "identifier": {"system": _DICOM_UID, "value": f"urn:oid:{study_uid}"}}
-    subject = {"subject": {"identifier": {"value": patient_id}}} if patient_id else {}
+    system = {"system": patient_system} if patient_system else {}
+    subject = {"subject": {"identifier": {**system, "value": patient_id}}} if patient_id else {}
     device = f"{identity['name']} version {identity['version']} (lungdx {identity['software_version']})"
     observation_id, report_id = (_identifier(result_uid(instance_uid, identity["version"], role))
                                  for role in ("fhir_observation", "fhir_report"))

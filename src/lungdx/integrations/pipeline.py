@@ -97,7 +97,8 @@ class Results:
     fhir_bundle: dict
 
 
-def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", alerts: Sequence[str] = ()) -> Results:
+def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", alerts: Sequence[str] = (),
+                 patient_system: str | None = None) -> Results:
     """Predict and explain one DICOM file and make its SR, Secondary Capture and FHIR Bundle.
 
     All three word the result as ``wording.state_result`` does (``alerts``: monitoring alerts active now).
@@ -148,7 +149,7 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", a
     with _step("building the FHIR Bundle"):
         patient_id = str(source.get("PatientID", "")) or None
         bundle = make_bundle(statement, identity, str(source.StudyInstanceUID), patient_id,
-                             instance_uid=str(source.SOPInstanceUID))
+                             instance_uid=str(source.SOPInstanceUID), patient_system=patient_system)
     return Results(prediction=prediction, sr=sr, secondary_capture=capture, fhir_bundle=bundle)
 
 
@@ -176,6 +177,8 @@ class Processor:
     after the decoder is installed, say, put it back into ``inbox/`` to analyse it). An instance the acceptance
     policy refuses (not a chest radiograph) is refused again on a second try, and is deleted.
 
+    ``patient_system``: the FHIR identifier system of the site's Patient IDs, given to the Bundles' subject.
+
     ``retention`` (default ``Retention()``) limits the outbox and, on the same schedule, ``fhir/`` (by
     ``sent_days``: a copy of a result, kept no longer than the delivered result) and ``failed/`` and
     ``unreadable/`` (by ``refused_days``: waiting for a person, as a refused result is). A limit of 0 keeps
@@ -187,11 +190,15 @@ class Processor:
 
     def __init__(self, predictor: Predictor, state_dir: str | Path, *, send_dicom: Callable[[Path], None] | None,
                  send_fhir: Callable[[Path], None] | None = None, retry: RetryPolicy | None = None,
-                 method: str = "auto", retention: Retention | None = None):
+                 method: str = "auto", retention: Retention | None = None, patient_system: str | None = None):
         from lungdx.integrations.results import task_concepts
 
         task_concepts(predictor.identity["task"])  # refused at start-up, not on every instance
-        self.predictor, self.method = predictor, method
+        self.predictor, self.method, self.patient_system = predictor, method, patient_system
+        if send_fhir is not None and not patient_system:
+            logger.warning("FHIR results name their patient by Patient ID (0010,0020) without an identifier system: an "
+                           "EHR that holds several ID namespaces cannot match it; give the site's with "
+                           "--fhir-patient-system URI")
         self.state_dir = Path(state_dir)
         self.inbox = self.state_dir / "inbox"
         self.inbox.mkdir(parents=True, exist_ok=True)
@@ -219,7 +226,7 @@ class Processor:
             self._event(digest, "already", f"result of model version {self.version} already queued")
             return None
         try:
-            results = analyse_file(self.predictor, path, self.method)
+            results = analyse_file(self.predictor, path, self.method, patient_system=self.patient_system)
         except Skipped as err:
             logger.warning("skipped instance %s: %s", digest, err)
             self._event(digest, "skipped", str(err))
