@@ -287,6 +287,30 @@ def test_pacs_run_command_exits_non_zero_on_a_missing_study(trained_run, orthanc
     assert len(orthanc.study_instances(pydicom.dcmread(waiting, stop_before_pixels=True).StudyInstanceUID)) == 1
 
 
+def test_a_failed_instance_outside_the_inbox_is_copied_never_moved(predictor, dicom_dir, tmp_path, monkeypatch):
+    # Processor.process on a caller's file that failed moved it into failed/: a test doing so on the shared sample
+    # folder deleted ../shared/data/dicom_samples/nih_cxr14_dx_chest_nofinding.dcm (and touched its mtime).
+    import lungdx.integrations.pipeline as pipeline
+    from lungdx.integrations.pipeline import Processor
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a step that fails")
+
+    monkeypatch.setattr(pipeline, "analyse_file", broken)
+    source = tmp_path / "mine" / "instance.dcm"
+    source.parent.mkdir()
+    source.write_bytes(_sample(dicom_dir, CHEST_DX).read_bytes())
+    os.utime(source, (1_000_000_000, 1_000_000_000))
+    processor = Processor(predictor, tmp_path / "state", send_dicom=lambda _: None)
+    assert processor.process(source) is None
+    kept = list((tmp_path / "state" / "failed").iterdir())
+    assert source.stat().st_mtime == 1_000_000_000 and len(kept) == 1 and kept[0].read_bytes() == source.read_bytes()
+    inbox = processor.inbox / "received.dcm"  # the node's own inbox: moved, as before
+    inbox.write_bytes(source.read_bytes())
+    processor.process(inbox)
+    assert not inbox.exists()
+
+
 def test_an_instance_received_again_is_not_analysed_again(predictor, dicom_dir, tmp_path):
     """A listener that receives an instance again (a resend, a restart) queues its results once."""
     from lungdx.integrations.pipeline import Processor

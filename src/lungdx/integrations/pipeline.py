@@ -219,7 +219,11 @@ class Processor:
         return (digest, self.version) in self._done
 
     def process(self, path: Path) -> Results | None:
-        """Analyse one file and queue its results; never raises for a bad instance (it is logged)."""
+        """Analyse one file and queue its results; never raises for a bad instance (it is logged).
+
+        An instance that fails, or whose pixels do not decode, is kept for a person (``failed/``, ``unreadable/``):
+        moved there from ``inbox/``, copied from anywhere else, so a caller's own file is never moved or changed.
+        """
         digest = _digest_of(path)
         if self.done(digest):
             logger.info("instance %s: result of model %s already queued; not analysed again", digest, self.version)
@@ -254,18 +258,22 @@ class Processor:
         return results
 
     def _keep(self, path: Path, folder: str, digest: str) -> None:
-        """Move an instance that was not analysed to ``folder`` in the state folder, named by its UID's digest;
-        left where it is (the inbox deletes it) where ``Retention.refused_days`` is 0."""
+        """Keep an instance that was not analysed in ``folder`` of the state folder, named by its UID's digest: moved
+        from the node's own ``inbox/``, copied from anywhere else (``process`` on a file of the caller's, which is
+        never moved or touched); not kept where ``Retention.refused_days`` is 0 (the inbox deletes its file)."""
         if self.retention.refused_days == 0:
             return
+        path = Path(path)
         kept = self.state_dir / folder / f"{digest}{path.suffix}"
         kept.parent.mkdir(exist_ok=True)
-        # Retention ages a kept instance by its modification time, which is its reception until now: set before the
-        # move, so that a prune never sees an instance received long ago (a backlog) as kept long ago. A file that
-        # is not lungdx's own (put back by a person) may refuse it: then it is aged from its reception.
+        if path.resolve().parent == self.inbox.resolve():
+            shutil.move(path, kept)
+        else:
+            shutil.copyfile(path, kept)
+        # Retention ages a kept instance by its modification time: set now, so that a prune never sees an instance
+        # received long ago (a backlog) as kept long ago. Where the system refuses, it is aged from its reception.
         with contextlib.suppress(OSError):
-            os.utime(path)
-        shutil.move(path, kept)
+            os.utime(kept)
 
     def _mark_done(self, digest: str) -> None:
         line = json.dumps({"instance": digest, "model_version": self.version, "time": time.time()})
