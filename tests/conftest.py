@@ -23,6 +23,28 @@ _share_the_cpus_between_xdist_workers()
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def _shared_snapshot() -> dict[str, tuple[int, int]]:
+    """Every file under ../shared/data: its size and modification time (1.5k files: a few milliseconds)."""
+    if not SHARED_DATA.is_dir():
+        return {}
+    return {str(path.relative_to(SHARED_DATA)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in SHARED_DATA.rglob("*") if path.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_data_left_as_found():
+    """The shared data are read in place, never written: a test that moves, deletes or touches one of its files
+    (a PACS node keeping a failed instance did, once) fails the session here, naming the files, instead of
+    leaving the next session without them."""
+    before = _shared_snapshot()
+    yield
+    after = _shared_snapshot()
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    if changed:
+        pytest.fail(f"../shared/data was changed by the tests ({len(changed)} files, e.g. {', '.join(changed[:5])}): "
+                    "tests must read it in place and write only under tmp_path", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``<repo>/../shared/data``; skips the test with the reason when it is absent."""
