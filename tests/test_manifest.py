@@ -232,8 +232,12 @@ def test_a_patient_id_pattern_fills_only_the_missing_ids(tmp_path, caplog):
     assert "1 of 3 images have no patient ID (no PatientID (0010,0020) in their headers)" in caplog.text
     assert "--patient-id-pattern" in caplog.text
     read = load_dataset(tmp_path, "dicom", patient_id_pattern=r"^(s\d+)_").set_index(pd.Index(names))
-    # x9_a.dcm does not match, but its header gives P2: the pattern reads only the IDs the layout lacks.
-    assert read["patient_id"].tolist() == ["P1", "s01", "P2"]
+    # x9_a.dcm does not match, but its header gives P2: the pattern reads only the IDs the layout lacks. s01_b.dcm
+    # names the patient of s01_a.dcm, whose header says P1: it takes P1, not 's01' (one patient, two IDs, two splits).
+    assert read["patient_id"].tolist() == ["P1", "P1", "P2"]
+    _write_dicom(tmp_path / "s01_c.dcm", patient="P9")  # s01 now has two given IDs: whose is s01_b's?
+    with pytest.raises(DatasetError, match=r"name one patient \('s01'\) .* carry 2 patient IDs and 1 carry none"):
+        load_dataset(tmp_path, "dicom", patient_id_pattern=r"^(s\d+)_")
 
 
 def test_class_folders_with_a_patient_id_pattern(tmp_path, caplog):

@@ -101,31 +101,41 @@ def patient_ids_from_names(frame: pd.DataFrame, pattern: str, without: pd.Series
     ``pattern`` is a regular expression searched (``re.search``) in each file name, its extension included;
     the ID is the first of its groups that took part in the match, else the whole match. Kermany's pediatric
     set, say (``person1946_bacteria_4874.jpeg``, ``NORMAL2-IM-1427-0001.jpeg``): ``(person\\d+)_|(IM-\\d+)-``.
-    An ID the layout gives (a ``patient_id`` column, a DICOM PatientID) is kept.
+    An ID the layout gives (a ``patient_id`` column, a DICOM PatientID) is kept, and the two kinds are joined:
+    an image without one whose file name names the same patient as images with one (``s01_b.dcm`` beside
+    ``s01_a.dcm`` of PatientID ``P1``) takes theirs, so one patient is never split under two IDs.
 
     Raises:
-        DatasetError: the pattern is not a regular expression, or a file name it should read does not match
-            (its image would silently become a patient of its own).
+        DatasetError: the pattern is not a regular expression; a file name it should read does not match (its
+            image would silently become a patient of its own); or a file-name patient whose images have
+            several given IDs has images without one (which of them is theirs cannot be told).
     """
     try:
         compiled = re.compile(pattern)
     except re.error as err:
         raise DatasetError(f"patient ID pattern {pattern!r} is not a regular expression: {err}") from err
-    rows = without
-    if not rows.any():
+    if not without.any():
         logger.warning("%s: every image has a patient ID from its layout; the patient ID pattern %r is not used",
                        source, pattern)
         return frame
-    names = frame.loc[rows, "path"].map(lambda p: Path(p).name)
-    found = names.map(lambda name: _id_in_name(compiled, name))
-    missed = found.isna()
+    named = frame["path"].map(lambda p: _id_in_name(compiled, Path(p).name))
+    missed = without & named.isna()
     if missed.any():
         raise DatasetError(f"{source}: the patient ID pattern {pattern!r} matches no patient ID in {int(missed.sum())} "
-                           f"of {len(names)} file names, e.g. {frame.loc[missed[missed].index[0], 'path']}")
+                           f"of {int(without.sum())} file names, e.g. {frame.loc[missed[missed].index[0], 'path']}")
     frame = frame.copy()
-    frame.loc[rows, "patient_id"] = found
-    logger.info("%s: %d images take their patient ID from their file name (%d patients)", source, len(found),
-                found.nunique())
+    given = frame.loc[~without & named.notna()].groupby(named[~without & named.notna()])["patient_id"].unique()
+    for name_id, rows in frame.loc[without].groupby(named[without]).groups.items():
+        ids = list(given.get(name_id, []))
+        if len(ids) > 1:
+            files = ", ".join(Path(p).name for p in frame.loc[named == name_id, "path"][:4])
+            raise DatasetError(f"{source}: the file names {files} name one patient ({name_id!r}) by the pattern "
+                               f"{pattern!r}, but their images carry {len(ids)} patient IDs and {len(rows)} carry none: "
+                               "give every image its patient ID, or a pattern that tells the patients apart")
+        frame.loc[rows, "patient_id"] = ids[0] if ids else name_id
+    joined = int((without & named.isin(given.index)).sum())
+    logger.info("%s: %d images take their patient ID from their file name (%d of them the ID of their patient's other "
+                "images)", source, int(without.sum()), joined)
     return frame
 
 
