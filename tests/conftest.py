@@ -27,8 +27,15 @@ def _shared_snapshot() -> dict[str, tuple[int, int]]:
     """Every file under ../shared/data: its size and modification time (1.5k files: a few milliseconds)."""
     if not SHARED_DATA.is_dir():
         return {}
-    return {str(path.relative_to(SHARED_DATA)): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in SHARED_DATA.rglob("*") if path.is_file()}
+    found = {}
+    for path in SHARED_DATA.rglob("*"):
+        try:
+            stat = path.stat()
+        except OSError:  # gone since it was listed: left out, so it shows as changed
+            continue
+        if not path.is_dir():
+            found[str(path.relative_to(SHARED_DATA))] = (stat.st_size, stat.st_mtime_ns)
+    return found
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("fhir.resources", reason="the FHIR tests need the pacs extra (pip install -e '.[pacs]')")
 
 from lungdx.integrations.fhir import make_bundle, post_bundle  # noqa: E402
-from lungdx.integrations.outbox import Outbox, RetryPolicy  # noqa: E402
+from lungdx.integrations.outbox import Outbox, Retention, RetryPolicy  # noqa: E402
 from lungdx.integrations.service import make_processor  # noqa: E402
 from lungdx.predict import Predictor  # noqa: E402
 from lungdx.wording import state_result  # noqa: E402
@@ -118,6 +118,9 @@ def test_a_patient_without_an_identifier_system_is_said_once(trained_run, tmp_pa
         make_processor(trained_run, tmp_path / "b", lambda path: None)  # no FHIR: nothing to say
     warnings = [record.getMessage() for record in caplog.records if "--fhir-patient-system" in record.getMessage()]
     assert len(warnings) == 1
+    with caplog.at_level("WARNING", logger="lungdx.integrations.pipeline"):
+        make_processor(trained_run, tmp_path / "c", lambda path: None, retention=Retention(sent_days=0))
+    assert "no FHIR Bundle is written anywhere" in caplog.text
     statement = state_result(0.7, {"threshold": 0.5, "threshold_method": "youden", "class_names": ["a", "b"]})
     identity = {"name": "n", "model": "m", "version": "0123456789ab", "software_version": "t", "task": "nodule_vs_normal"}
     bare = make_bundle(statement, identity, "1.2.3", "PID4711", instance_uid="1.2.3.4")
@@ -195,3 +198,34 @@ def test_a_redirect_is_not_followed_and_the_bundle_waits_naming_where_it_points(
     assert "s3cret" not in error + caplog.text
     assert FhirServer.requests == [("POST", "/fhir")] and not list((tmp_path / "sent").iterdir())
 
+
+
+def test_the_site_system_goes_only_to_the_sites_own_patient_ids():
+    # A study imported from another hospital keeps its Patient ID under its own Issuer of Patient ID (0010,0021):
+    # under the site's system it could match another patient in the EHR.
+    from pydicom.dataset import Dataset
+
+    from lungdx.integrations.pipeline import site_patient_system
+
+    def source(issuer=None):
+        dataset = Dataset()
+        dataset.PatientID = "12345"
+        if issuer is not None:
+            dataset.IssuerOfPatientID = issuer
+        return dataset
+
+    site = "urn:oid:1.2.3.4.5"
+    assert site_patient_system(source(), site, None) == site
+    assert site_patient_system(source("HOSP_B"), site, None) is None
+    assert site_patient_system(source("HOSP_A"), site, "HOSP_A") == site
+    assert site_patient_system(source("HOSP_B"), site, "HOSP_A") is None
+    assert site_patient_system(source(), None, "HOSP_A") is None
+
+
+@pytest.mark.parametrize("system", ["my mrn system", "https://x y", "mrn"])
+def test_a_patient_system_that_is_no_uri_is_refused_at_the_command_line(system, capsys):
+    from lungdx.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["listen", "run", "--fhir-patient-system", system])
+    assert exit_info.value.code == 2 and "expected an absolute URI" in capsys.readouterr().err

@@ -464,7 +464,7 @@ def test_malformed_padding_tags_are_ignored_with_a_warning(tags, tmp_path, caplo
     image = read_dicom(_dx_file(tmp_path / "malformed.dcm", stored, **tags))
     np.testing.assert_allclose(image.pixels, stored / 3000, rtol=0, atol=1e-6)
     assert image.meta["padding_pixels"] == 0
-    assert "ignoring pixel padding" in caplog.text
+    assert f"{tmp_path / 'malformed.dcm'}: ignoring pixel padding" in caplog.text
 
 
 def test_image_that_is_all_padding_reads_black(tmp_path):

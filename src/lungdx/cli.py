@@ -728,10 +728,15 @@ def _add_destination(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--send-by", default="stow", choices=("stow", "cstore"),
                         help="how results go back to the PACS (default: %(default)s)")
     parser.add_argument("--fhir", help="FHIR base URL to POST the DiagnosticReport bundles to (optional)")
-    parser.add_argument("--fhir-patient-system", metavar="URI",
+    parser.add_argument("--fhir-patient-system", metavar="URI", type=_absolute_uri,
                         help="the FHIR identifier system of this site's Patient IDs (0010,0020), e.g. "
                              "'urn:oid:1.2.3.4.5' or 'https://hospital.example/mrn': the Bundles' subject gets it, so "
-                             "the EHR can match the patient; without it the subject is the ID alone (a warning says so)")
+                             "the EHR can match the patient; without it the subject is the ID alone (a warning says so). "
+                             "An instance whose Issuer of Patient ID (0010,0021) is not --fhir-patient-issuer (a study "
+                             "from another hospital) gets no system")
+    parser.add_argument("--fhir-patient-issuer", metavar="ISSUER",
+                        help="the Issuer of Patient ID (0010,0021) of this site's own IDs; instances without one are "
+                             "taken as the site's (default: only those)")
     parser.add_argument("--state", default="lungdx-pacs", help="inbox/outbox folder (default: %(default)s)")
     _add_retention(parser)
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda (default: %(default)s)")
@@ -758,6 +763,14 @@ def _add_retention(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)g)")
 
 
+def _absolute_uri(text: str) -> str:
+    """An absolute URI (a scheme, then no white space), as FHIR's Identifier.system must be."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:\S+", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected an absolute URI such as urn:oid:1.2.3 or https://hospital.example/mrn, "
+                                         f"got {text!r}")
+    return text.strip()
+
+
 def _retention_days(text: str) -> float | None:
     if text.strip().lower() == "never":
         return None
@@ -778,7 +791,7 @@ def _pacs_processor(args):
                           called_aet=args.pacs_aet, calling_aet=getattr(args, "aet", "LUNGDX"))
     return make_processor(args.run, args.state, sender, fhir_url=args.fhir, device=args.device, policy=_policy(args),
                           retention=Retention(sent_days=args.keep_sent, refused_days=args.keep_refused),
-                          patient_system=args.fhir_patient_system)
+                          patient_system=args.fhir_patient_system, patient_issuer=args.fhir_patient_issuer)
 
 
 def _cmd_listen(args) -> int:

@@ -98,7 +98,7 @@ class Results:
 
 
 def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", alerts: Sequence[str] = (),
-                 patient_system: str | None = None) -> Results:
+                 patient_system: str | None = None, patient_issuer: str | None = None) -> Results:
     """Predict and explain one DICOM file and make its SR, Secondary Capture and FHIR Bundle.
 
     All three word the result as ``wording.state_result`` does (``alerts``: monitoring alerts active now).
@@ -149,8 +149,23 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", a
     with _step("building the FHIR Bundle"):
         patient_id = str(source.get("PatientID", "")) or None
         bundle = make_bundle(statement, identity, str(source.StudyInstanceUID), patient_id,
-                             instance_uid=str(source.SOPInstanceUID), patient_system=patient_system)
+                             instance_uid=str(source.SOPInstanceUID),
+                             patient_system=site_patient_system(source, patient_system, patient_issuer))
     return Results(prediction=prediction, sr=sr, secondary_capture=capture, fhir_bundle=bundle)
+
+
+def site_patient_system(source: Dataset, system: str | None, issuer: str | None) -> str | None:
+    """The FHIR identifier system for the source's Patient ID (0010,0020): the site's (``system``) where the ID is
+    the site's own, that is where Issuer of Patient ID (0010,0021) is absent or is the site's (``issuer``); None
+    where it names another assigner (a study imported from another hospital), whose ID under the site's system
+    could match another patient in the EHR, so it goes without a system."""
+    if not system:
+        return None
+    given = str(source.get("IssuerOfPatientID", "") or "").strip()
+    if given and given != (issuer or ""):
+        logger.info("Issuer of Patient ID (0010,0021) is not the site's: the FHIR subject goes without the site's system")
+        return None
+    return system
 
 
 @contextlib.contextmanager
@@ -177,7 +192,8 @@ class Processor:
     after the decoder is installed, say, put it back into ``inbox/`` to analyse it). An instance the acceptance
     policy refuses (not a chest radiograph) is refused again on a second try, and is deleted.
 
-    ``patient_system``: the FHIR identifier system of the site's Patient IDs, given to the Bundles' subject.
+    ``patient_system``: the FHIR identifier system of the site's Patient IDs, given to the Bundles' subject where the
+    instance's Issuer of Patient ID (0010,0021) is absent or ``patient_issuer`` (``site_patient_system``).
 
     ``retention`` (default ``Retention()``) limits the outbox and, on the same schedule, ``fhir/`` (by
     ``sent_days``: a copy of a result, kept no longer than the delivered result) and ``failed/`` and
@@ -190,11 +206,16 @@ class Processor:
 
     def __init__(self, predictor: Predictor, state_dir: str | Path, *, send_dicom: Callable[[Path], None] | None,
                  send_fhir: Callable[[Path], None] | None = None, retry: RetryPolicy | None = None,
-                 method: str = "auto", retention: Retention | None = None, patient_system: str | None = None):
+                 method: str = "auto", retention: Retention | None = None, patient_system: str | None = None,
+                 patient_issuer: str | None = None):
         from lungdx.integrations.results import task_concepts
 
         task_concepts(predictor.identity["task"])  # refused at start-up, not on every instance
-        self.predictor, self.method, self.patient_system = predictor, method, patient_system
+        self.predictor, self.method = predictor, method
+        self.patient_system, self.patient_issuer = patient_system, patient_issuer
+        if send_fhir is None and retention is not None and retention.sent_days == 0:
+            logger.warning("no FHIR destination (--fhir) and sent results kept 0 days (--keep-sent 0): no FHIR Bundle is "
+                           "written anywhere, not even to STATE/fhir/")
         if send_fhir is not None and not patient_system:
             logger.warning("FHIR results name their patient by Patient ID (0010,0020) without an identifier system: an "
                            "EHR that holds several ID namespaces cannot match it; give the site's with "
@@ -230,7 +251,8 @@ class Processor:
             self._event(digest, "already", f"result of model version {self.version} already queued")
             return None
         try:
-            results = analyse_file(self.predictor, path, self.method, patient_system=self.patient_system)
+            results = analyse_file(self.predictor, path, self.method, patient_system=self.patient_system,
+                                   patient_issuer=self.patient_issuer)
         except Skipped as err:
             logger.warning("skipped instance %s: %s", digest, err)
             self._event(digest, "skipped", str(err))
@@ -264,16 +286,16 @@ class Processor:
         if self.retention.refused_days == 0:
             return
         path = Path(path)
-        kept = self.state_dir / folder / f"{digest}{path.suffix}"
+        kept = self.state_dir / folder / f"{digest}.dcm"  # .dcm, which process_inbox takes when it is put back
         kept.parent.mkdir(exist_ok=True)
         if path.resolve().parent == self.inbox.resolve():
+            # Retention ages a kept instance by its modification time, its reception until now: set before the move,
+            # so that no prune ever sees an instance received long ago (a backlog) in failed/ as kept long ago.
+            with contextlib.suppress(OSError):  # refused by the system: then it is aged from its reception
+                os.utime(path)
             shutil.move(path, kept)
         else:
-            shutil.copyfile(path, kept)
-        # Retention ages a kept instance by its modification time: set now, so that a prune never sees an instance
-        # received long ago (a backlog) as kept long ago. Where the system refuses, it is aged from its reception.
-        with contextlib.suppress(OSError):
-            os.utime(kept)
+            shutil.copyfile(path, kept)  # a new file, written now
 
     def _mark_done(self, digest: str) -> None:
         line = json.dumps({"instance": digest, "model_version": self.version, "time": time.time()})

@@ -33,11 +33,13 @@ def dicom_sender(by: str, *, dicomweb: str | None = None, host: str | None = Non
 
 def make_processor(run: str | Path, state_dir: str | Path, sender: Callable[[Path], None], *,
                    fhir_url: str | None = None, device: str = "cpu", retry: RetryPolicy | None = None, policy=None,
-                   retention: Retention | None = None, patient_system: str | None = None):
+                   retention: Retention | None = None, patient_system: str | None = None,
+                   patient_issuer: str | None = None):
     """The ``Processor`` of a run folder (or model.pt) with its result senders.
 
     ``policy``: the ``lungdx.io.acceptance.AcceptancePolicy`` received instances are read through (default: the default one).
-    ``patient_system``: the FHIR identifier system of the site's Patient IDs (see ``Processor``).
+    ``patient_system``, ``patient_issuer``: the FHIR identifier system of the site's Patient IDs and the Issuer of
+    Patient ID (0010,0021) that marks them (see ``Processor``).
     ``retention``: how long the outbox keeps delivered and refused results, and the state folder its FHIR copies
     and its failed and unreadable instances (default: ``Retention()``; see ``Processor``).
     """
@@ -48,4 +50,4 @@ def make_processor(run: str | Path, state_dir: str | Path, sender: Callable[[Pat
     predictor = Predictor.from_path(run, device=device, policy=policy)
     send_fhir = partial(post_bundle, base_url=fhir_url) if fhir_url else None
     return Processor(predictor, state_dir, send_dicom=sender, send_fhir=send_fhir, retry=retry, retention=retention,
-                     patient_system=patient_system)
+                     patient_system=patient_system, patient_issuer=patient_issuer)

@@ -200,7 +200,8 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     try:
         limits = padding_limits(ds)
     except ValueError as exc:
-        logger.warning("ignoring pixel padding (0028,0120)/(0028,0121): %s", exc)
+        logger.warning("%s: ignoring pixel padding (0028,0120)/(0028,0121): %s", getattr(ds, "filename", None) or "a dataset",
+                       exc)
         return None
     if limits is None:
         return None
