@@ -297,7 +297,7 @@ def test_a_failed_instance_outside_the_inbox_is_copied_never_moved(predictor, di
         raise RuntimeError("a step that fails")
 
     monkeypatch.setattr(pipeline, "analyse_file", broken)
-    source = tmp_path / "mine" / "instance.dcm"
+    source = tmp_path / "mine" / "IM0001"  # a PACS export's name, without an extension
     source.parent.mkdir()
     source.write_bytes(_sample(dicom_dir, CHEST_DX).read_bytes())
     os.utime(source, (1_000_000_000, 1_000_000_000))
@@ -305,6 +305,7 @@ def test_a_failed_instance_outside_the_inbox_is_copied_never_moved(predictor, di
     assert processor.process(source) is None
     kept = list((tmp_path / "state" / "failed").iterdir())
     assert source.stat().st_mtime == 1_000_000_000 and len(kept) == 1 and kept[0].read_bytes() == source.read_bytes()
+    assert kept[0].suffix == ".dcm"  # put back into inbox/, process_inbox takes only *.dcm
     inbox = processor.inbox / "received.dcm"  # the node's own inbox: moved, as before
     inbox.write_bytes(source.read_bytes())
     processor.process(inbox)
@@ -1015,10 +1016,11 @@ def _result_files(folder: Path) -> tuple[Path, Path]:
     return paths
 
 
-def test_a_sop_class_the_peer_does_not_accept_is_refused_for_good_and_the_rest_goes_on(tmp_path):
+def test_a_sop_class_the_peer_does_not_accept_waits_for_its_configuration_and_the_rest_goes_on(tmp_path, caplog):
     """The peer (lungdx's own C-STORE SCP: radiographs and Secondary Capture, no SR) rejects Comprehensive SR at
     association. Sent alone (pynetdicom aborts an association with no context accepted) or with an SC (its
-    send_c_store raises ValueError): both were retried for ever; the SR is refused, the SC behind it is stored."""
+    send_c_store raises ValueError): the SR waits in pending/, an error names the SOP class and why, as one fix of the
+    peer's configuration mends every result (refused, retention would delete them); the SC behind it is stored."""
     from lungdx.integrations.dimse import StoreListener, send_cstore
     from lungdx.integrations.outbox import DeliveryError, Outbox, RetryPolicy
     from lungdx.integrations.service import dicom_sender
@@ -1031,18 +1033,112 @@ def test_a_sop_class_the_peer_does_not_accept_is_refused_for_good_and_the_rest_g
         outbox.put("dicom", sr_path.read_bytes(), ".dcm", "SR")
         outbox.put("dicom", sc_path.read_bytes(), ".dcm", "SC")
         sender = dicom_sender("cstore", host="127.0.0.1", port=peer.port, called_aet="PEER")
-        assert outbox.deliver({"dicom": sender}) == 1 and not outbox.pending()
-        [refused] = (tmp_path / "outbox" / "refused").iterdir()
-        state = json.loads((refused / "state.json").read_text())
-        assert state["label"] == "SR"
-        assert "PEER does not accept Comprehensive SR Storage (1.2.840.10008.5.1.4.1.1.88.33)" in state["last_error"]
-        assert "abstract syntax not supported" in state["last_error"]
+        with caplog.at_level("WARNING", logger="lungdx"):
+            assert outbox.deliver({"dicom": sender}) == 1
+        assert not list((tmp_path / "outbox" / "refused").iterdir())
+        [pending] = outbox.pending()
+        state = json.loads((pending.folder / "state.json").read_text())
+        assert state["label"] == "SR" and state["attempts"] == 1
+        expected = ("PEER does not accept Comprehensive SR Storage (1.2.840.10008.5.1.4.1.1.88.33) in Explicit VR Little "
+                    "Endian, Implicit VR Little Endian: abstract syntax not supported at association; retried until "
+                    "PEER's configuration accepts it")
+        assert state["last_error"] == expected
+        assert [record.levelname for record in caplog.records if record.getMessage() == expected] == ["ERROR"]
         assert len(list((tmp_path / "peer").glob("*.dcm"))) == 1, "the SC behind the SR was not stored"
         with pytest.raises(DeliveryError, match="does not accept Comprehensive SR Storage") as raised:
             send_cstore([sc_path, sr_path], "127.0.0.1", peer.port, "PEER")
-        assert raised.value.permanent
+        assert not raised.value.permanent
+        assert len(list((tmp_path / "peer").glob("*.dcm"))) == 1, "nothing is sent where a dataset has no context"
     finally:
         peer.stop()
+
+
+@pytest.fixture
+def store_peer():
+    """``start(sop_classes, syntaxes)`` starts a C-STORE SCP on loopback (pynetdicom) that accepts each SOP class only in
+    those transfer syntaxes (the first of them it supports, in its own order) and returns its port; ``received``
+    fills with (transfer syntax, PS3.10 bytes) of each instance stored."""
+    from pynetdicom import AE, evt
+
+    received: list[tuple[str, bytes]] = []
+    servers = []
+
+    def store(event):
+        received.append((event.context.transfer_syntax, event.encoded_dataset()))
+        return 0x0000
+
+    def start(sop_classes, syntaxes) -> int:
+        ae = AE(ae_title="PEER")
+        for sop_class in sop_classes:
+            ae.add_supported_context(sop_class, list(syntaxes))
+        servers.append(ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]))
+        return servers[-1].server_address[1]
+
+    yield start, received
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("accepted, sent_in", [
+    (["1.2.840.10008.1.2"], "1.2.840.10008.1.2"),
+    (["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"], "1.2.840.10008.1.2.1"),
+    (["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"], "1.2.840.10008.1.2")],
+    ids=["implicit-only", "explicit-preferred", "implicit-preferred"])
+def test_an_sr_goes_in_implicit_vr_little_endian_to_a_pacs_that_accepts_it_only_so(store_peer, tmp_path, accepted, sent_in):
+    """Implicit VR Little Endian is the default every peer supports (PS3.5 10.1): a PACS accepting Comprehensive SR
+    in it alone gets the SR (made in Explicit VR Little Endian) converted, with the same content; one accepting both
+    picks one (a pynetdicom SCP, the first of its own list) and gets the SR in it."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import ComprehensiveSRStorage
+
+    from lungdx.integrations.outbox import Outbox
+    from lungdx.integrations.results import read_sr_probability
+    from lungdx.integrations.service import dicom_sender
+
+    start, received = store_peer
+    port = start([ComprehensiveSRStorage], accepted)
+    sr_path, _ = _result_files(tmp_path)
+    outbox = Outbox(tmp_path / "outbox")
+    outbox.put("dicom", sr_path.read_bytes(), ".dcm", "SR")
+    assert outbox.deliver({"dicom": dicom_sender("cstore", host="127.0.0.1", port=port, called_aet="PEER")}) == 1
+    [(syntax, encoded)] = received
+    stored, made = pydicom.dcmread(DicomBytesIO(encoded)), pydicom.dcmread(sr_path)
+    assert syntax == sent_in and stored.file_meta.TransferSyntaxUID == sent_in
+    assert stored == made, [element.keyword for element in made if stored.get(element.tag) != element]
+    assert read_sr_probability(stored) == pytest.approx(0.7)
+
+
+def test_a_big_endian_image_is_swapped_into_the_little_endian_syntax_the_peer_accepts(store_peer, tmp_path):
+    """pydicom writes an OW value as it is: going from Explicit VR Big Endian to Implicit VR Little Endian, the pixel
+    words are swapped, so the image decodes to the same values; a UN value, which cannot be swapped, stops it."""
+    import numpy as np
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+    from lungdx.integrations.dimse import send_cstore
+    from lungdx.integrations.outbox import DeliveryError
+
+    start, received = store_peer
+    port = start(["1.2.840.10008.5.1.4.1.1.1"], [ImplicitVRLittleEndian])
+    dataset = pydicom.dcmread(DicomBytesIO(_dataset_bytes()))
+    dataset.file_meta = FileMetaDataset(dataset.file_meta)
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    dataset.PixelData = np.arange(64, dtype=">u2").tobytes()
+    dataset["PixelData"].VR = "OW"
+    path = tmp_path / "big_endian.dcm"
+    pydicom.dcmwrite(path, dataset, enforce_file_format=True)  # save_as refuses a change of byte order
+    assert pydicom.dcmread(path).pixel_array.tolist() == np.arange(64).reshape(8, 8).tolist()
+    send_cstore([path], "127.0.0.1", port, "PEER")
+    [(syntax, encoded)] = received
+    stored = pydicom.dcmread(DicomBytesIO(encoded))
+    assert syntax == ImplicitVRLittleEndian and (stored.Rows, stored.BitsStored) == (8, 12)
+    assert stored.pixel_array.tolist() == np.arange(64).reshape(8, 8).tolist()
+    dataset.add_new(0x00091010, "UN", b"\x00\x01\x00\x02")  # a private value whose words' size nobody knows
+    pydicom.dcmwrite(path, dataset, enforce_file_format=True)
+    with pytest.raises(DeliveryError, match=r"to another byte order: \(0009,1010\) has VR UN") as raised:
+        send_cstore([path], "127.0.0.1", port, "PEER")
+    assert not raised.value.permanent and len(received) == 1
 
 
 def test_a_pending_item_that_does_not_read_is_left_for_the_next_round(tmp_path, caplog):

@@ -12,10 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.uid import (
+    UID,
     AllTransferSyntaxes,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
 
@@ -82,8 +86,9 @@ def send_cstore(files: Sequence[Path], host: str, port: int, called_aet: str, ca
                 timeout_s: float = 30.0) -> None:
     """C-STORE PS3.10 files to a peer; raises DeliveryError when it is down or refuses any of them.
 
-    A SOP class the peer does not accept at association (PS3.8 9.3.3.2: a presentation context rejected) is refused
-    for good, as a C-STORE status 0122 is, before anything is sent.
+    An uncompressed file is proposed in its own transfer syntax and in Explicit and Implicit VR Little Endian, and sent
+    in whichever the peer accepts (``_proposed_syntaxes``). A SOP class the peer accepts in none of them (PS3.8 9.3.3.2:
+    a presentation context rejected) is a retried failure, logged as an error, before anything is sent.
     """
     import pydicom
     from pynetdicom import AE
@@ -91,8 +96,8 @@ def send_cstore(files: Sequence[Path], host: str, port: int, called_aet: str, ca
     datasets = [pydicom.dcmread(file) for file in files]
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    for sop_class, syntax in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
-        ae.add_requested_context(sop_class, syntax)
+    for sop_class, syntaxes in {(ds.SOPClassUID, _proposed_syntaxes(ds.file_meta.TransferSyntaxUID)) for ds in datasets}:
+        ae.add_requested_context(sop_class, list(syntaxes))
     assoc = ae.associate(host, port, ae_title=called_aet)
     try:
         # With every context rejected pynetdicom aborts the association it got (is_established False), so the
@@ -101,7 +106,7 @@ def send_cstore(files: Sequence[Path], host: str, port: int, called_aet: str, ca
         if not assoc.is_established:
             raise DeliveryError(f"no association with {called_aet} at {host}:{port}")
         for dataset in datasets:
-            status = assoc.send_c_store(dataset)
+            status = assoc.send_c_store(_in_syntax(dataset, _accepted_syntax(assoc, dataset)))
             code = getattr(status, "Status", None)
             # Success (0000) or a Warning (B000, B007, B006) stores the instance (PS3.4 B.2.3).
             if code is None or not (code == _SUCCESS or 0xB000 <= code <= 0xBFFF):
@@ -113,23 +118,87 @@ def send_cstore(files: Sequence[Path], host: str, port: int, called_aet: str, ca
             assoc.release()
 
 
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+_WORD_BYTES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+"""Bytes per word of the VRs whose values pydicom keeps as bytes in the transfer syntax's byte order (PS3.5 7.3, 6.2)."""
+
+
+def _proposed_syntaxes(syntax: UID) -> tuple[UID, ...]:
+    """The transfer syntaxes proposed for a dataset in ``syntax``, its own first (the peer picks one, PS3.8 9.3.3.2).
+
+    An uncompressed one adds Explicit and Implicit VR Little Endian: Implicit VR Little Endian is the default every
+    peer supports (PS3.5 10.1), and a PACS may accept a SOP class in it alone. Any other (compressed, deflated) is
+    proposed alone.
+    """
+    if syntax not in _UNCOMPRESSED:
+        return (syntax,)
+    return tuple(dict.fromkeys((syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian)))
+
+
+def _accepted_syntax(assoc, dataset) -> UID | None:
+    """The transfer syntax to send ``dataset`` in: the first of its proposed ones the peer accepted, None if none was."""
+    accepted = {context.transfer_syntax[0] for context in assoc.accepted_contexts
+                if context.abstract_syntax == dataset.SOPClassUID}
+    return next((syntax for syntax in _proposed_syntaxes(dataset.file_meta.TransferSyntaxUID) if syntax in accepted), None)
+
+
+def _in_syntax(dataset, syntax: UID):
+    """``dataset`` encoded in the uncompressed ``syntax``, through bytes, so its file meta and its encoding agree.
+
+    pynetdicom's ``send_c_store`` converts between the little endian syntaxes itself but never across byte orders,
+    and pydicom writes OW, OF, OL, OD and OV values as they are: those are swapped here.
+    """
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+
+    if dataset.file_meta.TransferSyntaxUID == syntax:
+        return dataset
+    if dataset.file_meta.TransferSyntaxUID.is_little_endian != syntax.is_little_endian:
+        _swap_words(dataset)
+    dataset.file_meta.TransferSyntaxUID = syntax
+    buffer = DicomBytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)  # save_as refuses a change of byte order
+    return pydicom.dcmread(DicomBytesIO(buffer.getvalue()))
+
+
+def _swap_words(dataset) -> None:
+    """Reverse the byte order of every OW, OF, OL, OD and OV value of ``dataset``, in sequences too."""
+    import numpy as np
+
+    for element in dataset.iterall():
+        if element.VR == "UN":  # its words' size is unknown, so its byte order cannot be changed
+            raise DeliveryError(f"cannot convert instance {uid_digest(dataset.SOPInstanceUID)} to another byte order: "
+                                f"{element.tag} has VR UN")
+        if element.VR in _WORD_BYTES and element.value:
+            element.value = np.frombuffer(element.value, f"u{_WORD_BYTES[element.VR]}").byteswap().tobytes()
+
+
 _CONTEXT_RESULTS = {0x01: "rejected by the user", 0x02: "rejected, no reason given",
                     0x03: "abstract syntax not supported", 0x04: "transfer syntax not supported"}
 """A rejected presentation context's Result/Reason (PS3.8 Table 9-18)."""
 
 
 def _check_contexts(assoc, datasets, called_aet: str) -> None:
-    """Raise a permanent DeliveryError where the peer accepted the association but none of the contexts proposed for
-    a dataset's SOP class (pynetdicom's ``send_c_store`` would raise ValueError, which looks transient)."""
-    accepted = {context.abstract_syntax for context in assoc.accepted_contexts}
-    if not (accepted or assoc.rejected_contexts):
+    """Raise a retried DeliveryError, logged as an error, where the peer accepted none of the contexts proposed for a
+    dataset (pynetdicom's ``send_c_store`` would raise ValueError, and sending the rest would hide it).
+
+    Not permanent, whatever the reason: the peer refuses the SOP class or the syntax, not this payload, and one change
+    to its configuration (Comprehensive SR added, Implicit VR Little Endian only) mends every result waiting, where a
+    refusal would send each to ``refused/``, which retention empties.
+    """
+    if not (assoc.accepted_contexts or assoc.rejected_contexts):
         return  # no association was negotiated: nothing is known about the SOP classes
     for dataset in datasets:
-        if dataset.SOPClassUID not in accepted:
+        if _accepted_syntax(assoc, dataset) is None:
+            sop_class = dataset.SOPClassUID
             results = sorted({_CONTEXT_RESULTS.get(context.result, f"result 0x{context.result:02X}")
-                              for context in assoc.rejected_contexts if context.abstract_syntax == dataset.SOPClassUID})
-            raise DeliveryError(f"{called_aet} does not accept {dataset.SOPClassUID.name} ({dataset.SOPClassUID}): "
-                                f"{', '.join(results) or 'not accepted'} at association", permanent=True)
+                              for context in assoc.rejected_contexts if context.abstract_syntax == sop_class})
+            proposed = ", ".join(syntax.name for syntax in _proposed_syntaxes(dataset.file_meta.TransferSyntaxUID))
+            message = (f"{called_aet} does not accept {sop_class.name} ({sop_class}) in {proposed}: "
+                       f"{', '.join(results) or 'not accepted'} at association; retried until {called_aet}'s "
+                       "configuration accepts it")
+            logger.error("%s", message)
+            raise DeliveryError(message)
 
 
 def echo(host: str, port: int, called_aet: str, calling_aet: str = "ECHOSCU") -> bool:
