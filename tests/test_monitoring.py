@@ -247,8 +247,8 @@ def test_feedback_is_validated(tmp_path, checkpoint):
             monitor.add_feedback(prediction_id, 1, "John Smith")
         stored = monitor.add_feedback(prediction_id, 1, "RAD-07")
     assert stored["class_name"] == "malignant" and stored["reader"] == "RAD-07"
-    assert [check_reader(code) for code in ("R1", "JS", "rad_12")] == ["R1", "JS", "rad_12"]
-    for name in ("Smith", "John Smith", "", "R1; drop"):
+    assert [check_reader(code) for code in ("R1", "JS2", "rad_12", "7")] == ["R1", "JS2", "rad_12", "7"]
+    for name in ("Smith", "John Smith", "", "R1; drop", "Bob", "ANNA", "JS"):  # no digit: could be a name
         with pytest.raises(ValueError):
             check_reader(name)
     assert parse_since("30d").days == 30 and parse_since("all") is None
@@ -257,6 +257,60 @@ def test_feedback_is_validated(tmp_path, checkpoint):
     for endless in ("999999d", "99999999999w", "9" * 400 + "h"):  # utc_now() - period overflowed: a 500, not a 422
         with pytest.raises(ValueError, match="longer than 36500 days: use all"):
             parse_since(endless)
+
+
+# Header values PostgreSQL refused for the log's columns (String(64), String(16), String(32)): the row was dropped.
+OVERSIZED_HEADER = {"manufacturer": "M" * 80, "manufacturer_model": "\u00dc" * 70, "view_position": "POSTERO-ANTERIOR-ERECT",
+                    "photometric_interpretation": "MONOCHROME2\x00", "pixel_spacing_mm": [1e30, 1e30],
+                    "imager_pixel_spacing_mm": [float("nan"), 0.1]}
+
+
+def assert_oversized_header_keeps_its_row(url: str, checkpoint: dict) -> None:
+    """An oversized header is cut to fit, an absurd spacing is NULL, the row is kept and feedback on its id works."""
+    with Monitor.open(url, checkpoint, settings=MonitorSettings(**TEST_SETTINGS)) as monitor:
+        prediction_id = monitor.record(fake_prediction(0.7, meta=OVERSIZED_HEADER), np.zeros((16, 16), np.float32))
+        assert monitor.add_feedback(prediction_id, "malignant", "R1")["prediction_id"] == prediction_id
+        assert monitor.log_state()["dropped"] == 0
+        columns = ["id", "manufacturer", "manufacturer_model", "view_position", "photometric_interpretation", "pixel_spacing"]
+        window = monitor.window(limit=1000, columns=columns)
+        assert [case["id"] for case in monitor.confirmed()] == [prediction_id]
+    row = {name: values[window["id"].index(prediction_id)] for name, values in window.items()}
+    assert row["manufacturer"] == "M" * 63 + "~"
+    assert row["manufacturer_model"] == "\u00dc" * 31 + "~"  # 2 bytes each: 31 fit in 63 bytes, the marker makes 64
+    assert row["view_position"] == "POSTERO-ANTERIO~" and row["photometric_interpretation"] == "MONOCHROME2"
+    assert row["pixel_spacing"] is None  # 1e30 mm is no spacing, nor is a NaN imager spacing
+
+
+def test_oversized_header_values_keep_their_row(tmp_path, checkpoint):
+    assert_oversized_header_keeps_its_row(sqlite_url(tmp_path / "h.db"), checkpoint)
+
+
+def test_logged_pixel_spacing(tmp_path):
+    from lungdx.monitoring.monitor import logged_acquisition
+
+    spacing = {"pixel_spacing_mm": [0.143, 0.143], "imager_pixel_spacing_mm": [0.15, 0.15]}
+    assert logged_acquisition(spacing, (2048, 2048))["pixel_spacing"] == "0.14x0.14"
+    bad = {"pixel_spacing_mm": [1e30, 1e30], "imager_pixel_spacing_mm": [0.15, 0.15]}
+    assert logged_acquisition(bad, (2048, 2048))["pixel_spacing"] == "0.15x0.15"  # Imager Pixel Spacing stands in
+    for absurd in ([0.0, 0.1], [-0.1, 0.1], [0.1], ["a", "b"], [float("inf"), 0.1], [10.5, 10.5], 7):
+        assert logged_acquisition({"pixel_spacing_mm": absurd}, (64, 64))["pixel_spacing"] is None
+
+
+def test_burned_in_annotation_is_not_archived(tmp_path, checkpoint, caplog):
+    archive = tmp_path / "archive"
+    pixels = np.full((32, 32), 0.4, np.float32)
+    with Monitor.open(sqlite_url(tmp_path / "b.db"), checkpoint, settings=MonitorSettings(archive_dir=archive)) as monitor:
+        with caplog.at_level("INFO", logger="lungdx.monitoring.monitor"):
+            burned = monitor.record(fake_prediction(0.7, meta={"burned_in_annotation": "YES ", "patient_name": "Doe^Jane",
+                                                               "manufacturer": "Acme"}), pixels)
+        clean = monitor.record(fake_prediction(0.7, meta={"burned_in_annotation": "NO"}), pixels)
+        plain = monitor.record(fake_prediction(0.7), pixels)  # PNG: no such attribute
+        window = monitor.window(limit=10, columns=["id", "archived"])
+    archived = dict(zip(window["id"], window["archived"], strict=True))
+    assert archived == {burned: False, clean: True, plain: True}
+    assert sorted(path.stem for path in archive.glob("*.png")) == sorted([clean, plain])
+    assert f"prediction {burned} not archived: Burned In Annotation (0028,0301) is YES" in caplog.text
+    assert "Doe" not in caplog.text and "Acme" not in caplog.text
 
 
 def test_a_failing_webhook_is_logged_without_its_secret_path(caplog):
@@ -482,7 +536,10 @@ def test_a_row_the_database_refuses_is_dropped_alone(tmp_path, checkpoint, monke
         assert monitor.flush(30)
         assert sorted(monitor.window()["id"]) == ["a" * 32, "b" * 32, "c" * 32]
         assert monitor.log_state()["dropped"] == 1 and monitor.log_state()["written"] == 3
-    assert "a record cannot be written and is dropped" in caplog.text
+    # The answered id, the database's reason (not the statement with every parameter), and what it means.
+    assert (f"prediction {'a' * 32} was answered but its row cannot be stored and is dropped (IntegrityError: UNIQUE "
+            "constraint failed: lungdx_monitor_predictions.id); feedback on it will answer 404") in caplog.text
+    assert "[parameters:" not in caplog.text
 
 
 def test_image_statistics_equal_the_reference_statistics():

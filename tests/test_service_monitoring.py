@@ -87,6 +87,24 @@ def test_the_log_outlives_a_service_restart(trained_run, tmp_path, phantom_dir):
     assert len(set(ids)) == 3
 
 
+def test_feedback_types_are_strict_and_reader_codes_need_a_digit(trained_run, tmp_path):
+    settings = ServiceSettings(run=trained_run, db_url=f"sqlite:///{tmp_path / 'monitor.db'}")
+    with TestClient(create_app(settings)) as client:
+        [prediction_id] = upload_all(client, phantoms(1, seed=11))
+        url = f"/v1/predictions/{prediction_id}/feedback"
+        # Lax mode turned true into 1 ("malignant") and took 1.0 for 1; a name is not a reader code.
+        for body in ({"label": True, "reader": "R1"}, {"label": 1.0, "reader": "R1"}, {"label": False, "reader": "R1"},
+                     {"label": "malignant", "reader": 12}, {"label": "malignant", "reader": "Bob"},
+                     {"label": "malignant", "reader": "ANNA"}, {"label": 2, "reader": "R1"}):
+            response = client.post(url, json=body)
+            assert response.status_code == 422, (body, response.text)
+        assert client.get("/v1/monitor/summary").json()["volume"]["confirmed_total"] == 0
+        for body, class_name in (({"label": 0, "reader": "R1"}, "not malignant"), ({"label": "malignant", "reader": "RAD-07"},
+                                                                                    "malignant")):
+            response = client.post(url, json=body)
+            assert response.status_code == 200 and response.json()["class_name"] == class_name, response.text
+
+
 def test_two_service_processes_share_one_log_and_lose_no_row(trained_run, tmp_path, phantom_dir):
     import threading
 

@@ -42,8 +42,12 @@ from lungdx.reference import ACQUISITION_FIELDS, INTENSITY_BINS, STATISTICS_SIDE
 
 logger = logging.getLogger(__name__)
 
-READER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}")
-"""A reader code: up to 16 letters, digits, ``_ . -``; with a digit unless 4 characters or fewer ("R1", "RAD-07", "JS")."""
+READER_PATTERN = re.compile(r"(?=.*[0-9])[A-Za-z0-9][A-Za-z0-9_.-]{0,15}")
+"""A reader code: up to 16 letters, digits, ``_ . -``, at least one a digit ("R1", "RAD-07", "JS2"): without one,
+"Bob" or "ANNA" would pass, and a code must never be a person's name."""
+MAX_SPACING_MM = 10.0
+"""The largest pixel spacing logged: a chest radiograph's pixels are about 0.1-0.2 mm, a small secondary
+capture's a few mm; a header beyond this (``1e30``) is an error, logged as no spacing."""
 _SINCE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 TRANSIENT_ERRORS = (OperationalError, InterfaceError, DisconnectionError)
@@ -89,10 +93,33 @@ def parse_since(since: str | timedelta | None) -> timedelta | None:
 def check_reader(reader: str) -> str:
     """The reader code, or ValueError when it is not code-like (it must never be a person's name)."""
     reader = str(reader).strip()
-    if not READER_PATTERN.fullmatch(reader) or (len(reader) > 4 and not any(c.isdigit() for c in reader)):
+    if not READER_PATTERN.fullmatch(reader):
         raise ValueError(f"reader {reader!r} is not a reader code: use a short code such as R1 or RAD-07 (up to 16 "
-                         "letters, digits, '_', '.', '-', with a digit when longer than 4 characters), never a name")
+                         "letters, digits, '_', '.', '-', at least one a digit), never a name")
     return reader
+
+
+def logged_acquisition(meta: dict, shape: tuple[int, ...]) -> dict[str, str | None]:
+    """``reference.acquisition_fields`` made to fit the log's columns, whatever the header holds.
+
+    A pixel spacing that is not two finite numbers in (0, ``MAX_SPACING_MM``] counts as absent (Imager
+    Pixel Spacing (0018,1164) stands in for a bad Pixel Spacing (0028,0030)); text is cut to its column
+    (``store.fit_text``). Without this an 80-character Manufacturer or a spacing of ``1e30`` got an
+    answer and an id on PostgreSQL while the writer dropped the row (feedback then answered 404).
+    """
+    plausible = {key: _plausible_spacing(meta.get(key)) for key in ("pixel_spacing_mm", "imager_pixel_spacing_mm")}
+    fields = acquisition_fields({**meta, **plausible}, shape)
+    return {name: store.fit_text(value, store.column_width(name)) for name, value in fields.items()}
+
+
+def _plausible_spacing(spacing) -> list[float] | None:
+    try:
+        values = [float(value) for value in spacing]
+    except (TypeError, ValueError):
+        return None
+    if len(values) != 2 or not all(np.isfinite(value) and 0 < value <= MAX_SPACING_MM for value in values):
+        return None
+    return values
 
 
 @dataclass
@@ -150,7 +177,7 @@ class Monitor:
         self.registry, self._metrics = register_metrics(self, registry)
         self._writer: WriteBehind | None = None
         if writable:
-            self._writer = WriteBehind(self._write_rows, on_done=self._rows_written, transient=TRANSIENT_ERRORS,
+            self._writer = WriteBehind(self._write_rows, on_done=self._rows_written, on_drop=_log_dropped, transient=TRANSIENT_ERRORS,
                                        max_pending=settings.log_queue_size, max_delay_s=settings.log_max_delay_s,
                                        block_s=settings.log_block_s, batch_size=settings.log_batch_size,
                                        max_bytes=int(settings.log_queue_mb * 2**20), nice=BACKGROUND_NICE)
@@ -242,11 +269,11 @@ class Monitor:
         meta = prediction.meta or {}
         uid = meta.get("sop_instance_uid")
         prediction_id = uuid.uuid4().hex
-        archive = self.settings.archive_dir is not None
+        archive = self.settings.archive_dir is not None and not _burned_in(meta, prediction_id)
         row = {"id": prediction_id, "created_at": utc_now(), "model_name": self.identity["name"],
                "model_version": self.version, "probability": float(prediction.probability), "label": prediction.label,
                "class_name": prediction.class_name, "threshold": prediction.threshold,
-               "case_key": self.case_key(uid) if uid else None, **acquisition_fields(meta, pixels.shape),
+               "case_key": self.case_key(uid) if uid else None, **logged_acquisition(meta, pixels.shape),
                "archived": archive}
         copy = np.array(pixels, copy=True) if archive else None
         # The pixel key and the intensity statistics are computed by the log writer (``_complete``), off the
@@ -574,6 +601,27 @@ class Monitor:
                           "drift": status["drift"], "alerts": {"active": status["active_alerts"],
                                                                  "events": self.alert_events(since=since)},
                           "performance": status["performance"], "checked_at": status["checked_at"]})
+
+
+def _burned_in(meta: dict, prediction_id: str) -> bool:
+    """True when Burned In Annotation (0028,0301) is YES: the pixels may show names, so they are not archived.
+
+    Reads ``meta["burned_in_annotation"]`` (the DICOM reader's value of the attribute); an image without it
+    (PNG, or a DICOM without the attribute) is archived as before.
+    """
+    if str(meta.get("burned_in_annotation") or "").strip().upper() != "YES":
+        return False
+    logger.info("monitoring archive: prediction %s not archived: Burned In Annotation (0028,0301) is YES "
+                "(the pixels may show identifying text)", prediction_id)
+    return True
+
+
+def _log_dropped(item: _Queued, err: Exception) -> None:
+    """A row the database refused for good: an error naming the prediction id, never the row's values."""
+    cause = getattr(err, "orig", None) or err  # SQLAlchemy's text repeats the statement and every parameter
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    logger.error("monitoring log: prediction %s was answered but its row cannot be stored and is dropped "
+                 "(%s: %s); feedback on it will answer 404", item.row.get("id"), type(cause).__name__, reason)
 
 
 def _finite(value) -> float | None:

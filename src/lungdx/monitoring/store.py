@@ -103,6 +103,31 @@ alerts_table = Table(
 )
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+TRUNCATED = "~"
+"""Ends a header value cut to its column's width (``fit_text``)."""
+_CONTROL = dict.fromkeys(range(32))  # NUL and the other C0 controls: PostgreSQL refuses NUL in text
+
+
+def fit_text(value: str | None, width: int) -> str | None:
+    """``value`` without control characters, cut to at most ``width`` UTF-8 bytes and marked with ``TRUNCATED``.
+
+    Header values (Manufacturer (0008,0070) is LO, up to 64 characters, but files break the limit) go
+    into ``String(width)`` columns. SQLite takes any length; PostgreSQL refuses the insert (character
+    varying(n)), and the log writer would drop the row of a prediction already answered. Bytes, not
+    characters, so the value fits on a ``SQL_ASCII`` cluster as on a UTF-8 one; empty becomes None.
+    """
+    if value is None:
+        return None
+    text = str(value).translate(_CONTROL).strip()
+    encoded = text.encode("utf-8")
+    if len(encoded) > width:
+        text = encoded[:width - len(TRUNCATED)].decode("utf-8", errors="ignore") + TRUNCATED
+    return text or None
+
+
+def column_width(name: str, table: Table = predictions_table) -> int:
+    """The declared length of a ``String`` column."""
+    return table.c[name].type.length
 
 
 def refuse_in_memory(url: URL) -> None:

@@ -69,13 +69,16 @@ class WriteBehind:
             raising anything else writes the batch's entries one by one and drops (logs, counts)
             those that still fail.
         on_done: called with the payloads of a batch after it is written (or dropped).
+        on_drop: called with a payload and the error when it cannot be written and is dropped, to log
+            it in the caller's words; the default logs the error with its traceback.
         nice: the writer thread's niceness above the process's (``lower_thread_priority``; 0 = as the process).
     """
 
     def __init__(self, write: Callable[[list], None], *, max_pending: int, max_delay_s: float, block_s: float,
                  batch_size: int, max_bytes: int, transient: tuple[type[BaseException], ...] = (),
-                 on_done: Callable[[list], None] | None = None, name: str = "lungdx-log-writer", nice: int = 0):
-        self._write, self._on_done, self._transient = write, on_done, transient
+                 on_done: Callable[[list], None] | None = None, on_drop: Callable[[object, Exception], None] | None = None,
+                 name: str = "lungdx-log-writer", nice: int = 0):
+        self._write, self._on_done, self._on_drop, self._transient = write, on_done, on_drop, transient
         self.max_pending, self.max_delay_s, self.block_s = max_pending, max_delay_s, block_s
         self.batch_size, self.max_bytes = batch_size, max_bytes
         self._condition = threading.Condition()
@@ -197,8 +200,13 @@ class WriteBehind:
                 logger.warning("monitoring log: write of %d records failed (%s); retrying in %.1f s", len(batch), err, delay)
                 time.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX_S)
-            except Exception:
+            except Exception as err:
                 if len(batch) == 1:
-                    logger.exception("monitoring log: a record cannot be written and is dropped")
+                    try:
+                        if self._on_drop is None:
+                            raise
+                        self._on_drop(batch[0].payload, err)
+                    except Exception:  # no hook, or a failing one: the error with its traceback, and the writer goes on
+                        logger.exception("monitoring log: a record cannot be written and is dropped")
                     return 0
                 return sum(self._store([entry]) for entry in batch)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from lungdx.service import schemas
 from lungdx.service.security import require_api_key
@@ -22,8 +22,11 @@ router = APIRouter(dependencies=[Depends(require_api_key)], tags=["monitoring"])
 class FeedbackIn(BaseModel):
     """A reader's confirmed label for one prediction."""
 
-    label: str | int = Field(description="a class name of the model (e.g. 'malignant') or 0/1", examples=["malignant"])
-    reader: str = Field(description="a short reader code such as R1 or RAD-07, never a name", examples=["R1"])
+    # Strict: in lax mode JSON true became 1 ("malignant") and 1.0 passed as 1, so a mistyped body stored a label.
+    label: StrictStr | StrictInt = Field(description="a class name of the model (e.g. 'malignant') or the integer 0 or 1",
+                                         examples=["malignant"])
+    reader: StrictStr = Field(description="a short reader code with at least one digit, such as R1 or RAD-07, never a name",
+                              examples=["R1"])
 
 
 class FeedbackOut(BaseModel):
