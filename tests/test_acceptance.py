@@ -246,13 +246,16 @@ def test_a_malformed_dicom_header_is_an_image_read_error_naming_the_file(tmp_pat
         assert refused.value.path == str(tmp_path / name)
 
 
-def test_pydicom_warnings_reach_the_log_without_the_value_they_quote(tmp_path, caplog):
+def test_pydicom_warnings_reach_the_log_without_the_value_they_quote(tmp_path, caplog, monkeypatch):
+    """The command line's second line of defence, should pydicom's reading validation warn again (lungdx.io turns it off)."""
     import warnings
 
     from pydicom import config, dcmread
     from pydicom.dataelem import DataElement
 
     from lungdx.cli import withhold_header_values_in_library_logs
+
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)
 
     path = write_dicom(tmp_path / "x.dcm", np.random.default_rng(0).integers(0, 4096, (64, 64)))
     dataset = dcmread(path)
@@ -267,6 +270,109 @@ def test_pydicom_warnings_reach_the_log_without_the_value_they_quote(tmp_path, c
             AcceptancePolicy().read(path)
     assert "Invalid value for VR UI: '<withheld>'" in caplog.text and "PATIENT4711" not in caplog.text
     assert not [warning for warning in shown if "PATIENT4711" in str(warning.message)]
+
+
+def test_an_invalid_uid_reaches_no_log_nor_stderr(tmp_path, caplog, capfd, monkeypatch):
+    """A UID with a leading zero in a component, as old CR systems write: pydicom's reading validation would quote it."""
+    import logging
+    import warnings
+
+    from pydicom import config, dcmread
+
+    sop_uid, study_uid = "1.2.0840.0113619.2.55.3.604688119.969.1268071029.320", "1.2.0840.0113619.2.55.3.9999.42"
+    monkeypatch.setattr(logging.getLogger("pydicom"), "filters", [])  # the command line's filter must not hide a leak
+    path = write_dicom(tmp_path / "old-cr.dcm", np.random.default_rng(0).integers(0, 4096, (64, 64)))
+    dataset = dcmread(path)
+    with monkeypatch.context() as writing:
+        writing.setattr(config.settings, "writing_validation_mode", config.IGNORE)  # pydicom would quote it here too
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        dataset.StudyInstanceUID = study_uid
+        dataset.save_as(path, enforce_file_format=True)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        image = AcceptancePolicy().read(path)
+        header = read_header(path)
+    assert (image.meta["sop_instance_uid"], image.meta["study_instance_uid"]) == (sop_uid, study_uid)
+    assert header.rows == 64
+    captured = capfd.readouterr()
+    for text in (caplog.text, captured.out, captured.err, *(str(warning.message) for warning in shown)):
+        assert "0840" not in text
+
+
+def write_deflated(path: Path, stored: np.ndarray, *, filler_mib: int = 0) -> Path:
+    """A Deflated Explicit VR Little Endian file (PS3.5 A.5) of 12-bit ``stored`` values; ``filler_mib`` MiB of zeros
+    in a private OB element before the pixels make it a decompression bomb, deflated a MiB at a time (small in memory)."""
+    import struct
+    import zlib
+
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CR_STORAGE, generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CR_STORAGE, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "ACC-1", "CR", "CHEST", "PA"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_dataset(head, ds)
+    creator = struct.pack("<HH2sH", 0x7FDF, 0x0010, b"LO", 4) + b"ACME"
+    filler = struct.pack("<HH2sHI", 0x7FDF, 0x1000, b"OB", 0, filler_mib << 20) if filler_mib else b""
+    pixels = stored.astype("<u2").tobytes()
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = [deflater.compress(head.getvalue() + creator + filler)]
+    body += [deflater.compress(bytes(1 << 20)) for _ in range(filler_mib)]
+    body += [deflater.compress(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, len(pixels)) + pixels), deflater.flush()]
+    file_meta = DicomBytesIO()
+    file_meta.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(file_meta, meta, enforce_standard=True)
+    path.write_bytes(file_meta.getvalue() + b"".join(body))
+    return path
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated(chest, tmp_path, monkeypatch):
+    """The limit is the policy's pixel limit at 4 bytes a pixel plus a header allowance (1 MiB here, 16 MiB by default)."""
+    import tracemalloc
+
+    from lungdx.io import dicom
+
+    monkeypatch.setattr(dicom, "HEADER_ALLOWANCE_BYTES", 1 << 20)
+    stored = to_stored(chest)
+    policy = AcceptancePolicy(max_pixels=stored.size)
+    bomb = write_deflated(tmp_path / "bomb.dcm", stored, filler_mib=24)
+    assert bomb.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(Refused, match=r"Deflated Explicit VR Little Endian dataset \(1.2.840.10008.1.2.1.99\) inflates "
+                                          r"to more than \d+ MiB") as refused:
+            policy.read(bomb)
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (refused.value.kind, refused.value.status, refused.value.path) == ("too_large", 413, str(bomb))
+    assert peak_bytes < policy.max_inflated_bytes + (4 << 20), peak_bytes  # never the 24 MiB of zeros
+    plain = write_deflated(tmp_path / "plain.dcm", stored)  # the same image without the filler: an ordinary file
+    twin = write_dicom(tmp_path / "twin.dcm", stored)
+    np.testing.assert_array_equal(policy.read(plain).pixels, policy.read(twin).pixels)
+
+
+def test_a_dicom_without_body_part_or_view_is_scored_with_a_warning(chest, tmp_path):
+    stored = to_stored(chest)
+    assert AcceptancePolicy().read(write_dicom(tmp_path / "full.dcm", stored)).meta["warnings"] == []
+    for body_part, view, missing in [(None, "PA", "Body Part Examined (0018,0015) missing"),
+                                     ("CHEST", None, "View Position (0018,5101) missing"),
+                                     (None, None, "Body Part Examined (0018,0015) and View Position (0018,5101) missing")]:
+        path = write_dicom(tmp_path / "x.dcm", stored, body_part=body_part, view=view)
+        warnings = AcceptancePolicy().read(path).meta["warnings"]
+        assert warnings == [f"the DICOM header could not confirm a frontal chest radiograph: {missing}"]
 
 
 def test_png_header_is_read_without_decoding(tmp_path):

@@ -34,7 +34,8 @@ from lungdx.io import (
     sniff_format,
     write_jsrt_raw,
 )
-from lungdx.io.dicom import padding_mask, scale_to_unit, spacing_mm
+from lungdx.io.codestream import jpeg_size
+from lungdx.io.dicom import InflationLimitError, padding_mask, scale_to_unit, spacing_mm
 
 RG1_J2KI = "nema_wg04_RG1_J2KI_cr_chest_pa.dcm"
 RG1_RAW = "nema_wg04_RG1_cr_chest_pa_uncompressed.dcm"
@@ -786,3 +787,89 @@ def test_radiograph_is_frozen_and_checks_its_pixels():
         Radiograph(pixels=np.zeros((2, 2)), meta={})
     with pytest.raises(ValueError, match="2-D"):
         Radiograph(pixels=np.zeros((1, 2, 2), dtype=np.float32), meta={})
+
+
+# --- hostile files: a deflated dataset past its limit, a codestream larger than its header -------------------------
+
+def test_deflated_dicom_reads_like_its_twin_and_stops_inflating_at_its_limit(tmp_path):
+    twin = _dx_file(tmp_path / "evrle.dcm", _padded(0))
+    dataset = pydicom.dcmread(twin)
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    deflated = tmp_path / "deflated.dcm"
+    dataset.save_as(deflated, enforce_file_format=True)
+    image = read_dicom(deflated)
+    np.testing.assert_array_equal(image.pixels, read_dicom(twin).pixels)
+    assert image.meta["transfer_syntax"] == pydicom.uid.DeflatedExplicitVRLittleEndian
+    with pytest.raises(InflationLimitError, match="inflates to more than 0 MiB") as info:
+        read_dicom(deflated, max_inflated_bytes=1000)  # the pixels alone are 2 KB
+    assert info.value.path == str(deflated)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(deflated.read_bytes()[:-200])
+    with pytest.raises(ImageReadError, match="cut short"):
+        read_dicom(cut)
+
+
+def _encapsulated(path: Path, frame: bytes, syntax: str, rows: int, columns: int, bits: int) -> Path:
+    """A DX file whose one frame is ``frame``, encapsulated (PS3.5 A.4) under the Rows and Columns given."""
+    from pydicom.encaps import encapsulate
+
+    ds = Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = _DX_FOR_PRESENTATION
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "DX", "MONOCHROME2", 1
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (16, 12, 11, 0) if bits == 12 else (8, 8, 7, 0)
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _j2k_frame(stored: np.ndarray) -> bytes:
+    openjpeg = pytest.importorskip("openjpeg", reason="pylibjpeg-openjpeg encodes the JPEG 2000 frame")
+    return bytes(openjpeg.encode(stored.astype(np.uint16), bits_stored=12, photometric_interpretation=2, use_mct=False))
+
+
+def _jpeg_frame(stored: np.ndarray) -> bytes:
+    stream = __import__("io").BytesIO()
+    Image.fromarray(stored.astype(np.uint8)).save(stream, format="JPEG", quality=95)  # JFIF: APP0 and DQT before SOF0
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize(("family", "syntax", "encode", "bits"), [
+    ("JPEG 2000", pydicom.uid.JPEG2000Lossless, _j2k_frame, 12),
+    ("JPEG", pydicom.uid.JPEGBaseline8Bit, _jpeg_frame, 8),
+])
+def test_a_frame_larger_than_rows_and_columns_is_refused_before_decoding(family, syntax, encode, bits, tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    small = np.round(np.linspace(0, 2**bits - 1, 64 * 64)).reshape(64, 64)
+    large = rng.integers(0, 2**bits, (256, 192))
+    ok = _encapsulated(tmp_path / "ok.dcm", encode(small), syntax, 64, 64, bits)
+    assert read_dicom(ok).pixels.shape == (64, 64)  # a frame of its header's size decodes as before
+    bomb = _encapsulated(tmp_path / "bomb.dcm", encode(large), syntax, 64, 64, bits)
+
+    def no_decoding(self):
+        raise AssertionError("decoded before the codestream's size was checked")
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(no_decoding))
+    with pytest.raises(ImageReadError) as info:
+        read_dicom(bomb)
+    assert f"the {family} frame ({syntax}) declares 256 x 192 pixels" in info.value.reason
+    assert "say 64 x 64" in info.value.reason and info.value.path == str(bomb)
+
+
+def test_jpeg_ls_size_is_read_from_sof55():
+    sof55 = b"\xff\xf7" + struct.pack(">HBHHB", 11, 12, 300, 200, 1) + bytes([1, 0x11, 0])
+    lse = b"\xff\xf8" + struct.pack(">H", 13) + bytes(11)  # a JPEG-LS preset parameters segment before the frame
+    assert jpeg_size(b"\xff\xd8" + lse + sof55, sof55=True) == (300, 200, 1)
+    assert jpeg_size(b"\xff\xd8" + lse + sof55) is None  # SOF55 is no JPEG frame header
+    assert jpeg_size(b"\xff\xd8\xff\xda" + bytes(20), sof55=True) is None  # a scan before any frame header
+
+
+def test_burned_in_annotation_is_in_the_meta(tmp_path):
+    # Monitoring's --archive skips an image whose pixels may show names: it reads this value.
+    said = read_dicom(_dx_file(tmp_path / "burned.dcm", _padded(0), BurnedInAnnotation="YES")).meta
+    unsaid = read_dicom(_dx_file(tmp_path / "plain.dcm", _padded(0))).meta
+    assert (said["burned_in_annotation"], unsaid["burned_in_annotation"]) == ("YES", None)

@@ -10,7 +10,11 @@ it comes in. The checks run cheapest first:
    Processing' image (raw detector data), the body part (0018,0015) CHEST/THORAX or missing, the view
    (0018,5101) PA/AP or missing, and one grayscale sample (0028,0002)/(0028,0004). ``allow_non_chest``
    turns the modality, For Processing, body-part and view checks into warnings, for research; the
-   result then says so.
+   result then says so. A missing body part or view is scored with a warning that the header could not
+   confirm a frontal chest film. A Deflated Explicit VR Little Endian dataset is inflated only up to
+   :func:`lungdx.io.dicom.inflation_limit` of ``max_pixels`` (the header is inside the deflated stream).
+   When decoding, a compressed frame must declare Rows x Columns in its own codestream
+   (``lungdx.io.codestream``).
 2. **Pixels**: too little information (constant, or a 1st-99th percentile range under
    :data:`MIN_CONTRAST` of the full scale) and colour (channels that differ by more than
    :data:`MAX_COLOUR_SPREAD` on average; a gray image stored as RGB passes).
@@ -33,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungdx.io.dicom import chest_header_problem
+from lungdx.io.dicom import MAX_INFLATED_BYTES, InflationLimitError, chest_header_problem, inflation_limit, read_deflated
 from lungdx.io.errors import ImageReadError, require_file
 from lungdx.io.raster import Radiograph
 
@@ -80,10 +84,14 @@ class Header:
     """For DICOM: modality, sop_class_uid, body_part, view_position, samples, photometric_interpretation."""
 
 
-def read_header(path: str | os.PathLike) -> Header:
+def read_header(path: str | os.PathLike, *, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Header:
     """The format, size and (for DICOM) the acquisition fields of an image file, without decoding it.
 
+    Args:
+        max_inflated_bytes: what a Deflated Explicit VR Little Endian dataset may inflate to (its header is inside).
+
     Raises:
+        Refused: a deflated dataset that inflates past ``max_inflated_bytes`` (kind ``too_large``).
         ImageReadError: not a recognised image, or a header that cannot be read.
     """
     from lungdx.io import sniff_format
@@ -98,7 +106,7 @@ def read_header(path: str | os.PathLike) -> Header:
         return Header("jsrt_raw", *JSRT_SHAPE)
     if kind == "raster":
         return _raster_header(file)
-    return _dicom_header(file)
+    return _dicom_header(file, max_inflated_bytes)
 
 
 def _raster_header(file: Path) -> Header:
@@ -109,6 +117,9 @@ def _raster_header(file: Path) -> Header:
             return _pillow_header(image)
     except Image.DecompressionBombError:
         return _oversized_raster_header(file)
+    except Image.UnidentifiedImageError as err:  # its message quotes the path, a server's temporary one for an upload
+        raise ImageReadError(file, "cannot read the image header (UnidentifiedImageError: not an image Pillow "
+                                   "can identify)") from err
     except Exception as err:  # Pillow raises many types for a corrupt header
         raise ImageReadError(file, f"cannot read the image header ({type(err).__name__}: {err})") from err
 
@@ -135,11 +146,15 @@ def _oversized_raster_header(file: Path) -> Header:
     raise ImageReadError(file, "cannot read the image header (Pillow refuses it as a decompression bomb)")
 
 
-def _dicom_header(file: Path) -> Header:
+def _dicom_header(file: Path, max_inflated_bytes: int) -> Header:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(file, stop_before_pixels=True, force=True)
+        ds = read_deflated(file, max_inflated_bytes, stop_before_pixels=True)
+    except InflationLimitError as err:
+        raise Refused(file, "too_large", err.reason) from err
+    try:
+        ds = ds if ds is not None else pydicom.dcmread(file, stop_before_pixels=True, force=True)
     except Exception as err:
         raise ImageReadError(file, f"not a readable DICOM file: {err}") from err
     if "Rows" not in ds or "Columns" not in ds:
@@ -157,6 +172,15 @@ def _dicom_header(file: Path) -> Header:
         return Header("dicom", int(ds.Rows), int(ds.Columns), fields)
     except (TypeError, ValueError) as err:  # an empty Rows (0028,0010), a Samples per Pixel that is not a number
         raise ImageReadError(file, f"malformed image header: {type(err).__name__}: {err}") from err
+
+
+def _unconfirmed_chest_warning(fields: dict) -> list[str]:
+    """A warning when Body Part Examined (0018,0015) or View Position (0018,5101) is missing: accepted, not confirmed."""
+    missing = [name for key, name in (("body_part", "Body Part Examined (0018,0015)"), ("view_position", "View Position (0018,5101)"))
+               if not fields.get(key)]
+    if not missing:
+        return []
+    return [f"the DICOM header could not confirm a frontal chest radiograph: {' and '.join(missing)} missing"]
 
 
 def polarity_contrast(pixels: np.ndarray) -> float:
@@ -213,6 +237,11 @@ class AcceptancePolicy:
     allow_non_chest: bool = False
     reference: dict | None = None
 
+    @property
+    def max_inflated_bytes(self) -> int:
+        """What a Deflated Explicit VR Little Endian dataset may inflate to: ``max_pixels`` of 4 bytes and a header."""
+        return inflation_limit(self.max_pixels)
+
     def read(self, path: str | os.PathLike) -> Radiograph:
         """Check the header, decode, check the pixels; the Radiograph's ``meta["warnings"]`` lists any override.
 
@@ -220,10 +249,14 @@ class AcceptancePolicy:
             Refused: the image is not one this policy scores (``kind``, ``reason``).
             ImageReadError: the file cannot be read at all.
         """
-        from lungdx.io import read_image
+        from lungdx.io import read_dicom, read_image
 
-        warnings = self.check_header(path, read_header(path))
-        image = read_image(path)
+        header = read_header(path, max_inflated_bytes=self.max_inflated_bytes)
+        warnings = self.check_header(path, header)
+        try:
+            image = read_dicom(path, max_inflated_bytes=self.max_inflated_bytes) if header.format == "dicom" else read_image(path)
+        except InflationLimitError as err:  # the header passed, so only a file changed since could get here
+            raise Refused(path, "too_large", err.reason) from err
         self.check_pixels(path, image)
         image.meta["warnings"] = warnings + image.meta.get("warnings", [])
         return image
@@ -245,7 +278,7 @@ class AcceptancePolicy:
                                           f"Photometric Interpretation (0028,0004) {photometric}")
         problem = chest_header_problem(fields)
         if problem is None:
-            return []
+            return _unconfirmed_chest_warning(fields)
         kind, reason = problem
         if not self.allow_non_chest:
             raise Refused(path, kind, f"not a frontal chest radiograph: {reason}")

@@ -39,16 +39,20 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom import config
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
 from pydicom.uid import (
     UID,
     ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
     ExplicitVRBigEndian,
@@ -56,18 +60,31 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from lungdx.io import codecs
+from lungdx.io import codecs, codestream
 from lungdx.io.errors import ImageReadError, require_file
 from lungdx.io.raster import Radiograph
 
 logger = logging.getLogger(__name__)
 
 codecs.register()  # 12-bit JPEG Extended through GDCM, which pydicom's own GDCM plugin refuses (docs/decoders.md)
+# pydicom's reading validation only warns, and its warning quotes the value it finds invalid, a UID with a leading
+# zero ('1.2.0840...', as old CR systems write) or a name, to its logger and to stderr: no patient data may reach a
+# log (README), and lungdx acts on no such warning. Global to pydicom, as its settings are; writing validation (the
+# SR and secondary capture lungdx sends) is a separate setting and stays as it was.
+config.settings.reading_validation_mode = config.IGNORE
+
+MAX_INFLATED_BYTES = 512 * 2**20
+"""Bytes a Deflated Explicit VR Little Endian dataset (PS3.5 A.5) may inflate to when no pixel limit is given."""
+MAX_BYTES_PER_PIXEL = 4
+"""Bytes of one grayscale stored value at most (Bits Allocated (0028,0100) up to 32), for :func:`inflation_limit`."""
+HEADER_ALLOWANCE_BYTES = 16 * 2**20
+"""Bytes a deflated dataset may hold besides its pixels: the header, overlays, an icon image, private tags."""
 
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _RADIOGRAPHY_MODALITIES = {"CR", "DX"}
 _RADIOGRAPHY_SOP_CLASSES = {
     ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
 }
@@ -85,15 +102,18 @@ _DECODER_HINTS = {
 }
 
 
-def read_dicom(path: str | os.PathLike) -> Radiograph:
+def read_dicom(path: str | os.PathLike, *, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Radiograph:
     """Read a single-frame grayscale DICOM radiograph as a Radiograph in MONOCHROME2 polarity.
+
+    Args:
+        max_inflated_bytes: what a Deflated Explicit VR Little Endian dataset may inflate to (:func:`read_deflated`).
 
     Raises:
         ImageReadError: Not DICOM, no pixel data, not single-frame grayscale, or pixels that
             cannot be decoded (the reason names the transfer syntax and the plugin to install).
     """
     file = require_file(path)
-    ds = read_dataset(file)
+    ds = read_dataset(file, max_inflated_bytes=max_inflated_bytes)
     try:
         stored = decode_pixels(ds, file)
         padding = padding_mask(stored, ds)
@@ -109,8 +129,14 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
     return Radiograph(pixels=pixels, meta=meta)
 
 
-def read_dataset(file: Path) -> Dataset:
-    """Parse a DICOM file, tolerating a missing preamble (PS3.10 7.1) when it parses as DICOM."""
+def read_dataset(file: Path, *, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> Dataset:
+    """Parse a DICOM file, tolerating a missing preamble (PS3.10 7.1) when it parses as DICOM.
+
+    A deflated dataset is inflated by :func:`read_deflated`, under ``max_inflated_bytes``, never by pydicom.
+    """
+    deflated = read_deflated(file, max_inflated_bytes)
+    if deflated is not None:
+        return deflated
     try:
         return pydicom.dcmread(file)
     except InvalidDicomError:
@@ -127,6 +153,74 @@ def read_dataset(file: Path) -> Dataset:
     return ds
 
 
+class InflationLimitError(ImageReadError):
+    """A Deflated Explicit VR Little Endian dataset that inflates to more than its limit (a decompression bomb)."""
+
+
+def inflation_limit(max_pixels: int) -> int:
+    """What a deflated dataset of at most ``max_pixels`` pixels may inflate to: its largest pixels plus the header."""
+    return max_pixels * MAX_BYTES_PER_PIXEL + HEADER_ALLOWANCE_BYTES
+
+
+def read_deflated(file: Path, max_inflated_bytes: int, *, stop_before_pixels: bool = False) -> FileDataset | None:
+    """The dataset of a Deflated Explicit VR Little Endian file (1.2.840.10008.1.2.1.99, PS3.5 A.5), else None.
+
+    pydicom inflates such a dataset whole, in memory, before anything can be checked, and does so even for
+    ``stop_before_pixels``: 435 KB of zeros inflate to 400 MB, 64 MB to 65 GB. Here the File Meta Information
+    (group 0002, never deflated: PS3.10 7.1) is read first, and only a deflated dataset is inflated, by zlib with
+    a bound on its output, then parsed as Explicit VR Little Endian.
+
+    Raises:
+        InflationLimitError: the dataset inflates to more than ``max_inflated_bytes``.
+        ImageReadError: a deflated stream that is corrupt or cut short.
+    """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset as read_elements
+    from pydicom.filereader import read_preamble
+
+    with open(file, "rb") as stream:
+        try:
+            preamble = read_preamble(stream, True)  # without 'DICM' at 128: rewound, the meta may start at 0
+            file_meta = read_elements(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 0x0002)
+            syntax = str(file_meta.get("TransferSyntaxUID", "") or "").strip()
+        except Exception:  # no readable meta: not deflated, and read_dataset says what is wrong
+            return None
+        if syntax != DeflatedExplicitVRLittleEndian:
+            return None
+        inflated = _inflate(stream, max_inflated_bytes, file)
+    at_pixels = (lambda tag, vr, length: tag in (0x7FE00008, 0x7FE00009, 0x7FE00010)) if stop_before_pixels else None
+    try:
+        dataset = read_elements(DicomBytesIO(inflated), False, True, stop_when=at_pixels)
+    except Exception as exc:  # pydicom raises many types for corrupt files
+        raise ImageReadError(file, f"not a readable DICOM file: the inflated dataset does not parse: {exc}") from exc
+    ds = FileDataset(str(file), dataset, preamble, pydicom.dataset.FileMetaDataset(file_meta), False, True)
+    ds.set_original_encoding(False, True)
+    return ds
+
+
+def _inflate(stream: BinaryIO, max_bytes: int, file: Path) -> bytes:
+    """Raw deflate (RFC 1951, no zlib header: PS3.5 A.5) from the stream's position, stopping past ``max_bytes``."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    parts, size = [], 0
+    try:
+        while not inflater.eof and (block := stream.read(1 << 20)):
+            while block:
+                # At most 1 MiB a call, never more than one byte past the limit: zlib's output buffer grows by doubling
+                part = inflater.decompress(block, min(1 << 20, max_bytes + 1 - size))
+                size += len(part)
+                if size > max_bytes:
+                    raise InflationLimitError(file, f"Deflated Explicit VR Little Endian dataset (1.2.840.10008.1.2.1.99) "
+                                                    f"inflates to more than {max_bytes / 2**20:.0f} MiB, the limit for an image "
+                                                    "within the pixel limit: refused as a decompression bomb")
+                parts.append(part)
+                block = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise ImageReadError(file, f"corrupt Deflated Explicit VR Little Endian dataset: {exc}") from exc
+    if not inflater.eof:
+        raise ImageReadError(file, "Deflated Explicit VR Little Endian dataset cut short: the deflate stream does not end")
+    return b"".join(parts)
+
+
 def _set_transfer_syntax_from_encoding(ds: Dataset) -> None:
     """Give a file without meta header the Transfer Syntax UID (0002,0010) it was parsed with."""
     if ds.file_meta.get("TransferSyntaxUID") is not None:
@@ -139,8 +233,14 @@ def _set_transfer_syntax_from_encoding(ds: Dataset) -> None:
 
 
 def decode_pixels(ds: Dataset, file: Path) -> np.ndarray:
-    """Return the stored values of Pixel Data (7FE0,0010) after checking the frame layout."""
+    """Return the stored values of Pixel Data (7FE0,0010) after checking the frame layout.
+
+    A compressed frame must declare the size of Rows (0028,0010) x Columns (0028,0011) in its own codestream
+    (:func:`lungdx.io.codestream.check_frame_size`): the pixel limit is checked against the header, and a decoder
+    decodes what the codestream says.
+    """
     _check_layout(ds, file)
+    codestream.check_frame_size(ds, file)
     try:
         return ds.pixel_array
     except Exception as exc:  # missing plugin, corrupt codestream, wrong lengths
@@ -347,6 +447,7 @@ def dicom_meta(ds: Dataset, file: Path, voi: str, padding: np.ndarray | None = N
         "study_instance_uid": _text(ds, "StudyInstanceUID"),  # (0020,000D)
         "manufacturer": _text(ds, "Manufacturer"),  # (0008,0070)
         "voi": voi,
+        "burned_in_annotation": _text(ds, "BurnedInAnnotation"),  # (0028,0301): monitoring's archive skips YES
         "padding_pixels": 0 if padding is None else int(np.count_nonzero(padding)),  # (0028,0120), (0028,0121)
     }
 

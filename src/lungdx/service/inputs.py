@@ -44,13 +44,18 @@ def read_upload(stream: BinaryIO, policy: AcceptancePolicy) -> Radiograph:
         try:
             radiograph = policy.read(path)
         except Refused as err:
-            raise UploadRejected(err.status, err.reason) from err
+            raise UploadRejected(err.status, _without_path(err.reason, path)) from err
         except ImageReadError as err:
-            raise UploadRejected(422, f"undecodable {kind} file: {err.reason}") from err
+            raise UploadRejected(422, f"undecodable {kind} file: {_without_path(err.reason, path)}") from err
         except Exception as err:  # a decoder's own error type: still the client's file, never a 500
-            raise UploadRejected(422, f"undecodable {kind} file: {type(err).__name__}: {err}") from err
+            raise UploadRejected(422, f"undecodable {kind} file: {type(err).__name__}: {_without_path(str(err), path)}") from err
     radiograph.meta["source"] = "upload"  # the temporary path means nothing to anyone
     return radiograph
+
+
+def _without_path(reason: str, path: Path) -> str:
+    """A decoder's message may quote the file it read: the server's temporary path is no business of the client."""
+    return reason.replace(str(path), "the upload").replace(str(path.parent), "the upload folder")
 
 
 def sniff_upload(path: Path) -> str:
