@@ -154,3 +154,12 @@ def test_tune_allocator_accepts_an_arena_cap():
     done = subprocess.run([sys.executable, "-c", "from lungdx.runtime import tune_allocator; print(tune_allocator(max_arenas=2))"],
                           capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "True", done.stderr
+
+
+def test_predict_and_serve_default_to_the_checkpoints_precision():
+    from lungdx.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["predict", "run", "image.png"], ["serve", "run"]):
+        assert parser.parse_args(argv).precision == "checkpoint", argv
+        assert parser.parse_args([*argv, "--precision", "auto"]).precision == "auto", argv

@@ -5,6 +5,9 @@ import base64
 import hashlib
 import io
 import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -19,7 +22,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # 
 from lungdx.checkpoint import load_checkpoint, model_version  # noqa: E402
 from lungdx.predict import Predictor  # noqa: E402
 from lungdx.service.app import create_app  # noqa: E402
-from lungdx.service.batching import MicroBatcher  # noqa: E402
+from lungdx.service.batching import Busy, MicroBatcher  # noqa: E402
 from lungdx.service.security import keys_match  # noqa: E402
 from lungdx.service.settings import ServiceSettings  # noqa: E402
 
@@ -178,6 +181,18 @@ def test_real_dicom_samples(client, dicom_dir):
     assert post(client, dicom_dir / "nih_cxr14_dx_chest_nofinding.dcm").status_code == 200
     tibia = post(client, dicom_dir / "nema_wg04_RG3_J2KR_cr_tibia.dcm")
     assert tibia.status_code == 422 and "EXTREMITY" in tibia.json()["detail"]
+
+
+def test_a_rejected_upload_never_names_the_servers_temporary_file():
+    """Pillow's 'cannot identify image file '/tmp/lungdx-upload-.../upload'' must not reach the client."""
+    from lungdx.io.acceptance import AcceptancePolicy
+    from lungdx.service.inputs import UploadRejected, read_upload
+
+    for junk in (b"\xff\xd8\xff" + b"\x00junk" * 50, b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50):
+        with pytest.raises(UploadRejected) as rejected:
+            read_upload(io.BytesIO(junk), AcceptancePolicy())
+        assert rejected.value.status == 422 and "undecodable" in rejected.value.reason
+        assert "lungdx-upload" not in rejected.value.reason and "/tmp" not in rejected.value.reason, rejected.value.reason
 
 
 def test_bad_uploads_get_a_clear_4xx_and_the_service_carries_on(client, png_path, tmp_path):
@@ -346,3 +361,159 @@ def test_an_app_can_start_twice(trained_run):
     for _ in range(2):  # metrics live with the app, not with one start of it
         with TestClient(app) as client:
             assert client.get("/readyz").status_code == 200
+
+
+# ---- bounds: decoding slots, the model's queue ---------------------------------------------------
+
+
+def wait_until(condition, timeout_s=60.0):
+    """Poll ``condition`` until it holds; the deadline only catches a hang, it decides nothing."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.005)
+
+
+def test_a_request_without_a_decoding_slot_gets_503_while_other_routes_answer(trained_run, png_path, tmp_path, monkeypatch):
+    from lungdx.service import app as app_module
+
+    real, started, release, threads = app_module._read_and_level, threading.Event(), threading.Event(), []
+
+    def held(predictor, stream):  # the first upload decodes until the test lets it go
+        threads.append(threading.current_thread().name)
+        started.set()
+        assert release.wait(60)
+        return real(predictor, stream)
+
+    settings = ServiceSettings(run=trained_run, db_url=f"sqlite:///{tmp_path}/monitor.db", max_decodes=1, decode_wait_s=0.05)
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(1) as pool:
+        prediction_id = post(client, png_path).json()["id"]
+        monkeypatch.setattr(app_module, "_read_and_level", held)
+        first = pool.submit(post, client, png_path)
+        try:
+            assert started.wait(60)
+            second = post(client, png_path)  # the one slot stays taken: no waiting past decode_wait_s
+            metrics = client.get("/metrics")
+            feedback = client.post(f"/v1/predictions/{prediction_id}/feedback", json={"label": 1, "reader": "R1"})
+        finally:
+            release.set()
+        assert first.result(60).status_code == 200
+        monkeypatch.setattr(app_module, "_read_and_level", real)
+        assert post(client, png_path).status_code == 200  # the slot came back
+    assert second.status_code == 503 and second.headers["Retry-After"] == "1"
+    assert second.json() == {"detail": "the service is busy: all 1 image decoding slots stayed busy for 0.05 s; retry in 1 s",
+                             "status": 503, "errors": None}
+    assert metrics.status_code == 200 and feedback.status_code == 200, feedback.text
+    assert threads == ["lungdx-decode_0"]  # its own pool, not the threads that feedback and /metrics share
+
+
+def test_a_full_model_queue_answers_503(trained_run, png_path):
+    settings = ServiceSettings(run=trained_run, db_url=None, max_batch=1, max_queue=1)
+    started, release = threading.Event(), threading.Event()
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(2) as pool:
+        batcher = client.app.state.services.batcher
+        real = batcher.run_batch
+
+        def held(items):
+            started.set()
+            assert release.wait(60)
+            return real(items)
+
+        batcher.run_batch = held
+        try:
+            first = pool.submit(post, client, png_path)
+            assert started.wait(60)  # the model is busy with the first image
+            second = pool.submit(post, client, png_path)
+            wait_until(lambda: batcher._queue.qsize() == 1)  # the second waits in the queue
+            third = post(client, png_path)
+        finally:
+            release.set()
+        assert first.result(60).status_code == 200 and second.result(60).status_code == 200
+        assert post(client, png_path).status_code == 200
+    assert third.status_code == 503 and third.headers["Retry-After"] == "5"
+    assert third.json()["detail"] == "the service is busy: 1 images are already waiting for the model; retry in 5 s"
+
+
+def test_the_batcher_refuses_past_max_queue_and_carries_on():
+    started, release = threading.Event(), threading.Event()
+
+    def run_batch(items):
+        started.set()
+        assert release.wait(60)
+        return [item * 10 for item in items]
+
+    async def scenario():
+        batcher = MicroBatcher(run_batch, max_batch=1, max_wait_s=0, max_queue=1)
+        await batcher.start()
+        try:
+            running = asyncio.create_task(batcher.submit(1))
+            await asyncio.to_thread(started.wait, 60)  # the worker took item 1: the queue is empty
+            waiting = asyncio.create_task(batcher.submit(2))
+            await asyncio.sleep(0)  # item 2 is queued
+            with pytest.raises(Busy, match="1 images are already waiting"):
+                await batcher.submit(3)
+            release.set()
+            return await running, await waiting, await batcher.submit(4)
+        finally:
+            release.set()
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == (10, 20, 40)
+
+
+def test_settings_bounds_and_defaults(trained_run):
+    import os
+
+    settings = ServiceSettings(run=trained_run)
+    assert settings.max_decodes == len(os.sched_getaffinity(0)) and settings.max_queue >= 1
+    for bad in ({"max_decodes": 0}, {"max_queue": 0}, {"decode_wait_s": -1}, {"decode_wait_s": float("nan")}):
+        with pytest.raises(ValueError):
+            ServiceSettings(run=trained_run, **bad)
+
+
+# ---- precision ---------------------------------------------------------------------------------
+
+
+def _checkpoint_copy(trained_run, tmp_path, **changes):
+    from lungdx.checkpoint import write_checkpoint
+
+    checkpoint = load_checkpoint(trained_run / "model.pt")
+    for key, value in changes.items():
+        if value is None:
+            checkpoint.pop(key, None)
+        else:
+            checkpoint[key] = value
+    write_checkpoint(tmp_path / "model.pt", checkpoint)
+    return tmp_path / "model.pt"
+
+
+def test_the_service_predicts_in_the_precision_the_threshold_was_chosen_in(trained_run, png_path, tmp_path):
+    from lungdx.runtime import Hardware
+
+    # The precision this machine's auto would not pick, so that a default of auto would show here
+    recorded = "bf16" if Hardware.resolve("cpu", "auto").precision == "fp32" else "fp32"
+    path = _checkpoint_copy(trained_run, tmp_path, numeric_precision=recorded)
+    settings = ServiceSettings(run=path, db_url=None, device="cpu")
+    assert settings.precision == "checkpoint" and Predictor(load_checkpoint(path), device="cpu").hardware.precision == recorded
+    with TestClient(create_app(settings)) as client:
+        assert client.app.state.services.predictor.hardware.precision == recorded
+        body = post(client, png_path).json()
+    expected = Predictor.from_path(path, device="cpu", precision=recorded).predict_files([png_path])[0]
+    assert body["probability"] == pytest.approx(expected.probability, abs=1e-6)
+
+
+def test_a_checkpoint_without_numeric_precision_still_serves(trained_run, png_path, tmp_path, caplog):
+    from lungdx.runtime import Hardware
+
+    path = _checkpoint_copy(trained_run, tmp_path, numeric_precision=None)
+    assert "numeric_precision" not in load_checkpoint(path)
+    with caplog.at_level(logging.INFO, logger="lungdx"), TestClient(create_app(ServiceSettings(run=path, db_url=None))) as client:
+        assert client.app.state.services.predictor.hardware.precision == Hardware.resolve("auto", "auto").precision
+        assert post(client, png_path).status_code == 200
+    assert "does not record the precision its threshold was chosen in; predicting in auto" in caplog.text
+
+
+def test_the_settings_repr_holds_no_api_key(trained_run):
+    settings = ServiceSettings(run=trained_run, db_url=None, api_key=KEY)
+    assert settings.api_key == KEY
+    assert KEY not in repr(settings) and KEY not in str(settings) and "api_key" not in repr(settings)

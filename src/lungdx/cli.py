@@ -454,8 +454,17 @@ def _add_predict(commands) -> None:
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    _add_precision(predict)
     _add_acceptance(predict)
     predict.set_defaults(handler=_cmd_predict)
+
+
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", default="checkpoint", choices=["checkpoint", "auto", "fp32", "bf16", "fp16"],
+                        help="checkpoint = the precision the threshold was chosen in (model.pt's numeric_precision), so "
+                             "decisions are the validated ones; auto (bf16 on a CPU or GPU with native bf16) or bf16 "
+                             "may be faster but move probabilities slightly and may flip decisions near the "
+                             "threshold (default: %(default)s)")
 
 
 def _add_acceptance(parser: argparse.ArgumentParser) -> None:
@@ -581,6 +590,15 @@ def _add_serve(commands) -> None:
     serve.add_argument("--max-batch", type=int, default=16, help="micro-batch size; 1 turns batching off (default: %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
                        help="how long a request waits for others to batch with (default: %(default)s)")
+    serve.add_argument("--max-decodes", type=int, metavar="N",
+                       help="the most uploads decoded and levelled at once, in threads of their own (a 50-megapixel "
+                            "16-bit RGB PNG takes about 1.7 GB while it decodes; default: the CPUs this process may use)")
+    serve.add_argument("--decode-wait-s", type=float, default=5.0,
+                       help="how long an upload waits for a decoding slot before it is answered 503 with Retry-After "
+                            "(default: %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=16,
+                       help="the most decoded images waiting for the model; one more is answered 503 with Retry-After "
+                            "(default: %(default)s)")
     serve.add_argument("--archive", type=Path, metavar="DIR",
                        help="keep each image's pixels here (16-bit PNG, no header) so that confirmed cases can be "
                             "exported for retraining and a candidate model challenged on them (lungdx monitor)")
@@ -588,9 +606,7 @@ def _add_serve(commands) -> None:
     serve.add_argument("--heatmap-method", choices=["auto", "gradcam", "occlusion", "nodule_map"], default="auto",
                        help="heatmap of ?heatmap=true: auto = the model's own nodule map for nodule_net, Grad-CAM otherwise")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "checkpoint"],
-                       help="auto = the machine's fastest (bf16 where native); checkpoint = the precision the "
-                            "threshold was chosen at, as evaluation uses (default: %(default)s)")
+    _add_precision(serve)
     _add_acceptance(serve)
     serve.set_defaults(handler=_cmd_serve)
 
@@ -619,7 +635,8 @@ def _cmd_serve(args) -> int:
         run=args.run, api_key=api_key, db_url=None if args.db.lower() == "none" else args.db, device=args.device,
         precision=args.precision, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=int(args.max_megapixels * 1_000_000), allow_non_chest=args.allow_non_chest, max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
+        max_wait_ms=args.max_wait_ms, decode_wait_s=args.decode_wait_s, max_queue=args.max_queue,
+        **({} if args.max_decodes is None else {"max_decodes": args.max_decodes}),
         heatmap_method=args.heatmap_method, archive_dir=args.archive, webhook_url=args.webhook)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key: anyone who reaches this port can use the model", args.host)
@@ -929,7 +946,7 @@ def _cmd_predict(args) -> int:
     from lungdx.report import NOT_FOR_CLINICAL_USE
     from lungdx.wording import state_result
 
-    predictor = Predictor.from_path(args.run, device=args.device, policy=_policy(args))
+    predictor = Predictor.from_path(args.run, device=args.device, precision=args.precision, policy=_policy(args))
     predictions = predictor.predict_files(args.images)
     for prediction in predictions:
         statement = state_result(prediction.probability, predictor.checkpoint) if prediction.probability is not None else None

@@ -106,15 +106,17 @@ class Predictor:
     Args:
         checkpoint: a loaded checkpoint (``lungdx.checkpoint.load_checkpoint``).
         device: ``auto``, ``cpu`` or ``cuda``.
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see ``lungdx.runtime``), or ``checkpoint``: the
-            precision the threshold was chosen at (``numeric_precision`` in ``model.pt``; ``auto`` for checkpoints made before
-            it was recorded). Evaluation uses ``checkpoint``, so a fold trained in fp32 on one machine is scored
-            in fp32 on another that would pick bf16; serving keeps the machine's fastest, ``auto``.
+        precision: ``checkpoint`` (the default): the precision the threshold was chosen at (``numeric_precision`` in
+            ``model.pt``; for a checkpoint made before it was recorded, ``auto``, what its training chose, with a log
+            line), so the threshold chosen on validation is applied as chosen and a model trained in fp32 on one
+            machine is scored in fp32 on another that would pick bf16. ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see
+            ``lungdx.runtime``) choose otherwise: ``auto`` may be faster (bf16 where native) but moves probabilities
+            slightly and may flip decisions near the threshold.
         policy: which images get a probability (``lungdx.io.acceptance``); its intensity reference is the
             checkpoint's validation reference unless the policy brings one.
     """
 
-    def __init__(self, checkpoint: dict, device: str = "auto", precision: str = "auto", channels_last: bool = True,
+    def __init__(self, checkpoint: dict, device: str = "auto", precision: str = "checkpoint", channels_last: bool = True,
                  policy: AcceptancePolicy | None = None):
         self.checkpoint = checkpoint
         policy = policy or AcceptancePolicy()
@@ -122,6 +124,10 @@ class Predictor:
             policy = replace(policy, reference=(checkpoint.get("val_reference") or {}).get("intensity"))
         self.policy = policy
         recorded = checkpoint.get("numeric_precision")
+        if precision == "checkpoint" and not recorded:
+            # Made before numeric_precision was recorded: its threshold was chosen in what its training machine's
+            # ``auto`` gave, so ``auto`` here is the closest guess (fp32 on a CPU without native bf16).
+            logger.info("the checkpoint does not record the precision its threshold was chosen in; predicting in auto")
         if precision == "checkpoint":
             precision = recorded or "auto"
         self.hardware = runtime.Hardware.resolve(device, precision, channels_last)

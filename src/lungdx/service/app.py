@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -31,7 +32,7 @@ from lungdx.predict import Prediction, Predictor
 from lungdx.preprocess import window
 from lungdx.report import NOT_FOR_CLINICAL_USE
 from lungdx.service import schemas
-from lungdx.service.batching import MicroBatcher
+from lungdx.service.batching import Busy, DecodePool, MicroBatcher
 from lungdx.service.errors import install_error_handlers
 from lungdx.service.inputs import UploadRejected, case_hash, read_upload
 from lungdx.service.security import require_api_key
@@ -59,7 +60,9 @@ PREDICTION_ERRORS = {
     415: "not a PNG, a JPEG or a DICOM (PS3.10) file, judged by its first bytes",
     422: "no 'file' part or more than one, an invalid query parameter, an empty or undecodable file, or an image the "
          "acceptance policy refuses (the reason says which check)",
-    503: "the model is not loaded yet, or the monitoring log is behind (its database takes no writes; Retry-After)",
+    503: "the model is not loaded yet; the service is busy (every decoding slot taken for --decode-wait-s, or "
+         "--max-queue images waiting for the model; Retry-After); or the monitoring log is behind (its database "
+         "takes no writes; Retry-After)",
 }
 INTENDED_USE = ("Research on computer-aided detection of lung nodules in frontal (PA/AP) chest radiographs "
                 "of adults; a second look beside a radiologist's own reading, never instead of it.")
@@ -75,6 +78,7 @@ class Services:
     card: dict
     batcher: MicroBatcher
     model_lock: threading.Lock
+    decoders: DecodePool
     monitor: object | None = None
 
 
@@ -134,19 +138,23 @@ async def _lifespan(app: FastAPI):
                                                        [shape for _, shape in items], batch_size=len(items))
         return [(float(p), location) for p, location in zip(probabilities, locations, strict=True)]
 
-    batcher = MicroBatcher(run_batch, settings.max_batch, settings.max_wait_ms / 1000, on_batch=app.state.batch_sizes.observe)
+    batcher = MicroBatcher(run_batch, settings.max_batch, settings.max_wait_ms / 1000, on_batch=app.state.batch_sizes.observe,
+                           max_queue=settings.max_queue)
     monitor = await run_in_threadpool(_open_monitor, settings, predictor.checkpoint, app.state.registry)
     app.state.monitor = monitor
     await batcher.start()
+    decoders = DecodePool(settings.max_decodes, settings.decode_wait_s)
     app.state.services = Services(settings, predictor, predictor.identity,
-                                  _model_card(settings.run, predictor), batcher, lock, monitor)
-    logger.info("serving %s version %s (monitoring %s, batches of up to %d)", app.state.services.identity["name"],
-                app.state.services.identity["version"], "on" if monitor else "off", settings.max_batch)
+                                  _model_card(settings.run, predictor), batcher, lock, decoders, monitor)
+    logger.info("serving %s version %s in %s (monitoring %s, batches of up to %d, %d decoding at once)",
+                app.state.services.identity["name"], app.state.services.identity["version"], predictor.hardware.precision,
+                "on" if monitor else "off", settings.max_batch, settings.max_decodes)
     try:
         yield
     finally:
         app.state.services = None
         await batcher.stop()
+        decoders.close()
         if monitor is not None:
             monitor.close()
 
@@ -221,14 +229,20 @@ def _add_routes(app: FastAPI) -> None:
 async def _predict(loaded: Services, file: UploadFile, want_heatmap: bool, want_preview: bool) -> dict:
     start = time.perf_counter()
     try:
-        radiograph = await run_in_threadpool(read_upload, file.file, loaded.predictor.policy)
-        levelled = await run_in_threadpool(loaded.predictor.level, radiograph.pixels)
+        # Decoding and levelling in the pool of their own, not FastAPI's: a burst of large images waits for a
+        # slot (or gets 503) instead of taking the memory and the threads that feedback and /metrics need.
+        radiograph, levelled = await loaded.decoders.run(_read_and_level, loaded.predictor, file.file)
     except UploadRejected as err:
         logger.info("rejected upload (%d): %s", err.status, err.reason)
         raise HTTPException(err.status, detail=err.reason) from err
     except ValueError as err:  # levelling refuses degenerate images
         raise HTTPException(422, detail=f"cannot prepare the image: {err}") from err
-    probability, location = await loaded.batcher.submit((levelled, radiograph.pixels.shape[:2]))
+    except Busy as err:
+        raise _busy(loaded, err) from err
+    try:
+        probability, location = await loaded.batcher.submit((levelled, radiograph.pixels.shape[:2]))
+    except Busy as err:
+        raise _busy(loaded, err) from err
     prediction = loaded.predictor.decide("upload", probability, radiograph.meta, location)
     shape = _preview_shape(radiograph.pixels.shape, loaded.settings.preview_px)
     heatmap = await run_in_threadpool(_heatmap, loaded, levelled, radiograph.pixels.shape, shape) if want_heatmap else None
@@ -240,6 +254,20 @@ async def _predict(loaded: Services, file: UploadFile, want_heatmap: bool, want_
     logger.info("prediction %s case %s: p=%.4f %s in %.0f ms", prediction_id or "-", case_hash(radiograph.meta),
                 probability, prediction.class_name, elapsed_ms)
     return _prediction_body(loaded, prediction_id, prediction, heatmap, preview, elapsed_ms)
+
+
+def _busy(loaded: Services, err: Busy) -> HTTPException:
+    """503 with Retry-After: a temporary state, like the monitoring log's (errors.LOG_BEHIND)."""
+    retry_after_s = max(1, math.ceil(loaded.settings.decode_wait_s))
+    logger.warning("answered 503: %s", err)
+    return HTTPException(503, detail=f"the service is busy: {err}; retry in {retry_after_s} s",
+                         headers={"Retry-After": str(retry_after_s)})
+
+
+def _read_and_level(predictor: Predictor, stream) -> tuple:
+    """(Radiograph, levelled image) of one upload: the decoding pool's job."""
+    radiograph = read_upload(stream, predictor.policy)
+    return radiograph, predictor.level(radiograph.pixels)
 
 
 def _prediction_body(loaded: Services, prediction_id, prediction: Prediction, heatmap, preview, elapsed_ms) -> dict:
