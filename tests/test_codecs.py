@@ -22,7 +22,7 @@ import pytest
 from pydicom import uid
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder, get_encoder, pixel_array
 
 from lungdx.data.phantoms import make_phantom
@@ -196,13 +196,18 @@ def test_a_missing_decoder_names_a_package_whose_licence_fits(originals, tmp_pat
 
 def test_a_corrupt_codestream_reports_each_decoders_error(originals, tmp_path):
     ds = pydicom.dcmread(_encode(originals["12-bit MONOCHROME2"], uid.JPEGLosslessSV1, tmp_path / "sv1.dcm"))
-    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(254)])  # a JPEG start-of-image marker, then nothing JPEG
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 2]])  # its headers whole, its scan cut short
     ds.save_as(tmp_path / "corrupt.dcm")
     with pytest.raises(ImageReadError) as info:
         read_dicom(tmp_path / "corrupt.dcm")
     reason = info.value.reason
     assert "1.2.840.10008.1.2.4.70" in reason and "install" not in reason  # a decoder is installed: the data is bad
     assert all(f"{plugin}:" in reason for plugin in get_decoder(uid.JPEGLosslessSV1).available_plugins)
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(254)])  # a JPEG start-of-image marker, then nothing JPEG
+    ds.save_as(tmp_path / "headless.dcm")
+    with pytest.raises(ImageReadError, match=r"JPEG frame \(1\.2\.840\.10008\.1\.2\.4\.70\) holds no readable frame header"):
+        read_dicom(tmp_path / "headless.dcm")  # refused before any decoder: its size cannot be checked
 
 
 @pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"])

@@ -112,7 +112,8 @@ def test_threshold_comes_from_validation_only(finished_run):
 
 def test_evaluation_scores_at_the_precision_the_threshold_was_chosen_at(finished_run, tmp_path, monkeypatch):
     """A run trained and thresholded in fp32, evaluated on a machine whose ``auto`` is bf16 (an AMX CPU, here
-    pretended), is scored in fp32: its threshold is not applied to bf16 probabilities. Serving keeps ``auto``."""
+    pretended), is scored in fp32: its threshold is not applied to bf16 probabilities. So is it served, unless ``auto``
+    is asked for."""
     from lungdx import runtime
     from lungdx.evaluate import evaluate_run
 
@@ -120,8 +121,8 @@ def test_evaluation_scores_at_the_precision_the_threshold_was_chosen_at(finished
     payload = load_checkpoint(result.run_dir / "model.pt")
     assert payload["numeric_precision"] == "fp32"
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert Predictor.from_path(result.run_dir, device="cpu").hardware.precision == "bf16"
-    assert Predictor.from_path(result.run_dir, device="cpu", precision="checkpoint").hardware.precision == "fp32"
+    assert Predictor.from_path(result.run_dir, device="cpu", precision="auto").hardware.precision == "bf16"
+    assert Predictor.from_path(result.run_dir, device="cpu").hardware.precision == "fp32"  # the default: checkpoint
     results = evaluate_run(result.run_dir, device="cpu", out_dir=tmp_path / "evaluation")
     assert results["numeric_precision"] == "fp32"
     older = {key: value for key, value in payload.items() if key != "numeric_precision"}  # made before it was recorded
