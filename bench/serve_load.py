@@ -71,15 +71,18 @@ def free_port() -> int:
 
 
 def start_server(run: Path, port: int, *, max_batch: int, max_wait_ms: float = 5.0, extra: list[str] = (),
-                 env: dict | None = None, timeout_s: float = 120.0) -> subprocess.Popen:
+                 env: dict | None = None, timeout_s: float = 120.0, precision: str = "checkpoint") -> subprocess.Popen:
     """``lungdx serve`` in its own process, returned once ``/readyz`` answers 200.
+
+    ``precision``: serve's ``--precision`` (its default, ``checkpoint``, since 2026-12-07; the rows measured before
+    that served in ``auto``, bf16 on a CPU with native bf16).
 
     ``extra`` options come last, so they override the defaults here (``--db none``).
     """
     import httpx
 
     command = [sys.executable, "-m", "lungdx.cli", "-q", "serve", str(run), "--port", str(port), "--db", "none",
-               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), *extra]
+               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--precision", precision, *extra]
     # stderr goes to a file, not a pipe: a pipe nobody reads fills after 64 KiB of log and blocks the server.
     log = tempfile.TemporaryFile(mode="w+")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, env={**os.environ, **(env or {})})
@@ -224,7 +227,8 @@ def measure(run: Path, images: list[bytes], args, settings: list[tuple[str, int,
     try:
         for label, max_batch, extra in settings:
             port = free_port()
-            servers[label] = (start_server(run, port, max_batch=max_batch, max_wait_ms=args.max_wait_ms, extra=extra),
+            servers[label] = (start_server(run, port, max_batch=max_batch, max_wait_ms=args.max_wait_ms, extra=extra,
+                                           precision=args.precision),
                               f"http://127.0.0.1:{port}/v1/predictions")
         ready = {label: rss_mb(server.pid) for label, (server, _) in servers.items()}
         warm_answered = {label: run_load(url, images, clients=args.clients, requests=max(args.clients * 4, args.requests // 4))
@@ -261,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--skip-batching-off", action="store_true", help="measure only monitoring on and off")
     parser.add_argument("--archive", action="store_true", help="monitoring on also archives every image (--archive DIR)")
+    parser.add_argument("--precision", default="checkpoint",
+                        help="serve's --precision: checkpoint (its default) or auto, as the rows before 2026-12-07 ran "
+                             "(default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=4, help="measured rounds per setting, taking turns (default: %(default)s)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="lungdx-serve-bench-") as scratch:
