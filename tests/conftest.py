@@ -24,32 +24,49 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _shared_snapshot() -> dict[str, tuple[int, int]]:
-    """Every file under ../shared/data: its size and modification time (1.5k files: a few milliseconds)."""
-    if not SHARED_DATA.is_dir():
-        return {}
+    """Every file under ../shared/data: its size and modification time (1.5k files: 15-30 ms)."""
     found = {}
-    for path in SHARED_DATA.rglob("*"):
-        try:
-            stat = path.stat()
-        except OSError:  # gone since it was listed: left out, so it shows as changed
-            continue
-        if not path.is_dir():
-            found[str(path.relative_to(SHARED_DATA))] = (stat.st_size, stat.st_mtime_ns)
+    for folder, _, files in os.walk(SHARED_DATA):  # nothing when it is absent
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                stat = os.stat(path)
+            except OSError:  # gone since it was listed: left out, so it shows as changed
+                continue
+            found[os.path.relpath(path, SHARED_DATA)] = (stat.st_size, stat.st_mtime_ns)
     return found
+
+
+def _fail_if_shared_data_changed(seen: dict, by: str) -> None:
+    """Fail naming ``by`` and the files when ../shared/data differs from ``seen["files"]``; then take it as seen, so
+    that one change is blamed once, not on every later test."""
+    before, after = seen["files"], _shared_snapshot()
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    seen["files"] = after
+    if changed:
+        pytest.fail(f"../shared/data was changed by {by} ({len(changed)} files, e.g. {', '.join(changed[:5])}): "
+                    "tests must read it in place and write only under tmp_path", pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_data_left_as_found():
     """The shared data are read in place, never written: a test that moves, deletes or touches one of its files
-    (a PACS node keeping a failed instance did, once) fails the session here, naming the files, instead of
-    leaving the next session without them."""
-    before = _shared_snapshot()
+    (a PACS node keeping a failed instance did, once) fails here, naming the files, instead of leaving the next
+    session without them. Checked after each test that uses the ``shared_data`` fixture, and at the session's end
+    for any test that reached the folder without it."""
+    seen = {"files": _shared_snapshot()}
+    yield seen
+    _fail_if_shared_data_changed(seen, "a test or fixture that reached it without the shared_data fixture")
+
+
+@pytest.fixture(autouse=True)
+def _shared_data_left_as_found_by_this_test(request, _shared_data_left_as_found):
     yield
-    after = _shared_snapshot()
-    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
-    if changed:
-        pytest.fail(f"../shared/data was changed by the tests ({len(changed)} files, e.g. {', '.join(changed[:5])}): "
-                    "tests must read it in place and write only under tmp_path", pytrace=False)
+    # Only the tests that use it (or a fixture built on it: jsrt_dir, dicom_dir, ...) pay for a listing. Compared
+    # with the last check, so a module fixture that wrote there is caught at its first test too. Under pytest-xdist
+    # a test of another worker may have made the change while this one ran.
+    if "shared_data" in request.fixturenames:
+        _fail_if_shared_data_changed(_shared_data_left_as_found, f"{request.node.nodeid} or a fixture it uses")
 
 
 @pytest.fixture(scope="session")

@@ -364,6 +364,34 @@ def test_a_deflate_bomb_is_refused_before_it_is_inflated(chest, tmp_path, monkey
     np.testing.assert_array_equal(policy.read(plain).pixels, policy.read(twin).pixels)
 
 
+def test_a_deflated_dicom_is_inflated_once_for_its_header_and_its_pixels(chest, tmp_path, monkeypatch):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from lungdx.io import dicom
+
+    inflated, inflate = [], dicom._inflate
+
+    def counting(stream, max_bytes, file):
+        inflated.append(file)
+        return inflate(stream, max_bytes, file)
+
+    monkeypatch.setattr(dicom, "_inflate", counting)
+    path = write_deflated(tmp_path / "deflated.dcm", to_stored(chest))
+    image = AcceptancePolicy().read(path)
+    assert inflated == [path]
+    assert (image.meta["transfer_syntax"], image.meta["source"]) == (DeflatedExplicitVRLittleEndian, str(path))
+
+
+def test_a_transfer_syntax_uid_is_no_radiography_sop_class():
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from lungdx.io.dicom import chest_header_problem
+
+    # 1.2.840.10008.1.2.1.99 says how a dataset is encoded, never what it is: a CT stays refused
+    problem = chest_header_problem({"modality": "CT", "sop_class_uid": DeflatedExplicitVRLittleEndian})
+    assert problem is not None and problem[0] == "modality"
+
+
 def test_a_dicom_without_body_part_or_view_is_scored_with_a_warning(chest, tmp_path):
     stored = to_stored(chest)
     assert AcceptancePolicy().read(write_dicom(tmp_path / "full.dcm", stored)).meta["warnings"] == []

@@ -56,6 +56,13 @@ def test_the_patient_id_pattern_is_taken_as_given(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "fit", record)
     assert main(["train", "--data", str(tmp_path), "--patient-id-pattern", r"[A-Z]+\d+ #1", "--out", str(tmp_path / "o")]) == 130
     assert seen["config"].data.patient_id_pattern == r"[A-Z]+\d+ #1"
+    assert seen["config"].data.path == str(tmp_path)  # the other shortcuts still land in their own keys
+    assert seen["config"].model.name == "paper_cnn" and seen["config"].model.weights is None  # none given: defaults
+    main(["train", "--data", str(tmp_path), "--task", "label=a #b", "--model", "resnet18", "--weights", "imagenet",
+          "--out", str(tmp_path / "o")])
+    assert (seen["config"].data.task, seen["config"].model.name, seen["config"].model.weights) == \
+        ("label=a #b", "resnet18", "imagenet")
+    assert seen["config"].data.patient_id_pattern is None
 
 
 def test_models_lists_paper_cnn(capsys):
@@ -163,3 +170,19 @@ def test_predict_and_serve_default_to_the_checkpoints_precision():
     for argv in (["predict", "run", "image.png"], ["serve", "run"]):
         assert parser.parse_args(argv).precision == "checkpoint", argv
         assert parser.parse_args([*argv, "--precision", "auto"]).precision == "auto", argv
+
+
+@pytest.mark.parametrize("given, used", [([], "checkpoint"), (["--precision", "auto"], "auto")])
+def test_predict_hands_its_precision_to_the_predictor(given, used, monkeypatch):
+    # The parser's default alone decides nothing: _cmd_predict must pass it on, or the Predictor's own default wins.
+    from lungdx import predict
+
+    seen = {}
+
+    def record(run, **kwargs):
+        seen.update(kwargs, run=run)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict.Predictor, "from_path", record)
+    assert main(["predict", "run", "image.png", *given]) == 130
+    assert seen["run"] == "run" and seen["precision"] == used

@@ -316,7 +316,8 @@ def test_an_instance_received_again_is_not_analysed_again(predictor, dicom_dir, 
     """A listener that receives an instance again (a resend, a restart) queues its results once."""
     from lungdx.integrations.pipeline import Processor
 
-    path = _sample(dicom_dir, CHEST_DX)
+    path = tmp_path / "received.dcm"  # a copy: the Processor is never given a file of ../shared/data
+    path.write_bytes(_sample(dicom_dir, CHEST_DX).read_bytes())
     for attempt in range(2):  # a new Processor on the same state folder: as after a listener restart
         processor = Processor(predictor, tmp_path, send_dicom=lambda _: None)
         assert (processor.process(path) is not None) == (attempt == 0)
@@ -325,7 +326,7 @@ def test_an_instance_received_again_is_not_analysed_again(predictor, dicom_dir, 
     assert statuses == ["analysed", "already"]
 
 
-def test_an_empty_heatmap_is_named_on_the_secondary_capture(predictor, dicom_dir, monkeypatch):
+def test_an_empty_heatmap_is_named_on_the_secondary_capture(predictor, dicom_dir, tmp_path, monkeypatch):
     import numpy as np
 
     import lungdx.explain as explain
@@ -341,7 +342,9 @@ def test_an_empty_heatmap_is_named_on_the_secondary_capture(predictor, dicom_dir
         return real(pixels, heatmap, caption, location)
 
     monkeypatch.setattr(results, "overlay_rgb", keep)
-    analyse_file(predictor, _sample(dicom_dir, CHEST_DX), method="gradcam")
+    path = tmp_path / CHEST_DX  # a copy: the pipeline is never given a file of ../shared/data
+    path.write_bytes(_sample(dicom_dir, CHEST_DX).read_bytes())
+    analyse_file(predictor, path, method="gradcam")
     assert drawn["caption"][-1].startswith("Heatmap empty: the Grad-CAM heatmap is all zero")
     assert "no overlay to show" in drawn["caption"][-1] and not drawn["heatmap"].any()
 
@@ -520,6 +523,7 @@ def test_listen_and_pacs_run_take_the_retention(flags, sent_days, refused_days, 
     made = {}
     monkeypatch.setattr(service, "make_processor", lambda *args, **kwargs: made.update(kwargs))
     for command in (["listen", "run"], ["pacs-run", "run", "--study", "1.2.3"]):
+        made.clear()  # else the second command would pass on what the first one gave
         _pacs_processor(build_parser().parse_args([*command, "--pacs", "http://127.0.0.1:1/dicom-web", *flags]))
         assert made["retention"] == Retention(sent_days=sent_days, refused_days=refused_days)
 
@@ -1157,6 +1161,6 @@ def test_a_pending_item_that_does_not_read_is_left_for_the_next_round(tmp_path, 
         for _ in range(2):
             outbox.deliver({"dicom": sent.append})
     assert sent == [item.payload]  # the good item, delivered in the first round
-    assert caplog.text.count(f"pending item {half} does not read") == 1 and "SR half" not in caplog.text
+    assert caplog.text.count(f"pending item {half} does not read (no payload file)") == 1 and "SR half" not in caplog.text
     (half / "payload.dcm").write_bytes(_dataset_bytes())
     assert outbox.deliver({"dicom": sent.append}) == 1 and sent[-1] == half / "payload.dcm"

@@ -89,7 +89,8 @@ def test_bundle_waits_while_the_fhir_server_refuses_and_is_posted_when_it_accept
                                                                                   fhir_url):
     from fhir.resources.R4B.bundle import Bundle
 
-    sample = dicom_dir / CHEST_DX
+    sample = tmp_path / CHEST_DX  # a copy: the Processor is never given a file of ../shared/data
+    sample.write_bytes((dicom_dir / CHEST_DX).read_bytes())
     stored_dicom = []
     processor = make_processor(trained_run, tmp_path / "state", stored_dicom.append, fhir_url=fhir_url,
                                retry=RetryPolicy(base_s=0.01, max_s=0.05), patient_system="urn:oid:1.2.3.4.5")
@@ -218,8 +219,33 @@ def test_the_site_system_goes_only_to_the_sites_own_patient_ids():
     assert site_patient_system(source(), site, None) == site
     assert site_patient_system(source("HOSP_B"), site, None) is None
     assert site_patient_system(source("HOSP_A"), site, "HOSP_A") == site
+    assert site_patient_system(source(" HOSP_A "), site, "HOSP_A") == site  # padding is not another issuer
     assert site_patient_system(source("HOSP_B"), site, "HOSP_A") is None
     assert site_patient_system(source(), None, "HOSP_A") is None
+
+
+def test_a_foreign_issuer_is_said_once_per_processor_naming_neither_issuer_nor_patient(trained_run, dicom_dir, tmp_path,
+                                                                                         caplog):
+    """A backlog of imported studies logged one line per instance; the log says it once, with no header value, and
+    each Bundle still goes without the site's system."""
+    from pydicom.uid import generate_uid
+
+    processor = make_processor(trained_run, tmp_path / "state", lambda path: None, patient_system="urn:oid:1.2.3.4.5",
+                               patient_issuer="HOSP_A")
+    source = pydicom.dcmread(dicom_dir / CHEST_DX)
+    source.IssuerOfPatientID = "HOSP_B"
+    for name in ("first", "second"):
+        source.SOPInstanceUID = source.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        source.save_as(processor.inbox / f"{name}.dcm")
+    with caplog.at_level("INFO", logger="lungdx"):
+        assert processor.process_inbox() == 2
+    said = [record for record in caplog.records if "Issuer of Patient ID" in record.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO"
+    assert "HOSP_B" not in caplog.text and str(source.PatientID) not in caplog.text
+    bundles = [json.loads(path.read_text()) for path in (tmp_path / "state" / "fhir").glob("*.json")]
+    assert len(bundles) == 2
+    for entry in (entry for bundle in bundles for entry in bundle["entry"]):
+        assert entry["resource"]["subject"]["identifier"] == {"value": str(source.PatientID)}
 
 
 @pytest.mark.parametrize("system", ["my mrn system", "https://x y", "mrn"])

@@ -247,11 +247,30 @@ def test_class_folders_with_a_patient_id_pattern(tmp_path, caplog):
             (tmp_path / name / file).write_bytes(b"")
     frame = load_dataset(tmp_path, patient_id_pattern=r"pat\d+").set_index("case_id")
     assert frame["patient_id"].to_dict() == {"pat7-1": "pat7", "pat8-1": "pat8", "pat7-2": "pat7", "pat9-1": "pat9"}
+    assert "own patient" not in caplog.text  # read from the names: nothing to warn about
     (tmp_path / "normal" / "anonymous.png").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"matches no patient ID in 1 of 5 file names, e\.g\. .*anonymous\.png"):
         load_dataset(tmp_path, patient_id_pattern=r"pat\d+")
-    with pytest.raises(DatasetError, match="is not a regular expression"):
+    with pytest.raises(DatasetError, match="is not a regular expression") as raised:
         load_dataset(tmp_path, patient_id_pattern=r"(pat\d+")
+    assert str(raised.value).startswith(f"{tmp_path}: "), raised.value  # which dataset's pattern
+    # Checked before the layout is read: an empty folder would otherwise fail first, for want of images.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="is not a regular expression"):
+        load_dataset(tmp_path / "empty", patient_id_pattern=r"(pat\d+")
+
+
+def test_a_runs_data_settings_reach_the_loader(tmp_path):
+    # Training and the explanation steps load through load_configured_dataset: the pattern must reach it, or the
+    # run's split and its explanations would see other patients.
+    from lungdx.config import DataConfig
+    from lungdx.data.manifest import load_configured_dataset
+
+    for name, file in (("normal", "pat7-1.png"), ("nodule", "pat7-2.png")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_bytes(b"")
+    frame = load_configured_dataset(DataConfig(path=str(tmp_path), format="folders", patient_id_pattern=r"pat\d+"))
+    assert frame["patient_id"].tolist() == ["pat7", "pat7"]
 
 
 def test_a_patient_id_pattern_leaves_given_ids_alone(tmp_path, caplog):

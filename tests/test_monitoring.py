@@ -542,6 +542,30 @@ def test_a_row_the_database_refuses_is_dropped_alone(tmp_path, checkpoint, monke
     assert "[parameters:" not in caplog.text
 
 
+@pytest.mark.parametrize("hook", [None, "failing"])
+def test_a_dropped_record_is_logged_without_a_hook_or_with_a_failing_one(hook, caplog):
+    from lungdx.monitoring.writer import WriteBehind
+
+    def write(batch):
+        if "bad" in batch:
+            raise ValueError("refused for good")
+
+    def failing(payload, err):
+        raise RuntimeError("the hook broke")
+
+    writer = WriteBehind(write, on_drop=failing if hook else None, max_pending=10, max_delay_s=5, block_s=5,
+                         batch_size=10, max_bytes=2**20)
+    with caplog.at_level("ERROR", logger="lungdx.monitoring.writer"):
+        for payload in ("good", "bad", "good"):
+            writer.put(payload)
+        assert writer.flush(10)
+    assert writer.close(10)
+    assert (writer.written, writer.dropped) == (2, 1)
+    [record] = [entry for entry in caplog.records if "a record cannot be written and is dropped" in entry.getMessage()]
+    assert "refused for good" in caplog.text and ("the hook broke" in caplog.text) == bool(hook)
+    assert record.exc_info is not None  # the traceback, for an error nobody described
+
+
 def test_image_statistics_equal_the_reference_statistics():
     from lungdx.monitoring.monitor import image_statistics
     from lungdx.reference import intensity_statistics

@@ -5,6 +5,7 @@ import base64
 import hashlib
 import io
 import logging
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,8 @@ from pydicom.dataset import FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from lungdx.checkpoint import load_checkpoint, model_version  # noqa: E402
+from lungdx.io import ImageReadError  # noqa: E402
+from lungdx.io.acceptance import Refused  # noqa: E402
 from lungdx.predict import Predictor  # noqa: E402
 from lungdx.service.app import create_app  # noqa: E402
 from lungdx.service.batching import Busy, MicroBatcher  # noqa: E402
@@ -193,6 +196,25 @@ def test_a_rejected_upload_never_names_the_servers_temporary_file():
             read_upload(io.BytesIO(junk), AcceptancePolicy())
         assert rejected.value.status == 422 and "undecodable" in rejected.value.reason
         assert "lungdx-upload" not in rejected.value.reason and "/tmp" not in rejected.value.reason, rejected.value.reason
+
+
+@pytest.mark.parametrize("error", [lambda path: OSError(f"cannot identify image file '{path}'"),
+                                   lambda path: ImageReadError(path, f"cannot open {path}"),
+                                   lambda path: Refused(path, "colour", f"{path} is in colour; see {path.parent}")],
+                         ids=["decoder", "read_error", "refused"])
+def test_a_decoders_message_quoting_the_temporary_file_reaches_the_client_without_it(error):
+    """The inputs above no longer quote the path (io.acceptance names no file); a decoder that does must not leak it."""
+    from lungdx.service.inputs import UploadRejected, read_upload
+
+    class QuotingPolicy:  # stands in for a decoder whose message names the file it read
+        def read(self, path):
+            raise error(path)
+
+    with pytest.raises(UploadRejected) as rejected:
+        read_upload(io.BytesIO(b"\x89PNG\r\n\x1a\n" + bytes(64)), QuotingPolicy())
+    reason = rejected.value.reason
+    assert rejected.value.status == 422 and "the upload" in reason, reason
+    assert "lungdx-upload" not in reason and tempfile.gettempdir() not in reason, reason
 
 
 def test_bad_uploads_get_a_clear_4xx_and_the_service_carries_on(client, png_path, tmp_path):
@@ -450,6 +472,7 @@ def test_the_batcher_refuses_past_max_queue_and_carries_on():
             await asyncio.to_thread(started.wait, 60)  # the worker took item 1: the queue is empty
             waiting = asyncio.create_task(batcher.submit(2))
             await asyncio.sleep(0)  # item 2 is queued
+            assert batcher._queue.qsize() == 1 and not waiting.done()
             with pytest.raises(Busy, match="1 images are already waiting"):
                 await batcher.submit(3)
             release.set()
@@ -467,7 +490,7 @@ def test_settings_bounds_and_defaults(trained_run):
     settings = ServiceSettings(run=trained_run)
     assert settings.max_decodes == len(os.sched_getaffinity(0)) and settings.max_queue >= 1
     for bad in ({"max_decodes": 0}, {"max_queue": 0}, {"decode_wait_s": -1}, {"decode_wait_s": float("nan")}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=next(iter(bad))):
             ServiceSettings(run=trained_run, **bad)
 
 

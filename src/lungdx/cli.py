@@ -138,10 +138,15 @@ def _add_run_config(parser: argparse.ArgumentParser) -> None:
                         help="one-off override, e.g. --set train.lr=3e-4 (repeatable)")
 
 
+# Each shortcut flag of _add_run_config and the (section, key) it sets: one table for both readers below, so a new
+# flag cannot be added to one and forgotten in the other.
+_SHORTCUTS = {"data": ("data", "path"), "task": ("data", "task"), "patient_id_pattern": ("data", "patient_id_pattern"),
+              "model": ("model", "name"), "weights": ("model", "weights")}
+
+
 def _config_given(args) -> bool:
     """Whether the command line sets anything of the run's config (``--config``, ``--set`` or a shortcut flag)."""
-    return bool(args.config or args.set) or any(getattr(args, name, None) is not None
-                                                for name in ("data", "task", "patient_id_pattern", "model", "weights"))
+    return bool(args.config or args.set) or any(getattr(args, flag, None) is not None for flag in _SHORTCUTS)
 
 
 def _run_config(args, *, require_data: bool = True):
@@ -150,11 +155,10 @@ def _run_config(args, *, require_data: bool = True):
 
     config = apply_overrides(load_config(args.config), list(args.set))
     # The shortcut flags are taken as given, not read as YAML: '/data/scan #2' is a path, not '/data/scan'.
-    for section, given in (("data", {"path": args.data, "task": args.task, "patient_id_pattern": args.patient_id_pattern}),
-                           ("model", {"name": args.model, "weights": args.weights})):
-        given = {key: value for key, value in given.items() if value is not None}
-        if given:
-            config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **given)})
+    for flag, (section, key) in _SHORTCUTS.items():
+        if getattr(args, flag) is not None:
+            part = dataclasses.replace(getattr(config, section), **{key: getattr(args, flag)})
+            config = dataclasses.replace(config, **{section: part})
     if require_data and not config.data.path:
         raise SystemExit(f"lungdx {args.command}: no data given (use --data PATH or data.path in --config)")
     return config
@@ -782,10 +786,11 @@ def _add_retention(parser: argparse.ArgumentParser) -> None:
 
 def _absolute_uri(text: str) -> str:
     """An absolute URI (a scheme, then no white space), as FHIR's Identifier.system must be."""
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:\S+", text.strip()):
+    uri = text.strip()
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:\S+", uri):
         raise argparse.ArgumentTypeError(f"expected an absolute URI such as urn:oid:1.2.3 or https://hospital.example/mrn, "
                                          f"got {text!r}")
-    return text.strip()
+    return uri
 
 
 def _retention_days(text: str) -> float | None:
@@ -844,14 +849,15 @@ def _cmd_pacs_run(args) -> int:
         run = pacs_run(processor, DicomWebClient(args.pacs), args.study)
     except NothingToAnalyse as err:
         print(f"lungdx pacs-run: {err}", file=sys.stderr)
-        # What earlier runs left waiting still goes, and the retention still prunes: an empty study is no reason not to.
-        delivered = processor.deliver()
-        if delivered or processor.outbox.pending():
-            print(f"lungdx pacs-run: delivered {delivered} earlier result(s), {len(processor.outbox.pending())} waiting in "
-                  f"{processor.outbox.folder}", file=sys.stderr)
-        return 1
+        run = None
+    # What earlier runs left waiting still goes, and the retention still prunes: an empty study is no reason not to.
     delivered = processor.deliver()
     waiting = len(processor.outbox.pending())
+    if run is None:
+        if delivered or waiting:
+            print(f"lungdx pacs-run: delivered {delivered} earlier result(s), {waiting} waiting in {processor.outbox.folder}",
+                  file=sys.stderr)
+        return 1
     print(f"analysed {len(run.analysed)} instance(s), {run.already} already analysed by this model version, "
           f"{len(run.skipped)} skipped; delivered {delivered} result(s), {waiting} waiting in {processor.outbox.folder}")
     return 0 if not waiting else 1

@@ -537,7 +537,7 @@ def review_gallery(run_dir: str | Path, predictions: pd.DataFrame, out_dir: str 
         ``target``, ``label``, ``path`` (the PNG), ``nodule`` (whether a circle is drawn) and ``notice``
         (``heatmap_notice``, also written on the PNG; None when the map shows something).
     """
-    from lungdx.data.manifest import load_dataset
+    from lungdx.data.manifest import load_configured_dataset
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     predictor = Predictor.from_path(run_dir, device=device)
@@ -547,7 +547,7 @@ def review_gallery(run_dir: str | Path, predictions: pd.DataFrame, out_dir: str 
     if chosen.empty:
         return []
     config = load_config(run_dir / "config.yaml")
-    dataset = load_dataset(config.data.path, config.data.format, config.data.patient_id_pattern).set_index("case_id")
+    dataset = load_configured_dataset(config.data).set_index("case_id")
     missing = sorted(set(chosen["case_id"]) - set(dataset.index))
     if missing:
         raise ValueError(f"{config.data.path}: cases of the predictions are not in the dataset, e.g. {missing[0]}")
@@ -747,9 +747,9 @@ def localize_run(run_dir: str | Path, *, method: str = "gradcam", split: str = "
 
 
 def _nodule_cases(run_dir: Path, config, split: str) -> pd.DataFrame:
-    from lungdx.data.manifest import load_dataset
+    from lungdx.data.manifest import load_configured_dataset
 
-    frame = load_dataset(config.data.path, config.data.format, config.data.patient_id_pattern)
+    frame = load_configured_dataset(config.data)
     split_file = run_dir / "split.csv"
     if split_file.is_file():
         saved = pd.read_csv(split_file, dtype={"case_id": str, "patient_id": str})

@@ -124,11 +124,12 @@ class Predictor:
             policy = replace(policy, reference=(checkpoint.get("val_reference") or {}).get("intensity"))
         self.policy = policy
         recorded = checkpoint.get("numeric_precision")
-        if precision == "checkpoint" and not recorded:
-            # Made before numeric_precision was recorded: its threshold was chosen in what its training machine's
-            # ``auto`` gave, so ``auto`` here is the closest guess (fp32 on a CPU without native bf16).
-            logger.info("the checkpoint does not record the precision its threshold was chosen in; predicting in auto")
         if precision == "checkpoint":
+            if not recorded:
+                # Made before numeric_precision was recorded: its threshold was chosen in what its training machine's
+                # ``auto`` gave, so ``auto`` here is the closest guess (fp32 on a CPU without native bf16).
+                logger.info("the %s checkpoint does not record the precision its threshold was chosen in; predicting "
+                            "in auto", checkpoint["model"]["name"])
             precision = recorded or "auto"
         self.hardware = runtime.Hardware.resolve(device, precision, channels_last)
         if recorded and self.hardware.precision != recorded:

@@ -26,7 +26,7 @@ from lungdx.checkpoint import load_checkpoint, model_from_checkpoint, save_atomi
 from lungdx.config import RunConfig, load_config, save_config, to_dict, with_resolved_paths
 from lungdx.data.augment import augment
 from lungdx.data.cache import ImageCache, build_cache
-from lungdx.data.manifest import apply_task, class_names, describe_classes, load_dataset
+from lungdx.data.manifest import apply_task, class_names, describe_classes, load_configured_dataset
 from lungdx.data.split import check_leakage, split_patients
 from lungdx.io.files import write_atomic
 from lungdx.models import create_model
@@ -56,7 +56,7 @@ class PreparedData:
 
 def prepare_data(config: RunConfig, *, progress: bool = False) -> PreparedData:
     """Read the dataset, build or open its cache, pick the task's rows and split by patient."""
-    frame = load_dataset(config.data.path, config.data.format, config.data.patient_id_pattern)
+    frame = load_configured_dataset(config.data)
     with tqdm(total=len(frame), desc="decode + preprocess", unit="img", disable=not progress, leave=False) as bar:
         cache = build_cache(frame["path"].tolist(), config.preprocess, config.data.cache_dir, progress=bar.update)
     frame["cache_index"] = np.arange(len(frame))

@@ -29,7 +29,7 @@ from lungdx.preprocess import level
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 3
-"""Raised when a reader's pixels change: 3 since DICOM pixel padding (0028,0120) is black and out of min-max."""
+"""Bumped when a reader's pixels change: 3 since DICOM pixel padding (0028,0120) is black and out of min-max."""
 # Only the levelling stage is cached; normalisation runs per batch.
 _LEVEL_FIELDS = ("size", "aspect", "window_percentiles", "equalization", "clahe_clip", "clahe_tiles", "denoise")
 

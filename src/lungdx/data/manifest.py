@@ -23,11 +23,15 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from lungdx.io import ImageReadError, sniff_format
+
+if TYPE_CHECKING:
+    from lungdx.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,12 @@ class DatasetError(ValueError):
     """A dataset cannot be read; the message names the file or folder and the problem."""
 
 
+def load_configured_dataset(data: DataConfig) -> pd.DataFrame:
+    """:func:`load_dataset` with a run's data settings, so that every step of a run reads the same patient IDs (and
+    so draws the same patient-level split)."""
+    return load_dataset(data.path, data.format, data.patient_id_pattern)
+
+
 def load_dataset(path: str | Path, format: str = "auto", patient_id_pattern: str | None = None) -> pd.DataFrame:
     """Read any supported layout into a manifest with ``path``, ``case_id`` and ``patient_id``.
 
@@ -52,6 +62,8 @@ def load_dataset(path: str | Path, format: str = "auto", patient_id_pattern: str
     path = Path(path).expanduser()
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
+    # Compiled before the layout is read: a typo fails at once, not after every DICOM header of a large folder.
+    pattern = _patient_id_regex(patient_id_pattern, path) if patient_id_pattern else None
     format = detect_format(path) if format == "auto" else format
     readers = {"manifest": read_manifest, "jsrt": read_jsrt, "nih": read_nih,
                "folders": read_class_folders, "dicom": read_dicom_folder}
@@ -61,10 +73,10 @@ def load_dataset(path: str | Path, format: str = "auto", patient_id_pattern: str
     if frame.empty:
         raise DatasetError(f"{path}: the dataset has no images")
     # Readers flag the images whose patient_id is only their case_id (``no_patient_id``); an unflagged ID was given.
-    given = frame.pop("no_patient_id") if "no_patient_id" in frame.columns else pd.Series(False, index=frame.index)
-    without = given.fillna(False).astype(bool)
-    if patient_id_pattern:
-        frame = patient_ids_from_names(frame, patient_id_pattern, without, path)
+    flags = frame.pop("no_patient_id") if "no_patient_id" in frame.columns else pd.Series(False, index=frame.index)
+    without = flags.fillna(False).astype(bool)
+    if pattern is not None:
+        frame = patient_ids_from_names(frame, pattern, without, path)
     elif without.any():
         logger.warning("%s: %d of %d images have no patient ID (%s); each is treated as its own patient, so two "
                        "images of one patient could land in different splits. If the file names carry one, give "
@@ -95,7 +107,8 @@ _WITHOUT_ID = {"manifest": "no patient_id column, no DICOM PatientID", "nih": "n
                "dicom": "no PatientID (0010,0020) in their headers"}
 
 
-def patient_ids_from_names(frame: pd.DataFrame, pattern: str, without: pd.Series, source: Path) -> pd.DataFrame:
+def patient_ids_from_names(frame: pd.DataFrame, pattern: str | re.Pattern, without: pd.Series,
+                           source: Path) -> pd.DataFrame:
     """Give the images without a patient ID (``without``, a boolean per row) the ID in their file name.
 
     ``pattern`` is a regular expression searched (``re.search``) in each file name, its extension included;
@@ -110,10 +123,8 @@ def patient_ids_from_names(frame: pd.DataFrame, pattern: str, without: pd.Series
             image would silently become a patient of its own); or a file-name patient whose images have
             several given IDs has images without one (which of them is theirs cannot be told).
     """
-    try:
-        compiled = re.compile(pattern)
-    except re.error as err:
-        raise DatasetError(f"patient ID pattern {pattern!r} is not a regular expression: {err}") from err
+    compiled = _patient_id_regex(pattern, source)
+    pattern = compiled.pattern
     if not without.any():
         logger.warning("%s: every image has a patient ID from its layout; the patient ID pattern %r is not used",
                        source, pattern)
@@ -124,11 +135,12 @@ def patient_ids_from_names(frame: pd.DataFrame, pattern: str, without: pd.Series
         raise DatasetError(f"{source}: the patient ID pattern {pattern!r} matches no patient ID in {int(missed.sum())} "
                            f"of {int(without.sum())} file names, e.g. {frame.loc[missed[missed].index[0], 'path']}")
     frame = frame.copy()
-    given = frame.loc[~without & named.notna()].groupby(named[~without & named.notna()])["patient_id"].unique()
+    with_id = ~without & named.notna()
+    given = frame.loc[with_id, "patient_id"].groupby(named[with_id]).unique()  # file-name patient -> given IDs
     for name_id, rows in frame.loc[without].groupby(named[without]).groups.items():
         ids = list(given.get(name_id, []))
         if len(ids) > 1:
-            files = ", ".join(Path(p).name for p in frame.loc[named == name_id, "path"][:4])
+            files = ", ".join(Path(p).name for p in frame.loc[named == name_id, "path"].head(4))
             raise DatasetError(f"{source}: the file names {files} name one patient ({name_id!r}) by the pattern "
                                f"{pattern!r}, but their images carry {len(ids)} patient IDs and {len(rows)} carry none: "
                                "give every image its patient ID, or a pattern that tells the patients apart")
@@ -137,6 +149,13 @@ def patient_ids_from_names(frame: pd.DataFrame, pattern: str, without: pd.Series
     logger.info("%s: %d images take their patient ID from their file name (%d of them the ID of their patient's other "
                 "images)", source, int(without.sum()), joined)
     return frame
+
+
+def _patient_id_regex(pattern: str | re.Pattern, source: Path) -> re.Pattern:
+    try:
+        return re.compile(pattern)  # a compiled one is returned as it is
+    except re.error as err:
+        raise DatasetError(f"{source}: the patient ID pattern {pattern!r} is not a regular expression: {err}") from err
 
 
 def _id_in_name(pattern: re.Pattern, name: str) -> str | None:

@@ -102,11 +102,11 @@ def send_cstore(files: Sequence[Path], host: str, port: int, called_aet: str, ca
     try:
         # With every context rejected pynetdicom aborts the association it got (is_established False), so the
         # contexts are checked first; a rejected association or no answer negotiated none, and is retried.
-        _check_contexts(assoc, datasets, called_aet)
+        syntaxes = _chosen_syntaxes(assoc, datasets, called_aet)
         if not assoc.is_established:
             raise DeliveryError(f"no association with {called_aet} at {host}:{port}")
-        for dataset in datasets:
-            status = assoc.send_c_store(_in_syntax(dataset, _accepted_syntax(assoc, dataset)))
+        for dataset, syntax in zip(datasets, syntaxes, strict=True):
+            status = assoc.send_c_store(_in_syntax(dataset, syntax))
             code = getattr(status, "Status", None)
             # Success (0000) or a Warning (B000, B007, B006) stores the instance (PS3.4 B.2.3).
             if code is None or not (code == _SUCCESS or 0xB000 <= code <= 0xBFFF):
@@ -178,8 +178,10 @@ _CONTEXT_RESULTS = {0x01: "rejected by the user", 0x02: "rejected, no reason giv
 """A rejected presentation context's Result/Reason (PS3.8 Table 9-18)."""
 
 
-def _check_contexts(assoc, datasets, called_aet: str) -> None:
-    """Raise a retried DeliveryError, logged as an error, where the peer accepted none of the contexts proposed for a
+def _chosen_syntaxes(assoc, datasets, called_aet: str) -> list[UID]:
+    """The transfer syntax each dataset goes in (``_accepted_syntax``); empty where no association was negotiated.
+
+    Raises a retried DeliveryError, logged as an error, where the peer accepted none of the contexts proposed for a
     dataset (pynetdicom's ``send_c_store`` would raise ValueError, and sending the rest would hide it).
 
     Not permanent, whatever the reason: the peer refuses the SOP class or the syntax, not this payload, and one change
@@ -187,18 +189,26 @@ def _check_contexts(assoc, datasets, called_aet: str) -> None:
     refusal would send each to ``refused/``, which retention empties.
     """
     if not (assoc.accepted_contexts or assoc.rejected_contexts):
-        return  # no association was negotiated: nothing is known about the SOP classes
+        return []  # no association was negotiated: nothing is known about the SOP classes
+    chosen = []
     for dataset in datasets:
-        if _accepted_syntax(assoc, dataset) is None:
-            sop_class = dataset.SOPClassUID
-            results = sorted({_CONTEXT_RESULTS.get(context.result, f"result 0x{context.result:02X}")
-                              for context in assoc.rejected_contexts if context.abstract_syntax == sop_class})
-            proposed = ", ".join(syntax.name for syntax in _proposed_syntaxes(dataset.file_meta.TransferSyntaxUID))
-            message = (f"{called_aet} does not accept {sop_class.name} ({sop_class}) in {proposed}: "
-                       f"{', '.join(results) or 'not accepted'} at association; retried until {called_aet}'s "
-                       "configuration accepts it")
+        syntax = _accepted_syntax(assoc, dataset)
+        if syntax is None:
+            message = _not_accepted(assoc, dataset, called_aet)
             logger.error("%s", message)
             raise DeliveryError(message)
+        chosen.append(syntax)
+    return chosen
+
+
+def _not_accepted(assoc, dataset, called_aet: str) -> str:
+    """Why the peer took none of the contexts proposed for ``dataset``: its SOP class, the syntaxes, the peer's reason."""
+    sop_class = dataset.SOPClassUID
+    results = sorted({_CONTEXT_RESULTS.get(context.result, f"result 0x{context.result:02X}")
+                      for context in assoc.rejected_contexts if context.abstract_syntax == sop_class})
+    proposed = ", ".join(uid.name for uid in _proposed_syntaxes(dataset.file_meta.TransferSyntaxUID))
+    return (f"{called_aet} does not accept {sop_class.name} ({sop_class}) in {proposed}: "
+            f"{', '.join(results) or 'not accepted'} at association; retried until {called_aet}'s configuration accepts it")
 
 
 def echo(host: str, port: int, called_aet: str, calling_aet: str = "ECHOSCU") -> bool:

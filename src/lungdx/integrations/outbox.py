@@ -17,6 +17,7 @@ instances, ``pipeline.Processor``), aged by each file's modification time.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -201,11 +202,11 @@ class Outbox:
         for folder in sorted(p for p in (self.folder / "pending").iterdir() if (p / "state.json").is_file()):
             try:
                 items.append(self._item(folder))
-            except (OSError, ValueError, KeyError, TypeError, StopIteration) as err:
+            except (OSError, ValueError, KeyError, TypeError) as err:
                 if folder.name not in self._unreadable:  # the folder's name is a time and a random number: no patient data
                     self._unreadable.add(folder.name)
                     logger.warning("outbox: pending item %s does not read (%s), left for the next round",
-                                   folder, getattr(err, "strerror", None) or type(err).__name__)
+                                   folder, _unread_reason(err))
                 continue
             self._unreadable.discard(folder.name)
         return items
@@ -272,9 +273,10 @@ class Outbox:
 
     def prune_when_due(self) -> int:
         """``prune`` if ``Retention.every_s`` has passed since the last time this did; returns how many went."""
-        if time.monotonic() < self._next_prune:
+        now = time.monotonic()
+        if now < self._next_prune:
             return 0
-        self._next_prune = time.monotonic() + self.retention.every_s
+        self._next_prune = now + self.retention.every_s
         return self.prune()
 
     def _prune_folder(self, name: str, cutoff: float) -> int:
@@ -312,15 +314,16 @@ class Outbox:
                 sender(item.payload)
             except Exception as err:  # one bad item must not hold back the items behind it
                 # A DeliveryError's text is lungdx's own (no patient data); any other error's text may quote the
-                # payload's header values, so only its type is kept.
-                error = str(err) if isinstance(err, DeliveryError) else f"{type(err).__name__} (payload not deliverable)"
-                detail = err.detail if isinstance(err, DeliveryError) else None  # state.json only: never logged
-                if getattr(err, "permanent", False):
-                    kept = self.refused(item, error, detail)
+                # payload's header values, so only its type is kept. Its detail goes to state.json only, never logged.
+                failure = err if isinstance(err, DeliveryError) else DeliveryError(
+                    f"{type(err).__name__} (payload not deliverable)")
+                error = str(failure)
+                if failure.permanent:
+                    kept = self.refused(item, error, failure.detail)
                     logger.error("delivery of %s refused for good, %s: %s", item.label,
                                  f"kept in {kept}" if kept else "deleted (refused items kept 0 days)", error)
                     continue
-                delay_s = self.failed(item, error, detail)
+                delay_s = self.failed(item, error, failure.detail)
                 logger.warning("delivery of %s failed (attempt %d), retrying in %.0f s: %s",
                                item.label, item.attempts + 1, delay_s, error)
             else:
@@ -331,10 +334,18 @@ class Outbox:
 
     def _item(self, folder: Path) -> Item:
         state = json.loads((folder / "state.json").read_text())
-        payload = next(p for p in folder.iterdir() if p.name.startswith("payload"))
+        payload = next((p for p in folder.iterdir() if p.name.startswith("payload")), None)
+        if payload is None:  # an OSError, so that pending()'s warning says what is missing
+            raise FileNotFoundError(errno.ENOENT, "no payload file", str(folder))
         # next_attempt is null in a refused item that a person moved back to pending/: it is due now
         return Item(folder=folder, kind=state["kind"], payload=payload, attempts=int(state["attempts"]),
                     next_attempt=float(state["next_attempt"] or 0.0), label=state["label"])
+
+
+def _unread_reason(err: Exception) -> str:
+    """Why a pending item does not read: the system's words for a file, else what is wrong in its ``state.json``
+    (lungdx's own fields: a key, a number, the JSON's position; never the payload's content)."""
+    return getattr(err, "strerror", None) or f"its state.json: {type(err).__name__}: {err}"
 
 
 def _moved_at(item: Path) -> float:

@@ -95,6 +95,8 @@ class Results:
     sr: Dataset
     secondary_capture: Dataset
     fhir_bundle: dict
+    subject_system: str | None = None
+    """The identifier system the FHIR subject's Patient ID went under (``site_patient_system``); None: the value alone."""
 
 
 def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", alerts: Sequence[str] = (),
@@ -148,24 +150,22 @@ def analyse_file(predictor: Predictor, path: str | Path, method: str = "auto", a
         capture = make_secondary_capture(source, overlay, identity)
     with _step("building the FHIR Bundle"):
         patient_id = str(source.get("PatientID", "")) or None
+        system = site_patient_system(source, patient_system, patient_issuer)
         bundle = make_bundle(statement, identity, str(source.StudyInstanceUID), patient_id,
-                             instance_uid=str(source.SOPInstanceUID),
-                             patient_system=site_patient_system(source, patient_system, patient_issuer))
-    return Results(prediction=prediction, sr=sr, secondary_capture=capture, fhir_bundle=bundle)
+                             instance_uid=str(source.SOPInstanceUID), patient_system=system)
+    return Results(prediction=prediction, sr=sr, secondary_capture=capture, fhir_bundle=bundle, subject_system=system)
 
 
 def site_patient_system(source: Dataset, system: str | None, issuer: str | None) -> str | None:
     """The FHIR identifier system for the source's Patient ID (0010,0020): the site's (``system``) where the ID is
     the site's own, that is where Issuer of Patient ID (0010,0021) is absent or is the site's (``issuer``); None
     where it names another assigner (a study imported from another hospital), whose ID under the site's system
-    could match another patient in the EHR, so it goes without a system."""
+    could match another patient in the EHR, so it goes without a system. Says nothing: it runs once per instance, and
+    ``Processor`` tells the log once."""
     if not system:
         return None
     given = str(source.get("IssuerOfPatientID", "") or "").strip()
-    if given and given != (issuer or ""):
-        logger.info("Issuer of Patient ID (0010,0021) is not the site's: the FHIR subject goes without the site's system")
-        return None
-    return system
+    return None if given and given != (issuer or "") else system
 
 
 @contextlib.contextmanager
@@ -213,7 +213,9 @@ class Processor:
         task_concepts(predictor.identity["task"])  # refused at start-up, not on every instance
         self.predictor, self.method = predictor, method
         self.patient_system, self.patient_issuer = patient_system, patient_issuer
-        if send_fhir is None and retention is not None and retention.sent_days == 0:
+        self._said_foreign_issuer = False
+        self.retention = retention or Retention()
+        if send_fhir is None and self.retention.sent_days == 0:
             logger.warning("no FHIR destination (--fhir) and sent results kept 0 days (--keep-sent 0): no FHIR Bundle is "
                            "written anywhere, not even to STATE/fhir/")
         if send_fhir is not None and not patient_system:
@@ -223,7 +225,6 @@ class Processor:
         self.state_dir = Path(state_dir)
         self.inbox = self.state_dir / "inbox"
         self.inbox.mkdir(parents=True, exist_ok=True)
-        self.retention = retention or Retention()
         self.outbox = Outbox(self.state_dir / "outbox", retry, self.retention, file_folders={
             self.state_dir / "fhir": self.retention.sent_days,
             self.state_dir / "failed": self.retention.refused_days,
@@ -267,6 +268,7 @@ class Processor:
             self._event(digest, "failed", reason)
             self._keep(path, "failed", digest)
             return None
+        self._note_foreign_issuer(results)
         fhir_json = json.dumps(results.fhir_bundle, indent=2).encode()
         if self.retention.sent_days != 0:  # a copy kept 0 days is not written
             write_atomic(self.state_dir / "fhir" / f"{uid_digest(results.sr.SOPInstanceUID)}.json", fhir_json)
@@ -278,6 +280,16 @@ class Processor:
         logger.info("analysed instance %s: probability %.4f", digest, results.prediction.probability)
         self._event(digest, "analysed", f"probability {results.prediction.probability:.6f}")
         return results
+
+    def _note_foreign_issuer(self, results: Results) -> None:
+        """Say once per processor, not per instance, that a Patient ID went without the site's system (another
+        Issuer of Patient ID): a backlog of imported studies would otherwise fill the log with one line each. Neither
+        the issuer nor the ID is logged: both are header values that lead back to the patient (PS3.15 E.1-1)."""
+        if self.patient_system and results.subject_system is None and not self._said_foreign_issuer:
+            self._said_foreign_issuer = True
+            logger.info("an instance's Issuer of Patient ID (0010,0021) is not the site's (--fhir-patient-issuer): its "
+                        "FHIR subject, and that of every such instance after it, goes without the site's system "
+                        "(said once)")
 
     def _keep(self, path: Path, folder: str, digest: str) -> None:
         """Keep an instance that was not analysed in ``folder`` of the state folder, named by its UID's digest: moved

@@ -12,7 +12,8 @@ it comes in. The checks run cheapest first:
    turns the modality, For Processing, body-part and view checks into warnings, for research; the
    result then says so. A missing body part or view is scored with a warning that the header could not
    confirm a frontal chest film. A Deflated Explicit VR Little Endian dataset is inflated only up to
-   :func:`lungdx.io.dicom.inflation_limit` of ``max_pixels`` (the header is inside the deflated stream).
+   :func:`lungdx.io.dicom.inflation_limit` of ``max_pixels`` (the header is inside the deflated stream),
+   and once: its pixels are decoded from the dataset its header was read from.
    When decoding, a compressed frame must declare Rows x Columns in its own codestream
    (``lungdx.io.codestream``).
 2. **Pixels**: too little information (constant, or a 1st-99th percentile range under
@@ -36,8 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
-from lungdx.io.dicom import MAX_INFLATED_BYTES, InflationLimitError, chest_header_problem, inflation_limit, read_deflated
+from lungdx.io.dicom import (
+    MAX_INFLATED_BYTES,
+    InflationLimitError,
+    chest_header_problem,
+    inflation_limit,
+    read_deflated,
+    to_radiograph,
+)
 from lungdx.io.errors import ImageReadError, require_file
 from lungdx.io.raster import Radiograph
 
@@ -94,6 +103,11 @@ def read_header(path: str | os.PathLike, *, max_inflated_bytes: int = MAX_INFLAT
         Refused: a deflated dataset that inflates past ``max_inflated_bytes`` (kind ``too_large``).
         ImageReadError: not a recognised image, or a header that cannot be read.
     """
+    return _read_header(path, max_inflated_bytes)[0]
+
+
+def _read_header(path: str | os.PathLike, max_inflated_bytes: int) -> tuple[Header, Dataset | None]:
+    """:func:`read_header`, and a deflated DICOM's whole dataset: its pixels come from the same inflation."""
     from lungdx.io import sniff_format
 
     file = require_file(path)
@@ -103,9 +117,9 @@ def read_header(path: str | os.PathLike, *, max_inflated_bytes: int = MAX_INFLAT
     if kind == "jsrt_raw":
         from lungdx.io.jsrt import JSRT_SHAPE
 
-        return Header("jsrt_raw", *JSRT_SHAPE)
+        return Header("jsrt_raw", *JSRT_SHAPE), None
     if kind == "raster":
-        return _raster_header(file)
+        return _raster_header(file), None
     return _dicom_header(file, max_inflated_bytes)
 
 
@@ -146,15 +160,15 @@ def _oversized_raster_header(file: Path) -> Header:
     raise ImageReadError(file, "cannot read the image header (Pillow refuses it as a decompression bomb)")
 
 
-def _dicom_header(file: Path, max_inflated_bytes: int) -> Header:
+def _dicom_header(file: Path, max_inflated_bytes: int) -> tuple[Header, Dataset | None]:
     import pydicom
 
     try:
-        ds = read_deflated(file, max_inflated_bytes, stop_before_pixels=True)
+        deflated = read_deflated(file, max_inflated_bytes)
     except InflationLimitError as err:
         raise Refused(file, "too_large", err.reason) from err
     try:
-        ds = ds if ds is not None else pydicom.dcmread(file, stop_before_pixels=True, force=True)
+        ds = deflated if deflated is not None else pydicom.dcmread(file, stop_before_pixels=True, force=True)
     except Exception as err:
         raise ImageReadError(file, f"not a readable DICOM file: {err}") from err
     if "Rows" not in ds or "Columns" not in ds:
@@ -169,7 +183,7 @@ def _dicom_header(file: Path, max_inflated_bytes: int) -> Header:
                   "body_part": text("BodyPartExamined"), "view_position": text("ViewPosition"),
                   "samples": int(ds.get("SamplesPerPixel", 1) or 1),
                   "photometric_interpretation": text("PhotometricInterpretation")}
-        return Header("dicom", int(ds.Rows), int(ds.Columns), fields)
+        return Header("dicom", int(ds.Rows), int(ds.Columns), fields), deflated
     except (TypeError, ValueError) as err:  # an empty Rows (0028,0010), a Samples per Pixel that is not a number
         raise ImageReadError(file, f"malformed image header: {type(err).__name__}: {err}") from err
 
@@ -249,17 +263,25 @@ class AcceptancePolicy:
             Refused: the image is not one this policy scores (``kind``, ``reason``).
             ImageReadError: the file cannot be read at all.
         """
-        from lungdx.io import read_dicom, read_image
-
-        header = read_header(path, max_inflated_bytes=self.max_inflated_bytes)
+        header, deflated = _read_header(path, self.max_inflated_bytes)
         warnings = self.check_header(path, header)
-        try:
-            image = read_dicom(path, max_inflated_bytes=self.max_inflated_bytes) if header.format == "dicom" else read_image(path)
-        except InflationLimitError as err:  # the header passed, so only a file changed since could get here
-            raise Refused(path, "too_large", err.reason) from err
+        image = self._decode(path, header, deflated)
         self.check_pixels(path, image)
         image.meta["warnings"] = warnings + image.meta.get("warnings", [])
         return image
+
+    def _decode(self, path: str | os.PathLike, header: Header, deflated: Dataset | None) -> Radiograph:
+        """The pixels; a deflated DICOM's from the dataset its header came from, so it is inflated once."""
+        from lungdx.io import read_dicom, read_image
+
+        if deflated is not None:
+            return to_radiograph(deflated, Path(path))
+        if header.format != "dicom":
+            return read_image(path)
+        try:
+            return read_dicom(path, max_inflated_bytes=self.max_inflated_bytes)
+        except InflationLimitError as err:  # not deflated when its header was read: only a file changed since gets here
+            raise Refused(path, "too_large", err.reason) from err
 
     def check_header(self, path: str | os.PathLike, header: Header) -> list[str]:
         """Refuse from the header alone; returns the warnings of overridden header checks."""

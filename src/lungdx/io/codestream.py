@@ -95,8 +95,17 @@ def j2k_size(head: bytes) -> tuple[int, int, int] | None:
 
 def jpeg_size(head: bytes, sof55: bool = False) -> tuple[int, int, int] | None:
     """(rows, columns, components) from a JPEG frame header (SOFn), or JPEG-LS's SOF55 when ``sof55``."""
+    frame = jpeg_frame_header(head, sof55)
+    return None if frame is None else frame[1:]
+
+
+def jpeg_frame_header(head: bytes, sof55: bool = False) -> tuple[int, int, int, int] | None:
+    """(sample precision, rows, columns, components) from the first JPEG frame header (SOFn, ISO/IEC 10918-1
+    B.2.2), or JPEG-LS's SOF55 when ``sof55``; None when ``head`` is no JPEG or no frame header comes before the
+    first scan."""
     if not head.startswith(b"\xff\xd8"):
         return None
+    frame_markers = {_SOF55} if sof55 else _SOF
     at = 2
     while at + 4 <= len(head):
         if head[at] != 0xFF:
@@ -108,11 +117,10 @@ def jpeg_size(head: bytes, sof55: bool = False) -> tuple[int, int, int] | None:
         if marker in _UNSIZED:
             at += 2
             continue
-        if (marker == _SOF55) if sof55 else (marker in _SOF):
+        if marker in frame_markers:
             if len(head) < at + 10:
                 return None
-            lines, samples, components = struct.unpack_from(">HHB", head, at + 5)  # after marker, Lf, P
-            return lines, samples, components
+            return struct.unpack_from(">BHHB", head, at + 4)  # P, Y (lines), X (samples per line), Nf: after marker, Lf
         if marker == 0xDA:  # SOS: the scan starts and no frame header came before it
             return None
         (length,) = struct.unpack_from(">H", head, at + 2)

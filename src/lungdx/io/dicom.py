@@ -84,7 +84,6 @@ _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _RADIOGRAPHY_MODALITIES = {"CR", "DX"}
 _RADIOGRAPHY_SOP_CLASSES = {
     ComputedRadiographyImageStorage,
-    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
 }
@@ -113,7 +112,15 @@ def read_dicom(path: str | os.PathLike, *, max_inflated_bytes: int = MAX_INFLATE
             cannot be decoded (the reason names the transfer syntax and the plugin to install).
     """
     file = require_file(path)
-    ds = read_dataset(file, max_inflated_bytes=max_inflated_bytes)
+    return to_radiograph(read_dataset(file, max_inflated_bytes=max_inflated_bytes), file)
+
+
+def to_radiograph(ds: Dataset, file: Path) -> Radiograph:
+    """Run the module's steps on a parsed dataset; ``file`` is the source named in the meta and in errors.
+
+    Raises:
+        ImageReadError: as :func:`read_dicom`, for the pixels and the header fields that describe them.
+    """
     try:
         stored = decode_pixels(ds, file)
         padding = padding_mask(stored, ds)
@@ -162,13 +169,14 @@ def inflation_limit(max_pixels: int) -> int:
     return max_pixels * MAX_BYTES_PER_PIXEL + HEADER_ALLOWANCE_BYTES
 
 
-def read_deflated(file: Path, max_inflated_bytes: int, *, stop_before_pixels: bool = False) -> FileDataset | None:
+def read_deflated(file: Path, max_inflated_bytes: int) -> FileDataset | None:
     """The dataset of a Deflated Explicit VR Little Endian file (1.2.840.10008.1.2.1.99, PS3.5 A.5), else None.
 
     pydicom inflates such a dataset whole, in memory, before anything can be checked, and does so even for
     ``stop_before_pixels``: 435 KB of zeros inflate to 400 MB, 64 MB to 65 GB. Here the File Meta Information
     (group 0002, never deflated: PS3.10 7.1) is read first, and only a deflated dataset is inflated, by zlib with
-    a bound on its output, then parsed as Explicit VR Little Endian.
+    a bound on its output, then parsed as Explicit VR Little Endian. The whole dataset is returned, pixels
+    included, so that a caller wanting the header and then the pixels (``lungdx.io.acceptance``) inflates once.
 
     Raises:
         InflationLimitError: the dataset inflates to more than ``max_inflated_bytes``.
@@ -188,14 +196,11 @@ def read_deflated(file: Path, max_inflated_bytes: int, *, stop_before_pixels: bo
         if syntax != DeflatedExplicitVRLittleEndian:
             return None
         inflated = _inflate(stream, max_inflated_bytes, file)
-    at_pixels = (lambda tag, vr, length: tag in (0x7FE00008, 0x7FE00009, 0x7FE00010)) if stop_before_pixels else None
     try:
-        dataset = read_elements(DicomBytesIO(inflated), False, True, stop_when=at_pixels)
+        dataset = read_elements(DicomBytesIO(inflated), False, True)
     except Exception as exc:  # pydicom raises many types for corrupt files
         raise ImageReadError(file, f"not a readable DICOM file: the inflated dataset does not parse: {exc}") from exc
-    ds = FileDataset(str(file), dataset, preamble, pydicom.dataset.FileMetaDataset(file_meta), False, True)
-    ds.set_original_encoding(False, True)
-    return ds
+    return FileDataset(str(file), dataset, preamble, pydicom.dataset.FileMetaDataset(file_meta), False, True)
 
 
 def _inflate(stream: BinaryIO, max_bytes: int, file: Path) -> bytes:

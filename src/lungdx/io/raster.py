@@ -128,16 +128,11 @@ def _load_image(file: Path) -> tuple[Image.Image, str, bool]:
 
 def _jpeg_precision(file: Path) -> int | None:
     """The sample precision of a JPEG's frame header (SOF0-SOF15), or None when it is not a JPEG or has none."""
-    data = file.read_bytes()[:65536]
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    position = 2
-    while position + 4 < len(data) and data[position] == 0xFF:
-        marker = data[position + 1]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
-            return data[position + 4] if position + 4 < len(data) else None
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return None
+    from lungdx.io.codestream import HEAD_BYTES, jpeg_frame_header
+
+    with open(file, "rb") as stream:
+        frame = jpeg_frame_header(stream.read(HEAD_BYTES))
+    return None if frame is None else frame[0]
 
 
 def _gray_levels(image: Image.Image, file: Path) -> tuple[np.ndarray, int, int, float | None]:

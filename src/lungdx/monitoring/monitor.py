@@ -31,6 +31,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from lungdx.checkpoint import model_identity
+from lungdx.io.dicom import spacing_mm
 from lungdx.monitoring import store
 from lungdx.monitoring.alerts import plain_message
 from lungdx.monitoring.drift import drift_checks
@@ -113,13 +114,8 @@ def logged_acquisition(meta: dict, shape: tuple[int, ...]) -> dict[str, str | No
 
 
 def _plausible_spacing(spacing) -> list[float] | None:
-    try:
-        values = [float(value) for value in spacing]
-    except (TypeError, ValueError):
-        return None
-    if len(values) != 2 or not all(np.isfinite(value) and 0 < value <= MAX_SPACING_MM for value in values):
-        return None
-    return values
+    values = spacing_mm(spacing)  # two finite positive numbers, as the DICOM reader keeps them
+    return values if values is not None and max(values) <= MAX_SPACING_MM else None
 
 
 @dataclass
@@ -619,7 +615,7 @@ def _burned_in(meta: dict, prediction_id: str) -> bool:
 def _log_dropped(item: _Queued, err: Exception) -> None:
     """A row the database refused for good: an error naming the prediction id, never the row's values."""
     cause = getattr(err, "orig", None) or err  # SQLAlchemy's text repeats the statement and every parameter
-    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    reason = next(iter(str(cause).strip().splitlines()), "")
     logger.error("monitoring log: prediction %s was answered but its row cannot be stored and is dropped "
                  "(%s: %s); feedback on it will answer 404", item.row.get("id"), type(cause).__name__, reason)
 

@@ -48,6 +48,11 @@ def lower_thread_priority(nice: int = BACKGROUND_NICE) -> bool:
     return True
 
 
+def _log_drop(payload: object, err: Exception) -> None:
+    """``WriteBehind``'s default ``on_drop``: the error with its traceback, never the payload."""
+    logger.error("monitoring log: a record cannot be written and is dropped", exc_info=err)
+
+
 class LogQueueFull(RuntimeError):
     """The monitoring log is behind (its database does not take writes fast enough, or at all)."""
 
@@ -78,7 +83,7 @@ class WriteBehind:
                  batch_size: int, max_bytes: int, transient: tuple[type[BaseException], ...] = (),
                  on_done: Callable[[list], None] | None = None, on_drop: Callable[[object, Exception], None] | None = None,
                  name: str = "lungdx-log-writer", nice: int = 0):
-        self._write, self._on_done, self._on_drop, self._transient = write, on_done, on_drop, transient
+        self._write, self._on_done, self._on_drop, self._transient = write, on_done, on_drop or _log_drop, transient
         self.max_pending, self.max_delay_s, self.block_s = max_pending, max_delay_s, block_s
         self.batch_size, self.max_bytes = batch_size, max_bytes
         self._condition = threading.Condition()
@@ -201,12 +206,10 @@ class WriteBehind:
                 time.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX_S)
             except Exception as err:
-                if len(batch) == 1:
-                    try:
-                        if self._on_drop is None:
-                            raise
-                        self._on_drop(batch[0].payload, err)
-                    except Exception:  # no hook, or a failing one: the error with its traceback, and the writer goes on
-                        logger.exception("monitoring log: a record cannot be written and is dropped")
-                    return 0
-                return sum(self._store([entry]) for entry in batch)
+                if len(batch) > 1:
+                    return sum(self._store([entry]) for entry in batch)
+                try:
+                    self._on_drop(batch[0].payload, err)
+                except Exception:  # a failing hook must not stop the writer: its error, with the record's as context
+                    logger.exception("monitoring log: a record cannot be written and is dropped")
+                return 0

@@ -33,7 +33,7 @@ from lungdx.preprocess import window
 from lungdx.report import NOT_FOR_CLINICAL_USE
 from lungdx.service import schemas
 from lungdx.service.batching import Busy, DecodePool, MicroBatcher
-from lungdx.service.errors import install_error_handlers
+from lungdx.service.errors import error_response, install_error_handlers
 from lungdx.service.inputs import UploadRejected, case_hash, read_upload
 from lungdx.service.security import require_api_key
 from lungdx.service.settings import ServiceSettings
@@ -108,6 +108,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app = FastAPIOffline(title="lungdx", version=__version__, lifespan=_lifespan, max_body_size=settings.max_upload_bytes,
                          description="Lung nodule assessment of chest radiographs. " + NOT_FOR_CLINICAL_USE)
     install_error_handlers(app, monitoring=bool(settings.db_url))  # one error body, schemas.ErrorOut, for every route
+    app.add_exception_handler(Busy, _busy)  # from the decoding pool or the model's queue, wherever a route meets it
     app.state.settings = settings
     app.state.services = None
     app.state.monitor = None
@@ -237,12 +238,7 @@ async def _predict(loaded: Services, file: UploadFile, want_heatmap: bool, want_
         raise HTTPException(err.status, detail=err.reason) from err
     except ValueError as err:  # levelling refuses degenerate images
         raise HTTPException(422, detail=f"cannot prepare the image: {err}") from err
-    except Busy as err:
-        raise _busy(loaded, err) from err
-    try:
-        probability, location = await loaded.batcher.submit((levelled, radiograph.pixels.shape[:2]))
-    except Busy as err:
-        raise _busy(loaded, err) from err
+    probability, location = await loaded.batcher.submit((levelled, radiograph.pixels.shape[:2]))
     prediction = loaded.predictor.decide("upload", probability, radiograph.meta, location)
     shape = _preview_shape(radiograph.pixels.shape, loaded.settings.preview_px)
     heatmap = await run_in_threadpool(_heatmap, loaded, levelled, radiograph.pixels.shape, shape) if want_heatmap else None
@@ -256,12 +252,12 @@ async def _predict(loaded: Services, file: UploadFile, want_heatmap: bool, want_
     return _prediction_body(loaded, prediction_id, prediction, heatmap, preview, elapsed_ms)
 
 
-def _busy(loaded: Services, err: Busy) -> HTTPException:
+async def _busy(request: Request, err: Busy) -> Response:
     """503 with Retry-After: a temporary state, like the monitoring log's (errors.LOG_BEHIND)."""
-    retry_after_s = max(1, math.ceil(loaded.settings.decode_wait_s))
+    retry_after_s = max(1, math.ceil(request.app.state.settings.decode_wait_s))
     logger.warning("answered 503: %s", err)
-    return HTTPException(503, detail=f"the service is busy: {err}; retry in {retry_after_s} s",
-                         headers={"Retry-After": str(retry_after_s)})
+    return error_response(503, f"the service is busy: {err}; retry in {retry_after_s} s",
+                          headers={"Retry-After": str(retry_after_s)})
 
 
 def _read_and_level(predictor: Predictor, stream) -> tuple:
