@@ -80,7 +80,7 @@ class MicroBatcher:
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], max_batch: int = 16, max_wait_s: float = 0.005,
-                 on_batch: Callable[[int], None] | None = None, max_queue: int = 16):
+                 on_batch: Callable[[int], None] | None = None, max_queue: int = 64):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be at least 1, got {max_batch} and {max_queue}")
         self.run_batch, self.max_batch, self.max_wait_s = run_batch, max_batch, max(0.0, max_wait_s)
