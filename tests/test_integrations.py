@@ -444,8 +444,8 @@ def test_retention_ages_an_item_moved_by_an_older_lungdx_by_its_folder_mtime(tmp
     assert not folders["old"].exists() and folders["young"].is_dir() and recorded.is_dir()
 
 
-def test_prune_never_touches_pending_or_tmp(tmp_path):
-    from lungdx.integrations.outbox import DAY_S, Outbox, Retention
+def test_prune_never_touches_pending_and_takes_from_tmp_only_a_crashs_leftovers(tmp_path):
+    from lungdx.integrations.outbox import DAY_S, LEFTOVER_S, Outbox, Retention
 
     outbox = Outbox(tmp_path, retention=Retention(sent_days=0, refused_days=0))
     waiting = outbox.put("dicom", _dataset_bytes(), ".dcm", "SR waiting")
@@ -456,10 +456,17 @@ def test_prune_never_touches_pending_or_tmp(tmp_path):
     staging.mkdir()
     (staging / "payload.dcm").write_bytes(b"...")
     long_ago = time.time() - 3650 * DAY_S
+    being_written = tmp_path / "tmp" / "being-written"  # a put in progress: its staging folder is young
+    being_written.mkdir()
+    (being_written / "payload.dcm").write_bytes(b"...")
     for folder in (waiting.folder, staging):
         os.utime(folder, (long_ago, long_ago))
-    assert outbox.prune() == 0
-    assert [item.label for item in outbox.pending()] == ["SR waiting"] and (staging / "payload.dcm").is_file()
+    # Retention 0 deletes sent and refused items at once, but a staged item only once it is a crash's leftover.
+    assert outbox.prune() == 1
+    assert [item.label for item in outbox.pending()] == ["SR waiting"] and not staging.exists()
+    assert (being_written / "payload.dcm").is_file()
+    assert outbox.prune(now=time.time() + LEFTOVER_S + 60) == 1 and not being_written.exists()
+    assert [item.label for item in outbox.pending()] == ["SR waiting"]
 
 
 def test_a_prune_failure_on_one_item_does_not_stop_the_others_nor_delivery(tmp_path, monkeypatch, caplog):
@@ -559,30 +566,47 @@ def _aged(path: Path, days_ago: float, now: float, data: bytes = b"{}") -> Path:
 
 def test_retention_prunes_fhir_copies_as_sent_and_failed_and_unreadable_instances_as_refused(tmp_path, caplog):
     """fhir/ by --keep-sent, failed/ and unreadable/ by --keep-refused, pruned where the outbox prunes (deliver);
-    the inbox, what is pending, a file being written and the logs of the state folder are never touched."""
+    the inbox, what is pending, a file being written and the logs of the state folder are never touched; a crash's
+    half-written file goes once a day old."""
     processor = _state_processor(tmp_path, sent_days=7, refused_days=30)
     now = time.time()
     source = _dataset_bytes()
     fhir_old, fhir_young = _aged(tmp_path / "fhir" / "a1.json", 8, now), _aged(tmp_path / "fhir" / "a2.json", 6, now)
     failed_old, failed_young = (_aged(tmp_path / "failed" / f"b{days}.dcm", days, now, source) for days in (31, 8))
     unreadable_old, unreadable_young = (_aged(tmp_path / "unreadable" / f"c{days}.dcm", days, now, source) for days in (31, 29))
+    partial_old = _aged(tmp_path / "fhir" / ".a4.json.4567.partial", 3650, now)  # a crash's, never renamed
+    being_written = _aged(tmp_path / "fhir" / ".a3.json.0123.partial", 0, now)
     untouched = [_aged(processor.inbox / "received-long-ago.dcm", 3650, now, source),
-                 _aged(tmp_path / "fhir" / ".a3.json.0123.partial", 3650, now),
+                 _aged(tmp_path / "fhir" / ".keep", 3650, now),  # another dot file: not lungdx's to delete
                  _aged(tmp_path / "done.jsonl", 3650, now, b'{"instance": "b31"}\n'),
                  _aged(tmp_path / "events.jsonl", 3650, now, b'{"instance": "b31"}\n')]
     waiting = processor.outbox.put("dicom", source, ".dcm", "SR waiting")
     processor.outbox.failed(waiting, "PACS down")
     with caplog.at_level("INFO", logger="lungdx"):
         assert processor.deliver() == 0  # a round with nothing due still prunes (its first)
-    assert not any(path.exists() for path in (fhir_old, failed_old, unreadable_old))
-    assert all(path.is_file() for path in (fhir_young, failed_young, unreadable_young, *untouched))
+    assert not any(path.exists() for path in (fhir_old, failed_old, unreadable_old, partial_old))
+    assert all(path.is_file() for path in (fhir_young, failed_young, unreadable_young, being_written, *untouched))
     assert [item.label for item in processor.outbox.pending()] == ["SR waiting"]
-    for folder in ("fhir", "failed", "unreadable"):
+    assert f"retention: deleted 2 file(s) from {tmp_path / 'fhir'}" in caplog.text
+    for folder in ("failed", "unreadable"):
         assert f"retention: deleted 1 file(s) from {tmp_path / folder}" in caplog.text
     for private in ("Smith", "PID4711", "a1", "b31", "c31"):  # the count and the folder only
         assert private not in caplog.text
-    assert processor.outbox.prune(now=now + 2 * 86400) == 2 and not fhir_young.exists() and not unreadable_young.exists()
+    assert processor.outbox.prune(now=now + 2 * 86400) == 3 and not fhir_young.exists() and not unreadable_young.exists()
+    assert not being_written.exists()  # two days old by then: a crash's
     assert failed_young.is_file()
+
+
+def test_a_folder_kept_for_good_keeps_its_files_but_not_a_crashs_partial_files(tmp_path):
+    from lungdx.integrations.outbox import Outbox
+
+    now = time.time()
+    kept = tmp_path / "kept"
+    old_file, old_partial = _aged(kept / "b1.dcm", 3650, now), _aged(kept / ".b2.dcm.89ab.partial", 3650, now)
+    young_partial = _aged(kept / ".b3.dcm.cdef.partial", 0, now)
+    outbox = Outbox(tmp_path / "outbox", file_folders={kept: None})
+    assert outbox.prune(now=now) == 1
+    assert old_file.is_file() and young_partial.is_file() and not old_partial.exists()
 
 
 @pytest.mark.parametrize("folder", ["failed", "unreadable"])

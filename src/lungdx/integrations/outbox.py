@@ -12,7 +12,9 @@ Payloads hold patient data (the DICOM objects name the patient, a FHIR Bundle ca
 ``moved_at`` in its ``state.json`` (the folder's mtime for an item moved by a lungdx that did not record it),
 is deleted by ``Outbox.prune``, which ``deliver`` runs at most once per ``Retention.every_s``. The same prune
 empties folders of plain files its owner names (``file_folders``: the state folder's FHIR copies and kept source
-instances, ``pipeline.Processor``), aged by each file's modification time.
+instances, ``pipeline.Processor``), aged by each file's modification time. What a crash left half-written (an
+item under ``tmp/``, a ``.partial`` file of ``write_atomic``) holds patient data too: it goes once ``LEFTOVER_S``
+old, a time no write takes.
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ class RetryPolicy:
 
 
 DAY_S = 86400.0
+LEFTOVER_S = DAY_S
+"""An item under ``tmp/`` or a ``.partial`` file this old is a crash's leftover (a write takes milliseconds)."""
 
 
 @dataclass(frozen=True)
@@ -258,17 +262,17 @@ class Outbox:
         """Delete the items of ``sent/`` and ``refused/`` older than the ``Retention``, and the files of
         ``file_folders`` older than theirs; returns how many went.
 
-        Never touches ``pending/`` or ``tmp/``. An item or a file that cannot be deleted (permissions, say) is
+        Never touches ``pending/``; in ``tmp/`` and in ``file_folders``, what a write left behind goes once
+        ``LEFTOVER_S`` old, whatever the limits. An item or a file that cannot be deleted (permissions, say) is
         logged and tried again at the next prune; the others still go.
         """
         now = time.time() if now is None else now
-        count = 0
+        count = self._prune_folder("tmp", now - LEFTOVER_S)  # a staged item has no moved_at: aged by its mtime
         for name, days in (("sent", self.retention.sent_days), ("refused", self.retention.refused_days)):
             if days is not None:
                 count += self._prune_folder(name, now - days * DAY_S)
-        for folder, days in self.file_folders.items():
-            if days is not None:
-                count += _prune_files(folder, now - days * DAY_S)
+        for folder, days in self.file_folders.items():  # a folder kept for good (None) still loses a crash's leftovers
+            count += _prune_files(folder, -math.inf if days is None else now - days * DAY_S, now - LEFTOVER_S)
         return count
 
     def prune_when_due(self) -> int:
@@ -361,11 +365,12 @@ def _moved_at(item: Path) -> float:
         return math.inf
 
 
-def _prune_files(folder: Path, cutoff: float) -> int:
+def _prune_files(folder: Path, cutoff: float, leftover_cutoff: float) -> int:
     """Delete the plain files of ``folder`` last modified at ``cutoff`` or before; returns how many went.
 
-    Names starting with a dot are left alone: ``write_atomic``'s ``.partial`` files, one of which may be being
-    written now. The log gives counts and the folder only: a file's name is the digest of a UID.
+    Names starting with a dot are left alone, but for ``write_atomic``'s ``.partial`` files last modified at
+    ``leftover_cutoff`` or before (a crash's; a younger one may be being written now, even where ``cutoff`` is
+    now). The log gives counts and the folder only: a file's name is the digest of a UID.
     """
     try:
         entries = list(os.scandir(folder))
@@ -377,7 +382,8 @@ def _prune_files(folder: Path, cutoff: float) -> int:
     count, failures, error = 0, 0, ""
     for entry in entries:
         try:
-            if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime > cutoff:
+            limit = cutoff if not entry.name.startswith(".") else leftover_cutoff if entry.name.endswith(".partial") else -math.inf
+            if not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime > limit:
                 continue
             os.unlink(entry.path)
             count += 1
